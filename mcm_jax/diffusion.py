@@ -1,0 +1,30 @@
+"""Diffusion pre-training objective: v-prediction with SNR+1 weighting (SPEC section 5).
+
+``L = (SNR(t) + 1) ||x - x_hat||^2 / d = ||v - v_hat||^2 / d`` with ``t ~ U(0, 1)``.
+"""
+import jax
+import jax.numpy as jnp
+
+from mcm_jax.samplers.addim import bcast
+from mcm_jax.schedules import alpha_sigma, snr_plus_one
+
+
+def diffusion_loss(params, batch, rng, step, frozen=None, *, denoise_fn, logsnr_fn):
+  """Pure objective ``(params, batch, rng, step) -> (loss, metrics)``.
+
+  ``batch['x']`` is [B, ...]; ``batch.get('label')`` is passed to the model as ``cond``.
+  ``denoise_fn(params, z, t, cond, rng) -> x_hat`` (see ``parameterization.make_denoiser``).
+  """
+  del step, frozen
+  x = batch["x"]
+  rng_t, rng_eps, rng_model = jax.random.split(rng, 3)
+  t = jax.random.uniform(rng_t, x.shape[:1])
+  eps = jax.random.normal(rng_eps, x.shape, x.dtype)
+  logsnr = logsnr_fn(t)
+  alpha, sigma = alpha_sigma(logsnr)
+  z_t = bcast(alpha, x) * x + bcast(sigma, x) * eps
+  x_hat = denoise_fn(params, z_t, t, batch.get("label"), rng_model)
+  per_example = snr_plus_one(logsnr) * jnp.mean(
+      jnp.square(x_hat - x).reshape(x.shape[0], -1), axis=-1)
+  loss = jnp.mean(per_example)
+  return loss, {"loss": loss}

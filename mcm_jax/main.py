@@ -1,0 +1,37 @@
+"""Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]``."""
+import os
+import warnings
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "toy.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                "Config file (a get_config() module; 'file.py:arg' passes arg).")
+flags.DEFINE_string("workdir", "runs/toy", "Directory for checkpoints, metrics and figures.")
+
+EXPERIMENTS = ("toy",)
+
+
+def main(argv):
+  del argv
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  # Orbax logs every save step at INFO; keep the console for progress and results.
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  logging.info("config:\n%s", config)
+  if config.experiment == "toy":
+    from mcm_jax import toy  # pylint: disable=g-import-not-at-top
+    toy.run(config, workdir)
+  else:
+    raise app.UsageError(f"config.experiment={config.experiment!r} is not known; "
+                         f"allowed: {EXPERIMENTS}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,55 @@
+"""PNG figures: sample scatter grids and MCM Fig. 1-style trajectory panels (matplotlib, Agg)."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402
+
+
+def scatter_grid(path, rows, reference=None, max_points=4000, lim=2.2):
+  """``rows``: {row title: {column title: [N, 2] samples}}; one scatter panel per entry.
+
+  ``reference`` ([N, 2] data) is drawn first as a separate row."""
+  if reference is not None:
+    rows = {"data": {"": reference}, **rows}
+  ncols = max(len(r) for r in rows.values())
+  fig, axes = plt.subplots(len(rows), ncols, figsize=(2.2 * ncols, 2.2 * len(rows)),
+                           squeeze=False)
+  for ax in axes.ravel():
+    ax.set_axis_off()
+  for i, (row_title, panels) in enumerate(rows.items()):
+    for j, (col_title, pts) in enumerate(panels.items()):
+      pts = np.asarray(pts)[:max_points]
+      ax = axes[i, j]
+      ax.scatter(pts[:, 0], pts[:, 1], s=0.5, alpha=0.5, color="C0" if i else "k")
+      ax.set_xlim(-lim, lim)
+      ax.set_ylim(-lim, lim)
+      ax.set_aspect("equal")
+      ax.set_title(f"{row_title} {col_title}".strip(), fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def trajectory_panels(path, panels, data=None):
+  """MCM Fig. 1: ``panels`` = [(title, t [P], z [P, M])] of M 1-D trajectories sampled at P
+  times. t runs down the page from 0 (data, top) to 1 (noise, bottom); ``data`` [N] is shown
+  as a histogram above each panel's t=0 line."""
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 4.0), sharey=True,
+                           squeeze=False)
+  for ax, (title, t, z) in zip(axes[0], panels):
+    t, z = np.asarray(t), np.asarray(z)
+    ax.plot(z, t, color="C0", lw=0.4, alpha=0.35)
+    ax.scatter(z[-1], t[-1] * np.ones(z.shape[1]), s=2, color="C3", zorder=3)
+    if data is not None:
+      hist, edges = np.histogram(np.asarray(data), bins=80, range=(-3, 3), density=True)
+      ax.fill_between(0.5 * (edges[1:] + edges[:-1]), -0.12 * hist / hist.max(), 0,
+                      color="0.6", step="mid")
+    ax.set_ylim(1.02, -0.14)
+    ax.set_xlim(-3, 3)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("z")
+  axes[0, 0].set_ylabel("t  (0 = data, 1 = noise)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,86 @@
+"""Variance-preserving noise schedules (SPEC section 1).
+
+``z_t = alpha_t x + sigma_t eps`` with ``alpha_t^2 + sigma_t^2 = 1`` and ``t in [0, 1]``
+(t=0 data, t=1 noise). Every schedule is a pure function ``t -> logsnr`` with
+``logsnr = log(alpha^2 / sigma^2)``; ``alpha_sigma`` turns a logsnr into (alpha, sigma).
+Only jax / numpy are imported here so other JAX code can use this module directly.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def alpha_sigma(logsnr):
+  """``alpha = sqrt(sigmoid(logsnr))``, ``sigma = sqrt(sigmoid(-logsnr))``."""
+  logsnr = jnp.asarray(logsnr, jnp.float32)
+  return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+
+
+def cosine_logsnr(t, logsnr_min=-15.0, logsnr_max=15.0):
+  """``logsnr(t) = -2 log tan(pi t' / 2)`` with t remapped so logsnr stays in [min, max].
+
+  ``t' = t_min + t (t_max - t_min)``, ``t_min = 2/pi atan(exp(-logsnr_max / 2))``,
+  ``t_max = 2/pi atan(exp(-logsnr_min / 2))``: logsnr(0) = logsnr_max, logsnr(1) = logsnr_min.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  b = jnp.arctan(jnp.exp(-0.5 * logsnr_max))
+  a = jnp.arctan(jnp.exp(-0.5 * logsnr_min)) - b
+  return -2.0 * jnp.log(jnp.tan(a * t + b))
+
+
+def shifted_cosine_logsnr(t, image_res, noise_res, logsnr_min=-15.0, logsnr_max=15.0):
+  """Simple-diffusion shift: ``cosine(t) + 2 log(noise_res / image_res)``.
+
+  The cosine part is clipped to [logsnr_min, logsnr_max] before shifting (as in simple diffusion).
+  """
+  shift = 2.0 * np.log(noise_res / image_res)
+  return cosine_logsnr(t, logsnr_min - shift, logsnr_max - shift) + shift
+
+
+def interpolated_cosine_logsnr(t, image_res, noise_res_low, noise_res_high,
+                               logsnr_min=-15.0, logsnr_max=15.0):
+  """``t * shifted(t; noise_res_low) + (1 - t) * shifted(t; noise_res_high)``.
+
+  ImageNet64: noise_res_low=32, noise_res_high=64; ImageNet128: 32 -> 128.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  low = shifted_cosine_logsnr(t, image_res, noise_res_low, logsnr_min, logsnr_max)
+  high = shifted_cosine_logsnr(t, image_res, noise_res_high, logsnr_min, logsnr_max)
+  return t * low + (1.0 - t) * high
+
+
+def sdxl_alphas_sigmas(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+  """SDXL / Stable Diffusion discrete "scaled linear" schedule.
+
+  ``beta_i = (sqrt(beta_start) + i / 999 (sqrt(beta_end) - sqrt(beta_start)))^2``,
+  ``alphabar_i = prod_{j<=i} (1 - beta_j)``, ``alpha_i = sqrt(alphabar_i)``,
+  ``sigma_i = sqrt(1 - alphabar_i)``. Indexed by the timestep i in {0..999}
+  (a caller mapping to continuous time uses ``t = (i + 1) / 1000``). Computed in float64
+  with numpy, returned as float32 arrays of shape [num_train_timesteps].
+  """
+  betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps,
+                      dtype=np.float64) ** 2
+  alphabar = np.cumprod(1.0 - betas)
+  return (jnp.asarray(np.sqrt(alphabar), jnp.float32),
+          jnp.asarray(np.sqrt(1.0 - alphabar), jnp.float32))
+
+
+def snr_plus_one(logsnr):
+  """Loss weight ``w = SNR + 1`` (v-loss weighting)."""
+  return jnp.exp(logsnr) + 1.0
+
+
+SCHEDULES = ("cosine", "shifted_cosine", "interpolated_cosine")
+
+
+def get_logsnr_fn(name, *, image_res=None, noise_res=None, noise_res_low=None,
+                  noise_res_high=None, logsnr_min=-15.0, logsnr_max=15.0):
+  """Returns ``t -> logsnr`` for a schedule named in a config (see SCHEDULES)."""
+  if name == "cosine":
+    return lambda t: cosine_logsnr(t, logsnr_min, logsnr_max)
+  if name == "shifted_cosine":
+    return lambda t: shifted_cosine_logsnr(t, image_res, noise_res, logsnr_min, logsnr_max)
+  if name == "interpolated_cosine":
+    return lambda t: interpolated_cosine_logsnr(
+        t, image_res, noise_res_low, noise_res_high, logsnr_min, logsnr_max)
+  raise ValueError(f"schedule={name!r} is not known; allowed: {SCHEDULES}")

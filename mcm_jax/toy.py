@@ -1,0 +1,212 @@
+"""The toy experiment (embedded CPU default): teacher -> CT / CD students -> table and figures.
+
+Every training run has its own checkpoint directory under ``workdir``; re-running the same
+command resumes where it stopped (finished runs are restored, not retrained).
+"""
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcm_jax import consistency, diffusion, parameterization, plotting, schedules, train
+from mcm_jax.config_validation import validate_toy
+from mcm_jax.data import toy as toy_data
+from mcm_jax.evaluation import energy_distance
+from mcm_jax.metric_writer import create_writer
+from mcm_jax.models.mlp import MLPDenoiser
+from mcm_jax.samplers import addim
+
+
+def _setup(config, dim):
+  logsnr_fn = schedules.get_logsnr_fn(
+      config.schedule.name, logsnr_min=config.schedule.logsnr_min,
+      logsnr_max=config.schedule.logsnr_max)
+  model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
+  apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
+  denoise = parameterization.make_denoiser(apply_fn, logsnr_fn, "v")
+  params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
+  return logsnr_fn, denoise, params
+
+
+def _batch_fn(sampler, batch_size):
+  return lambda rng: {"x": sampler(rng, batch_size)}
+
+
+def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teacher"):
+  logsnr_fn, denoise, params = _setup(config, dim)
+  cfg = config.teacher.copy_and_resolve_references()
+  cfg.steps = steps or cfg.steps
+  loss = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn)
+  state = train.train(loss, params, _batch_fn(sampler, cfg.batch_size), cfg,
+                      os.path.join(workdir, name), writer=writer, name=name)
+  return state.ema_params
+
+
+def train_student(config, sampler, dim, teacher_params, method, student_steps, workdir, writer,
+                  steps=None):
+  """Initialises from the teacher and trains a CT / CD student (MCM Alg. 1)."""
+  logsnr_fn, denoise, _ = _setup(config, dim)
+  c = config.consistency
+  cfg = config.student.copy_and_resolve_references()
+  cfg.steps = steps or cfg.steps
+  loss = functools.partial(
+      consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
+      student_steps=student_steps, teacher_fn=None if method == "ct" else denoise,
+      teacher_sampler="ddim" if method == "cd_ddim" else "addim",
+      teacher_steps_start=c.teacher_steps_start, teacher_steps_end=c.teacher_steps_end,
+      teacher_steps_horizon=c.teacher_steps_horizon, xvar_frac=c.xvar_frac,
+      huber_eps=c.huber_eps)
+  name = f"{method}_{student_steps}"
+  state = train.train(loss, teacher_params, _batch_fn(sampler, cfg.batch_size), cfg,
+                      os.path.join(workdir, name), frozen=teacher_params, writer=writer,
+                      name=name)
+  return state.ema_params
+
+
+def make_sampler_fn(config, dim, kind, x_var_table=None):
+  """A jitted ``(params, z, num_steps) -> x`` for kind 'ddim' or 'addim' (table x_var)."""
+  logsnr_fn, denoise, _ = _setup(config, dim)
+
+  @jax.jit
+  def run(params, z, num_steps, table_t=None, table_v=None):
+    f = lambda zz, t: denoise(params, zz, t)
+    x_var_fn = None if kind == "ddim" else addim.table_x_var(table_t, table_v)
+    return addim.sample(f, z, num_steps, logsnr_fn, x_var_fn)
+
+  if kind == "ddim":
+    return lambda params, z, n: run(params, z, n)
+  return lambda params, z, n: run(params, z, n, *x_var_table)
+
+
+def x_var_table(config, dim, params, sampler):
+  logsnr_fn, denoise, _ = _setup(config, dim)
+  data = sampler(jax.random.PRNGKey(config.eval.seed + 7), 8192)
+  f = lambda z, t: denoise(params, z, t)
+  return jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
+      f, data, logsnr_fn, jax.random.PRNGKey(config.eval.seed + 8),
+      config.eval.x_var_table_points, config.eval.x_var_eta)
+
+
+def run_2d(config, workdir, writer):
+  """Teacher, students and the results table on the 2-D dataset."""
+  sampler = toy_data.get_sampler(config.data.name)
+  ev = config.eval
+  noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 2))
+  ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
+  fresh = sampler(jax.random.PRNGKey(ev.seed + 2), ev.num_samples)
+  results = {"data_vs_fresh_data": float(energy_distance(fresh, ref))}
+  samples = {}
+
+  teacher = train_teacher(config, sampler, 2, workdir, writer)
+  table = x_var_table(config, 2, teacher, sampler)
+  ddim = make_sampler_fn(config, 2, "ddim")
+  addim_fn = make_sampler_fn(config, 2, "addim", table)
+  n_teacher = ev.teacher_sampling_steps
+  for name, fn in (("addim", addim_fn), ("ddim", ddim)):
+    x = fn(teacher, noise, n_teacher)
+    results[f"teacher_{name}_{n_teacher}"] = float(energy_distance(x, ref))
+  samples["teacher"] = {f"aDDIM {n_teacher}": addim_fn(teacher, noise, n_teacher)}
+
+  steps = tuple(config.consistency.student_steps)
+  for s in steps:
+    results[f"teacher_ddim_{s}"] = float(energy_distance(ddim(teacher, noise, s), ref))
+  for method in config.consistency.methods:
+    samples[method] = {}
+    for s in steps:
+      t0 = time.time()
+      student = train_student(config, sampler, 2, teacher, method, s, workdir, writer)
+      x = ddim(student, noise, s)  # MCM Alg. 2: DDIM over the student's own steps
+      results[f"{method}_{s}"] = float(energy_distance(x, ref))
+      samples[method][f"{s}-step"] = x
+      logging.info("%s %d-step: energy distance %.3g (%.0fs)", method, s,
+                   results[f"{method}_{s}"], time.time() - t0)
+  plotting.scatter_grid(os.path.join(workdir, "samples.png"), samples, reference=ref)
+  return results
+
+
+def dense_trajectories(f, z, num_steps, logsnr_fn, points_per_step):
+  """Trajectories of the multistep sampler with each step drawn as its DDIM path
+  ``u -> DDIM_{t->u}(x_hat(z_t), z_t)`` for u from t to s. Returns (t [P], z [P, M])."""
+  ts, zs = [1.0], [z[:, 0]]
+  for i in range(num_steps):
+    t, s = 1.0 - i / num_steps, 1.0 - (i + 1) / num_steps
+    tb = jnp.full(z.shape[:1], t)
+    x_hat = f(z, tb)
+    a_t, s_t = schedules.alpha_sigma(logsnr_fn(tb))
+    for u in np.linspace(t, s, points_per_step + 1)[1:]:
+      a_u, s_u = schedules.alpha_sigma(logsnr_fn(jnp.full(z.shape[:1], u)))
+      z_u = x_hat if i == num_steps - 1 and u == s else addim.ddim_step(
+          x_hat, z, a_t, s_t, a_u, s_u)
+      ts.append(u)
+      zs.append(z_u[:, 0])
+    z = z_u
+  return np.array(ts), np.stack(zs)
+
+
+def run_fig1(config, workdir, writer):
+  """MCM Fig. 1 on the 1-D two-Gaussian mixture: 1/2/4-step CD students and the teacher."""
+  sampler = toy_data.get_sampler("mixture1d")
+  fc, ev = config.fig1, config.eval
+  workdir = os.path.join(workdir, "mixture1d")
+  teacher = train_teacher(config, sampler, 1, workdir, writer, steps=fc.teacher_steps)
+  logsnr_fn, denoise, _ = _setup(config, 1)
+  z = jnp.linspace(-2.5, 2.5, 96)[:, None]
+  noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 1))
+  ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
+  ddim = make_sampler_fn(config, 1, "ddim")
+  results, panels = {}, []
+  for s in fc.student_steps:
+    student = train_student(config, sampler, 1, teacher, "cd_addim", s, workdir, writer,
+                            steps=fc.student_train_steps)
+    results[f"cd_addim_{s}"] = float(energy_distance(ddim(student, noise, s), ref))
+    f = jax.jit(lambda zz, t, p=student: denoise(p, zz, t))
+    panels.append((f"{s}-step CD", *dense_trajectories(f, z, s, logsnr_fn, 24)))
+  f = jax.jit(lambda zz, t: denoise(teacher, zz, t))
+  panels.append(("teacher, DDIM 128 steps", *dense_trajectories(f, z, 128, logsnr_fn, 1)))
+  results["teacher_ddim_128"] = float(energy_distance(ddim(teacher, noise, 128), ref))
+  plotting.trajectory_panels(os.path.join(os.path.dirname(workdir), "fig1_trajectories.png"),
+                             panels, data=ref[:, 0])
+  return results
+
+
+def format_table(results, config):
+  """Markdown table: rows = student steps, columns = teacher DDIM / CT / CD (aDDIM) / CD (DDIM)."""
+  cols = [("teacher DDIM", "teacher_ddim")] + [
+      ({"ct": "CT", "cd_addim": "CD (aDDIM teacher)", "cd_ddim": "CD (DDIM teacher)"}[m], m)
+      for m in config.consistency.methods]
+  lines = ["| student steps | " + " | ".join(c for c, _ in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+  for s in config.consistency.student_steps:
+    row = [f"{results.get(f'{key}_{s}', float('nan')) * 1e3:.2f}" for _, key in cols]
+    lines.append(f"| {s} | " + " | ".join(row) + " |")
+  n = config.eval.teacher_sampling_steps
+  lines.append(f"\nteacher aDDIM {n} steps: {results[f'teacher_addim_{n}'] * 1e3:.2f}; "
+               f"teacher DDIM {n} steps: {results[f'teacher_ddim_{n}'] * 1e3:.2f}; "
+               f"data vs fresh data: {results['data_vs_fresh_data'] * 1e3:.2f} "
+               "(energy distance x 1e3, lower is better)")
+  return "\n".join(lines)
+
+
+def run(config, workdir):
+  """Runs the whole toy experiment; writes results.json, results.md and PNGs to workdir."""
+  validate_toy(config)
+  os.makedirs(workdir, exist_ok=True)
+  writer = create_writer(workdir)
+  t0 = time.time()
+  results = {config.data.name: run_2d(config, workdir, writer)}
+  if config.fig1.enabled:
+    results["mixture1d"] = run_fig1(config, workdir, writer)
+  results["wall_time_s"] = time.time() - t0
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  table = format_table(results[config.data.name], config)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(f"Energy distance to {config.data.name} data (x 1e3)\n\n{table}\n")
+  print(f"results ({config.data.name}, energy distance x 1e3, lower is better):\n{table}")
+  writer.close()
+  return results

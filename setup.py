@@ -1,0 +1,46 @@
+"""mcm_jax: Multistep Consistency Models (MCM) and multistep latent consistency (MLCM) in JAX.
+
+Core = what the toy default, the samplers, the objectives and the training loop need.
+Extras are for the heavy paths, each with the reason for its pins.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    # jax 0.10.2 + flax 0.12.8 + optax 0.2.8 + orbax 0.12.x were checked together on CPU.
+    # jax >= 0.10 is required: the code uses jax.tree_util, AxisType-aware meshes, jax.nn APIs.
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12,<0.13",
+    "ml_collections>=1.1.0",
+    "absl-py",
+    # clu installs without TensorFlow; its metric writers need TF (see the tensorboard extra);
+    # without it mcm_jax.metric_writer falls back to a console + JSON-lines writer.
+    "clu>=0.0.12",
+    "numpy",
+    "matplotlib",  # PNG sample grids and trajectory figures
+    "pillow",
+]
+
+EXTRAS = {
+    # clu.metric_writers / periodic_actions import tensorflow (~1.3 GB): opt in for TensorBoard.
+    "tensorboard": ["tensorflow-cpu", "tensorboard"],
+    # ImageNet through tfds from a local data dir; tfds imports without tensorflow, but its
+    # tf.data pipelines need it.
+    "imagenet": ["tensorflow-datasets>=4.9,<5"],
+    # SDXL in Flax: diffusers >= 0.40 and transformers >= 5 no longer ship Flax classes.
+    "sdxl": ["diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors"],
+    # Tests. (When equivalence tests against diffusers' PyTorch models join, pin torch==2.13.0:
+    # that CPU wheel is on this project's machines; an unpinned torch pulls a multi-GB CUDA build.)
+    "test": ["pytest>=8"],
+}
+
+setup(
+    name="mcm_jax",
+    version="0.1.0",
+    description="Multistep Consistency Models (MCM, MLCM) in JAX/Flax",
+    packages=find_packages(include=["mcm_jax", "mcm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,142 @@
+"""MCM Algorithm 1: annealing, the time grid, the eq. 9 limit, guidance and the CD x_var."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcm_jax import consistency, schedules
+from mcm_jax.samplers import addim
+
+LOGSNR = lambda t: schedules.cosine_logsnr(t)
+
+
+def test_teacher_steps_schedule():
+  got = [float(consistency.teacher_steps(i)) for i in (0, 50_000, 100_000, 200_000)]
+  np.testing.assert_allclose(got, [64.0, np.sqrt(64 * 1280), 1280.0, 1280.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("student_steps,n_teacher", [(1, 64), (4, 64), (8, 1280), (3, 10)])
+def test_sample_times_lie_on_the_segment_grid(student_steps, n_teacher):
+  t, s, t_step = consistency.sample_times(jax.random.PRNGKey(0), 32768, student_steps,
+                                          jnp.float32(n_teacher))
+  n_seg = max(round(n_teacher / student_steps), 1)
+  total = n_seg * student_steps
+  np.testing.assert_allclose(t - s, 1.0 / total, atol=1e-6)
+  assert np.all(s >= t_step - 1e-6) and np.all(t <= t_step + 1.0 / student_steps + 1e-6)
+  np.testing.assert_allclose(np.round(np.asarray(t) * total), np.asarray(t) * total, atol=1e-3)
+  assert len(np.unique(np.round(np.asarray(t) * total))) == total  # every grid point is hit
+
+
+def test_target_is_z_s_when_s_is_the_step_boundary():
+  """When s = t_step, DDIM_{s->t_step} is the identity and x_target = invDDIM_{t->s}(z_s, z_t)."""
+  k = jax.random.split(jax.random.PRNGKey(1), 3)
+  x_ref, z_s, z_t = (jax.random.normal(kk, (4, 3)) for kk in k)
+  t, s = jnp.full((4,), 0.5), jnp.full((4,), 0.25)
+  got = consistency.consistency_target(x_ref, z_s, z_t, t, s, s, LOGSNR)
+  a_t, s_t = schedules.alpha_sigma(LOGSNR(t))
+  a_s, s_s = schedules.alpha_sigma(LOGSNR(s))
+  np.testing.assert_allclose(got, addim.inv_ddim(z_s, z_t, a_t, s_t, a_s, s_s), atol=1e-5)
+
+
+def _toy_student(params, z, t, cond=None, rng=None):
+  del cond, rng
+  return jnp.tanh(params["w"] * z + params["b"] * t[:, None])
+
+
+def test_ct_with_student_steps_equal_teacher_steps_is_the_diffusion_loss():
+  """Paper eq. 9: with T = student steps, CT's loss is w(t) * pseudo_huber(x - f(z_t, t))."""
+  params = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
+  x = jax.random.normal(jax.random.PRNGKey(2), (512, 3))
+  eps = jax.random.normal(jax.random.PRNGKey(3), (512, 3))
+  steps = 16
+  t, s, t_step = consistency.sample_times(jax.random.PRNGKey(4), 512, steps, jnp.float32(16))
+  np.testing.assert_allclose(s, t_step, atol=1e-7)
+  a_t, s_t = schedules.alpha_sigma(LOGSNR(t))
+  z_t = addim.bcast(a_t, x) * x + addim.bcast(s_t, x) * eps
+  student = lambda z, tt: _toy_student(params, z, tt)
+  got = consistency.consistency_loss_per_example(student, z_t, x, jnp.zeros(512), t, s, t_step,
+                                                 LOGSNR, 1e-4)
+  want = schedules.snr_plus_one(LOGSNR(t)) * consistency.pseudo_huber(student(z_t, t) - x, 1e-4)
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)
+
+
+def test_ct_loss_with_fewer_student_steps_is_not_the_diffusion_loss():
+  # Guards the test above: with a real consistency gap the target is not x.
+  params = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
+  x = jax.random.normal(jax.random.PRNGKey(2), (512, 3))
+  eps = jax.random.normal(jax.random.PRNGKey(3), (512, 3))
+  t, s, t_step = consistency.sample_times(jax.random.PRNGKey(4), 512, 2, jnp.float32(16))
+  a_t, s_t = schedules.alpha_sigma(LOGSNR(t))
+  z_t = addim.bcast(a_t, x) * x + addim.bcast(s_t, x) * eps
+  student = lambda z, tt: _toy_student(params, z, tt)
+  got = consistency.consistency_loss_per_example(student, z_t, x, jnp.zeros(512), t, s, t_step,
+                                                 LOGSNR, 1e-4)
+  want = schedules.snr_plus_one(LOGSNR(t)) * consistency.pseudo_huber(student(z_t, t) - x, 1e-4)
+  far = np.asarray(s > t_step + 1e-6)
+  assert far.sum() > 100
+  assert np.mean(np.abs(np.asarray(got - want))[far] / np.asarray(want)[far]) > 0.05
+
+
+def test_exact_gaussian_denoiser_is_consistent_with_itself_at_many_steps():
+  """For N(0, s^2) data the exact denoiser + DDIM teacher: the CD loss with a student equal to
+  the teacher shrinks as the teacher step 1/T -> 0 (the student is then the ODE map per step)."""
+  scale = 0.5
+
+  def exact(params, z, t, cond=None, rng=None):
+    alpha, sigma = schedules.alpha_sigma(LOGSNR(t))
+    return addim.bcast(alpha * scale ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2), z) * z
+
+  batch = {"x": scale * jax.random.normal(jax.random.PRNGKey(5), (2048, 2))}
+  losses = []
+  for n in (64, 1024):
+    # Student steps = teacher steps: every step is a single teacher step (eq. 8 / 9).
+    loss = functools.partial(consistency.consistency_loss, denoise_fn=exact, logsnr_fn=LOGSNR,
+                             student_steps=1, teacher_fn=exact, teacher_sampler="ddim",
+                             teacher_steps_start=n, teacher_steps_end=n, huber_eps=1e-4)
+    losses.append(float(loss({}, batch, jax.random.PRNGKey(6), 0)[0]))
+  assert losses[1] < 0.3 * losses[0]
+
+
+def test_cd_loss_jit_grad_and_metrics():
+  params = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(7), (64, 2))}
+  loss = functools.partial(consistency.consistency_loss, denoise_fn=_toy_student,
+                           logsnr_fn=LOGSNR, student_steps=4, teacher_fn=_toy_student)
+  (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      params, batch, jax.random.PRNGKey(8), 50_000, {"w": 0.5, "b": 0.1})
+  assert np.isfinite(value) and all(np.isfinite(g) for g in jax.tree_util.tree_leaves(grads))
+  np.testing.assert_allclose(metrics["teacher_steps"], np.sqrt(64 * 1280), rtol=1e-5)
+
+
+def test_guided_teacher():
+  def teacher(params, z, t, cond, rng):
+    return z + params * cond[:, None].astype(jnp.float32)
+
+  z, t, cond = jnp.ones((3, 2)), jnp.full((3,), 0.5), jnp.array([1, 2, 3])
+  x_w, x_c = consistency.guided_teacher(teacher, 1.0, z, t, cond, 3.0, 0)
+  np.testing.assert_allclose(x_c, z + cond[:, None])
+  np.testing.assert_allclose(x_w, z + 3.0 * cond[:, None])   # x_u + w (x_c - x_u)
+  x_w1, _ = consistency.guided_teacher(teacher, 1.0, z, t, cond, 1.0, 0)
+  np.testing.assert_allclose(x_w1, x_c)
+
+
+def test_cd_x_var_is_taken_from_the_conditional_teacher_output():
+  """With guidance, x_var uses ||x_cond - x||^2; a teacher whose conditional output is exact
+  gives x_var = 0, i.e. the same loss as the DDIM teacher."""
+  x = jax.random.normal(jax.random.PRNGKey(9), (64, 2))
+  cond = jnp.zeros((64,), jnp.int32)
+
+  def teacher(params, z, t, c, rng):  # exact on the conditional branch, off on the null one
+    return jnp.where((c == 0)[:, None], x if z.shape[0] == 64 else jnp.concatenate([x, x]),
+                     0.0)
+
+  batch = {"x": x, "label": cond}
+  kw = dict(denoise_fn=_toy_student, logsnr_fn=LOGSNR, student_steps=2, teacher_fn=teacher,
+            guidance_scale=2.0, null_cond=5)
+  params = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
+  args = (params, batch, jax.random.PRNGKey(10), 0, None)
+  addim_loss = consistency.consistency_loss(*args, teacher_sampler="addim", **kw)[0]
+  ddim_loss = consistency.consistency_loss(*args, teacher_sampler="ddim", **kw)[0]
+  np.testing.assert_allclose(addim_loss, ddim_loss, rtol=1e-6)

@@ -1,0 +1,174 @@
+"""DDIM / aDDIM identities and their behaviour on Gaussian data with the exact denoiser."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcm_jax import schedules
+from mcm_jax.samplers import addim, baselines
+
+LOGSNR = lambda t: schedules.cosine_logsnr(t)
+
+
+def _coeffs(t, s):
+  return (*schedules.alpha_sigma(LOGSNR(t)), *schedules.alpha_sigma(LOGSNR(s)))
+
+
+def gaussian_denoiser(scale):
+  """Exact E[x | z_t] for x ~ N(0, scale^2 I): alpha scale^2 / (alpha^2 scale^2 + sigma^2) z."""
+  def f(z, t):
+    alpha, sigma = schedules.alpha_sigma(LOGSNR(t))
+    c = alpha * scale ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2)
+    return addim.bcast(c, z) * z
+  return f
+
+
+def gaussian_posterior_var(scale, alpha, sigma):
+  return scale ** 2 * sigma ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 5, 6, 3)])
+def test_inv_ddim_inverts_ddim(shape):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  x, z_t = jax.random.normal(k1, shape), jax.random.normal(k2, shape)
+  t = jax.random.uniform(k3, shape[:1], minval=0.3, maxval=1.0)
+  coeffs = _coeffs(t, t - 0.2)
+  z_s = addim.ddim_step(x, z_t, *coeffs)
+  np.testing.assert_allclose(addim.inv_ddim(z_s, z_t, *coeffs), x, atol=2e-4, rtol=1e-4)
+
+
+def test_addim_equals_ddim_when_x_var_zero_and_differs_otherwise():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  x, z_t = jax.random.normal(k1, (3, 8, 8)), jax.random.normal(k2, (3, 8, 8))
+  coeffs = _coeffs(jnp.array([0.9, 0.5, 0.2]), jnp.array([0.6, 0.3, 0.0]))
+  np.testing.assert_allclose(addim.addim_step(x, z_t, *coeffs, 0.0),
+                             addim.ddim_step(x, z_t, *coeffs), atol=1e-6)
+  adjusted = addim.addim_step(x, z_t, *coeffs, jnp.array([0.1, 0.1, 0.1]))
+  assert float(jnp.max(jnp.abs(adjusted - addim.ddim_step(x, z_t, *coeffs)))) > 1e-2
+
+
+def test_addim_tends_to_ddim_as_s_to_t():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  x, z_t = jax.random.normal(k1, (2, 16)), jax.random.normal(k2, (2, 16))
+  gaps = []
+  for ds in (0.1, 0.01, 0.001):
+    coeffs = _coeffs(jnp.full((2,), 0.5), jnp.full((2,), 0.5 - ds))
+    gaps.append(float(jnp.max(jnp.abs(addim.addim_step(x, z_t, *coeffs, 0.2)
+                                      - addim.ddim_step(x, z_t, *coeffs)))))
+  assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-4
+
+
+def test_addim_jit_vmap_grad():
+  x, z = jnp.ones((2, 3)), jnp.full((2, 3), 0.5)
+  coeffs = _coeffs(jnp.array([0.7, 0.4]), jnp.array([0.5, 0.2]))
+  jitted = jax.jit(addim.addim_step)(x, z, *coeffs, 0.05)
+  np.testing.assert_allclose(jitted, addim.addim_step(x, z, *coeffs, 0.05), rtol=1e-6)
+  per_example = jax.vmap(lambda xx, zz, *c: addim.addim_step(xx[None], zz[None], *c, 0.05)[0])(
+      x, z, *coeffs)
+  np.testing.assert_allclose(per_example, jitted, rtol=1e-5)
+  g = jax.grad(lambda xx: jnp.sum(addim.addim_step(xx, z, *coeffs, 0.05) ** 2))(x)
+  assert np.all(np.isfinite(g))
+
+
+def test_ddim_with_exact_denoiser_reaches_data_variance():
+  scale = 0.5
+  z = jax.random.normal(jax.random.PRNGKey(3), (4096, 8))
+  f = gaussian_denoiser(scale)
+  variances = {n: float(jnp.var(addim.sample(f, z, n, LOGSNR))) for n in (2, 16, 256)}
+  assert abs(variances[256] / scale ** 2 - 1) < 0.03
+  # DDIM's missing variance: too small with few steps, approaching s^2 as steps grow.
+  assert variances[2] < variances[16] < variances[256]
+  assert variances[2] < 0.8 * scale ** 2
+
+
+def _second_moments(t, s, scale=0.5, d=4096):
+  """E||z_s||^2 / d after one DDIM and one aDDIM step (exact posterior x_var), over the target."""
+  t, s = jnp.full((16,), t), jnp.full((16,), s)
+  a_t, s_t, a_s, s_s = _coeffs(t, s)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+  x = scale * jax.random.normal(k1, (16, d))
+  z_t = addim.bcast(a_t, x) * x + addim.bcast(s_t, x) * jax.random.normal(k2, (16, d))
+  x_hat = gaussian_denoiser(scale)(z_t, t)
+  target = float(a_s[0] ** 2 * scale ** 2 + s_s[0] ** 2)  # E||z_s||^2 / d under the data
+  ddim = float(jnp.mean(addim.ddim_step(x_hat, z_t, a_t, s_t, a_s, s_s) ** 2))
+  x_var = gaussian_posterior_var(scale, a_t, s_t)
+  adj = float(jnp.mean(addim.addim_step(x_hat, z_t, a_t, s_t, a_s, s_s, x_var) ** 2))
+  return ddim / target, adj / target
+
+
+@pytest.mark.parametrize("s", [0.5, 0.0])
+def test_one_addim_step_from_noise_restores_second_moment(s):
+  # From t = 1, x_hat ~ 0 is orthogonal to eps_hat, aDDIM's assumption: exact up to sampling.
+  ddim, adj = _second_moments(1.0, s)
+  assert abs(adj - 1) < 0.01
+  assert ddim < 0.85  # DDIM collapses the variance (to ~0 for a single step to s = 0)
+
+
+def test_one_addim_step_mid_trajectory_is_much_closer_than_ddim():
+  # For isotropic Gaussian data x_hat is parallel to eps_hat, so aDDIM's orthogonality
+  # assumption is off and it overshoots slightly (~2%); DDIM undershoots by ~24%.
+  ddim, adj = _second_moments(0.9, 0.4)
+  assert abs(adj - 1) < 0.1 * abs(ddim - 1)
+  assert ddim < 0.8
+
+
+def test_analytic_x_var_and_table():
+  alpha, sigma = schedules.alpha_sigma(jnp.array([0.0]))
+  np.testing.assert_allclose(addim.analytic_x_var(alpha, sigma), 0.1 / 3.0, rtol=1e-6)
+  fn = addim.table_x_var(jnp.array([0.0, 1.0]), jnp.array([0.0, 2.0]))
+  np.testing.assert_allclose(fn(jnp.array([0.25]), None, None), [0.5])
+
+
+def test_estimate_x_var_table_matches_gaussian_posterior():
+  scale = 0.5
+  data = scale * jax.random.normal(jax.random.PRNGKey(5), (8192, 4))
+  t_grid, table = addim.estimate_x_var_table(gaussian_denoiser(scale), data, LOGSNR,
+                                             jax.random.PRNGKey(6), num_t=8, eta=0.75)
+  expected = 0.75 * gaussian_posterior_var(scale, *schedules.alpha_sigma(LOGSNR(t_grid)))
+  np.testing.assert_allclose(table, expected, rtol=0.05)
+
+
+def test_sampler_jits_once_for_any_step_count():
+  traces = []
+
+  def f(z, t):
+    traces.append(1)
+    return 0.5 * z
+
+  run = jax.jit(lambda z, n: addim.sample(f, z, n, LOGSNR, addim.analytic_x_var_fn))
+  z = jnp.ones((2, 3))
+  outs = [run(z, n) for n in (1, 4, 8)]
+  assert len(traces) == 1
+  assert not np.allclose(outs[0], outs[2])
+
+
+def test_trajectory_shape_and_last_step_returns_x_hat():
+  f = gaussian_denoiser(0.5)
+  z = jax.random.normal(jax.random.PRNGKey(7), (5, 2))
+  x, traj = addim.sample(f, z, 4, LOGSNR, return_trajectory=True)
+  assert traj.shape == (5, 5, 2)
+  np.testing.assert_allclose(traj[0], z)
+  np.testing.assert_allclose(x, f(traj[3], jnp.full((5,), 0.25)), rtol=1e-5)
+  np.testing.assert_allclose(x, addim.consistency_sample(f, z, 4, LOGSNR), rtol=1e-6)
+
+
+def test_noise_ddim_reaches_data_variance_and_is_stochastic():
+  scale = 0.5
+  z = jax.random.normal(jax.random.PRNGKey(8), (4096, 8))
+  f = gaussian_denoiser(scale)
+  run = lambda n, seed: baselines.noise_ddim_sample(f, z, n, LOGSNR, jax.random.PRNGKey(seed))
+  v = {n: float(jnp.var(run(n, 9))) for n in (4, 64, 1024)}
+  assert v[4] < v[64] < v[1024] and abs(v[1024] / scale ** 2 - 1) < 0.05
+  assert float(jnp.mean(jnp.abs(run(64, 9) - run(64, 10)))) > 0.05
+
+
+def test_heun_is_second_order_and_ddim_first_order():
+  z = jax.random.normal(jax.random.PRNGKey(8), (4096, 8))
+  f = gaussian_denoiser(0.5)
+  exact = addim.sample(f, z, 4096, LOGSNR)
+  err = lambda x: float(jnp.mean(jnp.abs(x - exact)))
+  heun = [err(baselines.heun_sample(f, z, n, LOGSNR)) for n in (16, 32)]
+  ddim = [err(addim.sample(f, z, n, LOGSNR)) for n in (16, 32)]
+  assert heun[0] / heun[1] > 3.0      # measured ~8x per doubling
+  assert 1.5 < ddim[0] / ddim[1] < 2.5  # measured ~2x per doubling
+  assert heun[1] < ddim[1]
