@@ -52,6 +52,7 @@ def get_config(arg=None):
       teacher_steps_horizon=10 if tiny else 2_000,
       xvar_frac=0.75,   # x_var = xvar_frac ||x_teacher - x||^2 / d for the aDDIM teacher
       huber_eps=1e-4,   # pseudo-Huber epsilon of the loss
+      loss_weight="snr_plus_one",  # w(t); or sqrt_snr_plus_one (see consistency.LOSS_WEIGHTS)
   )
   # The 1-D mixture of MCM Fig. 1: its own teacher and CD (aDDIM) students, for the figure.
   c.fig1 = dict(
@@ -61,7 +62,7 @@ def get_config(arg=None):
       student_train_steps=10 if tiny else 2_000,
   )
   c.eval = dict(
-      num_samples=2048 if tiny else 32_768,  # a multiple of 1024 (energy distance blocks)
+      num_samples=2048 if tiny else 16_384,  # a multiple of 1024 (energy distance blocks)
       teacher_sampling_steps=16 if tiny else 512,   # the aDDIM / DDIM teacher baselines
       x_var_table_points=8 if tiny else 64,  # aDDIM x_var table from data (MCM Alg. 3)
       x_var_eta=0.75,

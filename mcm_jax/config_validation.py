@@ -1,5 +1,5 @@
 """Config checks that run before anything is compiled; each error names field, value, allowed."""
-from mcm_jax import schedules
+from mcm_jax import consistency, schedules
 from mcm_jax.data import toy as toy_data
 
 CONSISTENCY_METHODS = ("ct", "cd_addim", "cd_ddim")
@@ -55,6 +55,8 @@ def validate_consistency(cfg, prefix="consistency"):
          cfg.teacher_steps_horizon, "> 0")
   _check(cfg.xvar_frac >= 0, f"{prefix}.xvar_frac", cfg.xvar_frac, ">= 0")
   _check(cfg.huber_eps > 0, f"{prefix}.huber_eps", cfg.huber_eps, "> 0")
+  _check(cfg.loss_weight in consistency.LOSS_WEIGHTS, f"{prefix}.loss_weight", cfg.loss_weight,
+         tuple(consistency.LOSS_WEIGHTS))
 
 
 def validate_toy(config):

@@ -12,6 +12,14 @@ from mcm_jax.schedules import alpha_sigma, snr_plus_one
 
 TEACHER_SAMPLERS = ("addim", "ddim")
 
+# w(t) of the loss. Alg. 1 writes w = SNR + 1 ("v-loss weighting"); that equivalence holds for a
+# squared distance. With the paper's unsquared (pseudo-Huber ~ l2) distance the v-space distance
+# is ||v_hat - v_target|| = sqrt(SNR + 1) ||x_hat - x_target||, offered as an option.
+LOSS_WEIGHTS = {
+    "snr_plus_one": snr_plus_one,
+    "sqrt_snr_plus_one": lambda logsnr: jnp.sqrt(snr_plus_one(logsnr)),
+}
+
 
 def teacher_steps(i, start=64, end=1280, horizon=100_000):
   """Annealed teacher steps: ``exp(log start + clip(i / horizon, 0, 1) (log end - log start))``."""
@@ -52,11 +60,11 @@ def consistency_target(x_ref, z_s, z_t, t, s, t_step, logsnr_fn):
 
 
 def consistency_loss_per_example(student_fn, z_t, x_teacher, x_var, t, s, t_step,
-                                 logsnr_fn, huber_eps):
+                                 logsnr_fn, huber_eps, loss_weight="snr_plus_one"):
   """Alg. 1 for given noisy inputs and times; ``student_fn(z, t) -> x_hat``.
 
   ``z_s = aDDIM_{t->s}(x_teacher, z_t, x_var)``, ``x_ref = sg(f(z_s, s))``; returns the [B]
-  losses ``(SNR(t) + 1) pseudo_huber(f(z_t, t) - x_target)``.
+  losses ``w(t) pseudo_huber(f(z_t, t) - x_target)``, w from LOSS_WEIGHTS (default SNR + 1).
   """
   logsnr_t = logsnr_fn(t)
   a_t, s_t = alpha_sigma(logsnr_t)
@@ -65,7 +73,7 @@ def consistency_loss_per_example(student_fn, z_t, x_teacher, x_var, t, s, t_step
   x_ref = jax.lax.stop_gradient(student_fn(z_s, s))
   x_target = jax.lax.stop_gradient(consistency_target(x_ref, z_s, z_t, t, s, t_step, logsnr_fn))
   x_hat = student_fn(z_t, t)
-  return snr_plus_one(logsnr_t) * pseudo_huber(x_hat - x_target, huber_eps)
+  return LOSS_WEIGHTS[loss_weight](logsnr_t) * pseudo_huber(x_hat - x_target, huber_eps)
 
 
 def guided_teacher(teacher_fn, teacher_params, z, t, cond, guidance_scale, null_cond):
@@ -87,7 +95,7 @@ def consistency_loss(params, batch, rng, step, teacher_params=None, *, denoise_f
                      student_steps, teacher_fn=None, teacher_sampler="addim",
                      teacher_steps_start=64, teacher_steps_end=1280,
                      teacher_steps_horizon=100_000, xvar_frac=0.75, huber_eps=1e-4,
-                     guidance_scale=1.0, null_cond=None):
+                     guidance_scale=1.0, null_cond=None, loss_weight="snr_plus_one"):
   """MCM Algorithm 1: CT when ``teacher_fn`` is None, CD otherwise.
 
   ``denoise_fn(params, z, t, cond, rng) -> x_hat`` is the student (and ``teacher_fn`` the
@@ -118,6 +126,6 @@ def consistency_loss(params, batch, rng, step, teacher_params=None, *, denoise_f
 
   student = lambda z, tt: denoise_fn(params, z, tt, cond, rng_model)
   per_example = consistency_loss_per_example(student, z_t, x_teacher, x_var, t, s, t_step,
-                                             logsnr_fn, huber_eps)
+                                             logsnr_fn, huber_eps, loss_weight)
   loss = jnp.mean(per_example)
   return loss, {"loss": loss, "teacher_steps": n_teacher}

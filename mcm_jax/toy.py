@@ -60,7 +60,7 @@ def train_student(config, sampler, dim, teacher_params, method, student_steps, w
       teacher_sampler="ddim" if method == "cd_ddim" else "addim",
       teacher_steps_start=c.teacher_steps_start, teacher_steps_end=c.teacher_steps_end,
       teacher_steps_horizon=c.teacher_steps_horizon, xvar_frac=c.xvar_frac,
-      huber_eps=c.huber_eps)
+      huber_eps=c.huber_eps, loss_weight=c.loss_weight)
   name = f"{method}_{student_steps}"
   state = train.train(loss, teacher_params, _batch_fn(sampler, cfg.batch_size), cfg,
                       os.path.join(workdir, name), frozen=teacher_params, writer=writer,
@@ -107,10 +107,11 @@ def run_2d(config, workdir, writer):
   ddim = make_sampler_fn(config, 2, "ddim")
   addim_fn = make_sampler_fn(config, 2, "addim", table)
   n_teacher = ev.teacher_sampling_steps
-  for name, fn in (("addim", addim_fn), ("ddim", ddim)):
+  samples["teacher"] = {}
+  for name, fn in (("aDDIM", addim_fn), ("DDIM", ddim)):
     x = fn(teacher, noise, n_teacher)
-    results[f"teacher_{name}_{n_teacher}"] = float(energy_distance(x, ref))
-  samples["teacher"] = {f"aDDIM {n_teacher}": addim_fn(teacher, noise, n_teacher)}
+    results[f"teacher_{name.lower()}_{n_teacher}"] = float(energy_distance(x, ref))
+    samples["teacher"][f"{name} {n_teacher}"] = x
 
   steps = tuple(config.consistency.student_steps)
   for s in steps:
