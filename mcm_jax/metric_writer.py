@@ -1,14 +1,14 @@
 """Metric writers: clu's (TensorBoard + console) when TensorFlow is installed, else a
 console + JSON-lines writer with the same methods (``pip install .[tensorboard]`` for TB)."""
 import json
-import logging
 import os
 
 import numpy as np
 
 
 class JsonlWriter:
-  """Writes scalars to ``DIR/metrics.jsonl`` and the log; images as PNG files in ``DIR``."""
+  """Writes scalars to ``DIR/metrics.jsonl`` (the train loop logs progress to the console);
+  images as PNG files in ``DIR``."""
 
   def __init__(self, logdir):
     self.logdir = logdir
@@ -18,7 +18,6 @@ class JsonlWriter:
   def write_scalars(self, step, scalars):
     scalars = {k: float(v) for k, v in scalars.items()}
     self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
 
   def write_images(self, step, images):
     from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -22,15 +22,19 @@ from mcm_jax.models.mlp import MLPDenoiser
 from mcm_jax.samplers import addim
 
 
-def _setup(config, dim):
+def _model(config):
+  """(logsnr_fn, denoise) with ``denoise(params, z, t, cond, rng) -> x_hat`` (v-prediction)."""
   logsnr_fn = schedules.get_logsnr_fn(
       config.schedule.name, logsnr_min=config.schedule.logsnr_min,
       logsnr_max=config.schedule.logsnr_max)
   model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
   apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
-  denoise = parameterization.make_denoiser(apply_fn, logsnr_fn, "v")
-  params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
-  return logsnr_fn, denoise, params
+  return logsnr_fn, parameterization.make_denoiser(apply_fn, logsnr_fn, "v")
+
+
+def _init_params(config, dim):
+  model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
+  return model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
 
 
 def _batch_fn(sampler, batch_size):
@@ -38,7 +42,8 @@ def _batch_fn(sampler, batch_size):
 
 
 def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teacher"):
-  logsnr_fn, denoise, params = _setup(config, dim)
+  logsnr_fn, denoise = _model(config)
+  params = _init_params(config, dim)
   cfg = config.teacher.copy_and_resolve_references()
   cfg.steps = steps or cfg.steps
   loss = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn)
@@ -47,10 +52,10 @@ def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teach
   return state.ema_params
 
 
-def train_student(config, sampler, dim, teacher_params, method, student_steps, workdir, writer,
+def train_student(config, sampler, teacher_params, method, student_steps, workdir, writer,
                   steps=None):
   """Initialises from the teacher and trains a CT / CD student (MCM Alg. 1)."""
-  logsnr_fn, denoise, _ = _setup(config, dim)
+  logsnr_fn, denoise = _model(config)
   c = config.consistency
   cfg = config.student.copy_and_resolve_references()
   cfg.steps = steps or cfg.steps
@@ -68,9 +73,9 @@ def train_student(config, sampler, dim, teacher_params, method, student_steps, w
   return state.ema_params
 
 
-def make_sampler_fn(config, dim, kind, x_var_table=None):
+def make_sampler_fn(config, kind, x_var_table=None):
   """A jitted ``(params, z, num_steps) -> x`` for kind 'ddim' or 'addim' (table x_var)."""
-  logsnr_fn, denoise, _ = _setup(config, dim)
+  logsnr_fn, denoise = _model(config)
 
   @jax.jit
   def run(params, z, num_steps, table_t=None, table_v=None):
@@ -83,8 +88,8 @@ def make_sampler_fn(config, dim, kind, x_var_table=None):
   return lambda params, z, n: run(params, z, n, *x_var_table)
 
 
-def x_var_table(config, dim, params, sampler):
-  logsnr_fn, denoise, _ = _setup(config, dim)
+def x_var_table(config, params, sampler):
+  logsnr_fn, denoise = _model(config)
   data = sampler(jax.random.PRNGKey(config.eval.seed + 7), 8192)
   f = lambda z, t: denoise(params, z, t)
   return jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
@@ -92,20 +97,22 @@ def x_var_table(config, dim, params, sampler):
       config.eval.x_var_table_points, config.eval.x_var_eta)
 
 
-def run_2d(config, workdir, writer):
-  """Teacher, students and the results table on the 2-D dataset."""
-  sampler = toy_data.get_sampler(config.data.name)
+def run_2d(config, workdir, writer, data_source=None):
+  """Teacher, students and the results table on the 2-D dataset (or ``data_source``, any
+  [N, D] data accepted by ``toy_data.as_sampler``; figures then show its first two dims)."""
+  sampler = toy_data.as_sampler(config.data.name if data_source is None else data_source)
+  dim = sampler(jax.random.PRNGKey(0), 1).shape[1]
   ev = config.eval
-  noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 2))
+  noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, dim))
   ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
   fresh = sampler(jax.random.PRNGKey(ev.seed + 2), ev.num_samples)
   results = {"data_vs_fresh_data": float(energy_distance(fresh, ref))}
   samples = {}
 
-  teacher = train_teacher(config, sampler, 2, workdir, writer)
-  table = x_var_table(config, 2, teacher, sampler)
-  ddim = make_sampler_fn(config, 2, "ddim")
-  addim_fn = make_sampler_fn(config, 2, "addim", table)
+  teacher = train_teacher(config, sampler, dim, workdir, writer)
+  table = x_var_table(config, teacher, sampler)
+  ddim = make_sampler_fn(config, "ddim")
+  addim_fn = make_sampler_fn(config, "addim", table)
   n_teacher = ev.teacher_sampling_steps
   samples["teacher"] = {}
   for name, fn in (("aDDIM", addim_fn), ("DDIM", ddim)):
@@ -120,13 +127,16 @@ def run_2d(config, workdir, writer):
     samples[method] = {}
     for s in steps:
       t0 = time.time()
-      student = train_student(config, sampler, 2, teacher, method, s, workdir, writer)
+      student = train_student(config, sampler, teacher, method, s, workdir, writer)
       x = ddim(student, noise, s)  # MCM Alg. 2: DDIM over the student's own steps
       results[f"{method}_{s}"] = float(energy_distance(x, ref))
       samples[method][f"{s}-step"] = x
       logging.info("%s %d-step: energy distance %.3g (%.0fs)", method, s,
                    results[f"{method}_{s}"], time.time() - t0)
-  plotting.scatter_grid(os.path.join(workdir, "samples.png"), samples, reference=ref)
+  if dim >= 2:
+    first2 = lambda tree: jax.tree_util.tree_map(lambda a: a[:, :2], tree)
+    plotting.scatter_grid(os.path.join(workdir, "samples.png"), first2(samples),
+                          reference=ref[:, :2])
   return results
 
 
@@ -155,14 +165,14 @@ def run_fig1(config, workdir, writer):
   fc, ev = config.fig1, config.eval
   workdir = os.path.join(workdir, "mixture1d")
   teacher = train_teacher(config, sampler, 1, workdir, writer, steps=fc.teacher_steps)
-  logsnr_fn, denoise, _ = _setup(config, 1)
+  logsnr_fn, denoise = _model(config)
   z = jnp.linspace(-2.5, 2.5, 96)[:, None]
   noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 1))
   ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
-  ddim = make_sampler_fn(config, 1, "ddim")
+  ddim = make_sampler_fn(config, "ddim")
   results, panels = {}, []
   for s in fc.student_steps:
-    student = train_student(config, sampler, 1, teacher, "cd_addim", s, workdir, writer,
+    student = train_student(config, sampler, teacher, "cd_addim", s, workdir, writer,
                             steps=fc.student_train_steps)
     results[f"cd_addim_{s}"] = float(energy_distance(ddim(student, noise, s), ref))
     f = jax.jit(lambda zz, t, p=student: denoise(p, zz, t))
@@ -193,21 +203,26 @@ def format_table(results, config):
   return "\n".join(lines)
 
 
-def run(config, workdir):
-  """Runs the whole toy experiment; writes results.json, results.md and PNGs to workdir."""
+def run(config, workdir, data_source=None):
+  """Runs the whole toy experiment; writes results.json, results.md and PNGs to workdir.
+
+  ``data_source`` (Python callers) replaces ``config.data.name``: a sampler ``(rng, n) ->
+  [n, D]``, an [N, D] array or an iterable of [n, D] arrays; results are keyed 'custom'.
+  """
   validate_toy(config)
   os.makedirs(workdir, exist_ok=True)
   writer = create_writer(workdir)
   t0 = time.time()
-  results = {config.data.name: run_2d(config, workdir, writer)}
+  name = config.data.name if data_source is None else "custom"
+  results = {name: run_2d(config, workdir, writer, data_source)}
   if config.fig1.enabled:
     results["mixture1d"] = run_fig1(config, workdir, writer)
   results["wall_time_s"] = time.time() - t0
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
-  table = format_table(results[config.data.name], config)
+  table = format_table(results[name], config)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"Energy distance to {config.data.name} data (x 1e3)\n\n{table}\n")
-  print(f"results ({config.data.name}, energy distance x 1e3, lower is better):\n{table}")
+    f.write(f"Energy distance to {name} data (x 1e3)\n\n{table}\n")
+  print(f"results ({name}, energy distance x 1e3, lower is better):\n{table}")
   writer.close()
   return results

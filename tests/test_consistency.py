@@ -45,38 +45,35 @@ def _toy_student(params, z, t, cond=None, rng=None):
   return jnp.tanh(params["w"] * z + params["b"] * t[:, None])
 
 
-def test_ct_with_student_steps_equal_teacher_steps_is_the_diffusion_loss():
-  """Paper eq. 9: with T = student steps, CT's loss is w(t) * pseudo_huber(x - f(z_t, t))."""
+def _ct_loss_and_diffusion_loss(student_steps, teacher_steps=16):
+  """CT's per-example Alg. 1 loss and w(t) * pseudo_huber(f(z_t, t) - x) on the same draws."""
   params = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
   x = jax.random.normal(jax.random.PRNGKey(2), (512, 3))
   eps = jax.random.normal(jax.random.PRNGKey(3), (512, 3))
-  steps = 16
-  t, s, t_step = consistency.sample_times(jax.random.PRNGKey(4), 512, steps, jnp.float32(16))
-  np.testing.assert_allclose(s, t_step, atol=1e-7)
+  t, s, t_step = consistency.sample_times(jax.random.PRNGKey(4), 512, student_steps,
+                                          jnp.float32(teacher_steps))
   a_t, s_t = schedules.alpha_sigma(LOGSNR(t))
   z_t = addim.bcast(a_t, x) * x + addim.bcast(s_t, x) * eps
   student = lambda z, tt: _toy_student(params, z, tt)
   got = consistency.consistency_loss_per_example(student, z_t, x, jnp.zeros(512), t, s, t_step,
                                                  LOGSNR, 1e-4)
   want = schedules.snr_plus_one(LOGSNR(t)) * consistency.pseudo_huber(student(z_t, t) - x, 1e-4)
+  return np.asarray(got), np.asarray(want), np.asarray(s), np.asarray(t_step)
+
+
+def test_ct_with_student_steps_equal_teacher_steps_is_the_diffusion_loss():
+  """Paper eq. 9: with T = student steps, CT's loss is w(t) * pseudo_huber(x - f(z_t, t))."""
+  got, want, s, t_step = _ct_loss_and_diffusion_loss(student_steps=16)
+  np.testing.assert_allclose(s, t_step, atol=1e-7)
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)
 
 
 def test_ct_loss_with_fewer_student_steps_is_not_the_diffusion_loss():
   # Guards the test above: with a real consistency gap the target is not x.
-  params = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
-  x = jax.random.normal(jax.random.PRNGKey(2), (512, 3))
-  eps = jax.random.normal(jax.random.PRNGKey(3), (512, 3))
-  t, s, t_step = consistency.sample_times(jax.random.PRNGKey(4), 512, 2, jnp.float32(16))
-  a_t, s_t = schedules.alpha_sigma(LOGSNR(t))
-  z_t = addim.bcast(a_t, x) * x + addim.bcast(s_t, x) * eps
-  student = lambda z, tt: _toy_student(params, z, tt)
-  got = consistency.consistency_loss_per_example(student, z_t, x, jnp.zeros(512), t, s, t_step,
-                                                 LOGSNR, 1e-4)
-  want = schedules.snr_plus_one(LOGSNR(t)) * consistency.pseudo_huber(student(z_t, t) - x, 1e-4)
-  far = np.asarray(s > t_step + 1e-6)
+  got, want, s, t_step = _ct_loss_and_diffusion_loss(student_steps=2)
+  far = s > t_step + 1e-6
   assert far.sum() > 100
-  assert np.mean(np.abs(np.asarray(got - want))[far] / np.asarray(want)[far]) > 0.05
+  assert np.mean(np.abs(got - want)[far] / want[far]) > 0.05
 
 
 def test_exact_gaussian_denoiser_is_consistent_with_itself_at_many_steps():

@@ -1,7 +1,6 @@
 """The embedded default, end to end with tiny step counts."""
 import json
 import os
-import time
 
 from configs import toy as toy_config
 from mcm_jax import toy
@@ -23,3 +22,16 @@ def test_toy_run_end_to_end_and_resume(tmp_path):
   # Re-running restores every finished run instead of retraining: same numbers.
   again = toy.run(config, str(tmp_path))
   assert again["ring8"] == ring
+
+
+def test_toy_run_accepts_a_python_data_source(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = toy_config.get_config("tiny")
+  config.fig1.enabled = False
+  config.consistency.methods = ("cd_ddim",)
+  config.consistency.student_steps = (1,)
+  data = np.random.RandomState(0).randn(3000, 3).astype(np.float32) * 0.5 + 1.0
+  results = toy.run(config, str(tmp_path), data_source=data)
+  assert set(results["custom"]) >= {"cd_ddim_1", "teacher_ddim_1", "teacher_addim_16"}
+  assert os.path.exists(tmp_path / "samples.png")
+  assert "Energy distance to custom data" in open(tmp_path / "results.md").read()

@@ -20,6 +20,13 @@ def bcast(a, x):
   return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) if a.ndim else a
 
 
+def step_times(i, num_steps, batch):
+  """Times of step i (0-based) of a uniform N-step sampler: ``t = (N - i) / N``, ``s = t - 1/N``,
+  each a [batch] array."""
+  n = jnp.asarray(num_steps, jnp.float32)
+  return jnp.full((batch,), (n - i) / n), jnp.full((batch,), (n - i - 1) / n)
+
+
 def ddim_step(x, z_t, alpha_t, sigma_t, alpha_s, sigma_s):
   """DDIM_{t->s}: ``z_s = alpha_s x + (sigma_s / sigma_t) (z_t - alpha_t x)``."""
   a_t, s_t, a_s, s_s = (bcast(v, z_t) for v in (alpha_t, sigma_t, alpha_s, sigma_s))
@@ -108,10 +115,8 @@ def sample(f, z_init, num_steps, logsnr_fn, x_var_fn=None, return_trajectory=Fal
   """
   batch = z_init.shape[0]
 
-  def step(i, z):  # i = 0 .. N-1 ; t = (N - i) / N
-    n = jnp.asarray(num_steps, jnp.float32)
-    t = jnp.full((batch,), (n - i) / n)
-    s = jnp.full((batch,), (n - i - 1) / n)
+  def step(i, z):
+    t, s = step_times(i, num_steps, batch)
     x_hat = f(z, t)
     alpha_t, sigma_t = alpha_sigma(logsnr_fn(t))
     alpha_s, sigma_s = alpha_sigma(logsnr_fn(s))

@@ -7,13 +7,8 @@ step returns ``x_hat``.
 import jax
 import jax.numpy as jnp
 
-from mcm_jax.samplers.addim import bcast
+from mcm_jax.samplers.addim import bcast, step_times
 from mcm_jax.schedules import alpha_sigma
-
-
-def _times(i, num_steps, batch):
-  n = jnp.asarray(num_steps, jnp.float32)
-  return jnp.full((batch,), (n - i) / n), jnp.full((batch,), (n - i - 1) / n)
 
 
 def noise_ddim_sample(f, z_init, num_steps, logsnr_fn, rng):
@@ -26,7 +21,7 @@ def noise_ddim_sample(f, z_init, num_steps, logsnr_fn, rng):
   batch = z_init.shape[0]
 
   def step(i, z):
-    t, s = _times(i, num_steps, batch)
+    t, s = step_times(i, num_steps, batch)
     x_hat = f(z, t)
     a_t, s_t = (bcast(v, z) for v in alpha_sigma(logsnr_fn(t)))
     a_s, s_s = (bcast(v, z) for v in alpha_sigma(logsnr_fn(s)))
@@ -54,7 +49,7 @@ def heun_sample(f, z_init, num_steps, logsnr_fn):
     return (z - a * x_hat) / s, x_hat, a, s
 
   def step(i, z):
-    t, s = _times(i, num_steps, batch)
+    t, s = step_times(i, num_steps, batch)
     eps_t, x_hat, a_t, s_t = eps_of(z, t)
     a_s, s_s = (bcast(v, z) for v in alpha_sigma(logsnr_fn(s)))
     y_t, tau_t, tau_s = z / a_t, s_t / a_t, s_s / a_s
