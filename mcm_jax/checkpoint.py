@@ -9,25 +9,53 @@ def make_manager(directory, max_to_keep=3, async_save=True):
   """A CheckpointManager over ``directory`` (created if missing), keeping ``max_to_keep``."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # The handler is named up front so that a fresh manager can read a checkpoint's metadata.
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager, step, state, force=False):
   manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
 
 
+def _shapes_by_path(tree):
+  """{('params', 'Dense_0', 'kernel'): shape} for arrays and orbax ArrayMetadata alike."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    out[key] = tuple(getattr(leaf, "shape", ()))
+  return out
+
+
+def check_compatible(stored, expected, where):
+  """Raises ValueError naming the first parameter whose presence or shape differs."""
+  for path in sorted(set(stored) | set(expected)):
+    name = "/".join(path)
+    if path not in stored:
+      problem = f"'{name}' (shape {expected[path]}) is missing from the checkpoint"
+    elif path not in expected:
+      problem = f"the checkpoint has '{name}' (shape {stored[path]}) that this model lacks"
+    elif stored[path] != expected[path]:
+      problem = f"'{name}' has shape {stored[path]} in the checkpoint, {expected[path]} here"
+    else:
+      continue
+    raise ValueError(f"checkpoint {where} does not match this config's model/optimizer: "
+                     f"{problem} (delete it or use another --workdir)")
+
+
 def restore_latest(manager, like_state):
   """Restores the latest checkpoint shaped like ``like_state``; None when there is none.
 
-  A checkpoint whose tree or shapes do not match raises ValueError naming the directory.
+  The stored tree is checked against ``like_state`` first, so a checkpoint from another model
+  raises a ValueError naming the parameter (and leaves no orbax work pending).
   """
   step = manager.latest_step()
   if step is None:
     return None
+  stored = manager.item_metadata(step)
+  stored = getattr(stored, "tree", stored)
+  if stored is not None:
+    check_compatible(_shapes_by_path(stored), _shapes_by_path(like_state),
+                     f"{manager.directory}/{step}")
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-        f"checkpoint {manager.directory}/{step} does not match this config's model/optimizer "
-        f"(delete it or use another --workdir): {e}") from e
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))

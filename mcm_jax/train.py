@@ -113,6 +113,14 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   state = init_state(init_params, tx, cfg.seed)
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                     cfg.keep_checkpoints)
+  try:
+    return _train_loop(state, manager, loss_fn, tx, batch_fn, cfg, frozen, writer, name)
+  finally:  # also on errors and SIGTERM: no orbax thread outlives the call
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _train_loop(state, manager, loss_fn, tx, batch_fn, cfg, frozen, writer, name):
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     state = restored
@@ -151,8 +159,6 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
         manager.wait_until_finished()
         logging.warning("%s: SIGTERM at step %d; checkpoint saved, exiting", name, step)
         raise SystemExit(143)
-  manager.wait_until_finished()
-  manager.close()
   if writer is not None:
     writer.flush()
   return state
