@@ -73,19 +73,17 @@ def train_student(config, sampler, teacher_params, method, student_steps, workdi
   return state.ema_params
 
 
-def make_sampler_fn(config, kind, x_var_table=None):
-  """A jitted ``(params, z, num_steps) -> x`` for kind 'ddim' or 'addim' (table x_var)."""
+def make_sampler_fn(config, x_var_table=None):
+  """A jitted ``(params, z, num_steps) -> x``: DDIM, or aDDIM with x_var interpolated from
+  ``x_var_table = (t_grid, x_var)``. ``num_steps`` is traced: one compile for all step counts."""
   logsnr_fn, denoise = _model(config)
 
   @jax.jit
-  def run(params, z, num_steps, table_t=None, table_v=None):
-    f = lambda zz, t: denoise(params, zz, t)
-    x_var_fn = None if kind == "ddim" else addim.table_x_var(table_t, table_v)
-    return addim.sample(f, z, num_steps, logsnr_fn, x_var_fn)
+  def run(params, z, num_steps, table):
+    x_var_fn = None if table is None else addim.table_x_var(*table)
+    return addim.sample(lambda zz, t: denoise(params, zz, t), z, num_steps, logsnr_fn, x_var_fn)
 
-  if kind == "ddim":
-    return lambda params, z, n: run(params, z, n)
-  return lambda params, z, n: run(params, z, n, *x_var_table)
+  return lambda params, z, num_steps: run(params, z, num_steps, x_var_table)
 
 
 def x_var_table(config, params, sampler):
@@ -111,8 +109,8 @@ def run_2d(config, workdir, writer, data_source=None):
 
   teacher = train_teacher(config, sampler, dim, workdir, writer)
   table = x_var_table(config, teacher, sampler)
-  ddim = make_sampler_fn(config, "ddim")
-  addim_fn = make_sampler_fn(config, "addim", table)
+  ddim = make_sampler_fn(config)
+  addim_fn = make_sampler_fn(config, table)
   n_teacher = ev.teacher_sampling_steps
   samples["teacher"] = {}
   for name, fn in (("aDDIM", addim_fn), ("DDIM", ddim)):
@@ -169,7 +167,7 @@ def run_fig1(config, workdir, writer):
   z = jnp.linspace(-2.5, 2.5, 96)[:, None]
   noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 1))
   ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
-  ddim = make_sampler_fn(config, "ddim")
+  ddim = make_sampler_fn(config)
   results, panels = {}, []
   for s in fc.student_steps:
     student = train_student(config, sampler, teacher, "cd_addim", s, workdir, writer,
