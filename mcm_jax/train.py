@@ -2,8 +2,11 @@
 
 It is objective-agnostic: ``loss_fn(params, batch, rng, step, frozen) -> (loss, metrics)``
 with ``frozen`` a pytree that is not trained (e.g. the teacher's parameters). Batches come from
-a jit-able ``batch_fn(rng) -> batch``; the batch of step i uses ``fold_in(data_rng, i)``, so the
-data position is the step and a resumed run sees exactly the data an uninterrupted one would.
+either a jit-able ``batch_fn(rng) -> batch`` drawn on device (the batch of step i uses
+``fold_in(data_rng, i)``) or a host ``host_batch_fn(step) -> batch`` (this process's slice,
+a deterministic function of the step). Either way the data position is the step, so a resumed
+run sees exactly the data an uninterrupted one would. With a ``mesh`` (``mcm_jax.sharding``)
+the state is sharded by the rules there and the step is ``jax.jit`` with in/out shardings.
 """
 import logging
 import os
@@ -13,9 +16,10 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from mcm_jax import checkpoint
+from mcm_jax import checkpoint, sharding
 
 
 @flax.struct.dataclass
@@ -65,19 +69,39 @@ def make_train_step(loss_fn, tx, ema_decay):
   return train_step
 
 
-def make_multi_step(train_step, batch_fn, data_rng, num_steps):
-  """Fuses ``num_steps`` train steps (batches drawn inside) into one scanned call."""
+def make_multi_step(train_step, batch_fn, data_rng, num_steps, mesh=None):
+  """Fuses ``num_steps`` train steps into one scanned call ``(state, frozen, batches)``.
 
-  def multi_step(state, frozen):
-    def body(st, _):
-      batch = batch_fn(jax.random.fold_in(data_rng, st.step))
+  ``batch_fn`` set: batches are drawn on device and ``batches`` is None; otherwise ``batches``
+  holds the ``num_steps`` host batches stacked on a leading axis.
+  """
+
+  def multi_step(state, frozen, batches):
+    def body(st, batch):
+      if batch is None:
+        batch = batch_fn(jax.random.fold_in(data_rng, st.step))
+      if mesh is not None:
+        batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
       return train_step(st, batch, frozen)
 
-    state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+    state, metrics = jax.lax.scan(body, state, batches, length=num_steps)
     return state, jax.tree_util.tree_map(jnp.mean, metrics), jnp.all(
         jnp.isfinite(metrics["loss"]))
 
   return multi_step
+
+
+def _stacked_host_batches(host_batch_fn, start, num_steps, mesh):
+  """Batches of steps [start, start + num_steps) stacked to [num_steps, B, ...], on device."""
+  batches = [host_batch_fn(i) for i in range(start, start + num_steps)]
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+  if mesh is None:
+    return jax.device_put(stacked)
+  target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.MESH_AXES))
+  if jax.process_count() == 1:
+    return jax.device_put(stacked, target)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(target, x), stacked)
 
 
 class _SigtermFlag:
@@ -100,8 +124,11 @@ class _SigtermFlag:
 
 
 def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=None,
-          name="train"):
+          name="train", mesh=None, host_batch_fn=None):
   """Trains ``init_params`` for ``cfg.steps`` and returns the final TrainState.
+
+  Pass ``batch_fn`` (device) or ``host_batch_fn`` (host), not both. ``mesh``: shard state,
+  batches and ``frozen`` over it (restoring a checkpoint written on another mesh works).
 
   ``cfg`` fields: steps, log_every, checkpoint_every, keep_checkpoints, ema_decay, seed, optim.
   Restores the latest checkpoint in ``workdir/checkpoints`` if there is one (a finished run is
@@ -109,36 +136,55 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   (then raises SystemExit(143) after the save). A non-finite loss raises NonFiniteLossError
   without saving the bad state.
   """
+  if (batch_fn is None) == (host_batch_fn is None):
+    raise ValueError("train: pass exactly one of batch_fn (device) and host_batch_fn (host)")
   tx = make_optimizer(cfg.optim)
   state = init_state(init_params, tx, cfg.seed)
+  if mesh is not None:
+    state = jax.device_put(state, sharding.tree_shardings(state, mesh))
+    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                     cfg.keep_checkpoints)
   try:
-    return _train_loop(state, manager, loss_fn, tx, batch_fn, cfg, frozen, writer, name)
+    return _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen,
+                       writer, name, mesh)
   finally:  # also on errors and SIGTERM: no orbax thread outlives the call
     manager.wait_until_finished()
     manager.close()
 
 
-def _train_loop(state, manager, loss_fn, tx, batch_fn, cfg, frozen, writer, name):
-  restored = checkpoint.restore_latest(manager, state)
+def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen, writer,
+                name, mesh):
+  restored = checkpoint.restore_latest(manager, state)  # onto ``state``'s shardings
   if restored is not None:
     state = restored
     logging.info("%s: resumed from step %d", name, int(state.step))
   data_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
   train_step = make_train_step(loss_fn, tx, cfg.ema_decay)
+  shardings = {}
+  if mesh is not None:
+    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    rep = sharding.replicated(mesh)
+    host_batches_sh = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, sharding.MESH_AXES))
+    shardings = dict(in_shardings=(state_sh, jax.tree_util.tree_map(lambda x: x.sharding, frozen),
+                                   host_batches_sh),
+                     out_shardings=(state_sh, rep, rep))
   chunks = {}
 
-  def run_chunk(n, st):
+  def run_chunk(n, st, start):
     if n not in chunks:
-      chunks[n] = jax.jit(make_multi_step(train_step, batch_fn, data_rng, n), donate_argnums=0)
-    return chunks[n](st, frozen)
+      chunks[n] = jax.jit(make_multi_step(train_step, batch_fn, data_rng, n, mesh),
+                          donate_argnums=0, **shardings)
+    batches = None if host_batch_fn is None else _stacked_host_batches(
+        host_batch_fn, start, n, mesh)
+    return chunks[n](st, frozen, batches)
 
   step, start_step, t0 = int(state.step), int(state.step), time.time()
   with _SigtermFlag() as sigterm:
     while step < cfg.steps:
       n = min(cfg.log_every, cfg.steps - step)
-      state, metrics, finite = run_chunk(n, state)
+      state, metrics, finite = run_chunk(n, state, step)
       if not bool(finite):
         manager.wait_until_finished()
         raise NonFiniteLossError(

@@ -1,7 +1,13 @@
 import os
 import warnings
 
-import jax
+# 8 fake CPU devices for the sharding tests; set before jax is imported. Unsharded code runs on
+# device 0 as usual.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 # Reuse compiled programs across test runs (much faster on 2 CPU cores).

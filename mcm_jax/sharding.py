@@ -1,0 +1,73 @@
+"""Device mesh and the rules that map parameter / batch shapes to NamedShardings (one place).
+
+Axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallel + parameters sharded).
+The batch is split over both axes; a parameter (and its EMA / optimizer moments, which have its
+shape) is split over ``fsdp`` along its largest dimension divisible by the fsdp size, if it has
+at least ``min_fsdp_size`` elements; everything else is replicated. Steps are ``jax.jit`` with
+these shardings (GSPMD), so the same code runs on 1 device, a GPU node or a TPU pod.
+"""
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data=-1, fsdp=1, devices=None):
+  """A ``data x fsdp`` mesh over ``devices`` (default: all); -1 takes the remaining devices.
+
+  Axes are ``Auto`` (classic GSPMD: jit + NamedSharding + sharding constraints).
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  n = devices.size
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh: at most one of data / fsdp may be -1")
+  if data == -1:
+    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+  if fsdp == -1:
+    fsdp = n // data if data > 0 and n % data == 0 else 0
+  if data < 1 or fsdp < 1 or data * fsdp != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices; "
+                     f"allowed: positive sizes whose product is {n} (-1 for 'the rest')")
+  return Mesh(devices.reshape(data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  """Leading (batch) dimension split over every device."""
+  return NamedSharding(mesh, P(MESH_AXES))
+
+
+def param_spec(shape, fsdp_size, min_fsdp_size=2 ** 14):
+  """PartitionSpec of one parameter: its largest fsdp-divisible dimension on ``fsdp``."""
+  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_fsdp_size:
+    return P()
+  candidates = [d for d in np.argsort(shape)[::-1] if shape[d] % fsdp_size == 0]
+  if not candidates:
+    return P()
+  spec = [None] * len(shape)
+  spec[candidates[0]] = "fsdp"
+  return P(*spec)
+
+
+def tree_shardings(tree, mesh, min_fsdp_size=2 ** 14):
+  """NamedShardings for every array leaf of ``tree`` (params, EMA, optimizer state, scalars)."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp, min_fsdp_size)), tree)
+
+
+def shard_batch(batch, mesh):
+  """Places a host batch (this process's slice of the global batch) on the mesh.
+
+  On one host this is a ``device_put``; with several hosts every process passes its own slice
+  and ``make_array_from_process_local_data`` assembles the global array.
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

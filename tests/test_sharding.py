@@ -1,0 +1,92 @@
+"""Sharded training == single-device training on 8 fake CPU devices; restore onto another mesh."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mcm_jax import consistency, parameterization, schedules, sharding, train
+from mcm_jax.data import toy as toy_data
+from mcm_jax.models.mlp import MLPDenoiser
+
+LOGSNR = lambda t: schedules.cosine_logsnr(t)
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+def _cfg(steps):
+  return ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=64, log_every=5, checkpoint_every=5, keep_checkpoints=3,
+      ema_decay=0.9, seed=0,
+      optim=dict(learning_rate=1e-3, warmup_steps=2, grad_clip=1.0, b1=0.9, b2=0.99,
+                 weight_decay=0.0)))
+
+
+def _cd_problem():
+  """A CD student/teacher pair large enough that fsdp really shards (128 x 128 kernels)."""
+  model = MLPDenoiser(hidden=128, depth=2)
+  denoise = parameterization.make_denoiser(
+      lambda p, z, logsnr, cond, rng: model.apply(p, z, logsnr), LOGSNR, "v")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+  teacher = jax.tree_util.tree_map(lambda x: x + 0.01, params)
+  loss = functools.partial(consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=LOGSNR,
+                           student_steps=2, teacher_fn=denoise)
+  return loss, params, teacher
+
+
+def _close(a, b, atol):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
+
+
+def test_param_rules():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  assert sharding.param_spec((128, 256), 4) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sharding.param_spec((128,), 4) == jax.sharding.PartitionSpec()  # too small
+  assert sharding.param_spec((129, 257), 4) == jax.sharding.PartitionSpec()  # not divisible
+  assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  with pytest.raises(ValueError, match="data=3 x fsdp=2 does not cover the 8 devices"):
+    sharding.make_mesh(data=3, fsdp=2)
+  assert sharding.make_mesh(data=-1, fsdp=4).shape == {"data": 2, "fsdp": 4}
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
+def test_sharded_cd_training_equals_single_device(tmp_path, data, fsdp):
+  loss, params, teacher = _cd_problem()
+  batch_fn = lambda rng: {"x": toy_data.ring8(rng, 64)}
+  single = train.train(loss, params, batch_fn, _cfg(10), str(tmp_path / "single"),
+                       frozen=teacher)
+  mesh = sharding.make_mesh(data=data, fsdp=fsdp)
+  sharded = train.train(loss, params, batch_fn, _cfg(10), str(tmp_path / "sharded"),
+                        frozen=teacher, mesh=mesh)
+  kernel = sharded.params["params"]["Dense_2"]["kernel"]
+  assert kernel.shape == (128, 128)
+  assert len(kernel.sharding.device_set) == 8
+  if fsdp > 1:  # really split, not replicated
+    assert kernel.addressable_shards[0].data.shape[0] * kernel.addressable_shards[0].data.shape[
+        1] == 128 * 128 // fsdp
+  _close(single.params, sharded.params, atol=2e-5)
+  _close(single.opt_state, sharded.opt_state, atol=2e-5)
+
+
+def test_host_batches_equal_device_batches_and_restore_onto_another_mesh(tmp_path):
+  """Host data path == device data path; a checkpoint written on a 2x4 mesh resumes on 8x1 and
+  ends where an uninterrupted 2x4 run does."""
+  loss, params, teacher = _cd_problem()
+  batch_fn = lambda rng: {"x": toy_data.ring8(rng, 64)}
+  data_rng = jax.random.fold_in(jax.random.PRNGKey(0), 1)  # train()'s data stream, seed 0
+  host_batch_fn = lambda step: jax.device_get(batch_fn(jax.random.fold_in(data_rng, step)))
+  mesh_a, mesh_b = sharding.make_mesh(2, 4), sharding.make_mesh(8, 1)
+  full = train.train(loss, params, batch_fn, _cfg(10), str(tmp_path / "full"), frozen=teacher,
+                     mesh=mesh_a)
+  train.train(loss, params, None, _cfg(5), str(tmp_path / "split"), frozen=teacher,
+              mesh=mesh_a, host_batch_fn=host_batch_fn)
+  resumed = train.train(loss, params, None, _cfg(10), str(tmp_path / "split"), frozen=teacher,
+                        mesh=mesh_b, host_batch_fn=host_batch_fn)
+  assert int(resumed.step) == 10
+  assert resumed.params["params"]["Dense_2"]["kernel"].sharding.mesh.shape == {"data": 8,
+                                                                               "fsdp": 1}
+  _close(full.params, resumed.params, atol=2e-5)
+  with pytest.raises(ValueError, match="exactly one of batch_fn"):
+    train.train(loss, params, batch_fn, _cfg(10), str(tmp_path / "x"), host_batch_fn=host_batch_fn)
