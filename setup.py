@@ -30,9 +30,11 @@ EXTRAS = {
     "imagenet": ["tensorflow-datasets>=4.9,<5"],
     # SDXL in Flax: diffusers >= 0.40 and transformers >= 5 no longer ship Flax classes.
     "sdxl": ["diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors"],
+    # The pixel CPU demo: scikit-learn ships 1,797 real 8x8 digit images inside its wheel.
+    "demo": ["scikit-learn>=1.3"],
     # Tests. (When equivalence tests against diffusers' PyTorch models join, pin torch==2.13.0:
     # that CPU wheel is on this project's machines; an unpinned torch pulls a multi-GB CUDA build.)
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "scikit-learn>=1.3"],
 }
 
 setup(

@@ -13,7 +13,8 @@ def train_config(steps, batch_size, learning_rate, warmup_steps, ema_decay, log_
   return ml_collections.ConfigDict(dict(
       steps=steps,
       batch_size=batch_size,
-      log_every=log_every,          # also the number of steps fused into one jitted call
+      log_every=log_every,
+      fuse_steps=True,  # scan log_every steps in one jitted call: far less dispatch for an MLP
       checkpoint_every=10 * log_every,  # must be a multiple of log_every
       keep_checkpoints=2,
       ema_decay=ema_decay,          # the EMA parameters are the ones evaluated

@@ -10,7 +10,8 @@ def make_manager(directory, max_to_keep=3, async_save=True):
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
   # The handler is named up front so that a fresh manager can read a checkpoint's metadata.
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  directory = directory if "://" in directory else os.path.abspath(directory)
+  return ocp.CheckpointManager(directory, options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 

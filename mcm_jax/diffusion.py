@@ -1,6 +1,9 @@
 """Diffusion pre-training objective: v-prediction with SNR+1 weighting (SPEC section 5).
 
 ``L = (SNR(t) + 1) ||x - x_hat||^2 / d = ||v - v_hat||^2 / d`` with ``t ~ U(0, 1)``.
+``multiscale_levels = k`` (images [B, H, W, C]) averages this over the full resolution and k
+successive 2x2 average poolings of ``x - x_hat`` (simple diffusion's multiscale loss; MCM uses
+one pooling at 128x128).
 """
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,13 @@ from mcm_jax.samplers.addim import bcast
 from mcm_jax.schedules import alpha_sigma, snr_plus_one
 
 
-def diffusion_loss(params, batch, rng, step, frozen=None, *, denoise_fn, logsnr_fn):
+def _avg_pool2(d):
+  b, h, w, c = d.shape
+  return d.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def diffusion_loss(params, batch, rng, step, frozen=None, *, denoise_fn, logsnr_fn,
+                   multiscale_levels=0):
   """Pure objective ``(params, batch, rng, step) -> (loss, metrics)``.
 
   ``batch['x']`` is [B, ...]; ``batch.get('label')`` is passed to the model as ``cond``.
@@ -24,7 +33,11 @@ def diffusion_loss(params, batch, rng, step, frozen=None, *, denoise_fn, logsnr_
   alpha, sigma = alpha_sigma(logsnr)
   z_t = bcast(alpha, x) * x + bcast(sigma, x) * eps
   x_hat = denoise_fn(params, z_t, t, batch.get("label"), rng_model)
-  per_example = snr_plus_one(logsnr) * jnp.mean(
-      jnp.square(x_hat - x).reshape(x.shape[0], -1), axis=-1)
+  diff = x_hat - x
+  sq = [jnp.mean(jnp.square(diff).reshape(x.shape[0], -1), axis=-1)]
+  for _ in range(multiscale_levels):
+    diff = _avg_pool2(diff)
+    sq.append(jnp.mean(jnp.square(diff).reshape(x.shape[0], -1), axis=-1))
+  per_example = snr_plus_one(logsnr) * jnp.mean(jnp.stack(sq), axis=0)
   loss = jnp.mean(per_example)
   return loss, {"loss": loss}

@@ -10,8 +10,11 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                 "Config file (a get_config() module; 'file.py:arg' passes arg).")
 flags.DEFINE_string("workdir", "runs/toy", "Directory for checkpoints, metrics and figures.")
+flags.DEFINE_bool("multihost", False,
+                  "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU pods: "
+                  "it reads the coordinator and process ids from the environment).")
 
-EXPERIMENTS = ("toy",)
+EXPERIMENTS = ("toy", "pixel")
 
 
 def main(argv):
@@ -19,6 +22,11 @@ def main(argv):
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   # Orbax logs every save step at INFO; keep the console for progress and results.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  if flags.FLAGS.multihost:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
@@ -28,6 +36,9 @@ def main(argv):
   if config.experiment == "toy":
     from mcm_jax import toy  # pylint: disable=g-import-not-at-top
     toy.run(config, workdir)
+  elif config.experiment == "pixel":
+    from mcm_jax import pixel  # pylint: disable=g-import-not-at-top
+    pixel.run(config, workdir)
   else:
     raise app.UsageError(f"config.experiment={config.experiment!r} is not known; "
                          f"allowed: {EXPERIMENTS}")

@@ -39,8 +39,29 @@ class JsonlWriter:
     self._file.close()
 
 
+class NullWriter:
+  """What processes other than 0 write: nothing."""
+
+  def write_scalars(self, step, scalars):
+    pass
+
+  write_images = write_scalars
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  close = flush
+
+
 def create_writer(logdir):
-  """clu's default writer (TensorBoard + logging) if importable, else ``JsonlWriter``."""
+  """clu's default writer (TensorBoard + logging) if importable, else ``JsonlWriter``; on
+  processes other than 0 a writer that drops everything."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return NullWriter()
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError:  # clu's writers import tensorflow.

@@ -53,3 +53,19 @@ def trajectory_panels(path, panels, data=None):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def image_grid(path, images, ncols=None):
+  """Saves [N, H, W, C] images in [-1, 1] (C = 1 or 3) as one PNG grid."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  n, h, w, c = images.shape
+  ncols = ncols or int(np.ceil(np.sqrt(n)))
+  nrows = int(np.ceil(n / ncols))
+  grid = np.zeros((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c), np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncols)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
+  scale = max(1, 512 // max(grid.shape[:2]))
+  grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
+  Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)

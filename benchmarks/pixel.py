@@ -1,0 +1,102 @@
+"""UViT training throughput; prints one JSON line per size.
+
+python benchmarks/pixel.py [--sizes tiny,small] [--batch 2] [--resolution 64]
+
+For each size: base diffusion train step (fwd + bwd + Adam + EMA) images/s; CD train step /
+student fwd+bwd (ideal 5/3); FLOPs per step from XLA's cost analysis, divided by the step time and
+by a float32 matmul peak measured in the same run (utilisation).
+"""
+import argparse
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mcm_jax import consistency, diffusion, parameterization, schedules, train
+from mcm_jax.models.uvit import UViT, uvit_config
+
+
+def timeit(fn, repeats=3):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def matmul_peak(n=2048):
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  return 2 * n ** 3 / timeit(lambda: f(a), repeats=5)
+
+
+def flops(jitted, *args):
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def bench(size, resolution, batch, dtype):
+  kw = uvit_config(resolution, size)
+  model = UViT(**{**kw, "dtype": dtype, "remat": size != "tiny"})
+  logsnr_fn = lambda t: schedules.interpolated_cosine_logsnr(t, resolution, 32, resolution)
+  denoise = parameterization.make_denoiser(
+      lambda p, z, l, c, r: model.apply(p, z, l, c), logsnr_fn, "v")
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, resolution, resolution, 3))
+  labels = jnp.arange(batch) % kw["num_classes"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1], jnp.zeros((1,)), labels[:1])
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+  tx = train.make_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=1, grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.0)))
+  state = train.init_state(params, tx, 0)
+  batch_data = {"x": x, "label": labels}
+  base = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn)
+  cd = functools.partial(consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
+                         student_steps=4, teacher_fn=denoise)
+  base_step = jax.jit(train.make_train_step(base, tx, 0.9999))
+  cd_step = jax.jit(train.make_train_step(cd, tx, 0.9999))
+  t = jnp.full((batch,), 0.5)
+  fwd_bwd = jax.jit(jax.grad(lambda p: jnp.mean(denoise(p, x, t, labels) ** 2)))
+  peak = matmul_peak()
+  base_t = timeit(lambda: base_step(state, batch_data, None)[1]["loss"])
+  cd_t = timeit(lambda: cd_step(state, batch_data, params)[1]["loss"])
+  fb_t = timeit(lambda: fwd_bwd(params))
+  base_flops = flops(base_step, state, batch_data, None)
+  return {
+      "size": size, "resolution": resolution, "batch": batch, "dtype": jnp.dtype(dtype).name,
+      "params_M": round(n_params / 1e6, 1),
+      "base_step_s": round(base_t, 4), "images_per_s": round(batch / base_t, 2),
+      "cd_step_s": round(cd_t, 4), "fwd_bwd_s": round(fb_t, 4),
+      "cd_step_ratio": round(cd_t / fb_t, 3), "cd_step_ratio_ideal": round(5 / 3, 3),
+      "base_step_gflop": round(base_flops / 1e9, 2),
+      "achieved_gflops": round(base_flops / base_t / 1e9, 1),
+      "matmul_peak_gflops": round(peak / 1e9, 1),
+      "utilisation": round(base_flops / base_t / peak, 3),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--sizes", default="tiny,small")
+  parser.add_argument("--resolution", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--dtype", default="float32")
+  args = parser.parse_args()
+  machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+             "device": jax.devices()[0].device_kind, "devices": jax.device_count()}
+  for size in args.sizes.split(","):
+    batch = args.batch * (16 if size == "tiny" else 1)
+    print(json.dumps({"benchmark": "pixel", "machine": machine,
+                      **bench(size, args.resolution, batch, jnp.dtype(args.dtype))}), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,104 @@
+"""Pixel MCM on the tiny path (UViT tiny, digits 16x16): base training, CD / CT from it, errors."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd
+from mcm_jax import diffusion, pixel
+from mcm_jax.config_validation import ConfigError
+from mcm_jax.data import images as image_data
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("base"))
+  config = imagenet64_base.get_config("tiny")
+  return config, workdir, pixel.run(config, workdir)
+
+
+def _eval_loss(config, params):
+  _, logsnr_fn, denoise = pixel.build(config)
+  x, y = image_data.load_digits(16)
+  batch = {"x": jnp.asarray(x[:256]), "label": jnp.asarray(y[:256])}
+  loss = jax.jit(functools.partial(diffusion.diffusion_loss, denoise_fn=denoise,
+                                   logsnr_fn=logsnr_fn))
+  return np.mean([float(loss(params, batch, jax.random.PRNGKey(k), 0)[0]) for k in range(8)])
+
+
+def test_tiny_uvit_base_training_lowers_the_loss(base_run):
+  config, workdir, result = base_run
+  model, _, _ = pixel.build(config)
+  init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)),
+                    jnp.zeros((1,), jnp.int32))
+  trained = pixel.load_teacher_params(workdir, init)
+  assert _eval_loss(config, trained) < 0.75 * _eval_loss(config, init)
+  assert all(os.path.getsize(p) > 100 for p in result["samples"])
+
+
+@pytest.mark.parametrize("config_module", [imagenet64_cd, imagenet64_ct])
+def test_tiny_cd_and_ct_from_the_base_run(base_run, tmp_path, config_module):
+  _, base_workdir, _ = base_run
+  config = config_module.get_config("tiny")
+  config.init_from = base_workdir
+  config.train.steps = 10
+  result = pixel.run(config, str(tmp_path))
+  assert os.path.basename(result["samples"][0]).startswith(f"samples_{config.objective}_4_")
+  metrics = open(tmp_path / "metrics.jsonl").read()
+  assert f"{config.objective}/loss" in metrics and "NaN" not in metrics
+
+
+def test_teacher_errors_name_the_path_and_the_parameter(base_run, tmp_path):
+  _, base_workdir, _ = base_run
+  config = imagenet64_cd.get_config("tiny")
+  config.init_from = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="config.init_from=.*missing.*no checkpoints/"):
+    pixel.run(config, str(tmp_path / "a"))
+  config = imagenet128_cd.get_config("tiny")  # one more stage: a different parameter tree
+  config.data.resolution = 16
+  config.init_from = base_workdir
+  with pytest.raises(ValueError, match=r"ema_params.*(missing|lacks|shape)"):
+    pixel.run(config, str(tmp_path / "b"))
+
+
+def test_pixel_config_errors():
+  config = imagenet64_cd.get_config("tiny")
+  config.objective = "pd"
+  with pytest.raises(ConfigError, match=r"config.objective='pd'.*\('base', 'cd', 'ct'\)"):
+    pixel.run(config, "/tmp/unused")
+  config = imagenet64_cd.get_config("tiny")
+  config.init_from = ""
+  with pytest.raises(ConfigError, match="config.init_from is empty"):
+    pixel.run(config, "/tmp/unused")
+  with pytest.raises(NotImplementedError, match="data.name='imagenet'.*not wired yet"):
+    image_data.load("imagenet", 64, "/data")
+  for module in (imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd):
+    for size in ("small", "large"):
+      c = module.get_config(size)
+      assert c.train.batch_size == 2048 and c.consistency.xvar_frac == 0.75
+      assert c.consistency.huber_eps == 1e-4 and c.consistency.teacher_steps_end == 1280
+
+
+def test_host_batches_are_deterministic_epoch_permutations():
+  x = np.arange(10, dtype=np.float32)[:, None, None, None]
+  batch = image_data.host_batch_fn(x, np.arange(10), 4, seed=3)
+  seen = np.concatenate([batch(i)["label"] for i in range(5)])  # 20 = two epochs
+  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+  assert not np.array_equal(seen[:10], seen[10:])  # a fresh permutation per epoch
+  np.testing.assert_array_equal(batch(3)["x"], batch(3)["x"])
+  np.testing.assert_array_equal(batch(3)["x"][:, 0, 0, 0], batch(3)["label"])
+
+
+def test_multiscale_loss_adds_the_pooled_error():
+  x = jnp.zeros((4, 8, 8, 1))
+  checker = jnp.where((jnp.arange(8)[:, None] + jnp.arange(8)[None]) % 2 == 0, 1.0, -1.0)
+  denoise = lambda p, z, t, c, r: jnp.broadcast_to(checker[None, :, :, None], z.shape)
+  kw = dict(denoise_fn=denoise, logsnr_fn=lambda t: jnp.zeros_like(t))  # w = SNR + 1 = 2
+  plain = diffusion.diffusion_loss(None, {"x": x}, jax.random.PRNGKey(0), 0, **kw)[0]
+  multi = diffusion.diffusion_loss(None, {"x": x}, jax.random.PRNGKey(0), 0,
+                                   multiscale_levels=1, **kw)[0]
+  np.testing.assert_allclose(plain, 2.0)          # error 1 everywhere
+  np.testing.assert_allclose(multi, 0.5 * (2.0 + 0.0))  # the checkerboard pools to 0
