@@ -19,7 +19,7 @@ def save(manager, step, state, force=False):
   manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
 
 
-def _shapes_by_path(tree):
+def shapes_by_path(tree):
   """{('params', 'Dense_0', 'kernel'): shape} for arrays and orbax ArrayMetadata alike."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -56,7 +56,7 @@ def restore_latest(manager, like_state):
   stored = manager.item_metadata(step)
   stored = getattr(stored, "tree", stored)
   if stored is not None:
-    check_compatible(_shapes_by_path(stored), _shapes_by_path(like_state),
+    check_compatible(shapes_by_path(stored), shapes_by_path(like_state),
                      f"{manager.directory}/{step}")
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))

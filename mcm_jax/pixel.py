@@ -134,8 +134,8 @@ def load_teacher_params(init_from, like_params):
                               f"{directory}")
     stored = manager.item_metadata(step)
     stored = getattr(stored, "tree", stored)["ema_params"]
-    checkpoint.check_compatible(checkpoint._shapes_by_path(stored),  # pylint: disable=protected-access
-                                checkpoint._shapes_by_path(like_params),  # pylint: disable=protected-access
+    checkpoint.check_compatible(checkpoint.shapes_by_path(stored),
+                                checkpoint.shapes_by_path(like_params),
                                 f"{directory}/{step} (ema_params)")
     restored = manager.restore(step, args=ocp.args.StandardRestore())
   finally:
