@@ -39,12 +39,11 @@ def validate_schedule(cfg):
 
 
 def validate_consistency(cfg, prefix="consistency"):
-  steps = tuple(cfg.student_steps)
+  """Checks the Alg. 1 fields; ``student_steps`` may be one int or a tuple of them."""
+  steps = cfg.student_steps
+  steps = (steps,) if _is_int(steps) else tuple(steps)
   _check(len(steps) > 0 and all(_is_int(s) and s >= 1 for s in steps),
-         f"{prefix}.student_steps", steps, "a non-empty tuple of integers >= 1")
-  methods = tuple(cfg.methods)
-  _check(len(methods) > 0 and set(methods) <= set(CONSISTENCY_METHODS), f"{prefix}.methods",
-         methods, f"a non-empty subset of {CONSISTENCY_METHODS}")
+         f"{prefix}.student_steps", cfg.student_steps, "integers >= 1")
   _check(cfg.teacher_steps_start >= max(steps), f"{prefix}.teacher_steps_start",
          cfg.teacher_steps_start,
          f">= the largest student step count ({max(steps)}): every student step needs at least "
@@ -71,6 +70,9 @@ def validate_toy(config):
   validate_train(config.teacher, "teacher")
   validate_train(config.student, "student")
   validate_consistency(config.consistency)
+  methods = tuple(config.consistency.methods)
+  _check(len(methods) > 0 and set(methods) <= set(CONSISTENCY_METHODS), "consistency.methods",
+         methods, f"a non-empty subset of {CONSISTENCY_METHODS}")
   if config.fig1.enabled:
     steps = tuple(config.fig1.student_steps)
     _check(len(steps) > 0 and all(_is_int(s) and 1 <= s <= config.consistency

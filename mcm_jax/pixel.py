@@ -84,11 +84,7 @@ def _validate(c):
   validate_train(c.train, "train")
   if c.objective != "base":
     cc = c.consistency
-    validate_consistency(ml_collections.ConfigDict(dict(
-        student_steps=(cc.student_steps,), methods=("ct",), teacher_steps_start=cc
-        .teacher_steps_start, teacher_steps_end=cc.teacher_steps_end,
-        teacher_steps_horizon=cc.teacher_steps_horizon, xvar_frac=cc.xvar_frac,
-        huber_eps=cc.huber_eps, loss_weight=cc.loss_weight)))
+    validate_consistency(cc)
     if cc.teacher_sampler not in consistency.TEACHER_SAMPLERS:
       raise ConfigError(f"config.consistency.teacher_sampler={cc.teacher_sampler!r} is invalid; "
                         f"allowed: {consistency.TEACHER_SAMPLERS}")

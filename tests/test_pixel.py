@@ -73,6 +73,10 @@ def test_pixel_config_errors():
   config.init_from = ""
   with pytest.raises(ConfigError, match="config.init_from is empty"):
     pixel.run(config, "/tmp/unused")
+  config = imagenet64_cd.get_config("tiny")
+  config.consistency.student_steps = 0
+  with pytest.raises(ConfigError, match=r"consistency.student_steps=0 is invalid"):
+    pixel.run(config, "/tmp/unused")
   with pytest.raises(NotImplementedError, match="data.name='imagenet'.*not wired yet"):
     image_data.load("imagenet", 64, "/data")
   for module in (imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd):
