@@ -71,7 +71,12 @@ def default_config(resolution, size, objective):
       # the paper. w = 1 means no guidance. The null label is num_classes.
       guidance_scale=1.5 if (resolution == 128 and objective == "cd") else 1.0,
   )
-  c.sample = dict(num=16 if tiny else 64, teacher_steps=(16,) if tiny else (64, 256))
+  c.sample = dict(num=16 if tiny else 64, teacher_steps=(16,) if tiny else (64, 256),
+                  # aDDIM x_var for the base model's samples: 'table' = eta mean||x - x_hat||^2/d
+                  # measured on data over a t grid (MCM Alg. 3; saved as x_var_table.json),
+                  # 'analytic' = 0.1 / (2 + SNR).
+                  x_var="table", x_var_eta=0.75, x_var_points=32,
+                  x_var_data=256 if tiny else 2048)
   return c
 
 
@@ -91,6 +96,9 @@ def _validate(c):
     if not c.init_from:
       raise ConfigError(f"config.init_from is empty; CT / CD start from a base run's workdir "
                         f"(train one with objective='base' first)")
+  if c.sample.x_var not in ("table", "analytic"):
+    raise ConfigError(f"config.sample.x_var={c.sample.x_var!r} is invalid; allowed: "
+                      "('table', 'analytic')")
   if c.data.resolution % 2 ** (len(uvit_config(c.model.resolution, c.model.size)["stages"])):
     raise ConfigError(f"config.data.resolution={c.data.resolution} is invalid; allowed: "
                       "a multiple of 2^(number of UViT stages)")
@@ -168,7 +176,8 @@ def run(config, workdir):
   batch_fn = image_data.host_batch_fn(images, labels, c.train.batch_size, c.seed)
   state = train.train(loss, params, None, c.train, workdir, frozen=frozen, writer=writer,
                       name=c.objective, mesh=mesh, host_batch_fn=batch_fn)
-  paths = write_samples(c, state.ema_params, denoise, logsnr_fn, workdir, int(state.step))
+  paths = write_samples(c, state.ema_params, denoise, logsnr_fn, workdir, int(state.step),
+                        (images, labels))
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "samples.json"), "w") as f:
@@ -176,7 +185,23 @@ def run(config, workdir):
   return {"samples": paths}
 
 
-def write_samples(c, params, denoise, logsnr_fn, workdir, step):
+def x_var_table(c, params, denoise, logsnr_fn, data, workdir):
+  """aDDIM x_var(t) on a grid, from ``c.sample.x_var_data`` data images (MCM Alg. 3); written to
+  ``workdir/x_var_table.json`` as {"t": [...], "x_var": [...]}."""
+  images, labels = data
+  n = min(c.sample.x_var_data, len(images))
+  x, y = jnp.asarray(images[:n]), jnp.asarray(labels[:n])
+  f = lambda z, t: denoise(params, z, t, y)
+  t_grid, values = jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
+      f, x, logsnr_fn, jax.random.PRNGKey(c.seed + 7), c.sample.x_var_points, c.sample.x_var_eta)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "x_var_table.json"), "w") as fh:
+      json.dump({"t": np.asarray(t_grid).tolist(), "x_var": np.asarray(values).tolist(),
+                 "eta": c.sample.x_var_eta, "num_images": n}, fh)
+  return addim.table_x_var(t_grid, values)
+
+
+def write_samples(c, params, denoise, logsnr_fn, workdir, step, data):
   """PNG grids: the student with its own steps (Alg. 2), or the base model with aDDIM."""
   n, res, ch = c.sample.num, c.data.resolution, c.data.channels
   z = jax.random.normal(jax.random.PRNGKey(c.seed + 99), (n, res, res, ch))
@@ -186,7 +211,9 @@ def write_samples(c, params, denoise, logsnr_fn, workdir, step):
                                                                  x_var_fn),
                    static_argnums=(2,))
   if c.objective == "base":
-    runs = [(f"addim_{s}", s, addim.analytic_x_var_fn) for s in c.sample.teacher_steps]
+    x_var_fn = (x_var_table(c, params, denoise, logsnr_fn, data, workdir)
+                if c.sample.x_var == "table" else addim.analytic_x_var_fn)
+    runs = [(f"addim_{s}", s, x_var_fn) for s in c.sample.teacher_steps]
   else:
     runs = [(f"{c.objective}_{c.consistency.student_steps}", c.consistency.student_steps, None)]
   paths = []

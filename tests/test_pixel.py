@@ -1,5 +1,6 @@
 """Pixel MCM on the tiny path (UViT tiny, digits 16x16): base training, CD / CT from it, errors."""
 import functools
+import json
 import os
 
 import jax
@@ -37,6 +38,12 @@ def test_tiny_uvit_base_training_lowers_the_loss(base_run):
   trained = pixel.load_teacher_params(workdir, init)
   assert _eval_loss(config, trained) < 0.75 * _eval_loss(config, init)
   assert all(os.path.getsize(p) > 100 for p in result["samples"])
+  table = json.load(open(os.path.join(workdir, "x_var_table.json")))
+  assert len(table["t"]) == config.sample.x_var_points == len(table["x_var"])
+  # Posterior variance per dim: ~0 at low noise, growing with t, bounded by eta * Var[x].
+  x, _ = image_data.load_digits(16)
+  assert table["x_var"][0] < 0.05 * table["x_var"][-1]
+  assert table["x_var"][-1] <= 0.75 * float(np.var(x)) * 1.5
 
 
 @pytest.mark.parametrize("config_module", [imagenet64_cd, imagenet64_ct])
@@ -72,6 +79,10 @@ def test_pixel_config_errors():
   config = imagenet64_cd.get_config("tiny")
   config.init_from = ""
   with pytest.raises(ConfigError, match="config.init_from is empty"):
+    pixel.run(config, "/tmp/unused")
+  config = imagenet64_base.get_config("tiny")
+  config.sample.x_var = "exact"
+  with pytest.raises(ConfigError, match=r"config.sample.x_var='exact'.*'table', 'analytic'"):
     pixel.run(config, "/tmp/unused")
   config = imagenet64_cd.get_config("tiny")
   config.consistency.student_steps = 0
