@@ -44,6 +44,19 @@ def check_compatible(stored, expected, where):
                      f"{problem} (delete it or use another --workdir)")
 
 
+def check_stored(manager, step, like, subtree=None):
+  """Checks checkpoint ``step`` (or its top-level entry ``subtree``) against the tree ``like``
+  from its metadata, before any restore; ValueError names the first mismatching parameter."""
+  stored = manager.item_metadata(step)
+  stored = getattr(stored, "tree", stored)
+  if stored is None:
+    return
+  where = f"{manager.directory}/{step}"
+  if subtree is not None:
+    stored, where = stored[subtree], f"{where} ({subtree})"
+  check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
+
+
 def restore_latest(manager, like_state):
   """Restores the latest checkpoint shaped like ``like_state``; None when there is none.
 
@@ -53,10 +66,6 @@ def restore_latest(manager, like_state):
   step = manager.latest_step()
   if step is None:
     return None
-  stored = manager.item_metadata(step)
-  stored = getattr(stored, "tree", stored)
-  if stored is not None:
-    check_compatible(shapes_by_path(stored), shapes_by_path(like_state),
-                     f"{manager.directory}/{step}")
+  check_stored(manager, step, like_state)
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))

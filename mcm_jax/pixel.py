@@ -136,11 +136,7 @@ def load_teacher_params(init_from, like_params):
     if step is None:
       raise FileNotFoundError(f"config.init_from={init_from!r}: no finished checkpoint in "
                               f"{directory}")
-    stored = manager.item_metadata(step)
-    stored = getattr(stored, "tree", stored)["ema_params"]
-    checkpoint.check_compatible(checkpoint.shapes_by_path(stored),
-                                checkpoint.shapes_by_path(like_params),
-                                f"{directory}/{step} (ema_params)")
+    checkpoint.check_stored(manager, step, like_params, subtree="ema_params")
     restored = manager.restore(step, args=ocp.args.StandardRestore())
   finally:
     manager.close()

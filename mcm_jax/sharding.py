@@ -60,14 +60,20 @@ def tree_shardings(tree, mesh, min_fsdp_size=2 ** 14):
       lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp, min_fsdp_size)), tree)
 
 
-def shard_batch(batch, mesh):
-  """Places a host batch (this process's slice of the global batch) on the mesh.
+def stacked_batch_sharding(mesh):
+  """[steps, batch, ...]: the batch dimension (axis 1) split over every device."""
+  return NamedSharding(mesh, P(None, MESH_AXES))
+
+
+def shard_batch(batch, mesh, stacked=False):
+  """Places a host batch (this process's slice of the global batch) on the mesh; ``stacked``:
+  the arrays are [steps, batch, ...] (several steps' batches for one fused call).
 
   On one host this is a ``device_put``; with several hosts every process passes its own slice
   and ``make_array_from_process_local_data`` assembles the global array.
   """
-  sharding = batch_sharding(mesh)
+  target = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
   if jax.process_count() == 1:
-    return jax.device_put(batch, sharding)
+    return jax.device_put(batch, target)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+      lambda x: jax.make_array_from_process_local_data(target, np.asarray(x)), batch)

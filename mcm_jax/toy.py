@@ -22,19 +22,22 @@ from mcm_jax.models.mlp import MLPDenoiser
 from mcm_jax.samplers import addim
 
 
+def _mlp(config):
+  return MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
+
+
 def _model(config):
   """(logsnr_fn, denoise) with ``denoise(params, z, t, cond, rng) -> x_hat`` (v-prediction)."""
   logsnr_fn = schedules.get_logsnr_fn(
       config.schedule.name, logsnr_min=config.schedule.logsnr_min,
       logsnr_max=config.schedule.logsnr_max)
-  model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
+  model = _mlp(config)
   apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
   return logsnr_fn, parameterization.make_denoiser(apply_fn, logsnr_fn, "v")
 
 
 def _init_params(config, dim):
-  model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
-  return model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
+  return _mlp(config).init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
 
 
 def _batch_fn(sampler, batch_size):

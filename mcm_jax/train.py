@@ -100,11 +100,7 @@ def _stacked_host_batches(host_batch_fn, start, num_steps, mesh):
   stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
   if mesh is None:
     return jax.device_put(stacked)
-  target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.MESH_AXES))
-  if jax.process_count() == 1:
-    return jax.device_put(stacked, target)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(target, x), stacked)
+  return sharding.shard_batch(stacked, mesh, stacked=True)
 
 
 class _SigtermFlag:
@@ -169,10 +165,8 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
   if mesh is not None:
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     rep = sharding.replicated(mesh)
-    host_batches_sh = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, sharding.MESH_AXES))
     shardings = dict(in_shardings=(state_sh, jax.tree_util.tree_map(lambda x: x.sharding, frozen),
-                                   host_batches_sh),
+                                   sharding.stacked_batch_sharding(mesh)),
                      out_shardings=(state_sh, rep, rep))
   fuse = cfg.get("fuse_steps", False)
   compiled = {}
