@@ -25,16 +25,21 @@ CORE = [
 EXTRAS = {
     # clu.metric_writers / periodic_actions import tensorflow (~1.3 GB): opt in for TensorBoard.
     "tensorboard": ["tensorflow-cpu", "tensorboard"],
-    # ImageNet through tfds from a local data dir; tfds imports without tensorflow, but its
-    # tf.data pipelines need it.
-    "imagenet": ["tensorflow-datasets>=4.9,<5"],
+    # ImageNet through tfds from a local data dir, by random access (tfds.data_source over
+    # array_record files): works without tensorflow (tfds' tf.data pipelines would need it).
+    "imagenet": ["tensorflow-datasets>=4.9,<5", "array_record"],
     # SDXL in Flax: diffusers >= 0.40 and transformers >= 5 no longer ship Flax classes.
     "sdxl": ["diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors"],
     # The pixel CPU demo: scikit-learn ships 1,797 real 8x8 digit images inside its wheel.
     "demo": ["scikit-learn>=1.3"],
-    # Tests. (When equivalence tests against diffusers' PyTorch models join, pin torch==2.13.0:
-    # that CPU wheel is on this project's machines; an unpinned torch pulls a multi-GB CUDA build.)
-    "test": ["pytest>=8", "scikit-learn>=1.3"],
+    # Tests. The FID Inception is checked against pytorch-fid's network, which needs torchvision.
+    # torch and torchvision are pinned as a pair: PyPI's torchvision wheels do not import beside
+    # a CPU-only torch build ("operator torchvision::nms does not exist"), and 2.14.1 / 0.29.1 is
+    # the pair this project's machines hold locally (a CUDA build, ~5.5 GB, that runs on CPU;
+    # ~1 min to install from that local copy). An unpinned torch pulls whatever is newest.
+    "test": ["pytest>=8", "scikit-learn>=1.3", "scipy",
+             "tensorflow-datasets>=4.9,<5", "array_record",
+             "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0"],
 }
 
 setup(

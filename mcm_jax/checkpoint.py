@@ -69,3 +69,17 @@ def restore_latest(manager, like_state):
   check_stored(manager, step, like_state)
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_subtree(manager, step, subtree, like):
+  """Only the top-level entry ``subtree`` (e.g. 'ema_params') of checkpoint ``step``, shaped and
+  sharded like ``like`` (arrays or ShapeDtypeStructs with shardings): the rest of the state
+  (optimizer moments, ...) is never read, and each host reads only its shards."""
+  check_stored(manager, step, like, subtree=subtree)
+  abstract = {subtree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)}
+  path = os.path.join(str(manager.directory), str(step), "default")  # the manager's item dir
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  return restored[subtree]

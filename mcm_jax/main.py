@@ -1,4 +1,5 @@
-"""Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]``."""
+"""Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]
+[--mode=train|eval]``."""
 import os
 import warnings
 
@@ -10,6 +11,10 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                 "Config file (a get_config() module; 'file.py:arg' passes arg).")
 flags.DEFINE_string("workdir", "runs/toy", "Directory for checkpoints, metrics and figures.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: train (resuming from workdir); eval: sample from the workdir's latest "
+                  "checkpoint and measure FID / FD (pixel experiment; the toy evaluates as it "
+                  "trains).")
 flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU pods: "
                   "it reads the coordinator and process ids from the environment).")
@@ -30,15 +35,20 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  mode = flags.FLAGS.mode
+  with open(os.path.join(workdir, "config.json" if mode == "train" else "config_eval.json"),
+            "w") as f:
     f.write(config.to_json_best_effort(indent=1))
   logging.info("config:\n%s", config)
+  if mode == "eval" and config.experiment != "pixel":
+    raise app.UsageError(f"--mode=eval is for the pixel experiment; config.experiment="
+                         f"{config.experiment!r} evaluates at the end of training")
   if config.experiment == "toy":
     from mcm_jax import toy  # pylint: disable=g-import-not-at-top
     toy.run(config, workdir)
   elif config.experiment == "pixel":
     from mcm_jax import pixel  # pylint: disable=g-import-not-at-top
-    pixel.run(config, workdir)
+    (pixel.evaluate if mode == "eval" else pixel.run)(config, workdir)
   else:
     raise app.UsageError(f"config.experiment={config.experiment!r} is not known; "
                          f"allowed: {EXPERIMENTS}")

@@ -3,21 +3,24 @@
 
 ``default_config(resolution, size, objective)`` builds the configs in ``configs/imagenet*.py``;
 size 'tiny' runs the same path on scikit-learn's digits at 16x16 (CPU tests and demo).
+
+``run`` trains; ``evaluate`` (``--mode=eval``) measures FID (or FD-digits for 'tiny') of N samples
+at each step count against reference statistics of the data.
 """
 import functools
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mcm_jax import checkpoint, consistency, diffusion, parameterization, plotting, schedules
-from mcm_jax import sharding, train
+from mcm_jax import checkpoint, consistency, diffusion, fid, parameterization, plotting
+from mcm_jax import schedules, sharding, train
 from mcm_jax.config_validation import ConfigError, validate_consistency, validate_train
 from mcm_jax.data import images as image_data
 from mcm_jax.metric_writer import create_writer
@@ -34,7 +37,9 @@ def default_config(resolution, size, objective):
   c.experiment = "pixel"
   c.objective = objective  # base (diffusion pre-training), cd or ct
   c.seed = 0
-  c.data = dict(name="digits" if tiny else "imagenet", data_dir="",  # tfds data dir (imagenet)
+  # name: 'digits' or a tfds dataset prepared as array_record in the local data_dir, e.g.
+  # 'imagenet2012' (centre crop + bicubic resize to the resolution) or 'imagenet_resized/64x64'.
+  c.data = dict(name="digits" if tiny else "imagenet2012", data_dir="", split="train",
                 resolution=16 if tiny else resolution, channels=1 if tiny else 3,
                 num_classes=10 if tiny else 1000)
   c.model = dict(resolution=resolution, size=size,
@@ -77,15 +82,28 @@ def default_config(resolution, size, objective):
                   # 'analytic' = 0.1 / (2 + SNR).
                   x_var="table", x_var_eta=0.75, x_var_points=32,
                   x_var_data=256 if tiny else 2048)
+  # --mode=eval: N samples at each step count -> Frechet distance to the data's statistics.
+  c.eval = dict(
+      # 'inception' (FID; needs inception_weights) or 'digits_classifier' (FD in the hidden
+      # layer of a small scikit-learn classifier: meaningful for digits only).
+      features="digits_classifier" if tiny else "inception",
+      inception_weights="",  # local pt_inception-2015-12-05-6726825d.pth or .npz of it
+      reference_stats="",    # .npz with mu, sigma (pytorch-fid / ADM format); empty: computed
+                             # from data.split into workdir/reference_<features>.npz
+      reference_num=1797 if tiny else 50_000,  # data images for computed reference statistics
+      num=2048 if tiny else 50_000,            # samples per step count
+      batch_size=512 if tiny else 512,         # sampling / feature batch
+      steps=(),  # sampler step counts; () = the student's steps, or sample.teacher_steps (base)
+  )
   return c
 
 
 def _validate(c):
   if c.objective not in OBJECTIVES:
     raise ConfigError(f"config.objective={c.objective!r} is invalid; allowed: {OBJECTIVES}")
-  if c.data.name not in image_data.DATASETS:
-    raise ConfigError(f"config.data.name={c.data.name!r} is invalid; allowed: "
-                      f"{image_data.DATASETS}")
+  if c.data.name != image_data.DIGITS and not c.data.data_dir:
+    raise ConfigError(f"config.data.data_dir='' is invalid for data.name={c.data.name!r}; "
+                      "allowed: the local directory holding the prepared tfds dataset")
   validate_train(c.train, "train")
   if c.objective != "base":
     cc = c.consistency
@@ -99,6 +117,15 @@ def _validate(c):
   if c.sample.x_var not in ("table", "analytic"):
     raise ConfigError(f"config.sample.x_var={c.sample.x_var!r} is invalid; allowed: "
                       "('table', 'analytic')")
+  if c.eval.features not in fid.FEATURES:
+    raise ConfigError(f"config.eval.features={c.eval.features!r} is invalid; allowed: "
+                      f"{fid.FEATURES}")
+  for key in ("num", "batch_size", "reference_num"):
+    if not isinstance(c.eval[key], int) or c.eval[key] < 2:
+      raise ConfigError(f"config.eval.{key}={c.eval[key]!r} is invalid; allowed: an integer >= 2")
+  if any(not isinstance(k, int) or k < 1 for k in c.eval.steps):
+    raise ConfigError(f"config.eval.steps={tuple(c.eval.steps)!r} is invalid; allowed: "
+                      "integers >= 1 (or () for the default)")
   if c.data.resolution % 2 ** (len(uvit_config(c.model.resolution, c.model.size)["stages"])):
     raise ConfigError(f"config.data.resolution={c.data.resolution} is invalid; allowed: "
                       "a multiple of 2^(number of UViT stages)")
@@ -123,25 +150,40 @@ def build(c):
   return model, logsnr_fn, parameterization.make_denoiser(apply_fn, logsnr_fn, "v")
 
 
-def load_teacher_params(init_from, like_params):
-  """The EMA parameters of the latest checkpoint in ``init_from`` (a base run's workdir),
-  checked against ``like_params``; errors name the path or the mismatching parameter."""
-  directory = os.path.join(init_from, "checkpoints")
+def abstract_params(model, c, mesh=None):
+  """ShapeDtypeStructs of the model's parameters (no memory), sharded over ``mesh`` if given."""
+  res, ch = c.data.resolution, c.data.channels
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(c.seed), jnp.zeros((1, res, res, ch)),
+                          jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  if mesh is None:
+    return shapes
+  return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                shapes, sharding.tree_shardings(shapes, mesh))
+
+
+def load_ema_params(run_dir, like, what="config.init_from"):
+  """(EMA parameters, step) of the latest checkpoint in ``run_dir`` (a run's workdir), shaped and
+  sharded like ``like``. Only the ``ema_params`` entry is read (partial restore), each host its
+  own shards. Errors name the path or the mismatching parameter."""
+  directory = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"config.init_from={init_from!r} has no checkpoints/ directory; "
-                            "train the base model there first")
+    raise FileNotFoundError(f"{what}={run_dir!r} has no checkpoints/ directory; train the "
+                            "model there first")
   manager = checkpoint.make_manager(directory, async_save=False)
   try:
     step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"config.init_from={init_from!r}: no finished checkpoint in "
-                              f"{directory}")
-    checkpoint.check_stored(manager, step, like_params, subtree="ema_params")
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
+      raise FileNotFoundError(f"{what}={run_dir!r}: no finished checkpoint in {directory}")
+    params = checkpoint.restore_subtree(manager, step, "ema_params", like)
   finally:
     manager.close()
-  logging.info("teacher: EMA parameters of %s step %d", directory, step)
-  return jax.tree_util.tree_map(jnp.asarray, restored["ema_params"])
+  logging.info("EMA parameters of %s step %d", directory, step)
+  return params, step
+
+
+def load_teacher_params(init_from, like_params):
+  """The EMA parameters of the base run in ``init_from`` (see ``load_ema_params``)."""
+  return load_ema_params(init_from, like_params)[0]
 
 
 def run(config, workdir):
@@ -149,17 +191,16 @@ def run(config, workdir):
   _validate(config)
   c = config
   mesh = sharding.make_mesh(**c.mesh)
-  images, labels = image_data.load(c.data.name, c.data.resolution, c.data.data_dir)
+  source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
   model, logsnr_fn, denoise = build(c)
-  res, ch = c.data.resolution, c.data.channels
-  params = model.init(jax.random.PRNGKey(c.seed), jnp.zeros((1, res, res, ch)), jnp.zeros((1,)),
-                      jnp.zeros((1,), jnp.int32))
   if c.objective == "base":
+    params = model.init(jax.random.PRNGKey(c.seed),
+                        *(jnp.zeros(x.shape, x.dtype) for x in _dummy_inputs(c)))
     loss = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
                              multiscale_levels=c.multiscale_levels)
     frozen = None
   else:
-    params = frozen = load_teacher_params(c.init_from, params)
+    params = frozen = load_teacher_params(c.init_from, abstract_params(model, c, mesh))
     cc = c.consistency
     loss = functools.partial(
         consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
@@ -169,11 +210,11 @@ def run(config, workdir):
         xvar_frac=cc.xvar_frac, huber_eps=cc.huber_eps, loss_weight=cc.loss_weight,
         guidance_scale=cc.guidance_scale, null_cond=c.data.num_classes)
   writer = create_writer(workdir)
-  batch_fn = image_data.host_batch_fn(images, labels, c.train.batch_size, c.seed)
+  batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
   state = train.train(loss, params, None, c.train, workdir, frozen=frozen, writer=writer,
                       name=c.objective, mesh=mesh, host_batch_fn=batch_fn)
   paths = write_samples(c, state.ema_params, denoise, logsnr_fn, workdir, int(state.step),
-                        (images, labels))
+                        source, mesh)
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "samples.json"), "w") as f:
@@ -181,44 +222,150 @@ def run(config, workdir):
   return {"samples": paths}
 
 
-def x_var_table(c, params, denoise, logsnr_fn, data, workdir):
+def _dummy_inputs(c):
+  res, ch = c.data.resolution, c.data.channels
+  return (jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
+def _data_subset(source, n, seed):
+  """``n`` data images (a seeded random subset, the same on every host)."""
+  idx = np.sort(np.random.default_rng([seed, 12345]).permutation(len(source))[:n])
+  return source.get(idx)
+
+
+def x_var_table(c, params, denoise, logsnr_fn, source, workdir):
   """aDDIM x_var(t) on a grid, from ``c.sample.x_var_data`` data images (MCM Alg. 3); written to
-  ``workdir/x_var_table.json`` as {"t": [...], "x_var": [...]}."""
-  images, labels = data
-  n = min(c.sample.x_var_data, len(images))
-  x, y = jnp.asarray(images[:n]), jnp.asarray(labels[:n])
+  ``workdir/x_var_table.json`` as {"t": [...], "x_var": [...]} and reused from there."""
+  path = os.path.join(workdir, "x_var_table.json")
+  if os.path.isfile(path):
+    with open(path) as fh:
+      table = json.load(fh)
+    if len(table["t"]) == c.sample.x_var_points and table["eta"] == c.sample.x_var_eta:
+      return addim.table_x_var(jnp.asarray(table["t"]), jnp.asarray(table["x_var"]))
+  images, labels = _data_subset(source, min(c.sample.x_var_data, len(source)), c.seed)
+  x, y = jnp.asarray(images), jnp.asarray(labels)
   f = lambda z, t: denoise(params, z, t, y)
   t_grid, values = jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
       f, x, logsnr_fn, jax.random.PRNGKey(c.seed + 7), c.sample.x_var_points, c.sample.x_var_eta)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "x_var_table.json"), "w") as fh:
+    with open(path, "w") as fh:
       json.dump({"t": np.asarray(t_grid).tolist(), "x_var": np.asarray(values).tolist(),
-                 "eta": c.sample.x_var_eta, "num_images": n}, fh)
+                 "eta": c.sample.x_var_eta, "num_images": len(images)}, fh)
   return addim.table_x_var(t_grid, values)
 
 
-def write_samples(c, params, denoise, logsnr_fn, workdir, step, data):
-  """PNG grids: the student with its own steps (Alg. 2), or the base model with aDDIM."""
-  n, res, ch = c.sample.num, c.data.resolution, c.data.channels
-  z = jax.random.normal(jax.random.PRNGKey(c.seed + 99), (n, res, res, ch))
-  labels = jnp.arange(n) % c.data.num_classes
-  f = lambda zz, t: denoise(params, zz, t, labels)
-  sample = jax.jit(lambda zz, steps, x_var_fn=None: addim.sample(f, zz, steps, logsnr_fn,
-                                                                 x_var_fn),
-                   static_argnums=(2,))
+def make_sampler(denoise, logsnr_fn):
+  """Jitted ``sample(params, z, labels, steps, x_var_fn)``: aDDIM with ``x_var_fn`` (the base
+  model), or DDIM steps = multistep consistency sampling (Alg. 2) with ``x_var_fn=None``."""
+
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def sample(params, z, labels, steps, x_var_fn):
+    return addim.sample(lambda zz, t: denoise(params, zz, t, labels), z, steps, logsnr_fn,
+                        x_var_fn)
+
+  return sample
+
+
+def _sampler_runs(c, params, denoise, logsnr_fn, source, workdir, steps=()):
+  """[(name, steps, x_var_fn)]: the student at its step count(s), or the base model with aDDIM
+  (x_var from the table measured on data, or the analytic rule)."""
   if c.objective == "base":
-    x_var_fn = (x_var_table(c, params, denoise, logsnr_fn, data, workdir)
+    x_var_fn = (x_var_table(c, params, denoise, logsnr_fn, source, workdir)
                 if c.sample.x_var == "table" else addim.analytic_x_var_fn)
-    runs = [(f"addim_{s}", s, x_var_fn) for s in c.sample.teacher_steps]
-  else:
-    runs = [(f"{c.objective}_{c.consistency.student_steps}", c.consistency.student_steps, None)]
-  paths = []
-  for name, steps, x_var_fn in runs:
-    x = sample(z, steps, x_var_fn)  # every process runs it (params may span hosts)
+    return [(f"addim_{s}", s, x_var_fn) for s in (steps or c.sample.teacher_steps)]
+  return [(f"{c.objective}_{s}", s, None) for s in (steps or (c.consistency.student_steps,))]
+
+
+def generate(c, sample, params, num, steps, x_var_fn, mesh, seed_offset=99, batch_size=None):
+  """``num`` samples [num, r, r, ch] in [-1, 1] (host numpy, on every process), balanced over
+  classes; batches split over the mesh's devices."""
+  batch_size = batch_size or num
+  res, ch = c.data.resolution, c.data.channels
+  key = jax.random.PRNGKey(c.seed + seed_offset)
+  out = []
+  for b, start in enumerate(range(0, num, batch_size)):
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key, b), (batch_size, res, res, ch)))
+    labels = (start + np.arange(batch_size)) % c.data.num_classes
+    if batch_size % mesh.size == 0:  # host arrays, identical on every process
+      z, labels = jax.device_put((z, labels), sharding.batch_sharding(mesh))
+    x = sample(params, z, labels, steps, x_var_fn)  # every process runs it (params span hosts)
     if jax.process_count() > 1:
       x = multihost_utils.process_allgather(x, tiled=True)
+    out.append(np.asarray(x))
+  return np.concatenate(out)[:num]
+
+
+def write_samples(c, params, denoise, logsnr_fn, workdir, step, source, mesh):
+  """PNG grids: the student with its own steps (Alg. 2), or the base model with aDDIM."""
+  sample = make_sampler(denoise, logsnr_fn)
+  paths = []
+  for name, steps, x_var_fn in _sampler_runs(c, params, denoise, logsnr_fn, source, workdir):
+    x = generate(c, sample, params, c.sample.num, steps, x_var_fn, mesh)
     path = os.path.join(workdir, f"samples_{name}_step{step}.png")
     if jax.process_index() == 0:
-      plotting.image_grid(path, np.asarray(x))
+      plotting.image_grid(path, x)
     paths.append(path)
   return paths
+
+
+def reference_statistics(c, source, feature_fn, workdir):
+  """(mu, sigma) of the data's features: from ``c.eval.reference_stats`` if set, else computed
+  from ``c.eval.reference_num`` images and cached in ``workdir/reference_<features>.npz``."""
+  if c.eval.reference_stats:
+    return fid.load_statistics(c.eval.reference_stats)
+  path = os.path.join(workdir, f"reference_{c.eval.features}.npz")
+  if os.path.isfile(path):
+    return fid.load_statistics(path)
+  n = min(c.eval.reference_num, len(source))
+  feats = []
+  for start in range(0, n, c.eval.batch_size):  # one chunk in memory at a time
+    idx = np.arange(start, min(start + c.eval.batch_size, n))
+    perm = np.random.default_rng([c.seed, 54321]).permutation(len(source))
+    images, _ = source.get(np.sort(perm[idx]))
+    feats.append(fid.batched_features(feature_fn, images, c.eval.batch_size)[0])
+  mu, sigma = fid.statistics(np.concatenate(feats))
+  if jax.process_index() == 0:
+    fid.save_statistics(path, mu, sigma, n)
+  logging.info("reference statistics of %d images -> %s", n, path)
+  return mu, sigma
+
+
+def evaluate(config, workdir):
+  """``--mode=eval``: the latest EMA parameters in ``workdir``; for each step count,
+  ``eval.num`` samples -> Frechet distance to the data statistics (+ class accuracy of the
+  samples where the feature network is a classifier) and a PNG grid. Writes
+  ``workdir/eval_step<step>.json``; returns its contents."""
+  _validate(config)
+  c = config
+  mesh = sharding.make_mesh(**c.mesh)
+  model, logsnr_fn, denoise = build(c)
+  params, step = load_ema_params(workdir, abstract_params(model, c, mesh), what="--workdir")
+  source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
+  feature_fn = fid.make_feature_fn(c.eval.features, c.eval.inception_weights)
+  ref_mu, ref_sigma = reference_statistics(c, source, feature_fn, workdir)
+  sample = make_sampler(denoise, logsnr_fn)
+  rows = []
+  for name, steps, x_var_fn in _sampler_runs(c, params, denoise, logsnr_fn, source, workdir,
+                                             tuple(c.eval.steps)):
+    t0 = time.time()
+    x = generate(c, sample, params, c.eval.num, steps, x_var_fn, mesh, seed_offset=1000,
+                 batch_size=c.eval.batch_size)
+    seconds = time.time() - t0
+    feats, logits = fid.batched_features(feature_fn, x, c.eval.batch_size)
+    row = {"sampler": name, "steps": steps, "num": len(x), "sampling_seconds": round(seconds, 1),
+           "fd": fid.frechet_distance(*fid.statistics(feats), ref_mu, ref_sigma)}
+    if logits is not None:
+      labels = np.arange(len(x)) % c.data.num_classes
+      row["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+    logging.info("eval %s: %s", name, row)
+    rows.append(row)
+    if jax.process_index() == 0:
+      plotting.image_grid(os.path.join(workdir, f"eval_{name}_step{step}.png"), x[:64])
+  result = {"checkpoint_step": step, "features": c.eval.features,
+            "reference": c.eval.reference_stats or f"reference_{c.eval.features}.npz",
+            "results": rows}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd
-from mcm_jax import diffusion, pixel
+from mcm_jax import diffusion, fid, pixel
 from mcm_jax.config_validation import ConfigError
 from mcm_jax.data import images as image_data
 
@@ -35,7 +35,7 @@ def test_tiny_uvit_base_training_lowers_the_loss(base_run):
   model, _, _ = pixel.build(config)
   init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)),
                     jnp.zeros((1,), jnp.int32))
-  trained = pixel.load_teacher_params(workdir, init)
+  trained = pixel.load_teacher_params(workdir, init)  # partial restore of ema_params
   assert _eval_loss(config, trained) < 0.75 * _eval_loss(config, init)
   assert all(os.path.getsize(p) > 100 for p in result["samples"])
   table = json.load(open(os.path.join(workdir, "x_var_table.json")))
@@ -88,8 +88,15 @@ def test_pixel_config_errors():
   config.consistency.student_steps = 0
   with pytest.raises(ConfigError, match=r"consistency.student_steps=0 is invalid"):
     pixel.run(config, "/tmp/unused")
-  with pytest.raises(NotImplementedError, match="data.name='imagenet'.*not wired yet"):
-    image_data.load("imagenet", 64, "/data")
+  config = imagenet64_base.get_config("small")
+  with pytest.raises(ConfigError, match=r"data.data_dir='' is invalid for data.name='imagenet2012'"):
+    pixel.run(config, "/tmp/unused")
+  with pytest.raises(FileNotFoundError, match=r"data_dir='/nonexistent' is not a directory"):
+    image_data.load("imagenet2012", 64, "/nonexistent")
+  config = imagenet64_base.get_config("tiny")
+  config.eval.features = "clip"
+  with pytest.raises(ConfigError, match=r"config.eval.features='clip'.*'inception'"):
+    pixel.evaluate(config, "/tmp/unused")
   for module in (imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd):
     for size in ("small", "large"):
       c = module.get_config(size)
@@ -99,7 +106,7 @@ def test_pixel_config_errors():
 
 def test_host_batches_are_deterministic_epoch_permutations():
   x = np.arange(10, dtype=np.float32)[:, None, None, None]
-  batch = image_data.host_batch_fn(x, np.arange(10), 4, seed=3)
+  batch = image_data.host_batch_fn(image_data.ArraySource(x, np.arange(10)), 4, seed=3)
   seen = np.concatenate([batch(i)["label"] for i in range(5)])  # 20 = two epochs
   assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
   assert not np.array_equal(seen[:10], seen[10:])  # a fresh permutation per epoch
@@ -117,3 +124,22 @@ def test_multiscale_loss_adds_the_pooled_error():
                                    multiscale_levels=1, **kw)[0]
   np.testing.assert_allclose(plain, 2.0)          # error 1 everywhere
   np.testing.assert_allclose(multi, 0.5 * (2.0 + 0.0))  # the checkerboard pools to 0
+
+
+def test_eval_mode_measures_fd_per_step_count(base_run):
+  config, workdir, _ = base_run
+  config = config.copy_and_resolve_references()
+  config.eval.num, config.eval.batch_size, config.eval.steps = 256, 128, (2, 16)
+  result = pixel.evaluate(config, workdir)
+  rows = {r["steps"]: r for r in result["results"]}
+  assert set(rows) == {2, 16} and all(r["num"] == 256 for r in rows.values())
+  assert os.path.isfile(os.path.join(workdir, "reference_digits_classifier.npz"))
+  # The briefly trained base model is far from the data but far closer than noise is.
+  mu, sigma = fid.load_statistics(os.path.join(workdir, "reference_digits_classifier.npz"))
+  noise = np.random.default_rng(0).uniform(-1, 1, (256, 16, 16, 1)).astype(np.float32)
+  feats, _ = fid.batched_features(fid.digits_feature_fn(), noise, 128)
+  noise_fd = fid.frechet_distance(*fid.statistics(feats), mu, sigma)
+  assert all(0 < r["fd"] < noise_fd for r in rows.values()), (rows, noise_fd)
+  assert all(0 <= r["class_accuracy"] <= 1 for r in rows.values())
+  saved = json.load(open(os.path.join(workdir, f"eval_step{result['checkpoint_step']}.json")))
+  assert saved["results"][0]["fd"] == rows[2]["fd"]

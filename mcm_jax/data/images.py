@@ -1,19 +1,29 @@
 """Image data as host batch functions ``batch(step) -> {'x': [b, H, W, C] in [-1, 1], 'label'}``.
 
-Deterministic: the batch of a step depends only on (seed, step), so the data position is the
-step and a resumed run reads exactly what an uninterrupted one would. Each process takes its
-own slice of the global batch (``jax.process_index()``).
+Deterministic: the batch of a step depends only on (seed, step) -- a fresh permutation of the
+dataset per epoch from (seed, epoch) -- so the data position *is* the step that every checkpoint
+stores, and a resumed run reads exactly what an uninterrupted one would. Each process reads only
+its own slice of the global batch (``jax.process_index()``).
 
-Datasets:
+Sources (``load(name, ...)``), each ``len(source)`` and ``source.get(indices) -> (x, labels)``:
 - ``digits``: scikit-learn's 1,797 8x8 handwritten digits (shipped inside the scikit-learn wheel,
   no download; scikit-learn is BSD-3, the data is the UCI "Optical Recognition of Handwritten
-  Digits" set, CC BY 4.0), upsampled to the requested resolution, 1 channel, 10 classes.
-- ``imagenet``: not wired yet (tracked in the pixel-MCM issue); asking for it fails clearly.
+  Digits" set, CC BY 4.0), upsampled (nearest) to the requested resolution, 1 channel.
+- any other name: a tensorflow-datasets dataset read by random access (``tfds.data_source``,
+  array_record files; no TensorFlow needed) from a local ``data_dir`` -- nothing downloads.
+  E.g. ``imagenet2012`` (prepare once with ``tfds build imagenet2012 --manual_dir=...
+  --file_format=array_record``) or ``imagenet_resized/64x64``. Images are decoded with PIL in a
+  thread pool, centre-cropped to a square and resized (PIL bicubic, antialiased) to the
+  resolution.
 """
+import concurrent.futures
+import io
+import os
+
 import jax
 import numpy as np
 
-DATASETS = ("digits", "imagenet")
+DIGITS = "digits"
 
 
 def load_digits(resolution=16):
@@ -32,33 +42,124 @@ def load_digits(resolution=16):
   return images, data.target.astype(np.int32)
 
 
-def load(name, resolution, data_dir=None):
-  if name == "digits":
-    return load_digits(resolution)
-  if name == "imagenet":
-    raise NotImplementedError(
-        f"data.name='imagenet' (data_dir={data_dir!r}) is not wired yet: the tfds ImageNet "
-        "pipeline is still open in the pixel-MCM issue; use data.name='digits' meanwhile")
-  raise ValueError(f"data.name={name!r} is not known; allowed: {DATASETS}")
+class ArraySource:
+  """In-memory images [N, H, W, C] in [-1, 1] and labels [N]."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.images)
+
+  def get(self, indices):
+    return self.images[indices], self.labels[indices]
 
 
-def host_batch_fn(images, labels, global_batch, seed):
-  """``batch(step)``: this process's slice of the step's global batch, sampled without
-  replacement within an epoch (a fresh permutation per epoch from (seed, epoch))."""
-  n = len(images)
+def center_crop_resize(image, resolution):
+  """uint8 [H, W, C] -> float32 [r, r, C] in [-1, 1]: central square crop, bicubic resize."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  square = image[top:top + s, left:left + s]
+  if s != resolution:
+    pil = Image.fromarray(square.squeeze(-1) if square.shape[-1] == 1 else square)
+    square = np.asarray(pil.resize((resolution, resolution), Image.BICUBIC))
+    square = square.reshape(resolution, resolution, -1)
+  return square.astype(np.float32) / 127.5 - 1.0
+
+
+class TfdsSource:
+  """A tfds dataset split by random access; ``get`` decodes and resizes in a thread pool."""
+
+  def __init__(self, name, data_dir, split, resolution, image_key="image", label_key="label",
+               num_threads=16):
+    if not data_dir or not os.path.isdir(data_dir):
+      raise FileNotFoundError(f"config.data.data_dir={data_dir!r} is not a directory; "
+                              f"data.name={name!r} reads a prepared tfds dataset from a local "
+                              "directory (nothing is downloaded)")
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f"data.name={name!r} needs tensorflow-datasets: "
+                        "pip install -e '.[imagenet]'") from e
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                     decoders={image_key: tfds.decode.SkipDecoding()})
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise FileNotFoundError(f"tfds dataset {name!r} is not known to tfds and not prepared in "
+                              f"data_dir={data_dir!r}") from e
+    except (FileNotFoundError, AssertionError) as e:
+      raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in data_dir={data_dir!r}: "
+                              f"{e}") from e
+    except NotImplementedError as e:
+      raise ValueError(f"tfds dataset {name!r} in {data_dir!r} is not in a random-access "
+                       "format; prepare it with --file_format=array_record (or convert: "
+                       f"`tfds convert_format`): {e}") from e
+    self.name, self.resolution = name, resolution
+    self.image_key, self.label_key = image_key, label_key
+    self.pool = concurrent.futures.ThreadPoolExecutor(num_threads)
+
+  def __len__(self):
+    return len(self.source)
+
+  def _decode(self, record):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    image = np.asarray(Image.open(io.BytesIO(record[self.image_key])).convert("RGB"))
+    return center_crop_resize(image, self.resolution), record[self.label_key]
+
+  def get(self, indices):
+    records = self.source.__getitems__([int(i) for i in indices])
+    decoded = list(self.pool.map(self._decode, records))
+    return (np.stack([d[0] for d in decoded]),
+            np.asarray([d[1] for d in decoded], np.int32))
+
+
+def load(name, resolution, data_dir="", split="train"):
+  """The source for ``config.data``: digits, or a tfds dataset from a local directory."""
+  if name == DIGITS:
+    return ArraySource(*load_digits(resolution))
+  return TfdsSource(name, data_dir, split, resolution)
+
+
+def epoch_indices(step, global_batch, n, seed):
+  """Dataset indices of a step's global batch: without replacement within an epoch (a fresh
+  permutation per epoch from (seed, epoch)); a batch may straddle two epochs."""
+  flat = step * global_batch + np.arange(global_batch)
+  epochs, pos = flat // n, flat % n
+  idx = np.empty(global_batch, np.int64)
+  for e in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(e)]).permutation(n)
+    idx[epochs == e] = perm[pos[epochs == e]]
+  return idx
+
+
+def host_batch_fn(source, global_batch, seed, prefetch=2):
+  """``batch(step)``: this process's slice of the step's global batch. ``prefetch`` > 0 reads the
+  next steps' batches in a background thread (results are the same: a batch is a function of
+  its step)."""
   procs, index = jax.process_count(), jax.process_index()
   if global_batch % procs:
     raise ValueError(f"batch_size={global_batch} is not divisible by the {procs} processes")
   local = global_batch // procs
 
+  def read(step):
+    idx = epoch_indices(step, global_batch, len(source), seed)
+    x, label = source.get(idx[index * local:(index + 1) * local])
+    return {"x": x, "label": label}
+
+  if not prefetch:
+    return read
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  pending = {}
+
   def batch(step):
-    flat = step * global_batch + np.arange(global_batch)
-    epochs, pos = flat // n, flat % n
-    idx = np.empty(global_batch, np.int64)
-    for e in np.unique(epochs):  # a batch may straddle an epoch boundary
-      perm = np.random.default_rng([seed, int(e)]).permutation(n)
-      idx[epochs == e] = perm[pos[epochs == e]]
-    mine = idx[index * local:(index + 1) * local]
-    return {"x": images[mine], "label": labels[mine]}
+    future = pending.pop(step, None) or pool.submit(read, step)
+    for stale in [s for s in pending if s < step]:
+      pending.pop(stale).cancel()
+    for ahead in range(step + 1, step + 1 + prefetch):
+      if ahead not in pending:
+        pending[ahead] = pool.submit(read, ahead)
+    return future.result()
 
   return batch

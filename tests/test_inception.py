@@ -1,0 +1,77 @@
+"""The Flax FID Inception equals pytorch-fid's network on the same (random) weights."""
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+from pytorch_fid import inception as pt_inception
+
+from mcm_jax.models import inception
+
+
+def random_fid_state_dict(seed=0):
+  """A torchvision-named Inception-v3 state dict with random weights and batch-norm statistics
+  (what pytorch-fid's released file holds, but random)."""
+  torch.manual_seed(seed)
+  net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                        init_weights=True)
+  sd = net.state_dict()
+  g = torch.Generator().manual_seed(seed + 1)
+  for k, v in sd.items():
+    if k.endswith("conv.weight"):  # He scaling keeps activations O(1) through 90-odd layers
+      sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+    elif k.endswith("running_mean"):
+      sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+    elif k.endswith("running_var"):
+      sd[k] = 0.5 + torch.rand(v.shape, generator=g)
+    elif k.endswith("bn.weight"):
+      sd[k] = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
+    elif k.endswith("bn.bias"):
+      sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+  return sd
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  sd = random_fid_state_dict()
+  path = tmp_path_factory.mktemp("fid") / "pt_inception_random.pth"
+  torch.save(sd, path)
+  return sd, str(path)
+
+
+def test_flax_inception_equals_pytorch_fid(weights, monkeypatch):
+  sd, path = weights
+  # pytorch-fid's own FID network (its patched pools and blocks); the download is replaced by
+  # the local random state dict, loaded strictly, so names and shapes must match torchvision's.
+  monkeypatch.setattr(pt_inception, "load_state_dict_from_url", lambda *a, **k: sd)
+  reference = pt_inception.InceptionV3([3]).eval()
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)  # pytorch-fid takes [0, 1]
+  with torch.no_grad():
+    want = reference(torch.from_numpy(images).permute(0, 3, 1, 2))[0][:, :, 0, 0].numpy()
+
+  params = inception.load_params(path)
+  got = np.asarray(jax.jit(inception.InceptionFID().apply)(params, images * 2 - 1))
+  assert got.shape == (2, 2048)
+  scale = np.abs(want).max()
+  assert 1 < scale < 100  # He-scaled random weights keep features O(1)
+  np.testing.assert_allclose(got, want, atol=5e-6 * scale, rtol=0)  # seen: 7e-6 abs at scale 13
+
+
+def test_npz_weights_and_bad_state_dicts(weights, tmp_path):
+  sd, path = weights
+  npz = tmp_path / "w.npz"
+  np.savez(npz, **{k: v.numpy() for k, v in sd.items()})
+  a = inception.load_params(path)["params"]["Mixed_7c"]["branch_pool"]["conv"]["kernel"]
+  b = inception.load_params(str(npz))["params"]["Mixed_7c"]["branch_pool"]["conv"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  with pytest.raises(FileNotFoundError, match="not found"):
+    inception.load_params(str(tmp_path / "missing.pth"))
+  broken = {k: v.numpy() for k, v in sd.items() if not k.startswith("Mixed_6b.")}
+  with pytest.raises(ValueError, match="missing.*Mixed_6b"):
+    inception.params_from_torch_state_dict(broken)
+  bad_shape = {k: v.numpy() for k, v in sd.items()}
+  bad_shape["Conv2d_1a_3x3.conv.weight"] = np.zeros((32, 3, 5, 5), np.float32)
+  with pytest.raises(ValueError, match="Conv2d_1a_3x3.conv.weight"):
+    inception.params_from_torch_state_dict(bad_shape)
