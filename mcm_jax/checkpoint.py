@@ -1,4 +1,9 @@
-"""Orbax checkpointing: restore-or-init for a pytree train state."""
+"""Orbax checkpointing: restore-or-init for a pytree train state.
+
+Each checkpoint step holds two items: ``state`` (the train state pytree, sharded arrays) and
+``data`` (JSON: the data stream's position -- the step -- and a description of the stream, so
+a resume that would read different data is refused instead of silently diverging).
+"""
 import os
 
 import jax
@@ -12,11 +17,18 @@ def make_manager(directory, max_to_keep=3, async_save=True):
   # The handler is named up front so that a fresh manager can read a checkpoint's metadata.
   directory = directory if "://" in directory else os.path.abspath(directory)
   return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+                               item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                                              DATA: ocp.JsonCheckpointHandler()})
 
 
-def save(manager, step, state, force=False):
-  manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
+STATE, DATA = "state", "data"
+
+
+def save(manager, step, state, data_spec=None, force=False):
+  """Saves ``state`` and ``{"position": step, "stream": data_spec}`` as checkpoint ``step``."""
+  manager.save(int(step), force=force, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(state),
+      DATA: ocp.args.JsonSave({"position": int(step), "stream": data_spec})}))
 
 
 def shapes_by_path(tree):
@@ -47,7 +59,7 @@ def check_compatible(stored, expected, where):
 def check_stored(manager, step, like, subtree=None):
   """Checks checkpoint ``step`` (or its top-level entry ``subtree``) against the tree ``like``
   from its metadata, before any restore; ValueError names the first mismatching parameter."""
-  stored = manager.item_metadata(step)
+  stored = manager.item_metadata(step)[STATE]
   stored = getattr(stored, "tree", stored)
   if stored is None:
     return
@@ -57,18 +69,30 @@ def check_stored(manager, step, like, subtree=None):
   check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
 
 
-def restore_latest(manager, like_state):
+def restore_latest(manager, like_state, data_spec=None):
   """Restores the latest checkpoint shaped like ``like_state``; None when there is none.
 
   The stored tree is checked against ``like_state`` first, so a checkpoint from another model
-  raises a ValueError naming the parameter (and leaves no orbax work pending).
+  raises a ValueError naming the parameter (and leaves no orbax work pending); the stored data
+  stream must equal ``data_spec`` (ValueError naming the differing fields otherwise).
   """
   step = manager.latest_step()
   if step is None:
     return None
   check_stored(manager, step, like_state)
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()}))
+  stored_spec = restored[DATA]["stream"]
+  if stored_spec != data_spec:
+    keys = sorted(set(stored_spec or {}) | set(data_spec or {}))
+    diff = {k: ((stored_spec or {}).get(k), (data_spec or {}).get(k)) for k in keys
+            if (stored_spec or {}).get(k) != (data_spec or {}).get(k)}
+    raise ValueError(f"checkpoint {manager.directory}/{step} was written reading another data "
+                     f"stream, so resuming would not continue the run exactly: "
+                     f"(checkpoint, now) = {diff}. Restore those settings or use another "
+                     "--workdir")
+  return restored[STATE]
 
 
 def restore_subtree(manager, step, subtree, like):
@@ -77,7 +101,7 @@ def restore_subtree(manager, step, subtree, like):
   (optimizer moments, ...) is never read, and each host reads only its shards."""
   check_stored(manager, step, like, subtree=subtree)
   abstract = {subtree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)}
-  path = os.path.join(str(manager.directory), str(step), "default")  # the manager's item dir
+  path = os.path.join(str(manager.directory), str(step), STATE)  # the manager's item dir
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
     restored = reader.restore(path, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),

@@ -211,8 +211,10 @@ def run(config, workdir):
         guidance_scale=cc.guidance_scale, null_cond=c.data.num_classes)
   writer = create_writer(workdir)
   batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
+  data_spec = dict(dataset=c.data.name, split=c.data.split, resolution=c.data.resolution,
+                   num_examples=len(source), global_batch=c.train.batch_size, seed=c.seed)
   state = train.train(loss, params, None, c.train, workdir, frozen=frozen, writer=writer,
-                      name=c.objective, mesh=mesh, host_batch_fn=batch_fn)
+                      name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec)
   paths = write_samples(c, state.ema_params, denoise, logsnr_fn, workdir, int(state.step),
                         source, mesh)
   writer.close()

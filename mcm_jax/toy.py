@@ -44,6 +44,11 @@ def _batch_fn(sampler, batch_size):
   return lambda rng: {"x": sampler(rng, batch_size)}
 
 
+def _data_spec(config, cfg):
+  """The data stream, stored with checkpoints: batches are drawn on device from (seed, step)."""
+  return dict(dataset=config.data.name, global_batch=cfg.batch_size, seed=cfg.seed)
+
+
 def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teacher"):
   logsnr_fn, denoise = _model(config)
   params = _init_params(config, dim)
@@ -51,7 +56,8 @@ def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teach
   cfg.steps = steps or cfg.steps
   loss = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn)
   state = train.train(loss, params, _batch_fn(sampler, cfg.batch_size), cfg,
-                      os.path.join(workdir, name), writer=writer, name=name)
+                      os.path.join(workdir, name), writer=writer, name=name,
+                      data_spec=_data_spec(config, cfg))
   return state.ema_params
 
 
@@ -72,7 +78,7 @@ def train_student(config, sampler, teacher_params, method, student_steps, workdi
   name = f"{method}_{student_steps}"
   state = train.train(loss, teacher_params, _batch_fn(sampler, cfg.batch_size), cfg,
                       os.path.join(workdir, name), frozen=teacher_params, writer=writer,
-                      name=name)
+                      name=name, data_spec=_data_spec(config, cfg))
   return state.ema_params
 
 

@@ -111,3 +111,14 @@ def test_checkpoint_from_another_model_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"does not match this config.*'ema_params/params/Dense_0/"
                      r"bias' has shape \(32,\) in the checkpoint, \(16,\) here"):
     train.train(loss2, params2, batch_fn, _cfg(20), str(tmp_path))
+
+
+def test_resume_with_another_data_stream_is_refused(tmp_path):
+  loss, params, batch_fn = _problem()
+  spec = dict(dataset="a", global_batch=8, seed=0)
+  train.train(loss, params, batch_fn, _cfg(10), str(tmp_path), data_spec=spec)
+  with pytest.raises(ValueError, match=r"another data stream.*'global_batch': \(8, 16\)"):
+    train.train(loss, params, batch_fn, _cfg(20), str(tmp_path), data_spec=dict(spec,
+                                                                              global_batch=16))
+  resumed = train.train(loss, params, batch_fn, _cfg(20), str(tmp_path), data_spec=spec)
+  assert int(resumed.step) == 20
