@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,7 @@ def default_config(resolution, size, objective):
       guidance_scale=1.5 if (resolution == 128 and objective == "cd") else 1.0,
   )
   c.sample = dict(num=16 if tiny else 64, teacher_steps=(16,) if tiny else (64, 256),
+                  every=0 if tiny else 10_000,  # PNG grids every N steps (0: at the end only)
                   # aDDIM x_var for the base model's samples: 'table' = eta mean||x - x_hat||^2/d
                   # measured on data over a t grid (MCM Alg. 3; saved as x_var_table.json),
                   # 'analytic' = 0.1 / (2 + SNR).
@@ -126,6 +128,9 @@ def _validate(c):
   if any(not isinstance(k, int) or k < 1 for k in c.eval.steps):
     raise ConfigError(f"config.eval.steps={tuple(c.eval.steps)!r} is invalid; allowed: "
                       "integers >= 1 (or () for the default)")
+  if c.sample.every and c.sample.every % c.train.log_every:
+    raise ConfigError(f"config.sample.every={c.sample.every} is invalid; allowed: 0 or a "
+                      f"multiple of train.log_every={c.train.log_every}")
   if c.data.resolution % 2 ** (len(uvit_config(c.model.resolution, c.model.size)["stages"])):
     raise ConfigError(f"config.data.resolution={c.data.resolution} is invalid; allowed: "
                       "a multiple of 2^(number of UViT stages)")
@@ -213,10 +218,12 @@ def run(config, workdir):
   batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
   data_spec = dict(dataset=c.data.name, split=c.data.split, resolution=c.data.resolution,
                    num_examples=len(source), global_batch=c.train.batch_size, seed=c.seed)
+  samplers = make_samplers(c, denoise, logsnr_fn)
+  grids = lambda step, st: write_samples(c, st.ema_params, samplers, workdir, step, source, mesh)
   state = train.train(loss, params, None, c.train, workdir, frozen=frozen, writer=writer,
-                      name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec)
-  paths = write_samples(c, state.ema_params, denoise, logsnr_fn, workdir, int(state.step),
-                        source, mesh)
+                      name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec,
+                      periodic=[(c.sample.every, grids)] if c.sample.every else [])
+  paths = grids(int(state.step), state)
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "samples.json"), "w") as f:
@@ -236,52 +243,73 @@ def _data_subset(source, n, seed):
   return source.get(idx)
 
 
-def x_var_table(c, params, denoise, logsnr_fn, source, workdir):
-  """aDDIM x_var(t) on a grid, from ``c.sample.x_var_data`` data images (MCM Alg. 3); written to
-  ``workdir/x_var_table.json`` as {"t": [...], "x_var": [...]} and reused from there."""
+def x_var_table(c, params, samplers, source, workdir, ckpt_step):
+  """(t grid, x_var) of aDDIM, measured on ``c.sample.x_var_data`` data images (MCM Alg. 3) for
+  the parameters of checkpoint ``ckpt_step``; written to ``workdir/x_var_table.json`` as
+  {"t": [...], "x_var": [...], "step": ...} and reused from there for the same step."""
   path = os.path.join(workdir, "x_var_table.json")
   if os.path.isfile(path):
     with open(path) as fh:
       table = json.load(fh)
-    if len(table["t"]) == c.sample.x_var_points and table["eta"] == c.sample.x_var_eta:
-      return addim.table_x_var(jnp.asarray(table["t"]), jnp.asarray(table["x_var"]))
+    if (table.get("step") == ckpt_step and len(table["t"]) == c.sample.x_var_points
+        and table["eta"] == c.sample.x_var_eta):
+      return jnp.asarray(table["t"]), jnp.asarray(table["x_var"])
   images, labels = _data_subset(source, min(c.sample.x_var_data, len(source)), c.seed)
-  x, y = jnp.asarray(images), jnp.asarray(labels)
-  f = lambda z, t: denoise(params, z, t, y)
-  t_grid, values = jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
-      f, x, logsnr_fn, jax.random.PRNGKey(c.seed + 7), c.sample.x_var_points, c.sample.x_var_eta)
+  t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(labels),
+                                           jax.random.PRNGKey(c.seed + 7))
   if jax.process_index() == 0:
     with open(path, "w") as fh:
       json.dump({"t": np.asarray(t_grid).tolist(), "x_var": np.asarray(values).tolist(),
-                 "eta": c.sample.x_var_eta, "num_images": len(images)}, fh)
-  return addim.table_x_var(t_grid, values)
+                 "eta": c.sample.x_var_eta, "num_images": len(images), "step": ckpt_step}, fh)
+  return t_grid, values
 
 
-def make_sampler(denoise, logsnr_fn):
-  """Jitted ``sample(params, z, labels, steps, x_var_fn)``: aDDIM with ``x_var_fn`` (the base
-  model), or DDIM steps = multistep consistency sampling (Alg. 2) with ``x_var_fn=None``."""
+class Samplers(NamedTuple):
+  """The jitted sampling functions of a run, built once (repeated calls do not recompile).
 
+  ``sample(params, z, labels, steps, x_var, table)``: ``x_var`` 'none' = DDIM steps, i.e.
+  multistep consistency sampling (Alg. 2); 'analytic' or 'table' = aDDIM with x_var from
+  ``addim.analytic_x_var`` or interpolated from ``table = (t grid, values)``.
+  ``estimate_x_var(params, x, labels, rng) -> (t grid, values)`` (Alg. 3 on data).
+  """
+  sample: Callable
+  estimate_x_var: Callable
+
+
+def make_samplers(c, denoise, logsnr_fn):
   @functools.partial(jax.jit, static_argnums=(3, 4))
-  def sample(params, z, labels, steps, x_var_fn):
+  def sample(params, z, labels, steps, x_var, table=None):
+    x_var_fn = None  # 'none'
+    if x_var == "analytic":
+      x_var_fn = addim.analytic_x_var_fn
+    elif x_var == "table":
+      x_var_fn = addim.table_x_var(*table)
     return addim.sample(lambda zz, t: denoise(params, zz, t, labels), z, steps, logsnr_fn,
                         x_var_fn)
 
-  return sample
+  @jax.jit
+  def estimate_x_var(params, x, labels, rng):
+    return addim.estimate_x_var_table(lambda z, t: denoise(params, z, t, labels), x, logsnr_fn,
+                                      rng, c.sample.x_var_points, c.sample.x_var_eta)
+
+  return Samplers(sample, estimate_x_var)
 
 
-def _sampler_runs(c, params, denoise, logsnr_fn, source, workdir, steps=()):
-  """[(name, steps, x_var_fn)]: the student at its step count(s), or the base model with aDDIM
-  (x_var from the table measured on data, or the analytic rule)."""
+def _sampler_runs(c, params, samplers, source, workdir, ckpt_step, steps=()):
+  """[(name, steps, x_var, table)]: the student at its step count(s), or the base model with
+  aDDIM (x_var from the table measured on data, or the analytic rule)."""
   if c.objective == "base":
-    x_var_fn = (x_var_table(c, params, denoise, logsnr_fn, source, workdir)
-                if c.sample.x_var == "table" else addim.analytic_x_var_fn)
-    return [(f"addim_{s}", s, x_var_fn) for s in (steps or c.sample.teacher_steps)]
-  return [(f"{c.objective}_{s}", s, None) for s in (steps or (c.consistency.student_steps,))]
+    table = (x_var_table(c, params, samplers, source, workdir, ckpt_step)
+             if c.sample.x_var == "table" else None)
+    return [(f"addim_{s}", s, c.sample.x_var, table) for s in (steps or c.sample.teacher_steps)]
+  return [(f"{c.objective}_{s}", s, "none", None)
+          for s in (steps or (c.consistency.student_steps,))]
 
 
-def generate(c, sample, params, num, steps, x_var_fn, mesh, seed_offset=99, batch_size=None):
-  """``num`` samples [num, r, r, ch] in [-1, 1] (host numpy, on every process), balanced over
-  classes; batches split over the mesh's devices."""
+def generate(c, samplers, params, num, run, mesh, seed_offset=99, batch_size=None):
+  """``num`` samples [num, r, r, ch] in [-1, 1] (host numpy, on every process) of one
+  ``_sampler_runs`` entry, balanced over classes; batches split over the mesh's devices."""
+  _, steps, x_var, table = run
   batch_size = batch_size or num
   res, ch = c.data.resolution, c.data.channels
   key = jax.random.PRNGKey(c.seed + seed_offset)
@@ -291,20 +319,19 @@ def generate(c, sample, params, num, steps, x_var_fn, mesh, seed_offset=99, batc
     labels = (start + np.arange(batch_size)) % c.data.num_classes
     if batch_size % mesh.size == 0:  # host arrays, identical on every process
       z, labels = jax.device_put((z, labels), sharding.batch_sharding(mesh))
-    x = sample(params, z, labels, steps, x_var_fn)  # every process runs it (params span hosts)
+    x = samplers.sample(params, z, labels, steps, x_var, table)  # every process runs it
     if jax.process_count() > 1:
       x = multihost_utils.process_allgather(x, tiled=True)
     out.append(np.asarray(x))
   return np.concatenate(out)[:num]
 
 
-def write_samples(c, params, denoise, logsnr_fn, workdir, step, source, mesh):
+def write_samples(c, params, samplers, workdir, step, source, mesh):
   """PNG grids: the student with its own steps (Alg. 2), or the base model with aDDIM."""
-  sample = make_sampler(denoise, logsnr_fn)
   paths = []
-  for name, steps, x_var_fn in _sampler_runs(c, params, denoise, logsnr_fn, source, workdir):
-    x = generate(c, sample, params, c.sample.num, steps, x_var_fn, mesh)
-    path = os.path.join(workdir, f"samples_{name}_step{step}.png")
+  for run in _sampler_runs(c, params, samplers, source, workdir, step):
+    x = generate(c, samplers, params, c.sample.num, run, mesh)
+    path = os.path.join(workdir, f"samples_{run[0]}_step{step}.png")
     if jax.process_index() == 0:
       plotting.image_grid(path, x)
     paths.append(path)
@@ -346,12 +373,12 @@ def evaluate(config, workdir):
   source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
   feature_fn = fid.make_feature_fn(c.eval.features, c.eval.inception_weights)
   ref_mu, ref_sigma = reference_statistics(c, source, feature_fn, workdir)
-  sample = make_sampler(denoise, logsnr_fn)
+  samplers = make_samplers(c, denoise, logsnr_fn)
   rows = []
-  for name, steps, x_var_fn in _sampler_runs(c, params, denoise, logsnr_fn, source, workdir,
-                                             tuple(c.eval.steps)):
+  for run in _sampler_runs(c, params, samplers, source, workdir, step, tuple(c.eval.steps)):
+    name, steps = run[:2]
     t0 = time.time()
-    x = generate(c, sample, params, c.eval.num, steps, x_var_fn, mesh, seed_offset=1000,
+    x = generate(c, samplers, params, c.eval.num, run, mesh, seed_offset=1000,
                  batch_size=c.eval.batch_size)
     seconds = time.time() - t0
     feats, logits = fid.batched_features(feature_fn, x, c.eval.batch_size)

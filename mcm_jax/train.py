@@ -123,7 +123,7 @@ class _SigtermFlag:
 
 
 def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=None,
-          name="train", mesh=None, host_batch_fn=None, data_spec=None):
+          name="train", mesh=None, host_batch_fn=None, data_spec=None, periodic=()):
   """Trains ``init_params`` for ``cfg.steps`` and returns the final TrainState.
 
   Pass ``batch_fn`` (device) or ``host_batch_fn`` (host), not both. ``mesh``: shard state,
@@ -133,6 +133,9 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   and optionally fuse_steps (scan ``log_every`` steps into one call; default False).
   ``data_spec``: a JSON-able description of the data stream (dataset, size, seed, global batch),
   saved with every checkpoint beside the position (the step); a resume with another one fails.
+  ``periodic``: ``(every, fn)`` pairs; ``fn(step, state)`` runs after steps that are multiples
+  of ``every`` (e.g. sample grids; checked at log boundaries, so ``every`` should be a multiple
+  of ``cfg.log_every``).
   Restores the latest checkpoint in ``workdir/checkpoints`` if there is one (a finished run is
   then returned as is); saves every ``checkpoint_every`` steps, at the end, and on SIGTERM
   (then raises SystemExit(143) after the save). A non-finite loss raises NonFiniteLossError
@@ -149,14 +152,14 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
                                     cfg.keep_checkpoints)
   try:
     return _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen,
-                       writer, name, mesh, data_spec)
+                       writer, name, mesh, data_spec, periodic)
   finally:  # also on errors and SIGTERM: no orbax thread outlives the call
     manager.wait_until_finished()
     manager.close()
 
 
 def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen, writer,
-                name, mesh, data_spec):
+                name, mesh, data_spec, periodic):
   restored = checkpoint.restore_latest(manager, state, data_spec)  # onto ``state``'s shardings
   if restored is not None:
     state = restored
@@ -215,6 +218,9 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
                    metrics["loss"], rate, (cfg.steps - step) / max(rate, 1e-9))
       if step % cfg.checkpoint_every == 0 or step == cfg.steps or sigterm.raised:
         checkpoint.save(manager, step, state, data_spec, force=True)
+      for every, fn in periodic:
+        if step % every == 0 and step < cfg.steps and not sigterm.raised:
+          fn(step, state)
       if sigterm.raised:
         manager.wait_until_finished()
         logging.warning("%s: SIGTERM at step %d; checkpoint saved, exiting", name, step)

@@ -143,3 +143,17 @@ def test_eval_mode_measures_fd_per_step_count(base_run):
   assert all(0 <= r["class_accuracy"] <= 1 for r in rows.values())
   saved = json.load(open(os.path.join(workdir, f"eval_step{result['checkpoint_step']}.json")))
   assert saved["results"][0]["fd"] == rows[2]["fd"]
+
+
+def test_periodic_sample_grids_during_training(base_run, tmp_path):
+  _, base_workdir, _ = base_run
+  config = imagenet64_cd.get_config("tiny")
+  config.init_from = base_workdir
+  config.train.update(steps=20, log_every=5, checkpoint_every=10)
+  config.sample.every = 10
+  pixel.run(config, str(tmp_path))
+  grids = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
+  assert grids == ["samples_cd_4_step10.png", "samples_cd_4_step20.png"]
+  config.sample.every = 7
+  with pytest.raises(ConfigError, match="sample.every=7.*multiple of train.log_every=5"):
+    pixel.run(config, str(tmp_path / "x"))
