@@ -59,8 +59,12 @@ def check_compatible(stored, expected, where):
 def check_stored(manager, step, like, subtree=None):
   """Checks checkpoint ``step`` (or its top-level entry ``subtree``) against the tree ``like``
   from its metadata, before any restore; ValueError names the first mismatching parameter."""
-  stored = manager.item_metadata(step)[STATE]
-  stored = getattr(stored, "tree", stored)
+  items = manager.item_metadata(step)
+  if STATE not in items.keys():
+    raise ValueError(f"checkpoint {manager.directory}/{step} has items {sorted(items.keys())}, "
+                     f"not '{STATE}': it was written by an older mcm_jax layout; use another "
+                     "--workdir")
+  stored = getattr(items[STATE], "tree", items[STATE])
   if stored is None:
     return
   where = f"{manager.directory}/{step}"

@@ -1,0 +1,132 @@
+"""SDXL UNet in Flax == diffusers' PyTorch UNet on the same tiny random weights; loading errors."""
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mcm_jax.models import sdxl
+
+warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+
+
+def tiny_torch_unet(seed=0):
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  unet = UNet2DConditionModel(**sdxl.TINY_UNET_CONFIG).eval()
+  with torch.no_grad():  # diffusers zero-inits nothing here, but make every weight non-trivial
+    for p in unet.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return unet
+
+
+def tiny_inputs(batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  c = sdxl.TINY_UNET_CONFIG
+  return dict(z=rng.normal(size=(batch, 16, 16, 4)).astype(np.float32),
+              t=np.array([999, 421][:batch], np.int64),
+              cond=dict(context=rng.normal(size=(batch, 7, c["cross_attention_dim"])).astype(
+                            np.float32),
+                        text_embeds=rng.normal(size=(batch, 32)).astype(np.float32),
+                        time_ids=np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32),
+                                         (batch, 1))))
+
+
+def torch_eps(unet, inputs):
+  cond = inputs["cond"]
+  with torch.no_grad():
+    out = unet(torch.from_numpy(inputs["z"]).permute(0, 3, 1, 2), torch.from_numpy(inputs["t"]),
+               torch.from_numpy(cond["context"]),
+               added_cond_kwargs={"text_embeds": torch.from_numpy(cond["text_embeds"]),
+                                  "time_ids": torch.from_numpy(cond["time_ids"])}).sample
+  return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("sdxl")
+  tiny_torch_unet().save_pretrained(path / "unet", safe_serialization=True)
+  return str(path)
+
+
+def test_flax_unet_equals_pytorch_unet(unet_dir):
+  model, params = sdxl.load_unet(unet_dir)  # an SDXL root with unet/ (safetensors)
+  inputs = tiny_inputs()
+  want = torch_eps(tiny_torch_unet(), inputs)
+  eps = jax.jit(sdxl.make_eps_fn(model))
+  got = np.asarray(eps(params, inputs["z"], inputs["t"], inputs["cond"]))
+  assert np.abs(want).mean() > 0.05
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+  # The Flax layout (msgpack) loads to the same parameters.
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  flax_dir = os.path.join(unet_dir, "flax_unet")
+  os.makedirs(flax_dir)
+  with open(os.path.join(unet_dir, "unet", "config.json")) as f:
+    json.dump(json.load(f), open(os.path.join(flax_dir, "config.json"), "w"))
+  with open(os.path.join(flax_dir, sdxl.FLAX_WEIGHTS), "wb") as f:
+    f.write(serialization.msgpack_serialize(jax.device_get(params)))
+  _, again = sdxl.load_unet(flax_dir)
+  assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: bool(jnp.array_equal(a, b)), params, again)))
+
+
+def test_unet_loading_errors_name_the_weight(unet_dir, tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  weights = load_file(os.path.join(unet_dir, "unet", sdxl.PT_WEIGHTS[0]))
+  config = open(os.path.join(unet_dir, "unet", "config.json")).read()
+
+  def write(name, tensors):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(config)
+    save_file(tensors, str(d / sdxl.PT_WEIGHTS[0]))
+    return str(d)
+
+  key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+  bad = dict(weights, **{key: np.zeros((64, 32), np.float32)})
+  with pytest.raises(ValueError, match=r"to_q.weight.*shape \(64, 32\)"):
+    sdxl.load_unet(write("shape", bad))
+  missing = {k: v for k, v in weights.items() if not k.startswith("mid_block.")}
+  with pytest.raises(ValueError, match=r"lack \d+ parameters.*mid_block"):
+    sdxl.load_unet(write("missing", missing))
+  with pytest.raises(FileNotFoundError, match="no UNet config.json"):
+    sdxl.load_unet(str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError, match="norm_num_groups=8"):
+    sdxl.unet_from_config(dict(sdxl.TINY_UNET_CONFIG, norm_num_groups=8))
+
+
+def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, tmp_path):
+  from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
+  from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  model, params = sdxl.load_unet(unet_dir)
+  lora = lora_lib.init_lora(params, rank=4, rng=jax.random.PRNGKey(1))
+  # 8 transformer blocks (down 1x2, mid 1x2, up 2x2) x (attn1, attn2) x (q, k, v, out)
+  assert len(lora) == 8 * 2 * 4
+  lora = {p: {"a": ab["a"], "b": 0.1 * jax.random.normal(jax.random.PRNGKey(i), ab["b"].shape)}
+          for i, (p, ab) in enumerate(sorted(lora.items()))}
+  scale = 0.7
+  eps = jax.jit(sdxl.make_eps_fn(model))
+  inputs = tiny_inputs()
+  base_out = np.asarray(eps(params, inputs["z"], inputs["t"], inputs["cond"]))
+  got = np.asarray(eps(lora_lib.merge(params, lora, scale), inputs["z"], inputs["t"],
+                       inputs["cond"]))
+  assert np.abs(got - base_out).max() > 1e-2  # the adapter changes the function
+
+  directory = lora_lib.save(str(tmp_path / "lora"), lora, scale)
+  # What StableDiffusionXLPipeline.load_lora_weights does for the UNet:
+  state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(
+      str(tmp_path / "lora"), weight_name=lora_lib.LORA_FILE)
+  unet = tiny_torch_unet()
+  StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet)
+  want = torch_eps(unet, inputs)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+  back = lora_lib.load(directory)  # import: scale folded into b
+  again = np.asarray(eps(lora_lib.merge(params, back), inputs["z"], inputs["t"], inputs["cond"]))
+  np.testing.assert_allclose(again, got, atol=1e-5)
+  with pytest.raises(ValueError, match="not in the PEFT layout"):
+    lora_lib.from_diffusers({"unet.x.lora_down.weight": np.zeros((2, 2))})
