@@ -19,7 +19,7 @@ flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU pods: "
                   "it reads the coordinator and process ids from the environment).")
 
-EXPERIMENTS = ("toy", "pixel")
+EXPERIMENTS = ("toy", "pixel", "mlcm")
 
 
 def main(argv):
@@ -49,6 +49,9 @@ def main(argv):
   elif config.experiment == "pixel":
     from mcm_jax import pixel  # pylint: disable=g-import-not-at-top
     (pixel.evaluate if mode == "eval" else pixel.run)(config, workdir)
+  elif config.experiment == "mlcm":
+    from mcm_jax import latent  # pylint: disable=g-import-not-at-top
+    latent.run(config, workdir)
   else:
     raise app.UsageError(f"config.experiment={config.experiment!r} is not known; "
                          f"allowed: {EXPERIMENTS}")

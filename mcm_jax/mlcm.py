@@ -120,7 +120,7 @@ def mlcd_loss(student_eps, teacher_eps, z_tm, t_m, t_n, seg_start):
 def consistency_sample(eps_fn, noise, num_steps):
   """Few-step MLCM sampling: DDIM from T - 1 = 999 through the milestones of ``num_steps``
   segments down to the clean latent (the student's own map on each segment)."""
-  ms = milestones(num_steps)
+  ms = np.arange(num_steps + 1) * T // num_steps  # static: the loop unrolls num_steps calls
   b = noise.shape[0]
   z = noise
   for i in range(num_steps, 0, -1):

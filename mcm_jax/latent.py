@@ -1,0 +1,252 @@
+"""MLCM: multistep latent consistency distillation of an SDXL-architecture UNet into a LoRA,
+with progressive stages (K -> K/2 with k -> 2k), image-free data from teacher trajectories and
+the one training loop (``train.train``: the LoRA tree is the trained state; the UNet weights
+are ``frozen`` and sharded over the mesh).
+
+Stage 0: ``z_{t_m}`` from noise by the guided teacher (MLCM App. Alg. 1, 'mdi'; or 'sdi'),
+``z_{t_n}`` by one guided-teacher DDIM step. Stage i > 0 starts from stage i-1's LoRA; its
+``z_{t_m}`` come from stage i-1's MLCM (App. Alg. 2) and its ``z_{t_n}`` from that MLCM
+('updated', PDU) or from the guided teacher ('fixed', PDF). Each stage is its own run in
+``workdir/stage<i>`` (restore-or-init; finished stages are reused) and exports its LoRA in
+diffusers' layout to ``workdir/stage<i>/lora/pytorch_lora_weights.safetensors``.
+"""
+import functools
+import json
+import logging
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mcm_jax import lora as lora_lib
+from mcm_jax import mlcm, plotting, sharding, train
+from mcm_jax.config_validation import ConfigError, validate_train
+from mcm_jax.data import prompts as prompt_data
+from mcm_jax.metric_writer import create_writer
+from mcm_jax.models import sdxl
+
+TEACHER_MODES = ("updated", "fixed")
+
+
+def default_config(size):
+  """MLCM's settings (App. A.2): Adam 1e-5, batch 24, 40k iterations, K = 8, k = 20, w = 8.
+  ``size='tiny'``: a random tiny SDXL-architecture UNet and a hashed-token text stand-in."""
+  tiny = size == "tiny"
+  c = ml_collections.ConfigDict()
+  c.experiment = "mlcm"
+  c.seed = 0
+  # Local diffusers-layout SDXL directories (nothing downloads). The teacher may be another
+  # SDXL-architecture checkpoint (MLCM uses a fine-tune); '' = the student's UNet.
+  c.student_unet = "" if tiny else "/models/stable-diffusion-xl-base-1.0"
+  c.teacher_unet = ""
+  c.text_encoder = "hashed" if tiny else "sdxl"  # 'hashed': tests only (no CLIP weights)
+  c.prompts = "" if tiny else "/data/laion_aesthetics_6plus.txt"  # .txt / .jsonl / .parquet
+  c.latent_resolution = 8 if tiny else 128  # 1024 px / 8
+  c.dtype = "float32" if tiny else "bfloat16"  # UNet compute dtype; weights and LoRA float32
+  c.lora = dict(rank=4 if tiny else 64, scale=1.0,
+                targets=lora_lib.DEFAULT_TARGETS)  # rank is not given by MLCM; 64 as LCM-LoRA
+  c.mlcm = dict(
+      num_segments=4 if tiny else 8,   # K of the first stage
+      skip=20,                          # k of the first stage (timesteps)
+      num_stages=2 if tiny else 3,      # K, K/2, K/4 ...
+      guidance_scale=8.0,
+      image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
+      teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
+  )
+  c.train = ml_collections.ConfigDict(dict(
+      steps=3 if tiny else 40_000,      # per stage
+      batch_size=8 if tiny else 24, log_every=1 if tiny else 50,
+      checkpoint_every=3 if tiny else 1000, keep_checkpoints=2,
+      ema_decay=0.0,  # MLCM uses the stop-gradient student, no EMA
+      seed=0,
+      optim=dict(learning_rate=1e-4 if tiny else 1e-5, warmup_steps=0 if tiny else 100,
+                 grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0)))
+  c.mesh = dict(data=-1, fsdp=1)
+  c.sample = dict(num=4 if tiny else 8)
+  return c
+
+
+def validate(c):
+  validate_train(c.train, "train")
+  m = c.mlcm
+  if not isinstance(m.num_segments, int) or m.num_segments < 1 or (
+      m.num_segments % 2 ** (m.num_stages - 1)):
+    raise ConfigError(f"config.mlcm.num_segments={m.num_segments} is invalid; allowed: an "
+                      f"integer divisible by 2^(num_stages - 1) = {2 ** (m.num_stages - 1)}")
+  if m.skip < 1 or m.skip * 2 ** (m.num_stages - 1) >= mlcm.T // m.num_segments * 2 ** (
+      m.num_stages - 1):
+    raise ConfigError(f"config.mlcm.skip={m.skip} is invalid; allowed: 1 <= k < T/K = "
+                      f"{mlcm.T // m.num_segments} (it doubles with K halving)")
+  if m.image_free not in ("mdi", "sdi"):
+    raise ConfigError(f"config.mlcm.image_free={m.image_free!r} is invalid; allowed: "
+                      "('mdi', 'sdi')")
+  if m.teacher_mode not in TEACHER_MODES:
+    raise ConfigError(f"config.mlcm.teacher_mode={m.teacher_mode!r} is invalid; allowed: "
+                      f"{TEACHER_MODES}")
+  if c.text_encoder not in ("hashed", "sdxl"):
+    raise ConfigError(f"config.text_encoder={c.text_encoder!r} is invalid; allowed: "
+                      "('hashed', 'sdxl')")
+
+
+def hashed_text_encoder(context_dim, pooled_dim, length=8, vocab=1024, seed=0):
+  """A stand-in for SDXL's CLIP text encoders in tests: words -> ids by crc32 -> a fixed random
+  table; ``encode(prompts) -> {'context' [B, L, D], 'text_embeds' [B, P]}`` (numpy). The empty
+  prompt maps to zeros, like an unconditional embedding."""
+  rng = np.random.default_rng(seed)
+  table = rng.normal(size=(vocab, context_dim)).astype(np.float32)
+  proj = rng.normal(size=(context_dim, pooled_dim)).astype(np.float32) / np.sqrt(context_dim)
+
+  def encode(prompts):
+    context = np.zeros((len(prompts), length, context_dim), np.float32)
+    for i, p in enumerate(prompts):
+      ids = [zlib.crc32(w.encode()) % vocab for w in p.lower().split()][:length]
+      context[i, :len(ids)] = table[ids]
+    return {"context": context, "text_embeds": context.mean(1) @ proj}
+
+  return encode
+
+
+def _time_ids(c, batch):
+  px = c.latent_resolution * 8  # (original size, crop top-left, target size), SDXL micro-cond
+  return np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (batch, 1))
+
+
+def build_models(c):
+  """(model, student base params, teacher params or None, text encoder)."""
+  if c.text_encoder == "sdxl":
+    raise NotImplementedError(
+        "config.text_encoder='sdxl' (transformers' Flax CLIP encoders + tokenizers from the "
+        "SDXL directory) is not wired yet; it is tracked in the MLCM issue")
+  dtype = jnp.dtype(c.dtype)
+  if c.student_unet:
+    model, params = sdxl.load_unet(c.student_unet, dtype)
+  else:  # tiny: random weights of the tiny SDXL-architecture config
+    model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, dtype)
+    params = model.init_weights(jax.random.PRNGKey(c.seed))
+  teacher = None
+  if c.teacher_unet:
+    t_model, teacher = sdxl.load_unet(c.teacher_unet, dtype)
+    if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
+      raise ValueError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
+                       "architecture")
+  cfg = model.config
+  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+  encoder = hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=c.seed)
+  return model, params, teacher, encoder
+
+
+def stage_settings(c, stage):
+  """(K, k) of a stage: K halves and k doubles each stage."""
+  return c.mlcm.num_segments // 2 ** stage, c.mlcm.skip * 2 ** stage
+
+
+def make_loss(c, eps_fn, stage):
+  """``loss(lora, batch, rng, step, frozen)`` of one stage (pure; for ``train.train``).
+
+  ``frozen``: {'unet': base params, 'teacher': teacher params (the base if absent),
+  'prev_lora': the previous stage's LoRA or None, 'uncond': empty-prompt conditioning}.
+  """
+  num_segments, skip = stage_settings(c, stage)
+  m = c.mlcm
+  res = c.latent_resolution
+
+  def loss(lora, batch, rng, step, frozen):
+    del step
+    cond = {k: batch[k] for k in ("context", "text_embeds", "time_ids")}
+    b = cond["context"].shape[0]
+    uncond = jax.tree_util.tree_map(lambda u: jnp.broadcast_to(u, (b,) + u.shape[1:]),
+                                    frozen["uncond"])
+    student_params = lora_lib.merge(frozen["unet"], lora, c.lora.scale)
+    student = lambda z, t: eps_fn(student_params, z, t, cond)
+    teacher_params = frozen["teacher"] if "teacher" in frozen else frozen["unet"]
+    guided = lambda z, t: mlcm.guided_eps(functools.partial(eps_fn, teacher_params), z, t,
+                                          cond, uncond, m.guidance_scale)
+    previous = None
+    if frozen.get("prev_lora") is not None:
+      prev_params = lora_lib.merge(frozen["unet"], frozen["prev_lora"], c.lora.scale)
+      previous = lambda z, t: eps_fn(prev_params, z, t, cond)
+    k_times, k_noise = jax.random.split(rng)
+    s, t_m, t_n, start = mlcm.sample_times(k_times, b, num_segments, skip)
+    noise = jax.random.normal(k_noise, (b, res, res, 4))
+    if previous is None:  # stage 0: the guided teacher's trajectory (App. Alg. 1)
+      z_tm = mlcm.image_free_latents(m.image_free, guided, noise, s, t_m, num_segments)
+    else:  # later stages: the previous MLCM's trajectory (App. Alg. 2)
+      z_tm = mlcm.image_free_latents("progressive", previous, noise, s, t_m, num_segments)
+    z_tm = jax.lax.stop_gradient(z_tm)
+    teacher = previous if (previous is not None and m.teacher_mode == "updated") else guided
+    per_example, _ = mlcm.mlcd_loss(student, teacher, z_tm, t_m, t_n, start)
+    return jnp.mean(per_example), {"t_m": jnp.mean(t_m.astype(jnp.float32))}
+
+  return loss
+
+
+def run(config, workdir):
+  """All progressive stages; returns {'stages': [{'num_segments', 'skip', 'lora'}]}."""
+  validate(config)
+  c = config
+  mesh = sharding.make_mesh(**c.mesh)
+  model, params, teacher, encode = build_models(c)
+  eps_fn = sdxl.make_eps_fn(model)
+  if c.prompts:
+    prompts = prompt_data.load_prompts(c.prompts)
+  elif c.text_encoder == "hashed":
+    prompts = [f"a photo of {w} {v}" for w in ("red", "green", "blue", "small", "large")
+               for v in ("cat", "dog", "house", "tree")]
+  else:
+    raise ConfigError("config.prompts is empty; allowed: a local .txt / .jsonl / .parquet file")
+
+  def encode_batch(texts):
+    out = encode(texts)
+    out["time_ids"] = _time_ids(c, len(texts))
+    return out
+
+  uncond = encode_batch([""])
+  rep = sharding.replicated(mesh)
+  frozen = {"unet": params, "teacher": teacher, "uncond": jax.device_put(uncond, rep)}
+  if teacher is None:
+    del frozen["teacher"]
+  writer = create_writer(workdir)
+  batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
+  lora_params = lora_lib.init_lora(params, c.lora.rank, jax.random.PRNGKey(c.seed + 1),
+                                   tuple(c.lora.targets))
+  stages = []
+  for stage in range(c.mlcm.num_stages):
+    num_segments, skip = stage_settings(c, stage)
+    stage_dir = os.path.join(workdir, f"stage{stage}")
+    data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
+                     global_batch=c.train.batch_size, seed=c.seed)
+    state = train.train(make_loss(c, eps_fn, stage), lora_params, None, c.train, stage_dir,
+                        frozen=frozen, writer=writer, name=f"mlcm_stage{stage}_K{num_segments}",
+                        mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec)
+    lora_params = jax.device_get(state.params)  # no EMA in MLCM: the trained LoRA itself
+    frozen = dict(frozen, prev_lora=lora_params)
+    path = None
+    if jax.process_index() == 0:
+      path = lora_lib.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale)
+      _write_latent_grid(c, model, params, lora_params, eps_fn, encode_batch, prompts,
+                         num_segments, os.path.join(stage_dir, f"latents_{num_segments}step.png"))
+    stages.append({"num_segments": num_segments, "skip": skip, "lora": path})
+    logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, num_segments, skip, path)
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "stages.json"), "w") as f:
+      json.dump(stages, f, indent=1)
+  return {"stages": stages}
+
+
+def _write_latent_grid(c, model, params, lora_params, eps_fn, encode_batch, prompts, steps,
+                       path):
+  """K-step samples of the merged student, as latents (first 3 channels; no VAE in 'tiny')."""
+  del model
+  n = c.sample.num
+  cond = jax.tree_util.tree_map(jnp.asarray, encode_batch(prompts[:n]))
+  merged = lora_lib.merge(params, lora_params, c.lora.scale)
+  noise = jax.random.normal(jax.random.PRNGKey(c.seed + 99),
+                            (len(prompts[:n]), c.latent_resolution, c.latent_resolution, 4))
+  z = jax.jit(lambda p, nz, cd: mlcm.consistency_sample(
+      lambda zz, t: eps_fn(p, zz, t, cd), nz, steps))(merged, noise, cond)
+  latents = np.asarray(z[..., :3])
+  plotting.image_grid(path, np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))

@@ -1,0 +1,50 @@
+"""A tiny two-stage progressive MLCM run (K 4 -> 2) on 8 fake CPU devices, through the one
+training loop; LoRAs exported per stage; a finished run is reused, not retrained."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sdxl_mlcm
+from mcm_jax import latent
+from mcm_jax import lora as lora_lib
+from mcm_jax.config_validation import ConfigError
+
+
+def test_two_stage_progressive_run(tmp_path):
+  assert jax.device_count() == 8
+  config = sdxl_mlcm.get_config("tiny")
+  result = latent.run(config, str(tmp_path))
+  stages = result["stages"]
+  assert [(s["num_segments"], s["skip"]) for s in stages] == [(4, 20), (2, 40)]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  for name in ("mlcm_stage0_K4/loss", "mlcm_stage1_K2/loss"):
+    values = [l[name] for l in lines if name in l]
+    assert len(values) == config.train.steps and np.all(np.isfinite(values)), name
+  first, second = (lora_lib.load(s["lora"]) for s in stages)
+  assert first.keys() == second.keys()
+  # Stage 1 starts from stage 0's LoRA and trains it further; B left zero would mean no update.
+  diff = max(float(np.abs(np.asarray(first[k]["b"]) - np.asarray(second[k]["b"])).max())
+             for k in first)
+  assert diff > 0 and max(float(np.abs(np.asarray(v["b"])).max()) for v in first.values()) > 0
+  assert os.path.getsize(tmp_path / "stage1" / "latents_2step.png") > 100
+  again = latent.run(config, str(tmp_path))  # finished stages are restored, not retrained
+  assert again == result
+  assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(lines)
+
+
+def test_mlcm_config_errors():
+  config = sdxl_mlcm.get_config("tiny")
+  config.mlcm.num_segments = 3
+  with pytest.raises(ConfigError, match=r"num_segments=3 is invalid.*divisible by 2"):
+    latent.run(config, "/tmp/unused")
+  config = sdxl_mlcm.get_config("tiny")
+  config.mlcm.teacher_mode = "ema"
+  with pytest.raises(ConfigError, match=r"teacher_mode='ema'.*'updated', 'fixed'"):
+    latent.run(config, "/tmp/unused")
+  config = sdxl_mlcm.get_config("tiny")
+  config.mlcm.skip = 300
+  with pytest.raises(ConfigError, match=r"skip=300 is invalid"):
+    latent.run(config, "/tmp/unused")
