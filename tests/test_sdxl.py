@@ -1,5 +1,6 @@
 """SDXL UNet in Flax == diffusers' PyTorch UNet on the same tiny random weights; loading errors."""
 import json
+import sys
 import os
 import warnings
 
@@ -9,19 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+
 from mcm_jax.models import sdxl
+from sdxl_fixtures import tiny_torch_unet, tiny_torch_vae  # pylint: disable=g-bad-import-order
 
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
-
-
-def tiny_torch_unet(seed=0):
-  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(seed)
-  unet = UNet2DConditionModel(**sdxl.TINY_UNET_CONFIG).eval()
-  with torch.no_grad():  # diffusers zero-inits nothing here, but make every weight non-trivial
-    for p in unet.parameters():
-      p.add_(0.02 * torch.randn_like(p))
-  return unet
 
 
 def tiny_inputs(batch=2, seed=0):
@@ -93,7 +87,7 @@ def test_unet_loading_errors_name_the_weight(unet_dir, tmp_path):
   missing = {k: v for k, v in weights.items() if not k.startswith("mid_block.")}
   with pytest.raises(ValueError, match=r"lack \d+ parameters.*mid_block"):
     sdxl.load_unet(write("missing", missing))
-  with pytest.raises(FileNotFoundError, match="no UNet config.json"):
+  with pytest.raises(FileNotFoundError, match="no unet config.json"):
     sdxl.load_unet(str(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match="norm_num_groups=8"):
     sdxl.unet_from_config(dict(sdxl.TINY_UNET_CONFIG, norm_num_groups=8))
@@ -130,3 +124,32 @@ def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, t
   np.testing.assert_allclose(again, got, atol=1e-5)
   with pytest.raises(ValueError, match="not in the PEFT layout"):
     lora_lib.from_diffusers({"unet.x.lora_down.weight": np.zeros((2, 2))})
+
+
+def test_text_encoders_equal_pytorch_transformers(tmp_path):
+  import sdxl_fixtures  # pylint: disable=g-import-not-at-top
+  one, two = sdxl_fixtures.write_text_components(str(tmp_path))
+  encode = sdxl.load_text_encoders(str(tmp_path))
+  prompts = ["lower newer", "", "wider lowest lowest"]
+  got = encode(prompts)
+  tok = sdxl_fixtures.write_tokenizer(str(tmp_path / "tok_copy"))
+  context, pooled = sdxl_fixtures.torch_text_embeddings(one, two, tok, prompts)
+  assert got["context"].shape == (3, 77, 32 + 48) and got["text_embeds"].shape == (3, 32)
+  np.testing.assert_allclose(got["context"], context, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got["text_embeds"], pooled, atol=1e-4, rtol=0)
+  assert np.abs(got["text_embeds"][0] - got["text_embeds"][2]).max() > 1e-3
+  with pytest.raises(FileNotFoundError, match="text_encoder"):
+    sdxl.load_text_encoders(str(tmp_path / "nowhere"))
+
+
+def test_vae_decoder_equals_pytorch(tmp_path):
+  vae = tiny_torch_vae()
+  vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+  model, params = sdxl.load_vae(str(tmp_path))
+  latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  got = np.asarray(jax.jit(sdxl.make_decoder(model))(params, latents))
+  with torch.no_grad():
+    want = vae.decode(torch.from_numpy(latents).permute(0, 3, 1, 2) / 0.13025).sample
+  want = want.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+  assert got.shape == (2, 16, 16, 3) and np.abs(want).mean() > 0.05
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

@@ -39,24 +39,31 @@ def _drop_flax_deprecation(record):
   return "Flax classes are deprecated" not in record.getMessage()
 
 
-def _flax_unet_class():
-  """diffusers' Flax UNet; its "Flax classes are deprecated" notice (logged at every trace) is
-  filtered from diffusers' log handlers -- we pin diffusers < 0.40 for exactly that reason."""
+def _diffusers_flax_class(name):
+  """A diffusers Flax class by name; its "Flax classes are deprecated" notice (logged at every
+  trace) is filtered from diffusers' log handlers -- diffusers is pinned < 0.40 for that reason."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+    import diffusers  # pylint: disable=g-import-not-at-top
     from diffusers.utils import logging as dlogging  # pylint: disable=g-import-not-at-top
   for handler in dlogging._get_library_root_logger().handlers:  # pylint: disable=protected-access
     if _drop_flax_deprecation not in handler.filters:
       handler.addFilter(_drop_flax_deprecation)
-  return FlaxUNet2DConditionModel
+  return getattr(diffusers, name)
+
+
+def _flax_unet_class():
+  return _diffusers_flax_class("FlaxUNet2DConditionModel")
 
 
 def unet_from_config(config, dtype=jnp.float32):
   """A FlaxUNet2DConditionModel from a diffusers config dict (as in ``unet/config.json``)."""
-  cls = _flax_unet_class()
+  return _from_config(_flax_unet_class(), config, dtype, fixed_groups=True)
+
+
+def _from_config(cls, config, dtype, fixed_groups=False):
   groups = config.get("norm_num_groups", 32)
-  if groups != 32:
+  if fixed_groups and groups != 32:
     raise ValueError(f"UNet config norm_num_groups={groups} is not supported: diffusers' Flax "
                      "UNet always uses 32 GroupNorm groups, so it would compute another function")
   fields = set(cls.__dataclass_fields__) - {"parent", "name", "dtype"}
@@ -73,42 +80,44 @@ def param_shapes(model):
 
 
 def params_from_pytorch(state_dict, model):
-  """Flax params from a PyTorch UNet state dict ({name: array}); checks every name and shape."""
+  """Flax params from a PyTorch state dict ({name: array}) of the same diffusers model (UNet,
+  VAE); checks every name and shape."""
   from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
   from diffusers.models import modeling_flax_pytorch_utils as conv  # pylint: disable=g-import-not-at-top
   shapes = param_shapes(model)
+  what = type(model).__name__.replace("Flax", "")
   out = {}
   for pt_key, tensor in state_dict.items():
     tensor = np.asarray(tensor).astype(np.float32)  # also bf16 / fp16 files
     key, value = conv.rename_key_and_reshape_tensor(
         tuple(conv.rename_key(pt_key).split(".")), tensor, shapes)
     if key not in shapes:
-      raise ValueError(f"UNet weight {pt_key!r} has no place in this UNet config (as {key})")
+      raise ValueError(f"{what} weight {pt_key!r} has no place in this config (as {key})")
     if tuple(value.shape) != shapes[key].shape:
-      raise ValueError(f"UNet weight {pt_key!r}: shape {tuple(np.shape(tensor))} gives "
+      raise ValueError(f"{what} weight {pt_key!r}: shape {tuple(np.shape(tensor))} gives "
                        f"{tuple(value.shape)} for {'/'.join(key)}, expected {shapes[key].shape}")
     out[key] = jnp.asarray(value, jnp.float32)
   missing = sorted("/".join(k) for k in set(shapes) - set(out))
   if missing:
-    raise ValueError(f"UNet weights lack {len(missing)} parameters of this config, e.g. "
+    raise ValueError(f"{what} weights lack {len(missing)} parameters of this config, e.g. "
                      f"{missing[:3]}")
   return unflatten_dict(out)
 
 
-def unet_dir(path):
-  """The folder holding the UNet's config.json: ``path`` itself or ``path/unet``."""
-  for candidate in (path, os.path.join(path, "unet")):
+def component_dir(path, name):
+  """The folder holding a component's config.json: ``path`` itself or ``path/<name>``."""
+  for candidate in (path, os.path.join(path, name)):
     if os.path.isfile(os.path.join(candidate, "config.json")):
       return candidate
-  raise FileNotFoundError(f"no UNet config.json in {path!r} or {os.path.join(path, 'unet')!r}; "
-                          "pass a local diffusers-layout SDXL (or UNet) directory")
+  raise FileNotFoundError(f"no {name} config.json in {path!r} or {os.path.join(path, name)!r}; "
+                          f"pass a local diffusers-layout SDXL (or {name}) directory")
 
 
-def load_unet(path, dtype=jnp.float32):
-  """(model, params) from a local directory (see module docstring); params are float32."""
-  directory = unet_dir(path)
+def _load_diffusers(path, name, cls, dtype, fixed_groups=False):
+  """(model, float32 params) of a diffusers Flax model from ``path`` or ``path/<name>``."""
+  directory = component_dir(path, name)
   with open(os.path.join(directory, "config.json")) as f:
-    model = unet_from_config(json.load(f), dtype)
+    model = _from_config(cls, json.load(f), dtype, fixed_groups)
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
     from flax import serialization  # pylint: disable=g-import-not-at-top
@@ -123,13 +132,35 @@ def load_unet(path, dtype=jnp.float32):
                          f"{tuple(got[key].shape) if key in got else 'missing'}, expected "
                          f"{shapes[key].shape if key in shapes else 'nothing'}")
     return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-  for name in PT_WEIGHTS:
-    pt_file = os.path.join(directory, name)
+  for weights in PT_WEIGHTS:
+    pt_file = os.path.join(directory, weights)
     if os.path.isfile(pt_file):
       from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
       return model, params_from_pytorch(load_file(pt_file), model)
   raise FileNotFoundError(f"{directory} has neither {FLAX_WEIGHTS} nor {' / '.join(PT_WEIGHTS)} "
                           "(PyTorch .bin pickles are not read: convert them to safetensors)")
+
+
+def load_unet(path, dtype=jnp.float32):
+  """(model, params) from a local directory (see module docstring); params are float32."""
+  return _load_diffusers(path, "unet", _flax_unet_class(), dtype, fixed_groups=True)
+
+
+def load_vae(path, dtype=jnp.float32):
+  """(model, params) of SDXL's VAE (``FlaxAutoencoderKL``) from ``path`` or ``path/vae``."""
+  return _load_diffusers(path, "vae", _diffusers_flax_class("FlaxAutoencoderKL"), dtype)
+
+
+def make_decoder(vae):
+  """``decode(params, latents NHWC) -> images NHWC in [-1, 1]`` (latents as the UNet sees them:
+  divided by the VAE's scaling factor first, 0.13025 for SDXL)."""
+  scaling = vae.config.scaling_factor
+
+  def decode(params, latents):
+    out = vae.apply({"params": params}, latents / scaling, method=vae.decode).sample
+    return jnp.clip(jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32), -1, 1)
+
+  return decode
 
 
 def make_eps_fn(model):
@@ -143,3 +174,53 @@ def make_eps_fn(model):
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
 
   return eps
+
+
+def _load_flax_transformer(cls, directory):
+  """(model, params) of a transformers Flax class from a local dir: flax_model.msgpack (no
+  random init), or PyTorch model.safetensors converted on load (transformers' converter needs
+  an initialised model, so that path briefly holds a random copy in host memory)."""
+  if not os.path.isfile(os.path.join(directory, "config.json")):
+    raise FileNotFoundError(f"{directory!r} has no config.json")
+  from_pt = not os.path.isfile(os.path.join(directory, "flax_model.msgpack"))
+  if from_pt and not os.path.isfile(os.path.join(directory, "model.safetensors")):
+    raise FileNotFoundError(f"{directory} has neither flax_model.msgpack nor model.safetensors")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    if from_pt:
+      model = cls.from_pretrained(directory, from_pt=True, local_files_only=True)
+      return model, model.params
+    return cls.from_pretrained(directory, _do_init=False, local_files_only=True)
+
+
+def load_text_encoders(path, max_length=None):
+  """SDXL's two CLIP text encoders and tokenizers from a local SDXL directory (``text_encoder``,
+  ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``). Returns ``encode(prompts) ->
+  {'context': [B, 77, D1 + D2], 'text_embeds': [B, P]}`` as in diffusers' SDXL pipeline: the
+  penultimate hidden states of both encoders, concatenated, and encoder 2's projected pooled
+  output. Jitted once; prompts are padded / truncated to the tokenizers' length."""
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
+  enc1, p1 = _load_flax_transformer(FlaxCLIPTextModel, os.path.join(path, "text_encoder"))
+  enc2, p2 = _load_flax_transformer(FlaxCLIPTextModelWithProjection,
+                                    os.path.join(path, "text_encoder_2"))
+  tokenizers = []
+  for name in ("tokenizer", "tokenizer_2"):
+    directory = os.path.join(path, name)
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"SDXL directory {path!r} has no {name}/")
+    tokenizers.append(CLIPTokenizer.from_pretrained(directory, local_files_only=True))
+
+  @jax.jit
+  def run(params1, params2, ids1, ids2):
+    h1 = enc1(input_ids=ids1, params=params1, output_hidden_states=True).hidden_states[-2]
+    out2 = enc2(input_ids=ids2, params=params2, output_hidden_states=True)
+    return {"context": jnp.concatenate([h1, out2.hidden_states[-2]], -1),
+            "text_embeds": out2.text_embeds}
+
+  def encode(prompts):
+    ids = [tok(list(prompts), padding="max_length", truncation=True, return_tensors="np",
+               max_length=max_length or tok.model_max_length).input_ids for tok in tokenizers]
+    return jax.tree_util.tree_map(np.asarray, run(p1, p2, *ids))
+
+  return encode

@@ -1,0 +1,85 @@
+"""Tiny random SDXL-architecture components written in diffusers' directory layout (PyTorch
+safetensors + tokenizer files), for the tests: nothing is downloaded."""
+import json
+import os
+
+import numpy as np
+import torch
+
+VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>",
+         "t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>",
+         "<|startoftext|>", "<|endoftext|>"]  # end-of-text last: CLIP pools at argmax(id)
+MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>", ""]
+
+
+def write_tokenizer(directory):
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  vocab, merges = os.path.join(directory, "v.json"), os.path.join(directory, "m.txt")
+  json.dump({t: i for i, t in enumerate(VOCAB)}, open(vocab, "w"))
+  open(merges, "w").write("\n".join(MERGES))
+  tok = CLIPTokenizer(vocab, merges, model_max_length=77)
+  tok.save_pretrained(directory)
+  return tok
+
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+    norm_num_groups=32, sample_size=16, scaling_factor=0.13025, layers_per_block=1)
+
+
+def tiny_torch_unet(seed=0):
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  unet = UNet2DConditionModel(**sdxl.TINY_UNET_CONFIG).eval()
+  with torch.no_grad():  # make every weight non-trivial
+    for p in unet.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return unet
+
+
+def tiny_torch_vae(seed=0):
+  from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  return AutoencoderKL(**TINY_VAE_CONFIG).eval()
+
+
+def write_tiny_sdxl(path, seed=0):
+  """A whole tiny SDXL directory: unet/, vae/, text_encoder(_2)/, tokenizer(_2)/ (safetensors).
+  Text widths 16 + 16 = the tiny UNet's cross-attention width 32; pooled projection 32."""
+  tiny_torch_unet(seed).save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
+  tiny_torch_vae(seed).save_pretrained(os.path.join(path, "vae"), safe_serialization=True)
+  write_text_components(path, seed, hidden=(16, 16))
+  return path
+
+
+def tiny_text_encoders(seed=0, hidden=(32, 48), projection=32):
+  from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  kw = dict(vocab_size=len(VOCAB), intermediate_size=37, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=len(VOCAB) - 2,
+            eos_token_id=len(VOCAB) - 1, pad_token_id=len(VOCAB) - 1, hidden_act="gelu")
+  one = CLIPTextModel(CLIPTextConfig(hidden_size=hidden[0], projection_dim=projection, **kw))
+  two = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden[1],
+                                                   projection_dim=projection, **kw))
+  return one.eval(), two.eval()
+
+
+def write_text_components(path, seed=0, hidden=(32, 48)):
+  one, two = tiny_text_encoders(seed, hidden)
+  one.save_pretrained(os.path.join(path, "text_encoder"), safe_serialization=True)
+  two.save_pretrained(os.path.join(path, "text_encoder_2"), safe_serialization=True)
+  for name in ("tokenizer", "tokenizer_2"):
+    write_tokenizer(os.path.join(path, name))
+  return one, two
+
+
+def torch_text_embeddings(one, two, tokenizer, prompts):
+  ids = torch.from_numpy(np.asarray(tokenizer(prompts, padding="max_length", truncation=True,
+                                              max_length=77, return_tensors="np").input_ids))
+  with torch.no_grad():
+    h1 = one(ids, output_hidden_states=True).hidden_states[-2]
+    out2 = two(ids, output_hidden_states=True)
+  return (torch.cat([h1, out2.hidden_states[-2]], -1).numpy(), out2.text_embeds.numpy())
