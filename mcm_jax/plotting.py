@@ -69,3 +69,10 @@ def image_grid(path, images, ncols=None):
   scale = max(1, 512 // max(grid.shape[:2]))
   grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
   Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+def save_image(path, image):
+  """Saves one [H, W, C] image in [-1, 1] as a PNG at its own size."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
