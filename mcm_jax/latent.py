@@ -116,10 +116,9 @@ def _time_ids(c, batch):
 
 def build_models(c):
   """(model, student base params, teacher params or None, text encoder)."""
-  if c.text_encoder == "sdxl":
-    raise NotImplementedError(
-        "config.text_encoder='sdxl' (transformers' Flax CLIP encoders + tokenizers from the "
-        "SDXL directory) is not wired yet; it is tracked in the MLCM issue")
+  if c.text_encoder == "sdxl" and not c.student_unet:
+    raise ConfigError("config.text_encoder='sdxl' needs config.student_unet: the local SDXL "
+                      "directory holding text_encoder(_2)/ and tokenizer(_2)/")
   dtype = jnp.dtype(c.dtype)
   if c.student_unet:
     model, params = sdxl.load_unet(c.student_unet, dtype)
@@ -132,9 +131,12 @@ def build_models(c):
     if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
       raise ValueError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
                        "architecture")
-  cfg = model.config
-  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-  encoder = hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=c.seed)
+  if c.text_encoder == "sdxl":
+    encoder = sdxl.load_text_encoders(c.student_unet)
+  else:
+    cfg = model.config
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    encoder = hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=c.seed)
   return model, params, teacher, encoder
 
 
@@ -226,8 +228,8 @@ def run(config, workdir):
     path = None
     if jax.process_index() == 0:
       path = lora_lib.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale)
-      _write_latent_grid(c, model, params, lora_params, eps_fn, encode_batch, prompts,
-                         num_segments, os.path.join(stage_dir, f"latents_{num_segments}step.png"))
+      _write_sample_grid(c, params, lora_params, eps_fn, encode_batch, prompts, num_segments,
+                         stage_dir)
     stages.append({"num_segments": num_segments, "skip": skip, "lora": path})
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, num_segments, skip, path)
   writer.close()
@@ -237,10 +239,10 @@ def run(config, workdir):
   return {"stages": stages}
 
 
-def _write_latent_grid(c, model, params, lora_params, eps_fn, encode_batch, prompts, steps,
-                       path):
-  """K-step samples of the merged student, as latents (first 3 channels; no VAE in 'tiny')."""
-  del model
+def _write_sample_grid(c, params, lora_params, eps_fn, encode_batch, prompts, steps,
+                       stage_dir):
+  """K-step samples of the merged student: images through the SDXL directory's VAE if it has
+  one (``samples_<K>step.png``), else the latents' first 3 channels (``latents_<K>step.png``)."""
   n = c.sample.num
   cond = jax.tree_util.tree_map(jnp.asarray, encode_batch(prompts[:n]))
   merged = lora_lib.merge(params, lora_params, c.lora.scale)
@@ -248,5 +250,11 @@ def _write_latent_grid(c, model, params, lora_params, eps_fn, encode_batch, prom
                             (len(prompts[:n]), c.latent_resolution, c.latent_resolution, 4))
   z = jax.jit(lambda p, nz, cd: mlcm.consistency_sample(
       lambda zz, t: eps_fn(p, zz, t, cd), nz, steps))(merged, noise, cond)
+  if c.student_unet and os.path.isdir(os.path.join(c.student_unet, "vae")):
+    vae, vae_params = sdxl.load_vae(c.student_unet)
+    plotting.image_grid(os.path.join(stage_dir, f"samples_{steps}step.png"),
+                        np.asarray(jax.jit(sdxl.make_decoder(vae))(vae_params, z)))
+    return
   latents = np.asarray(z[..., :3])
-  plotting.image_grid(path, np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))
+  plotting.image_grid(os.path.join(stage_dir, f"latents_{steps}step.png"),
+                      np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))

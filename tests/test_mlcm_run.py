@@ -2,6 +2,7 @@
 training loop; LoRAs exported per stage; a finished run is reused, not retrained."""
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -33,6 +34,24 @@ def test_two_stage_progressive_run(tmp_path):
   again = latent.run(config, str(tmp_path))  # finished stages are restored, not retrained
   assert again == result
   assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(lines)
+
+
+def test_stage_on_a_tiny_sdxl_directory(tmp_path):
+  """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
+  directory (tiny, random), a prompt file, one stage; samples decoded by the VAE."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  import sdxl_fixtures  # pylint: disable=g-import-not-at-top
+  sdxl_dir = sdxl_fixtures.write_tiny_sdxl(str(tmp_path / "sdxl"))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
+                                ["lower newer", "wider", "lowest lower", "newer wider"]))
+  config = sdxl_mlcm.get_config("tiny")
+  config.update(student_unet=sdxl_dir, text_encoder="sdxl", prompts=str(prompts))
+  config.mlcm.num_stages = 1
+  config.train.steps = 2
+  result = latent.run(config, str(tmp_path / "run"))
+  assert os.path.isfile(result["stages"][0]["lora"])
+  assert os.path.getsize(tmp_path / "run" / "stage0" / "samples_4step.png") > 100
 
 
 def test_mlcm_config_errors():
