@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mcm_jax import lora as lora_lib
 from mcm_jax import mlcm, plotting, sharding, train
 from mcm_jax.config_validation import ConfigError, validate_train
 from mcm_jax.data import prompts as prompt_data
+from mcm_jax.data import trajectory_bank
+from mcm_jax.data.images import epoch_indices
 from mcm_jax.metric_writer import create_writer
 from mcm_jax.models import sdxl
 
@@ -55,6 +58,9 @@ def default_config(size):
       guidance_scale=8.0,
       image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
       teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
+      # Stage 0 from a trajectory bank: (z_tm, z_tn) pairs made once by the guided teacher and
+      # streamed (no teacher call in the step). dir '' = the teacher runs inside every step.
+      bank=dict(dir="", entries=64 if tiny else 960_000),  # 960k = 40k steps x batch 24
   )
   c.train = ml_collections.ConfigDict(dict(
       steps=3 if tiny else 40_000,      # per stage
@@ -83,6 +89,9 @@ def validate(c):
   if m.image_free not in ("mdi", "sdi"):
     raise ConfigError(f"config.mlcm.image_free={m.image_free!r} is invalid; allowed: "
                       "('mdi', 'sdi')")
+  if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
+    raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
+                      f"integer >= train.batch_size={c.train.batch_size}")
   if m.teacher_mode not in TEACHER_MODES:
     raise ConfigError(f"config.mlcm.teacher_mode={m.teacher_mode!r} is invalid; allowed: "
                       f"{TEACHER_MODES}")
@@ -140,6 +149,12 @@ def build_models(c):
   return model, params, teacher, encoder
 
 
+def builtin_prompts():
+  """20 short prompts for the tiny (hashed-text) configuration."""
+  return [f"a photo of {w} {v}" for w in ("red", "green", "blue", "small", "large")
+          for v in ("cat", "dog", "house", "tree")]
+
+
 def stage_settings(c, stage):
   """(K, k) of a stage: K halves and k doubles each stage."""
   return c.mlcm.num_segments // 2 ** stage, c.mlcm.skip * 2 ** stage
@@ -170,6 +185,10 @@ def make_loss(c, eps_fn, stage):
     if frozen.get("prev_lora") is not None:
       prev_params = lora_lib.merge(frozen["unet"], frozen["prev_lora"], c.lora.scale)
       previous = lambda z, t: eps_fn(prev_params, z, t, cond)
+    if "z_tm" in batch:  # a trajectory-bank pair: no teacher call in this step
+      per_example = mlcm.mlcd_from_pair(student, batch["z_tm"], batch["z_tn"], batch["t_m"],
+                                        batch["t_n"], batch["seg_start"])
+      return jnp.mean(per_example), {"t_m": jnp.mean(batch["t_m"].astype(jnp.float32))}
     k_times, k_noise = jax.random.split(rng)
     s, t_m, t_n, start = mlcm.sample_times(k_times, b, num_segments, skip)
     noise = jax.random.normal(k_noise, (b, res, res, 4))
@@ -195,8 +214,7 @@ def run(config, workdir):
   if c.prompts:
     prompts = prompt_data.load_prompts(c.prompts)
   elif c.text_encoder == "hashed":
-    prompts = [f"a photo of {w} {v}" for w in ("red", "green", "blue", "small", "large")
-               for v in ("cat", "dog", "house", "tree")]
+    prompts = builtin_prompts()
   else:
     raise ConfigError("config.prompts is empty; allowed: a local .txt / .jsonl / .parquet file")
 
@@ -212,17 +230,24 @@ def run(config, workdir):
     del frozen["teacher"]
   writer = create_writer(workdir)
   batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
+  bank_fn = None
+  if c.mlcm.bank.dir:
+    bank = open_or_build_bank(c, frozen, eps_fn, encode_batch, prompts, mesh)
+    bank_fn = bank_batch_fn(bank, prompts, encode_batch, c.train.batch_size, c.seed)
   lora_params = lora_lib.init_lora(params, c.lora.rank, jax.random.PRNGKey(c.seed + 1),
                                    tuple(c.lora.targets))
   stages = []
   for stage in range(c.mlcm.num_stages):
     num_segments, skip = stage_settings(c, stage)
     stage_dir = os.path.join(workdir, f"stage{stage}")
+    from_bank = stage == 0 and bank_fn is not None
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
-                     global_batch=c.train.batch_size, seed=c.seed)
+                     global_batch=c.train.batch_size, seed=c.seed,
+                     bank=c.mlcm.bank.dir if from_bank else "")
     state = train.train(make_loss(c, eps_fn, stage), lora_params, None, c.train, stage_dir,
                         frozen=frozen, writer=writer, name=f"mlcm_stage{stage}_K{num_segments}",
-                        mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec)
+                        mesh=mesh, host_batch_fn=bank_fn if from_bank else batch_fn,
+                        data_spec=data_spec)
     lora_params = jax.device_get(state.params)  # no EMA in MLCM: the trained LoRA itself
     frozen = dict(frozen, prev_lora=lora_params)
     path = None
@@ -237,6 +262,73 @@ def run(config, workdir):
     with open(os.path.join(workdir, "stages.json"), "w") as f:
       json.dump(stages, f, indent=1)
   return {"stages": stages}
+
+
+def bank_settings(c):
+  return dict(teacher=c.teacher_unet or c.student_unet or "tiny-random", seed=c.seed,
+              num_segments=c.mlcm.num_segments, skip=c.mlcm.skip,
+              guidance_scale=c.mlcm.guidance_scale, image_free=c.mlcm.image_free,
+              latent_resolution=c.latent_resolution, prompts=c.prompts or "builtin",
+              entries=c.mlcm.bank.entries, batch=c.train.batch_size)
+
+
+def open_or_build_bank(c, frozen, eps_fn, encode_batch, prompts, mesh):
+  """The stage-0 trajectory bank in ``c.mlcm.bank.dir``: reused if its settings match, else
+  built by the guided teacher (one jitted, sharded call per batch of ``train.batch_size``)."""
+  directory, settings = c.mlcm.bank.dir, bank_settings(c)
+  if os.path.isdir(directory) and any(p.startswith("meta_p") for p in os.listdir(directory)):
+    return trajectory_bank.Bank(directory, settings)
+  m, res, b = c.mlcm, c.latent_resolution, c.train.batch_size
+  teacher_params = frozen.get("teacher", frozen["unet"])
+  teacher_params = jax.device_put(teacher_params,
+                                  sharding.tree_shardings(teacher_params, mesh))
+  uncond = frozen["uncond"]
+
+  @jax.jit
+  def make_pairs(params, batch, rng):
+    cond = {k: batch[k] for k in ("context", "text_embeds", "time_ids")}
+    n = cond["context"].shape[0]
+    unc = jax.tree_util.tree_map(lambda u: jnp.broadcast_to(u, (n,) + u.shape[1:]), uncond)
+    guided = lambda z, t: mlcm.guided_eps(functools.partial(eps_fn, params), z, t, cond, unc,
+                                          m.guidance_scale)
+    k_times, k_noise = jax.random.split(rng)
+    s, t_m, t_n, start = mlcm.sample_times(k_times, n, m.num_segments, m.skip)
+    noise = jax.random.normal(k_noise, (n, res, res, 4))
+    z_tm = mlcm.image_free_latents(m.image_free, guided, noise, s, t_m, m.num_segments)
+    z_tn = mlcm.teacher_step(guided, z_tm, t_m, t_n)
+    return dict(prompt_index=batch["prompt_index"], segment=s, t_m=t_m, t_n=t_n,
+                seg_start=start, z_tm=z_tm, z_tn=z_tn)
+
+  local = b // jax.process_count()
+  lo = jax.process_index() * local
+
+  def batches():
+    for i in range(-(-m.bank.entries // b)):
+      idx = epoch_indices(i, b, len(prompts), c.seed + 777)[lo:lo + local]
+      host = dict(encode_batch([prompts[j] for j in idx]), prompt_index=idx.astype(np.int32))
+      yield make_pairs(teacher_params, sharding.shard_batch(host, mesh),
+                       jax.random.fold_in(jax.random.PRNGKey(c.seed + 555), i))
+
+  n = trajectory_bank.write(directory, settings, batches())
+  if jax.process_count() > 1:  # every host's shards are on the shared filesystem before reading
+    multihost_utils.sync_global_devices("trajectory_bank_written")
+  logging.info("trajectory bank: %d entries on this process -> %s", n, directory)
+  return trajectory_bank.Bank(directory, settings)
+
+
+def bank_batch_fn(bank, prompts, encode_batch, global_batch, seed):
+  """``batch(step)``: bank entries of the step (epoch permutation) + their prompts' encoding."""
+  procs, index = jax.process_count(), jax.process_index()
+  local = global_batch // procs
+
+  def batch(step):
+    idx = epoch_indices(step, global_batch, len(bank), seed)[index * local:(index + 1) * local]
+    entries = bank.get(idx)
+    out = encode_batch([prompts[i] for i in entries["prompt_index"]])
+    out.update({k: entries[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
+    return out
+
+  return batch
 
 
 def _write_sample_grid(c, params, lora_params, eps_fn, encode_batch, prompts, steps,

@@ -102,19 +102,30 @@ def image_free_latents(kind, eps_fn, noise, segment, t_m, num_segments):
   raise ValueError(f"image-free data {kind!r} is not known; allowed: {IMAGE_FREE}")
 
 
+def teacher_step(teacher_eps, z_tm, t_m, t_n):
+  """``z_{t_n} = DDIM(z_{t_m}, teacher_eps(z_{t_m}), t_m -> t_n)`` (eq. 8; no gradient)."""
+  return jax.lax.stop_gradient(ddim(z_tm, teacher_eps(z_tm, t_m), t_m, t_n))
+
+
+def mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
+  """Per-example MLCM eq. 7 for a given pair (``z_{t_m}``, ``z_{t_n}``), e.g. from a
+  precomputed trajectory bank. ``student_eps(z, t)`` is differentiated only at ``z_{t_m}``."""
+  clean = seg_start == 0
+  pred = ddim(z_tm, student_eps(z_tm, t_m), t_m, seg_start, clean)
+  at_start = (t_n == seg_start) & ~clean
+  target = ddim(z_tn, student_eps(z_tn, t_n), t_n, seg_start, clean)
+  target = jax.lax.stop_gradient(jnp.where(bcast(at_start, z_tn), z_tn, target))
+  return jnp.mean((pred - target) ** 2, axis=tuple(range(1, z_tm.ndim)))
+
+
 def mlcd_loss(student_eps, teacher_eps, z_tm, t_m, t_n, seg_start):
   """(per-example loss [B], z_{t_n}) of MLCM eq. 7 given ``z_{t_m}``.
 
   ``student_eps(z, t)`` (differentiated), ``teacher_eps(z, t)`` (e.g. ``guided_eps``; not
   differentiated). The segment-0 endpoint is the clean latent.
   """
-  clean = seg_start == 0
-  z_tn = jax.lax.stop_gradient(ddim(z_tm, teacher_eps(z_tm, t_m), t_m, t_n))
-  pred = ddim(z_tm, student_eps(z_tm, t_m), t_m, seg_start, clean)
-  at_start = (t_n == seg_start) & ~clean
-  target = ddim(z_tn, student_eps(z_tn, t_n), t_n, seg_start, clean)
-  target = jax.lax.stop_gradient(jnp.where(bcast(at_start, z_tn), z_tn, target))
-  return jnp.mean((pred - target) ** 2, axis=tuple(range(1, z_tm.ndim))), z_tn
+  z_tn = teacher_step(teacher_eps, z_tm, t_m, t_n)
+  return mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start), z_tn
 
 
 def consistency_sample(eps_fn, noise, num_steps):

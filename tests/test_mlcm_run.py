@@ -67,3 +67,34 @@ def test_mlcm_config_errors():
   config.mlcm.skip = 300
   with pytest.raises(ConfigError, match=r"skip=300 is invalid"):
     latent.run(config, "/tmp/unused")
+
+
+def test_trajectory_bank_pairs_are_teacher_steps(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mcm_jax import mlcm  # pylint: disable=g-import-not-at-top
+  from mcm_jax.data import trajectory_bank  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  config = sdxl_mlcm.get_config("tiny")
+  config.mlcm.num_stages = 1
+  config.mlcm.bank.update(dir=str(tmp_path / "bank"), entries=16)
+  config.train.steps = 2
+  latent.run(config, str(tmp_path / "run"))
+  bank = trajectory_bank.Bank(config.mlcm.bank.dir, latent.bank_settings(config))
+  assert len(bank) == 16
+  e = bank.get(np.arange(4))
+  assert np.all((e["t_n"] >= e["seg_start"]) & (e["t_n"] < e["t_m"]))
+  # Recompute z_tn = one guided-teacher DDIM step from the stored z_tm: the bank holds exactly it.
+  model, params, _, encode = latent.build_models(config)
+  eps = sdxl.make_eps_fn(model)
+  prompts = latent.builtin_prompts()
+  cond = encode([prompts[i] for i in e["prompt_index"]])
+  cond["time_ids"] = latent._time_ids(config, 4)  # pylint: disable=protected-access
+  uncond = encode([""] * 4)
+  uncond["time_ids"] = cond["time_ids"]
+  guided = lambda z, t: mlcm.guided_eps(lambda *a: eps(params, *a), z, t, cond, uncond, 8.0)
+  z_tn = mlcm.teacher_step(guided, jnp.asarray(e["z_tm"]), jnp.asarray(e["t_m"]),
+                           jnp.asarray(e["t_n"]))
+  np.testing.assert_allclose(z_tn, e["z_tn"], atol=1e-4)
+  config.mlcm.skip = 10  # the same bank directory, other settings
+  with pytest.raises(ValueError, match=r"other settings.*'skip': \(20, 10\)"):
+    latent.run(config, str(tmp_path / "run2"))

@@ -1,0 +1,80 @@
+"""A trajectory bank: MLCM training pairs precomputed once by the (guided, sharded) teacher and
+streamed during training, so a training step pays for no teacher call.
+
+Each entry: ``prompt_index``, ``segment``, ``t_m``, ``t_n``, ``seg_start`` (int32) and the
+latents ``z_tm``, ``z_tn`` (float32 [h, w, 4]). Layout: ``DIR/meta.json`` (settings + shard
+list) and ``DIR/<shard>/<field>.npy`` per shard; every process writes the shards of its own
+batch slices, and readers memory-map them, so entries are read by random access (the batch of
+a step is a function of (seed, step), as everywhere else).
+"""
+import json
+import os
+
+import jax
+import numpy as np
+
+FIELDS = ("prompt_index", "segment", "t_m", "t_n", "seg_start", "z_tm", "z_tn")
+
+
+def _local_rows(x):
+  """This process's rows of a batch-sharded global array, in order (host numpy)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def write(directory, settings, batches):
+  """Writes the bank from ``batches``: an iterable of dicts with ``FIELDS`` (global, possibly
+  sharded arrays; each process keeps its own rows). ``settings`` (JSON) describe what made it
+  (teacher, K, k, w, ...) and are checked by readers. Returns the number of local entries."""
+  os.makedirs(directory, exist_ok=True)
+  shards, total = [], 0
+  for i, batch in enumerate(batches):
+    name = f"shard_p{jax.process_index():04d}_{i:06d}"
+    os.makedirs(os.path.join(directory, name), exist_ok=True)
+    rows = {k: _local_rows(batch[k]) for k in FIELDS}
+    for k, v in rows.items():
+      np.save(os.path.join(directory, name, f"{k}.npy"), v)
+    shards.append({"name": name, "size": int(len(rows["t_m"]))})
+    total += shards[-1]["size"]
+  meta = os.path.join(directory, f"meta_p{jax.process_index():04d}.json")
+  with open(meta, "w") as f:
+    json.dump({"settings": settings, "shards": shards}, f, indent=1)
+  return total
+
+
+class Bank:
+  """Random access over all processes' shards: ``len(bank)``, ``bank.get(indices) -> dict``."""
+
+  def __init__(self, directory, settings=None):
+    metas = sorted(p for p in os.listdir(directory) if p.startswith("meta_p")) if os.path.isdir(
+        directory) else []
+    if not metas:
+      raise FileNotFoundError(f"trajectory bank {directory!r} has no meta_p*.json (build it "
+                              "first: config.mlcm.bank.dir with config.mlcm.bank.entries)")
+    self.shards, offsets = [], [0]
+    for m in metas:
+      with open(os.path.join(directory, m)) as f:
+        meta = json.load(f)
+      if settings is not None and meta["settings"] != settings:
+        diff = {k: (meta["settings"].get(k), settings.get(k)) for k in set(meta["settings"]) |
+                set(settings) if meta["settings"].get(k) != settings.get(k)}
+        raise ValueError(f"trajectory bank {directory} was made with other settings: "
+                         f"(bank, now) = {diff}; use another bank directory")
+      for shard in meta["shards"]:
+        arrays = {k: np.load(os.path.join(directory, shard["name"], f"{k}.npy"), mmap_mode="r")
+                  for k in FIELDS}
+        self.shards.append(arrays)
+        offsets.append(offsets[-1] + shard["size"])
+    self.offsets = np.asarray(offsets)
+
+  def __len__(self):
+    return int(self.offsets[-1])
+
+  def get(self, indices):
+    indices = np.asarray(indices)
+    shard = np.searchsorted(self.offsets, indices, side="right") - 1
+    rows = [{k: np.asarray(self.shards[s][k][i - self.offsets[s]]) for k in FIELDS}
+            for s, i in zip(shard, indices)]
+    return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
