@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mcm_jax import lora as lora_lib
-from mcm_jax import mlcm, plotting, sharding, train
+from mcm_jax import mlcm, plotting, rewards, sharding, train
 from mcm_jax.config_validation import ConfigError, validate_train
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
@@ -70,6 +70,10 @@ def default_config(size):
       seed=0,
       optim=dict(learning_rate=1e-4 if tiny else 1e-5, warmup_steps=0 if tiny else 100,
                  grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0)))
+  # Reward consistency + feedback learning (MLCM 3.4): '' = off, 'aesthetic' = LAION aesthetic
+  # predictor on CLIP ViT-L/14 (local files). Needs the SDXL directory's VAE to decode.
+  c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
+                   threshold=8.0)  # s0: 8.0 for the aesthetic score (2.0 for ImageReward)
   c.mesh = dict(data=-1, fsdp=1)
   c.sample = dict(num=4 if tiny else 8)
   return c
@@ -95,6 +99,12 @@ def validate(c):
   if m.teacher_mode not in TEACHER_MODES:
     raise ConfigError(f"config.mlcm.teacher_mode={m.teacher_mode!r} is invalid; allowed: "
                       f"{TEACHER_MODES}")
+  if c.rewards.scorer not in ("", "aesthetic"):
+    raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r} is invalid; allowed: "
+                      "('', 'aesthetic')")
+  if c.rewards.scorer and not c.student_unet:
+    raise ConfigError("config.rewards.scorer needs config.student_unet: rewards score images "
+                      "decoded by the SDXL directory's VAE")
   if c.text_encoder not in ("hashed", "sdxl"):
     raise ConfigError(f"config.text_encoder={c.text_encoder!r} is invalid; allowed: "
                       "('hashed', 'sdxl')")
@@ -160,11 +170,13 @@ def stage_settings(c, stage):
   return c.mlcm.num_segments // 2 ** stage, c.mlcm.skip * 2 ** stage
 
 
-def make_loss(c, eps_fn, stage):
+def make_loss(c, eps_fn, stage, decode=None, score=None):
   """``loss(lora, batch, rng, step, frozen)`` of one stage (pure; for ``train.train``).
 
   ``frozen``: {'unet': base params, 'teacher': teacher params (the base if absent),
-  'prev_lora': the previous stage's LoRA or None, 'uncond': empty-prompt conditioning}.
+  'prev_lora': the previous stage's LoRA or None, 'uncond': empty-prompt conditioning, and
+  with rewards 'vae', 'scorer'}. ``decode(vae_params, latents)``, ``score(params, images)``:
+  with them the loss adds ``rc_weight * L_RC + fl_weight * L_FL``.
   """
   num_segments, skip = stage_settings(c, stage)
   m = c.mlcm
@@ -186,9 +198,9 @@ def make_loss(c, eps_fn, stage):
       prev_params = lora_lib.merge(frozen["unet"], frozen["prev_lora"], c.lora.scale)
       previous = lambda z, t: eps_fn(prev_params, z, t, cond)
     if "z_tm" in batch:  # a trajectory-bank pair: no teacher call in this step
-      per_example = mlcm.mlcd_from_pair(student, batch["z_tm"], batch["z_tn"], batch["t_m"],
-                                        batch["t_n"], batch["seg_start"])
-      return jnp.mean(per_example), {"t_m": jnp.mean(batch["t_m"].astype(jnp.float32))}
+      z_tm, z_tn, t_m, t_n, start = (batch[k] for k in ("z_tm", "z_tn", "t_m", "t_n",
+                                                          "seg_start"))
+      return _with_rewards(student, z_tm, z_tn, t_m, t_n, start, frozen)
     k_times, k_noise = jax.random.split(rng)
     s, t_m, t_n, start = mlcm.sample_times(k_times, b, num_segments, skip)
     noise = jax.random.normal(k_noise, (b, res, res, 4))
@@ -198,8 +210,24 @@ def make_loss(c, eps_fn, stage):
       z_tm = mlcm.image_free_latents("progressive", previous, noise, s, t_m, num_segments)
     z_tm = jax.lax.stop_gradient(z_tm)
     teacher = previous if (previous is not None and m.teacher_mode == "updated") else guided
-    per_example, _ = mlcm.mlcd_loss(student, teacher, z_tm, t_m, t_n, start)
-    return jnp.mean(per_example), {"t_m": jnp.mean(t_m.astype(jnp.float32))}
+    z_tn = mlcm.teacher_step(teacher, z_tm, t_m, t_n)
+    return _with_rewards(student, z_tm, z_tn, t_m, t_n, start, frozen)
+
+  def _with_rewards(student, z_tm, z_tn, t_m, t_n, start, frozen):
+    metrics = {"t_m": jnp.mean(t_m.astype(jnp.float32))}
+    if score is None:
+      return jnp.mean(mlcm.mlcd_from_pair(student, z_tm, z_tn, t_m, t_n, start)), metrics
+    terms = mlcm.mlcd_terms(student, z_tm, z_tn, t_m, t_n, start)
+    mlcd = jnp.mean((terms["pred"] - terms["target"]) ** 2)
+    s_fn = lambda images: score(frozen["scorer"], images)
+    # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
+    rc = jnp.mean(rewards.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
+                                             decode(frozen["vae"], terms["target"])))
+    # Feedback learning on the student's one-step sample x_hat(z_{t_m}).
+    fl = jnp.mean(rewards.feedback(s_fn, decode(frozen["vae"], terms["x_hat"]),
+                                   c.rewards.threshold))
+    metrics.update(mlcd=mlcd, reward_consistency=rc, feedback=fl)
+    return mlcd + c.rewards.rc_weight * rc + c.rewards.fl_weight * fl, metrics
 
   return loss
 
@@ -228,6 +256,11 @@ def run(config, workdir):
   frozen = {"unet": params, "teacher": teacher, "uncond": jax.device_put(uncond, rep)}
   if teacher is None:
     del frozen["teacher"]
+  decode = score = None
+  if c.rewards.scorer:
+    vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
+    decode = sdxl.make_decoder(vae)
+    score, frozen["scorer"] = rewards.aesthetic_scorer(c.rewards.clip_dir, c.rewards.head)
   writer = create_writer(workdir)
   batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
   bank_fn = None
@@ -244,7 +277,7 @@ def run(config, workdir):
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
-    state = train.train(make_loss(c, eps_fn, stage), lora_params, None, c.train, stage_dir,
+    state = train.train(make_loss(c, eps_fn, stage, decode, score), lora_params, None, c.train, stage_dir,
                         frozen=frozen, writer=writer, name=f"mlcm_stage{stage}_K{num_segments}",
                         mesh=mesh, host_batch_fn=bank_fn if from_bank else batch_fn,
                         data_spec=data_spec)

@@ -107,15 +107,25 @@ def teacher_step(teacher_eps, z_tm, t_m, t_n):
   return jax.lax.stop_gradient(ddim(z_tm, teacher_eps(z_tm, t_m), t_m, t_n))
 
 
-def mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
-  """Per-example MLCM eq. 7 for a given pair (``z_{t_m}``, ``z_{t_n}``), e.g. from a
-  precomputed trajectory bank. ``student_eps(z, t)`` is differentiated only at ``z_{t_m}``."""
+def mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
+  """{'pred', 'target', 'x_hat'}: the two DDIM endpoints of eq. 7 at the segment start (the
+  target a stop-gradient) and the student's clean estimate at ``z_{t_m}`` (for rewards)."""
   clean = seg_start == 0
-  pred = ddim(z_tm, student_eps(z_tm, t_m), t_m, seg_start, clean)
+  a_m, s_m = alpha_sigma_at(t_m)
+  eps_m = student_eps(z_tm, t_m)
+  pred = ddim(z_tm, eps_m, t_m, seg_start, clean)
   at_start = (t_n == seg_start) & ~clean
   target = ddim(z_tn, student_eps(z_tn, t_n), t_n, seg_start, clean)
   target = jax.lax.stop_gradient(jnp.where(bcast(at_start, z_tn), z_tn, target))
-  return jnp.mean((pred - target) ** 2, axis=tuple(range(1, z_tm.ndim)))
+  x_hat = (z_tm - bcast(s_m, z_tm) * eps_m) / bcast(a_m, z_tm)
+  return {"pred": pred, "target": target, "x_hat": x_hat}
+
+
+def mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
+  """Per-example MLCM eq. 7 for a given pair (``z_{t_m}``, ``z_{t_n}``), e.g. from a
+  precomputed trajectory bank. ``student_eps(z, t)`` is differentiated only at ``z_{t_m}``."""
+  terms = mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start)
+  return jnp.mean((terms["pred"] - terms["target"]) ** 2, axis=tuple(range(1, z_tm.ndim)))
 
 
 def mlcd_loss(student_eps, teacher_eps, z_tm, t_m, t_n, seg_start):

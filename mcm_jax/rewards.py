@@ -62,7 +62,8 @@ def load_head(path):
 
 
 def clip_image_embedder(clip_dir):
-  """(``embed(pixel_values NCHW) -> [B, projection_dim]``, image size) from a local CLIP dir:
+  """(``embed(params, pixel_values NCHW) -> [B, projection_dim]``, params, image size,
+  projection dim) from a local CLIP dir:
   a whole CLIP model (e.g. openai/clip-vit-large-patch14) or a vision model with projection
   (transformers has no Flax class for the latter: the vision tower + its ``visual_projection``
   read from the safetensors file)."""
@@ -76,8 +77,8 @@ def clip_image_embedder(clip_dir):
     model_type = json.load(f).get("model_type")
   if model_type == "clip":
     model, params = _load_flax_transformer(FlaxCLIPModel, clip_dir)
-    embed = lambda px: model.get_image_features(pixel_values=px, params=params)
-    return embed, model.config.vision_config.image_size, model.config.projection_dim
+    embed = lambda p, px: model.get_image_features(pixel_values=px, params=p)
+    return embed, params, model.config.vision_config.image_size, model.config.projection_dim
   if model_type != "clip_vision_model":
     raise ValueError(f"{config_path}: model_type={model_type!r}; allowed: 'clip', "
                      "'clip_vision_model'")
@@ -88,26 +89,27 @@ def clip_image_embedder(clip_dir):
     raise ValueError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "
                      "projection)")
   proj = jnp.asarray(weights["visual_projection.weight"], jnp.float32)  # [proj, hidden]
-  embed = lambda px: model(pixel_values=px, params=params).pooler_output @ proj.T
-  return embed, model.config.image_size, proj.shape[0]
+  embed = lambda p, px: model(pixel_values=px, params=p["tower"]).pooler_output @ p["proj"].T
+  return embed, {"tower": params, "proj": proj}, model.config.image_size, proj.shape[0]
 
 
 def aesthetic_scorer(clip_dir, head_path):
-  """``score(images) -> [B]`` (jit-able, differentiable in the images)."""
-  embed, size, dim = clip_image_embedder(clip_dir)
+  """(``score(params, images) -> [B]``, params): jit-able, differentiable in the images; the
+  weights are an argument (sharded / donated like any other frozen tree, not jit constants)."""
+  embed, clip_params, size, dim = clip_image_embedder(clip_dir)
   head = [(jnp.asarray(w), jnp.asarray(b)) for w, b in load_head(head_path)]
   if head[0][0].shape[1] != dim:
     raise ValueError(f"aesthetic head takes {head[0][0].shape[1]}-d embeddings; the CLIP model "
                      f"in {clip_dir} gives {dim}")
 
-  def score(images):
-    emb = embed(clip_preprocess(images, size))
+  def score(params, images):
+    emb = embed(params["clip"], clip_preprocess(images, size))
     h = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
-    for w, b in head:
+    for w, b in params["head"]:
       h = h @ w.T + b
     return h[:, 0]
 
-  return score
+  return score, {"clip": clip_params, "head": head}
 
 
 def reward_consistency(score_fn, images_pred, images_ref):

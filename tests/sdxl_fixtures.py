@@ -83,3 +83,24 @@ def torch_text_embeddings(one, two, tokenizer, prompts):
     h1 = one(ids, output_hidden_states=True).hidden_states[-2]
     out2 = two(ids, output_hidden_states=True)
   return (torch.cat([h1, out2.hidden_states[-2]], -1).numpy(), out2.text_embeds.numpy())
+
+
+def tiny_clip_and_head(tmp_path, seed=0):
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
+      hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+      image_size=32, patch_size=8, projection_dim=16, hidden_act="gelu")).eval()
+  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
+  return clip, tiny_head(tmp_path)
+
+
+def tiny_head(tmp_path):
+  # The released predictor's layout: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear,
+  # Linear (indices 0, 2, 4, 6, 7), here 16 -> 32 -> 8 -> 4 -> 2 -> 1.
+  head = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Dropout(0.2),
+                             torch.nn.Linear(32, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 4),
+                             torch.nn.Dropout(0.1), torch.nn.Linear(4, 2),
+                             torch.nn.Linear(2, 1)).eval()
+  torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
+  return head

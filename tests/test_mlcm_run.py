@@ -38,7 +38,8 @@ def test_two_stage_progressive_run(tmp_path):
 
 def test_stage_on_a_tiny_sdxl_directory(tmp_path):
   """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
-  directory (tiny, random), a prompt file, one stage; samples decoded by the VAE."""
+  directory (tiny, random), a prompt file, one stage with the reward losses (aesthetic scorer
+  on a tiny CLIP); samples decoded by the VAE."""
   sys.path.insert(0, os.path.dirname(__file__))
   import sdxl_fixtures  # pylint: disable=g-import-not-at-top
   sdxl_dir = sdxl_fixtures.write_tiny_sdxl(str(tmp_path / "sdxl"))
@@ -47,10 +48,18 @@ def test_stage_on_a_tiny_sdxl_directory(tmp_path):
                                 ["lower newer", "wider", "lowest lower", "newer wider"]))
   config = sdxl_mlcm.get_config("tiny")
   config.update(student_unet=sdxl_dir, text_encoder="sdxl", prompts=str(prompts))
+  sdxl_fixtures.tiny_clip_and_head(tmp_path)
+  config.rewards.update(scorer="aesthetic", clip_dir=str(tmp_path / "clip"),
+                        head=str(tmp_path / "head.pth"))
   config.mlcm.num_stages = 1
   config.train.steps = 2
   result = latent.run(config, str(tmp_path / "run"))
   assert os.path.isfile(result["stages"][0]["lora"])
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  for key in ("mlcd", "reward_consistency", "feedback"):
+    assert np.isfinite(lines[-1][f"mlcm_stage0_K4/{key}"]), key
+  # The feedback hinge is active (a random head scores far below s0 = 8).
+  assert lines[-1]["mlcm_stage0_K4/feedback"] > 1.0
   assert os.path.getsize(tmp_path / "run" / "stage0" / "samples_4step.png") > 100
 
 

@@ -1,6 +1,7 @@
 """Aesthetic scorer (Flax CLIP vision + LAION head) == PyTorch on tiny random weights; reward
 losses' gradients."""
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,31 +11,14 @@ import torch
 
 from mcm_jax import rewards
 
-
-def tiny_clip_and_head(tmp_path, seed=0):
-  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(seed)
-  clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
-      hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-      image_size=32, patch_size=8, projection_dim=16, hidden_act="gelu")).eval()
-  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
-  return clip, tiny_head(tmp_path)
-
-
-def tiny_head(tmp_path):
-  # The released predictor's layout: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear,
-  # Linear (indices 0, 2, 4, 6, 7), here 16 -> 32 -> 8 -> 4 -> 2 -> 1.
-  head = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Dropout(0.2),
-                             torch.nn.Linear(32, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 4),
-                             torch.nn.Dropout(0.1), torch.nn.Linear(4, 2),
-                             torch.nn.Linear(2, 1)).eval()
-  torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
-  return head
+sys.path.insert(0, os.path.dirname(__file__))
+from sdxl_fixtures import tiny_clip_and_head, tiny_head  # pylint: disable=g-bad-import-order,wrong-import-position
 
 
 def test_aesthetic_scorer_equals_pytorch(tmp_path):
   clip, head = tiny_clip_and_head(tmp_path)
-  score = jax.jit(rewards.aesthetic_scorer(str(tmp_path / "clip"), str(tmp_path / "head.pth")))
+  score_fn, params = rewards.aesthetic_scorer(str(tmp_path / "clip"), str(tmp_path / "head.pth"))
+  score = jax.jit(lambda x: score_fn(params, x))
   images = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
   got = np.asarray(score(images))
   pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
@@ -72,8 +56,8 @@ def test_whole_clip_model_directory(tmp_path):
   clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
   head = tiny_head(tmp_path)
   images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  got = np.asarray(rewards.aesthetic_scorer(str(tmp_path / "clip"),
-                                            str(tmp_path / "head.pth"))(images))
+  score_fn, params = rewards.aesthetic_scorer(str(tmp_path / "clip"), str(tmp_path / "head.pth"))
+  got = np.asarray(score_fn(params, images))
   pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
       torch.from_numpy(rewards.CLIP_STD)
   with torch.no_grad():
