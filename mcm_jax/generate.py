@@ -44,48 +44,61 @@ def _slug(text, n=40):
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
 
-def generate_images(sdxl_dir, prompts, steps, resolution=1024, lora_path="", lora_scale=1.0,
-                    seed=0, batch_size=4, dtype=jnp.float32):
-  """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches."""
-  if not 1 <= steps <= 1000:
-    raise ValueError(f"steps={steps} is invalid; allowed: 1..1000 (MLCM is trained for 1-8)")
+def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
+  """UNet (LoRA merged), VAE and text encoders from a local SDXL directory, loaded once."""
   unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
+  if lora_path:
+    unet_params = lora_lib.merge(unet_params, lora_lib.load(lora_path), lora_scale)
+  return {"unet": unet, "unet_params": unet_params, "vae": vae, "vae_params": vae_params,
+          "encode": sdxl.load_text_encoders(sdxl_dir), "generators": {}}
+
+
+def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_size=4):
+  """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches; one
+  compiled generator per step count (kept in ``pipeline``)."""
+  if not 1 <= steps <= 1000:
+    raise ValueError(f"steps={steps} is invalid; allowed: 1..1000 (MLCM is trained for 1-8)")
+  unet, vae = pipeline["unet"], pipeline["vae"]
   factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
   multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
   if resolution % multiple:
     raise ValueError(f"resolution={resolution} is invalid; allowed: a multiple of {multiple}")
-  encode = sdxl.load_text_encoders(sdxl_dir)
-  if lora_path:
-    unet_params = lora_lib.merge(unet_params, lora_lib.load(lora_path), lora_scale)
-  generate = make_generator(unet, vae, steps)
+  if steps not in pipeline["generators"]:
+    pipeline["generators"][steps] = make_generator(unet, vae, steps)
+  generate = pipeline["generators"][steps]
   latent = resolution // factor
   out = []
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = list(prompts[start:start + batch_size])
     pad = batch_size - len(chunk)
-    cond = encode(chunk + [chunk[-1]] * pad)  # fixed batch: one compilation
+    cond = pipeline["encode"](chunk + [chunk[-1]] * pad)  # fixed batch: one compilation
     cond["time_ids"] = time_ids(resolution, batch_size)
     noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), b),
                               (batch_size, latent, latent, 4))
-    images = np.asarray(generate(unet_params, vae_params, cond, noise))
+    images = np.asarray(generate(pipeline["unet_params"], pipeline["vae_params"], cond, noise))
     out.append(images[:len(chunk)])
   return np.concatenate(out)
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("sdxl", None, "Local diffusers-layout SDXL directory (unet/, vae/, "
-                    "text_encoder(_2)/, tokenizer(_2)/).")
-flags.DEFINE_string("lora", "", "MLCM LoRA: a .safetensors file or a directory holding "
-                    "pytorch_lora_weights.safetensors ('' = the base model).")
-flags.DEFINE_float("lora_scale", 1.0, "LoRA scale.")
-flags.DEFINE_string("prompt", None, "One prompt.")
-flags.DEFINE_string("prompts", None, "A prompt file (.txt / .jsonl / .parquet).")
-flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8).")
-flags.DEFINE_integer("resolution", 1024, "Image size in pixels (a multiple of 32 for SDXL).")
-flags.DEFINE_integer("batch_size", 4, "Images per jitted call.")
-flags.DEFINE_integer("seed", 0, "Noise seed.")
-flags.DEFINE_string("out", "samples", "Output directory.")
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so the module imports cleanly
+  beside other flag-defining modules)."""
+  flags.DEFINE_string("sdxl", None, "Local diffusers-layout SDXL directory (unet/, vae/, "
+                      "text_encoder(_2)/, tokenizer(_2)/).")
+  flags.DEFINE_string("lora", "", "MLCM LoRA: a .safetensors file or a directory holding "
+                      "pytorch_lora_weights.safetensors ('' = the base model).")
+  flags.DEFINE_float("lora_scale", 1.0, "LoRA scale.")
+  flags.DEFINE_string("prompt", None, "One prompt.")
+  flags.DEFINE_string("prompts", None, "A prompt file (.txt / .jsonl / .parquet).")
+  flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8).")
+  flags.DEFINE_integer("resolution", 1024, "Image size in pixels (a multiple of 32 for SDXL).")
+  flags.DEFINE_integer("batch_size", 4, "Images per jitted call.")
+  flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_string("out", "samples", "Output directory.")
 
 
 def main(argv):
@@ -96,8 +109,11 @@ def main(argv):
     raise app.UsageError("--sdxl (a local SDXL directory) is required")
   prompts = [FLAGS.prompt] if FLAGS.prompt is not None else prompt_data.load_prompts(
       FLAGS.prompts)
-  images = generate_images(FLAGS.sdxl, prompts, FLAGS.steps, FLAGS.resolution, FLAGS.lora,
-                           FLAGS.lora_scale, FLAGS.seed, FLAGS.batch_size)
+  if not 1 <= FLAGS.steps <= 1000:
+    raise app.UsageError(f"--steps={FLAGS.steps} is invalid; allowed: 1..1000 (MLCM: 1-8)")
+  pipeline = load_pipeline(FLAGS.sdxl, FLAGS.lora, FLAGS.lora_scale)
+  images = generate_images(pipeline, prompts, FLAGS.steps, FLAGS.resolution, FLAGS.seed,
+                           FLAGS.batch_size)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     plotting.save_image(os.path.join(FLAGS.out, f"{i:05d}_{_slug(prompt)}.png"), image)
@@ -106,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
