@@ -81,3 +81,60 @@ def test_guidance_and_few_step_sampling():
   for steps in (1, 2, 4, 8):
     np.testing.assert_allclose(mlcm.consistency_sample(exact_eps, noise, steps),
                                jnp.broadcast_to(X0, (5, 4)), atol=1e-4)
+
+
+def test_mlcd_distills_a_sharp_two_step_sampler():
+  """Convergence on a toy: data = two points +-m in 2-D with its exact (guidance-free) eps as the
+  teacher. Two DDIM steps of the teacher land between the modes (blurry); a student (teacher +
+  a zero-initialised MLP correction) trained by MLCD with K = 2 segments, k = 20, learns a
+  2-step sampler that lands on them."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  m = jnp.array([1.0, 1.0])
+
+  def teacher(z, t):
+    a, s = mlcm.alpha_sigma_at(t)
+    posterior_mean = jnp.tanh(a * (z @ m) / s ** 2)[:, None] * m
+    return (z - a[:, None] * posterior_mean) / s[:, None]
+
+  class Correction(nn.Module):
+    @nn.compact
+    def __call__(self, z, t):
+      freqs = t[:, None] / 1000 * jnp.arange(1, 9)
+      h = jnp.concatenate([z, jnp.sin(freqs), jnp.cos(freqs)], -1)
+      for _ in range(3):
+        h = nn.gelu(nn.Dense(128)(h))
+      return nn.Dense(2, kernel_init=nn.initializers.zeros)(h)
+
+  net = Correction()
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+  student = lambda p: (lambda z, t: teacher(z, t) + net.apply(p, z, t))
+  tx = optax.adam(1e-3)
+
+  def loss_fn(p, rng):
+    r1, r2, r3 = jax.random.split(rng, 3)
+    s, t_m, t_n, start = mlcm.sample_times(r1, 512, 2, 20)
+    x0 = jnp.where(jax.random.bernoulli(r2, 0.5, (512, 1)), m, -m)
+    a, sg = mlcm.alpha_sigma_at(t_m)
+    z = a[:, None] * x0 + sg[:, None] * jax.random.normal(r3, (512, 2))
+    return jnp.mean(mlcm.mlcd_loss(student(p), teacher, z, t_m, t_n, start)[0])
+
+  @jax.jit
+  def train(p, opt_state):
+    def body(carry, r):
+      p, o = carry
+      grads = jax.grad(loss_fn)(p, r)
+      updates, o = tx.update(grads, o, p)
+      return (optax.apply_updates(p, updates), o), None
+    return jax.lax.scan(body, (p, opt_state), jax.random.split(jax.random.PRNGKey(1), 1000))[0]
+
+  def distance_to_modes(p):
+    x = mlcm.consistency_sample(student(p), jax.random.normal(jax.random.PRNGKey(9), (4096, 2)),
+                                2)
+    return float(jnp.mean(jnp.minimum(jnp.linalg.norm(x - m, axis=1),
+                                      jnp.linalg.norm(x + m, axis=1))))
+
+  before = distance_to_modes(params)  # = the teacher's 2-step DDIM (correction starts at 0)
+  trained, _ = train(params, tx.init(params))
+  after = distance_to_modes(trained)
+  assert before > 0.5 and after < 0.3 * before, (before, after)  # seen: 0.66 -> ~0.08-0.14
