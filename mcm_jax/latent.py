@@ -58,6 +58,9 @@ def default_config(size):
       guidance_scale=8.0,
       image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
       teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
+      # Beyond the paper, as options: MCM's aDDIM teacher step and MCM's invDDIM x-target with
+      # (SNR + 1) pseudo-Huber weighting (huber_eps 1 as MCM for text-to-image).
+      teacher_step="ddim", target="eq7", huber_eps=1.0,
       # Stage 0 from a trajectory bank: (z_tm, z_tn) pairs made once by the guided teacher and
       # streamed (no teacher call in the step). dir '' = the teacher runs inside every step.
       bank=dict(dir="", entries=64 if tiny else 960_000),  # 960k = 40k steps x batch 24
@@ -96,6 +99,11 @@ def validate(c):
   if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
     raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
                       f"integer >= train.batch_size={c.train.batch_size}")
+  if m.teacher_step not in mlcm.TEACHER_STEPS:
+    raise ConfigError(f"config.mlcm.teacher_step={m.teacher_step!r} is invalid; allowed: "
+                      f"{mlcm.TEACHER_STEPS}")
+  if m.target not in mlcm.TARGETS:
+    raise ConfigError(f"config.mlcm.target={m.target!r} is invalid; allowed: {mlcm.TARGETS}")
   if m.teacher_mode not in TEACHER_MODES:
     raise ConfigError(f"config.mlcm.teacher_mode={m.teacher_mode!r} is invalid; allowed: "
                       f"{TEACHER_MODES}")
@@ -210,15 +218,15 @@ def make_loss(c, eps_fn, stage, decode=None, score=None):
       z_tm = mlcm.image_free_latents("progressive", previous, noise, s, t_m, num_segments)
     z_tm = jax.lax.stop_gradient(z_tm)
     teacher = previous if (previous is not None and m.teacher_mode == "updated") else guided
-    z_tn = mlcm.teacher_step(teacher, z_tm, t_m, t_n)
+    z_tn = mlcm.teacher_step(teacher, z_tm, t_m, t_n, m.teacher_step)
     return _with_rewards(student, z_tm, z_tn, t_m, t_n, start, frozen)
 
   def _with_rewards(student, z_tm, z_tn, t_m, t_n, start, frozen):
     metrics = {"t_m": jnp.mean(t_m.astype(jnp.float32))}
-    if score is None:
-      return jnp.mean(mlcm.mlcd_from_pair(student, z_tm, z_tn, t_m, t_n, start)), metrics
     terms = mlcm.mlcd_terms(student, z_tm, z_tn, t_m, t_n, start)
-    mlcd = jnp.mean((terms["pred"] - terms["target"]) ** 2)
+    mlcd = jnp.mean(mlcm.objective(terms, z_tm, t_m, start, m.target, m.huber_eps))
+    if score is None:
+      return mlcd, metrics
     s_fn = lambda images: score(frozen["scorer"], images)
     # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
     rc = jnp.mean(rewards.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
@@ -301,6 +309,7 @@ def bank_settings(c):
   return dict(teacher=c.teacher_unet or c.student_unet or "tiny-random", seed=c.seed,
               num_segments=c.mlcm.num_segments, skip=c.mlcm.skip,
               guidance_scale=c.mlcm.guidance_scale, image_free=c.mlcm.image_free,
+              teacher_step=c.mlcm.teacher_step,
               latent_resolution=c.latent_resolution, prompts=c.prompts or "builtin",
               entries=c.mlcm.bank.entries, batch=c.train.batch_size)
 
@@ -328,7 +337,7 @@ def open_or_build_bank(c, frozen, eps_fn, encode_batch, prompts, mesh):
     s, t_m, t_n, start = mlcm.sample_times(k_times, n, m.num_segments, m.skip)
     noise = jax.random.normal(k_noise, (n, res, res, 4))
     z_tm = mlcm.image_free_latents(m.image_free, guided, noise, s, t_m, m.num_segments)
-    z_tn = mlcm.teacher_step(guided, z_tm, t_m, t_n)
+    z_tn = mlcm.teacher_step(guided, z_tm, t_m, t_n, m.teacher_step)
     return dict(prompt_index=batch["prompt_index"], segment=s, t_m=t_m, t_n=t_n,
                 seg_start=start, z_tm=z_tm, z_tn=z_tn)
 

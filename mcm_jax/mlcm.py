@@ -18,11 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import schedules
+from mcm_jax import consistency, schedules
+from mcm_jax.samplers import addim
 from mcm_jax.samplers.addim import bcast
 
 T = 1000
 IMAGE_FREE = ("mdi", "sdi", "progressive")  # App. Alg. 1, one-step baseline, App. Alg. 2
+TEACHER_STEPS = ("ddim", "addim")  # MLCM's DDIM; MCM's adjusted DDIM (an option here)
+TARGETS = ("eq7", "mcm")  # MLCM eq. 7 (latent L2); MCM Alg. 1's invDDIM x-target (an option)
 
 
 def alpha_sigma_at(t, clean=None):
@@ -102,9 +105,20 @@ def image_free_latents(kind, eps_fn, noise, segment, t_m, num_segments):
   raise ValueError(f"image-free data {kind!r} is not known; allowed: {IMAGE_FREE}")
 
 
-def teacher_step(teacher_eps, z_tm, t_m, t_n):
-  """``z_{t_n} = DDIM(z_{t_m}, teacher_eps(z_{t_m}), t_m -> t_n)`` (eq. 8; no gradient)."""
-  return jax.lax.stop_gradient(ddim(z_tm, teacher_eps(z_tm, t_m), t_m, t_n))
+def teacher_step(teacher_eps, z_tm, t_m, t_n, sampler="ddim"):
+  """``z_{t_n} = DDIM(z_{t_m}, teacher_eps(z_{t_m}), t_m -> t_n)`` (eq. 8; no gradient), or
+  with ``sampler='addim'`` MCM's adjusted DDIM with the analytic ``x_var = 0.1 / (2 + SNR(t_m))``
+  (image-free data has no x to measure it from)."""
+  eps = teacher_eps(z_tm, t_m)
+  if sampler == "ddim":
+    return jax.lax.stop_gradient(ddim(z_tm, eps, t_m, t_n))
+  if sampler != "addim":
+    raise ValueError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
+  a_m, s_m = alpha_sigma_at(t_m)
+  a_n, s_n = alpha_sigma_at(t_n)
+  x = (z_tm - bcast(s_m, z_tm) * eps) / bcast(a_m, z_tm)
+  return jax.lax.stop_gradient(
+      addim.addim_step(x, z_tm, a_m, s_m, a_n, s_n, addim.analytic_x_var(a_m, s_m)))
 
 
 def mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
@@ -121,11 +135,26 @@ def mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
   return {"pred": pred, "target": target, "x_hat": x_hat}
 
 
-def mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
-  """Per-example MLCM eq. 7 for a given pair (``z_{t_m}``, ``z_{t_n}``), e.g. from a
-  precomputed trajectory bank. ``student_eps(z, t)`` is differentiated only at ``z_{t_m}``."""
+def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
+  """Per-example loss from ``mlcd_terms``: 'eq7' = ``mean (pred - target)^2`` (MLCM), or 'mcm' =
+  MCM Alg. 1 in latent space: ``x_target = invDDIM_{t_m -> t_step}(target, z_{t_m})`` and
+  ``(SNR(t_m) + 1) * pseudo_huber(x_hat - x_target, huber_eps)``."""
+  if target == "eq7":
+    return jnp.mean((terms["pred"] - terms["target"]) ** 2, axis=tuple(range(1, z_tm.ndim)))
+  if target != "mcm":
+    raise ValueError(f"target {target!r} is not known; allowed: {TARGETS}")
+  a_m, s_m = alpha_sigma_at(t_m)
+  a_s, s_s = alpha_sigma_at(seg_start, seg_start == 0)
+  x_target = jax.lax.stop_gradient(addim.inv_ddim(terms["target"], z_tm, a_m, s_m, a_s, s_s))
+  weight = a_m ** 2 / s_m ** 2 + 1.0
+  return weight * consistency.pseudo_huber(terms["x_hat"] - x_target, huber_eps)
+
+
+def mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start, target="eq7", huber_eps=1.0):
+  """Per-example MLCD for a given pair (``z_{t_m}``, ``z_{t_n}``), e.g. from a precomputed
+  trajectory bank. ``student_eps(z, t)`` is differentiated only at ``z_{t_m}``."""
   terms = mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start)
-  return jnp.mean((terms["pred"] - terms["target"]) ** 2, axis=tuple(range(1, z_tm.ndim)))
+  return objective(terms, z_tm, t_m, seg_start, target, huber_eps)
 
 
 def mlcd_loss(student_eps, teacher_eps, z_tm, t_m, t_n, seg_start):

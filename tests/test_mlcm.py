@@ -138,3 +138,30 @@ def test_mlcd_distills_a_sharp_two_step_sampler():
   trained, _ = train(params, tx.init(params))
   after = distance_to_modes(trained)
   assert before > 0.5 and after < 0.3 * before, (before, after)  # seen: 0.66 -> ~0.08-0.14
+
+
+def test_mcm_target_and_addim_teacher_options():
+  s, t_m, t_n, start = _times(batch=1024)
+  noise = jax.random.normal(jax.random.PRNGKey(4), (1024, 4))
+  a, sg = mlcm.alpha_sigma_at(t_m)
+  z_tm = a[:, None] * X0 + sg[:, None] * noise
+  z_tn = mlcm.teacher_step(exact_eps, z_tm, t_m, t_n)
+  terms = mlcm.mlcd_terms(exact_eps, z_tm, z_tn, t_m, t_n, start)
+  # The invDDIM target of a consistent student is its own x_hat (= x0 here): zero loss.
+  np.testing.assert_allclose(mlcm.objective(terms, z_tm, t_m, start, "mcm", 1e-4), 0.0,
+                             atol=1e-4)
+  np.testing.assert_allclose(terms["x_hat"], jnp.broadcast_to(X0, (1024, 4)), atol=1e-3)
+  wrong = mlcm.mlcd_terms(lambda z, t: exact_eps(z, t, 1.1), z_tm, z_tn, t_m, t_n, start)
+  # DDIM is affine in x, so eq. 7 = (alpha_s - alpha_t sigma_s / sigma_t)^2 * mean (x_hat -
+  # x_target)^2; with huber eps -> 0 the mcm form is (SNR + 1) * rms(x_hat - x_target).
+  eq7 = mlcm.objective(wrong, z_tm, t_m, start, "eq7")
+  rms = mlcm.objective(wrong, z_tm, t_m, start, "mcm", 1e-12) / (a ** 2 / sg ** 2 + 1)
+  a_s, s_s = mlcm.alpha_sigma_at(start, start == 0)
+  coef = (a_s - a * s_s / sg) ** 2
+  np.testing.assert_allclose(eq7, coef * rms ** 2, rtol=5e-3, atol=1e-10)
+  # aDDIM teacher step: equals DDIM for a point mass only when x_var = 0, so it moves z_tn.
+  z_tn_addim = mlcm.teacher_step(exact_eps, z_tm, t_m, t_n, "addim")
+  assert float(jnp.abs(z_tn_addim - z_tn).max()) > 1e-4
+  assert float(jnp.abs(z_tn_addim - z_tn).max()) < 0.5
+  with pytest.raises(ValueError, match="allowed"):
+    mlcm.teacher_step(exact_eps, z_tm, t_m, t_n, "heun")
