@@ -29,7 +29,8 @@ EXTRAS = {
     # array_record files): works without tensorflow (tfds' tf.data pipelines would need it).
     "imagenet": ["tensorflow-datasets>=4.9,<5", "array_record"],
     # SDXL in Flax: diffusers >= 0.40 and transformers >= 5 no longer ship Flax classes.
-    "sdxl": ["diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors"],
+    # (peft only for PyTorch-side LoRA loading in tests; pyarrow for .parquet prompt files.)
+    "sdxl": ["diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "pyarrow"],
     # The pixel CPU demo: scikit-learn ships 1,797 real 8x8 digit images inside its wheel.
     "demo": ["scikit-learn>=1.3"],
     # Tests. The FID Inception is checked against pytorch-fid's network, which needs torchvision.
@@ -42,7 +43,8 @@ EXTRAS = {
     "test": ["pytest>=8", "scikit-learn>=1.3", "scipy",
              "tensorflow-datasets>=4.9,<5", "array_record",
              "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
-             "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15"],
+             "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",
+             "pyarrow"],
 }
 
 setup(

@@ -38,8 +38,8 @@ def test_two_stage_progressive_run(tmp_path):
 
 def test_stage_on_a_tiny_sdxl_directory(tmp_path):
   """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
-  directory (tiny, random), a prompt file, one stage with the reward losses (aesthetic scorer
-  on a tiny CLIP); samples decoded by the VAE."""
+  directory (tiny, random), a separate teacher UNet, a prompt file, one stage with the reward
+  losses (aesthetic scorer on a tiny CLIP); samples decoded by the VAE."""
   sys.path.insert(0, os.path.dirname(__file__))
   import sdxl_fixtures  # pylint: disable=g-import-not-at-top
   sdxl_dir = sdxl_fixtures.write_tiny_sdxl(str(tmp_path / "sdxl"))
@@ -47,7 +47,11 @@ def test_stage_on_a_tiny_sdxl_directory(tmp_path):
   prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
                                 ["lower newer", "wider", "lowest lower", "newer wider"]))
   config = sdxl_mlcm.get_config("tiny")
-  config.update(student_unet=sdxl_dir, text_encoder="sdxl", prompts=str(prompts))
+  # The teacher: another SDXL-architecture checkpoint (as MLCM distils a fine-tune's trajectories).
+  sdxl_fixtures.tiny_torch_unet(seed=1).save_pretrained(tmp_path / "teacher" / "unet",
+                                                        safe_serialization=True)
+  config.update(student_unet=sdxl_dir, teacher_unet=str(tmp_path / "teacher"),
+                text_encoder="sdxl", prompts=str(prompts))
   sdxl_fixtures.tiny_clip_and_head(tmp_path)
   config.rewards.update(scorer="aesthetic", clip_dir=str(tmp_path / "clip"),
                         head=str(tmp_path / "head.pth"))

@@ -1,7 +1,7 @@
 """Prompts from a local file, and a host batch function over them.
 
 Formats: ``.txt`` (one prompt per line), ``.jsonl`` (a ``"prompt"`` / ``"caption"`` / ``"text"``
-field per line), ``.parquet`` (a column of that name; needs pandas + pyarrow). Empty prompts
+field per line), ``.parquet`` (a column of that name; needs pyarrow). Empty prompts
 are dropped. Batches are a deterministic function of (seed, step) -- an epoch permutation as
 for images -- so the data position is the step stored with every checkpoint.
 """
@@ -35,12 +35,12 @@ def load_prompts(path):
           raise ValueError(f"{path}:{i + 1}: no field of {PROMPT_FIELDS} in {sorted(row)}")
         prompts.append(str(row[field]).strip())
   elif ext == ".parquet":
-    import pandas as pd  # pylint: disable=g-import-not-at-top
-    frame = pd.read_parquet(path)
-    field = next((k for k in PROMPT_FIELDS if k in frame.columns), None)
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    table = pq.read_table(path)
+    field = next((k for k in PROMPT_FIELDS if k in table.column_names), None)
     if field is None:
-      raise ValueError(f"{path}: no column of {PROMPT_FIELDS} in {list(frame.columns)}")
-    prompts = [str(p).strip() for p in frame[field]]
+      raise ValueError(f"{path}: no column of {PROMPT_FIELDS} in {table.column_names}")
+    prompts = [str(p).strip() for p in table.column(field).to_pylist()]
   else:
     raise ValueError(f"prompt file {path!r}: extension {ext!r} is not one of .txt, .jsonl, "
                      ".parquet")

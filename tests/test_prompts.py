@@ -1,0 +1,36 @@
+"""Prompt files (.txt / .jsonl / .parquet) and deterministic prompt batches."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mcm_jax.data import prompts
+
+
+def test_prompt_files_in_three_formats(tmp_path):
+  want = ["a red fox", "a blue house", "two cats"]
+  (tmp_path / "p.txt").write_text("a red fox\n\n a blue house \ntwo cats\n")
+  (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"caption": p, "id": i})
+                                              for i, p in enumerate(want)) + "\n")
+  pq.write_table(pa.table({"prompt": want, "score": [6.5, 7.0, 6.1]}), tmp_path / "p.parquet")
+  for ext in ("txt", "jsonl", "parquet"):
+    assert prompts.load_prompts(str(tmp_path / f"p.{ext}")) == want, ext
+  (tmp_path / "bad.jsonl").write_text(json.dumps({"url": "x"}) + "\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl:1: no field of \('prompt', 'caption'"):
+    prompts.load_prompts(str(tmp_path / "bad.jsonl"))
+  with pytest.raises(ValueError, match="extension '.csv'"):
+    (tmp_path / "p.csv").write_text("x")
+    prompts.load_prompts(str(tmp_path / "p.csv"))
+  with pytest.raises(FileNotFoundError, match="prompt file"):
+    prompts.load_prompts(str(tmp_path / "none.txt"))
+
+
+def test_prompt_batches_are_epochs():
+  texts = [f"p{i}" for i in range(6)]
+  batch = prompts.host_batch_fn(texts, lambda ps: {"ids": np.array([int(p[1:]) for p in ps])},
+                                4, seed=0)
+  seen = np.concatenate([batch(s)["ids"] for s in range(3)])  # 12 = two epochs
+  assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:]) == list(range(6))
+  np.testing.assert_array_equal(batch(2)["ids"], batch(2)["ids"])
