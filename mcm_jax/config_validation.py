@@ -14,6 +14,11 @@ def _check(ok, field, value, allowed):
     raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
 
 
+def check_in(value, field, allowed):
+  """ConfigError ``config.<field>=<value> is invalid; allowed: <allowed>`` unless value in it."""
+  _check(value in allowed, field, value, tuple(allowed))
+
+
 def _is_int(v):
   return isinstance(v, int) and not isinstance(v, bool)
 

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from mcm_jax import lora as lora_lib
 from mcm_jax import mlcm, plotting, rewards, sharding, train
-from mcm_jax.config_validation import ConfigError, validate_train
+from mcm_jax.config_validation import ConfigError, check_in, validate_train
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
 from mcm_jax.data.images import epoch_indices
@@ -93,29 +93,18 @@ def validate(c):
       m.num_stages - 1):
     raise ConfigError(f"config.mlcm.skip={m.skip} is invalid; allowed: 1 <= k < T/K = "
                       f"{mlcm.T // m.num_segments} (it doubles with K halving)")
-  if m.image_free not in ("mdi", "sdi"):
-    raise ConfigError(f"config.mlcm.image_free={m.image_free!r} is invalid; allowed: "
-                      "('mdi', 'sdi')")
+  check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
   if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
     raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
                       f"integer >= train.batch_size={c.train.batch_size}")
-  if m.teacher_step not in mlcm.TEACHER_STEPS:
-    raise ConfigError(f"config.mlcm.teacher_step={m.teacher_step!r} is invalid; allowed: "
-                      f"{mlcm.TEACHER_STEPS}")
-  if m.target not in mlcm.TARGETS:
-    raise ConfigError(f"config.mlcm.target={m.target!r} is invalid; allowed: {mlcm.TARGETS}")
-  if m.teacher_mode not in TEACHER_MODES:
-    raise ConfigError(f"config.mlcm.teacher_mode={m.teacher_mode!r} is invalid; allowed: "
-                      f"{TEACHER_MODES}")
-  if c.rewards.scorer not in ("", "aesthetic"):
-    raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r} is invalid; allowed: "
-                      "('', 'aesthetic')")
+  check_in(m.teacher_step, "mlcm.teacher_step", mlcm.TEACHER_STEPS)
+  check_in(m.target, "mlcm.target", mlcm.TARGETS)
+  check_in(m.teacher_mode, "mlcm.teacher_mode", TEACHER_MODES)
+  check_in(c.rewards.scorer, "rewards.scorer", ("", "aesthetic"))
   if c.rewards.scorer and not c.student_unet:
     raise ConfigError("config.rewards.scorer needs config.student_unet: rewards score images "
                       "decoded by the SDXL directory's VAE")
-  if c.text_encoder not in ("hashed", "sdxl"):
-    raise ConfigError(f"config.text_encoder={c.text_encoder!r} is invalid; allowed: "
-                      "('hashed', 'sdxl')")
+  check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 
 
 def hashed_text_encoder(context_dim, pooled_dim, length=8, vocab=1024, seed=0):

@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 
 from mcm_jax import checkpoint, consistency, diffusion, fid, parameterization, plotting
 from mcm_jax import schedules, sharding, train
-from mcm_jax.config_validation import ConfigError, validate_consistency, validate_train
+from mcm_jax.config_validation import ConfigError, check_in, validate_consistency
+from mcm_jax.config_validation import validate_train
 from mcm_jax.data import images as image_data
 from mcm_jax.metric_writer import create_writer
 from mcm_jax.models.uvit import UViT, uvit_config
@@ -101,8 +102,7 @@ def default_config(resolution, size, objective):
 
 
 def _validate(c):
-  if c.objective not in OBJECTIVES:
-    raise ConfigError(f"config.objective={c.objective!r} is invalid; allowed: {OBJECTIVES}")
+  check_in(c.objective, "objective", OBJECTIVES)
   if c.data.name != image_data.DIGITS and not c.data.data_dir:
     raise ConfigError(f"config.data.data_dir='' is invalid for data.name={c.data.name!r}; "
                       "allowed: the local directory holding the prepared tfds dataset")
@@ -110,18 +110,12 @@ def _validate(c):
   if c.objective != "base":
     cc = c.consistency
     validate_consistency(cc)
-    if cc.teacher_sampler not in consistency.TEACHER_SAMPLERS:
-      raise ConfigError(f"config.consistency.teacher_sampler={cc.teacher_sampler!r} is invalid; "
-                        f"allowed: {consistency.TEACHER_SAMPLERS}")
+    check_in(cc.teacher_sampler, "consistency.teacher_sampler", consistency.TEACHER_SAMPLERS)
     if not c.init_from:
       raise ConfigError(f"config.init_from is empty; CT / CD start from a base run's workdir "
                         f"(train one with objective='base' first)")
-  if c.sample.x_var not in ("table", "analytic"):
-    raise ConfigError(f"config.sample.x_var={c.sample.x_var!r} is invalid; allowed: "
-                      "('table', 'analytic')")
-  if c.eval.features not in fid.FEATURES:
-    raise ConfigError(f"config.eval.features={c.eval.features!r} is invalid; allowed: "
-                      f"{fid.FEATURES}")
+  check_in(c.sample.x_var, "sample.x_var", ("table", "analytic"))
+  check_in(c.eval.features, "eval.features", fid.FEATURES)
   for key in ("num", "batch_size", "reference_num"):
     if not isinstance(c.eval[key], int) or c.eval[key] < 2:
       raise ConfigError(f"config.eval.{key}={c.eval[key]!r} is invalid; allowed: an integer >= 2")
