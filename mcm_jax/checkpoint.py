@@ -73,6 +73,13 @@ def check_stored(manager, step, like, subtree=None):
   check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
 
 
+def differing_fields(old, new):
+  """{key: (old value, new value)} for the keys where two JSON-like dicts (or None) differ."""
+  old, new = old or {}, new or {}
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
 def restore_latest(manager, like_state, data_spec=None):
   """Restores the latest checkpoint shaped like ``like_state``; None when there is none.
 
@@ -89,9 +96,7 @@ def restore_latest(manager, like_state, data_spec=None):
       STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()}))
   stored_spec = restored[DATA]["stream"]
   if stored_spec != data_spec:
-    keys = sorted(set(stored_spec or {}) | set(data_spec or {}))
-    diff = {k: ((stored_spec or {}).get(k), (data_spec or {}).get(k)) for k in keys
-            if (stored_spec or {}).get(k) != (data_spec or {}).get(k)}
+    diff = differing_fields(stored_spec, data_spec)
     raise ValueError(f"checkpoint {manager.directory}/{step} was written reading another data "
                      f"stream, so resuming would not continue the run exactly: "
                      f"(checkpoint, now) = {diff}. Restore those settings or use another "

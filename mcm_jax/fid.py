@@ -66,10 +66,13 @@ def inception_feature_fn(weights_path):
   net = inception.InceptionFID()
 
   @jax.jit
+  def apply(p, images):  # the weights are an argument, not constants baked into the program
+    return net.apply(p, quantize(images))
+
   def features(images):
     if images.shape[-1] != 3:
       raise ValueError(f"FID Inception needs 3-channel images, got shape {images.shape}")
-    return net.apply(params, quantize(images)), None
+    return apply(params, images), None
 
   return features
 

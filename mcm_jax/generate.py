@@ -34,12 +34,6 @@ def make_generator(unet, vae, steps):
   return generate
 
 
-def time_ids(resolution, batch):
-  """SDXL micro-conditioning: (original size, crop top-left, target size)."""
-  return np.tile(np.array([[resolution, resolution, 0, 0, resolution, resolution]],
-                          np.float32), (batch, 1))
-
-
 def _slug(text, n=40):
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
@@ -73,7 +67,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     chunk = list(prompts[start:start + batch_size])
     pad = batch_size - len(chunk)
     cond = pipeline["encode"](chunk + [chunk[-1]] * pad)  # fixed batch: one compilation
-    cond["time_ids"] = time_ids(resolution, batch_size)
+    cond["time_ids"] = sdxl.time_ids(resolution, batch_size)
     noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), b),
                               (batch_size, latent, latent, 4))
     images = np.asarray(generate(pipeline["unet_params"], pipeline["vae_params"], cond, noise))

@@ -23,11 +23,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mcm_jax import lora as lora_lib
-from mcm_jax import mlcm, plotting, rewards, sharding, train
+from mcm_jax import generate, mlcm, plotting, rewards, sharding, train
 from mcm_jax.config_validation import ConfigError, check_in, validate_train
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
-from mcm_jax.data.images import epoch_indices
+from mcm_jax.data.images import local_indices_fn
 from mcm_jax.metric_writer import create_writer
 from mcm_jax.models import sdxl
 
@@ -89,8 +89,7 @@ def validate(c):
       m.num_segments % 2 ** (m.num_stages - 1)):
     raise ConfigError(f"config.mlcm.num_segments={m.num_segments} is invalid; allowed: an "
                       f"integer divisible by 2^(num_stages - 1) = {2 ** (m.num_stages - 1)}")
-  if m.skip < 1 or m.skip * 2 ** (m.num_stages - 1) >= mlcm.T // m.num_segments * 2 ** (
-      m.num_stages - 1):
+  if m.skip < 1 or m.skip >= mlcm.T // m.num_segments:
     raise ConfigError(f"config.mlcm.skip={m.skip} is invalid; allowed: 1 <= k < T/K = "
                       f"{mlcm.T // m.num_segments} (it doubles with K halving)")
   check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
@@ -123,11 +122,6 @@ def hashed_text_encoder(context_dim, pooled_dim, length=8, vocab=1024, seed=0):
     return {"context": context, "text_embeds": context.mean(1) @ proj}
 
   return encode
-
-
-def _time_ids(c, batch):
-  px = c.latent_resolution * 8  # (original size, crop top-left, target size), SDXL micro-cond
-  return np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (batch, 1))
 
 
 def build_models(c):
@@ -167,6 +161,15 @@ def stage_settings(c, stage):
   return c.mlcm.num_segments // 2 ** stage, c.mlcm.skip * 2 ** stage
 
 
+def guided_teacher(eps_fn, params, cond, uncond, scale):
+  """``teacher(z, t)``: CFG (eq. 8) of ``eps_fn(params, ...)`` with ``uncond`` ([1, ...] empty
+  prompt conditioning) broadcast to the batch of ``cond``."""
+  b = cond["context"].shape[0]
+  uncond = jax.tree_util.tree_map(lambda u: jnp.broadcast_to(u, (b,) + u.shape[1:]), uncond)
+  return lambda z, t: mlcm.guided_eps(functools.partial(eps_fn, params), z, t, cond, uncond,
+                                      scale)
+
+
 def make_loss(c, eps_fn, stage, decode=None, score=None):
   """``loss(lora, batch, rng, step, frozen)`` of one stage (pure; for ``train.train``).
 
@@ -183,13 +186,10 @@ def make_loss(c, eps_fn, stage, decode=None, score=None):
     del step
     cond = {k: batch[k] for k in ("context", "text_embeds", "time_ids")}
     b = cond["context"].shape[0]
-    uncond = jax.tree_util.tree_map(lambda u: jnp.broadcast_to(u, (b,) + u.shape[1:]),
-                                    frozen["uncond"])
     student_params = lora_lib.merge(frozen["unet"], lora, c.lora.scale)
     student = lambda z, t: eps_fn(student_params, z, t, cond)
-    teacher_params = frozen["teacher"] if "teacher" in frozen else frozen["unet"]
-    guided = lambda z, t: mlcm.guided_eps(functools.partial(eps_fn, teacher_params), z, t,
-                                          cond, uncond, m.guidance_scale)
+    guided = guided_teacher(eps_fn, frozen.get("teacher", frozen["unet"]), cond,
+                            frozen["uncond"], m.guidance_scale)
     previous = None
     if frozen.get("prev_lora") is not None:
       prev_params = lora_lib.merge(frozen["unet"], frozen["prev_lora"], c.lora.scale)
@@ -245,14 +245,14 @@ def run(config, workdir):
 
   def encode_batch(texts):
     out = encode(texts)
-    out["time_ids"] = _time_ids(c, len(texts))
+    out["time_ids"] = sdxl.time_ids(c.latent_resolution * 8, len(texts))
     return out
 
   uncond = encode_batch([""])
   rep = sharding.replicated(mesh)
-  frozen = {"unet": params, "teacher": teacher, "uncond": jax.device_put(uncond, rep)}
-  if teacher is None:
-    del frozen["teacher"]
+  frozen = {"unet": params, "uncond": jax.device_put(uncond, rep)}
+  if teacher is not None:
+    frozen["teacher"] = teacher
   decode = score = None
   if c.rewards.scorer:
     vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
@@ -274,8 +274,9 @@ def run(config, workdir):
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
-    state = train.train(make_loss(c, eps_fn, stage, decode, score), lora_params, None, c.train, stage_dir,
-                        frozen=frozen, writer=writer, name=f"mlcm_stage{stage}_K{num_segments}",
+    state = train.train(make_loss(c, eps_fn, stage, decode, score), lora_params, None, c.train,
+                        stage_dir, frozen=frozen, writer=writer,
+                        name=f"mlcm_stage{stage}_K{num_segments}",
                         mesh=mesh, host_batch_fn=bank_fn if from_bank else batch_fn,
                         data_spec=data_spec)
     lora_params = jax.device_get(state.params)  # no EMA in MLCM: the trained LoRA itself
@@ -283,8 +284,8 @@ def run(config, workdir):
     path = None
     if jax.process_index() == 0:
       path = lora_lib.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale)
-      _write_sample_grid(c, params, lora_params, eps_fn, encode_batch, prompts, num_segments,
-                         stage_dir)
+      _write_sample_grid(c, model, params, lora_params, eps_fn, encode_batch, prompts,
+                         num_segments, stage_dir)
     stages.append({"num_segments": num_segments, "skip": skip, "lora": path})
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, num_segments, skip, path)
   writer.close()
@@ -319,9 +320,7 @@ def open_or_build_bank(c, frozen, eps_fn, encode_batch, prompts, mesh):
   def make_pairs(params, batch, rng):
     cond = {k: batch[k] for k in ("context", "text_embeds", "time_ids")}
     n = cond["context"].shape[0]
-    unc = jax.tree_util.tree_map(lambda u: jnp.broadcast_to(u, (n,) + u.shape[1:]), uncond)
-    guided = lambda z, t: mlcm.guided_eps(functools.partial(eps_fn, params), z, t, cond, unc,
-                                          m.guidance_scale)
+    guided = guided_teacher(eps_fn, params, cond, uncond, m.guidance_scale)
     k_times, k_noise = jax.random.split(rng)
     s, t_m, t_n, start = mlcm.sample_times(k_times, n, m.num_segments, m.skip)
     noise = jax.random.normal(k_noise, (n, res, res, 4))
@@ -330,12 +329,11 @@ def open_or_build_bank(c, frozen, eps_fn, encode_batch, prompts, mesh):
     return dict(prompt_index=batch["prompt_index"], segment=s, t_m=t_m, t_n=t_n,
                 seg_start=start, z_tm=z_tm, z_tn=z_tn)
 
-  local = b // jax.process_count()
-  lo = jax.process_index() * local
+  indices = local_indices_fn(b, len(prompts), c.seed + 777)
 
   def batches():
     for i in range(-(-m.bank.entries // b)):
-      idx = epoch_indices(i, b, len(prompts), c.seed + 777)[lo:lo + local]
+      idx = indices(i)
       host = dict(encode_batch([prompts[j] for j in idx]), prompt_index=idx.astype(np.int32))
       yield make_pairs(teacher_params, sharding.shard_batch(host, mesh),
                        jax.random.fold_in(jax.random.PRNGKey(c.seed + 555), i))
@@ -349,12 +347,10 @@ def open_or_build_bank(c, frozen, eps_fn, encode_batch, prompts, mesh):
 
 def bank_batch_fn(bank, prompts, encode_batch, global_batch, seed):
   """``batch(step)``: bank entries of the step (epoch permutation) + their prompts' encoding."""
-  procs, index = jax.process_count(), jax.process_index()
-  local = global_batch // procs
+  indices = local_indices_fn(global_batch, len(bank), seed)
 
   def batch(step):
-    idx = epoch_indices(step, global_batch, len(bank), seed)[index * local:(index + 1) * local]
-    entries = bank.get(idx)
+    entries = bank.get(indices(step))
     out = encode_batch([prompts[i] for i in entries["prompt_index"]])
     out.update({k: entries[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
     return out
@@ -362,7 +358,7 @@ def bank_batch_fn(bank, prompts, encode_batch, global_batch, seed):
   return batch
 
 
-def _write_sample_grid(c, params, lora_params, eps_fn, encode_batch, prompts, steps,
+def _write_sample_grid(c, model, params, lora_params, eps_fn, encode_batch, prompts, steps,
                        stage_dir):
   """K-step samples of the merged student: images through the SDXL directory's VAE if it has
   one (``samples_<K>step.png``), else the latents' first 3 channels (``latents_<K>step.png``)."""
@@ -371,13 +367,13 @@ def _write_sample_grid(c, params, lora_params, eps_fn, encode_batch, prompts, st
   merged = lora_lib.merge(params, lora_params, c.lora.scale)
   noise = jax.random.normal(jax.random.PRNGKey(c.seed + 99),
                             (len(prompts[:n]), c.latent_resolution, c.latent_resolution, 4))
-  z = jax.jit(lambda p, nz, cd: mlcm.consistency_sample(
-      lambda zz, t: eps_fn(p, zz, t, cd), nz, steps))(merged, noise, cond)
   if c.student_unet and os.path.isdir(os.path.join(c.student_unet, "vae")):
     vae, vae_params = sdxl.load_vae(c.student_unet)
-    plotting.image_grid(os.path.join(stage_dir, f"samples_{steps}step.png"),
-                        np.asarray(jax.jit(sdxl.make_decoder(vae))(vae_params, z)))
+    images = generate.make_generator(model, vae, steps)(merged, vae_params, cond, noise)
+    plotting.image_grid(os.path.join(stage_dir, f"samples_{steps}step.png"), np.asarray(images))
     return
+  z = jax.jit(lambda p, nz, cd: mlcm.consistency_sample(
+      lambda zz, t: eps_fn(p, zz, t, cd), nz, steps))(merged, noise, cond)
   latents = np.asarray(z[..., :3])
   plotting.image_grid(os.path.join(stage_dir, f"latents_{steps}step.png"),
                       np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))

@@ -47,15 +47,15 @@ def ddim(z, eps, t, target, target_clean=None):
 
 
 def milestones(num_segments):
-  """[K + 1] integer milestones ``s T / K``."""
-  return jnp.asarray(np.arange(num_segments + 1) * T // num_segments, jnp.int32)
+  """[K + 1] integer milestones ``s T / K`` (static numpy)."""
+  return (np.arange(num_segments + 1) * T // num_segments).astype(np.int32)
 
 
 def sample_times(rng, batch, num_segments, skip):
   """(segment s, t_m, t_n, segment start) per example, all [B] int32."""
   ks, km = jax.random.split(rng)
   s = jax.random.randint(ks, (batch,), 0, num_segments)
-  ms = milestones(num_segments)
+  ms = jnp.asarray(milestones(num_segments))
   lo, hi = ms[s] + 1, jnp.minimum(ms[s + 1], T - 1)
   t_m = lo + jnp.floor(jax.random.uniform(km, (batch,)) * (hi - lo + 1)).astype(jnp.int32)
   t_m = jnp.minimum(t_m, hi)
@@ -170,7 +170,7 @@ def mlcd_loss(student_eps, teacher_eps, z_tm, t_m, t_n, seg_start):
 def consistency_sample(eps_fn, noise, num_steps):
   """Few-step MLCM sampling: DDIM from T - 1 = 999 through the milestones of ``num_steps``
   segments down to the clean latent (the student's own map on each segment)."""
-  ms = np.arange(num_steps + 1) * T // num_steps  # static: the loop unrolls num_steps calls
+  ms = milestones(num_steps)  # static: the loop unrolls num_steps calls
   b = noise.shape[0]
   z = noise
   for i in range(num_steps, 0, -1):

@@ -151,9 +151,7 @@ def build(c):
 
 def abstract_params(model, c, mesh=None):
   """ShapeDtypeStructs of the model's parameters (no memory), sharded over ``mesh`` if given."""
-  res, ch = c.data.resolution, c.data.channels
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(c.seed), jnp.zeros((1, res, res, ch)),
-                          jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(c.seed), *_dummy_inputs(c))
   if mesh is None:
     return shapes
   return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
@@ -231,10 +229,14 @@ def _dummy_inputs(c):
           jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
+def _subset_indices(source, n, seed, salt):
+  """Sorted indices of ``n`` data examples: a seeded random subset, the same on every host."""
+  return np.sort(np.random.default_rng([seed, salt]).permutation(len(source))[:n])
+
+
 def _data_subset(source, n, seed):
   """``n`` data images (a seeded random subset, the same on every host)."""
-  idx = np.sort(np.random.default_rng([seed, 12345]).permutation(len(source))[:n])
-  return source.get(idx)
+  return source.get(_subset_indices(source, n, seed, 12345))
 
 
 def x_var_table(c, params, samplers, source, workdir, ckpt_step):
@@ -341,11 +343,10 @@ def reference_statistics(c, source, feature_fn, workdir):
   if os.path.isfile(path):
     return fid.load_statistics(path)
   n = min(c.eval.reference_num, len(source))
+  subset = _subset_indices(source, n, c.seed, 54321)
   feats = []
   for start in range(0, n, c.eval.batch_size):  # one chunk in memory at a time
-    idx = np.arange(start, min(start + c.eval.batch_size, n))
-    perm = np.random.default_rng([c.seed, 54321]).permutation(len(source))
-    images, _ = source.get(np.sort(perm[idx]))
+    images, _ = source.get(subset[start:start + c.eval.batch_size])
     feats.append(fid.batched_features(feature_fn, images, c.eval.batch_size)[0])
   mu, sigma = fid.statistics(np.concatenate(feats))
   if jax.process_index() == 0:

@@ -69,21 +69,21 @@ def clip_image_embedder(clip_dir):
   read from the safetensors file)."""
   import json  # pylint: disable=g-import-not-at-top
   from transformers import FlaxCLIPModel, FlaxCLIPVisionModel  # pylint: disable=g-import-not-at-top
-  from mcm_jax.models.sdxl import _load_flax_transformer  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models.sdxl import load_flax_transformer  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(clip_dir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"CLIP directory {clip_dir!r} has no config.json")
   with open(config_path) as f:
     model_type = json.load(f).get("model_type")
   if model_type == "clip":
-    model, params = _load_flax_transformer(FlaxCLIPModel, clip_dir)
+    model, params = load_flax_transformer(FlaxCLIPModel, clip_dir)
     embed = lambda p, px: model.get_image_features(pixel_values=px, params=p)
     return embed, params, model.config.vision_config.image_size, model.config.projection_dim
   if model_type != "clip_vision_model":
     raise ValueError(f"{config_path}: model_type={model_type!r}; allowed: 'clip', "
                      "'clip_vision_model'")
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  model, params = _load_flax_transformer(FlaxCLIPVisionModel, clip_dir)
+  model, params = load_flax_transformer(FlaxCLIPVisionModel, clip_dir)
   weights = load_file(os.path.join(clip_dir, "model.safetensors"))
   if "visual_projection.weight" not in weights:
     raise ValueError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "

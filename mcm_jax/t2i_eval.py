@@ -24,8 +24,8 @@ def clip_scorer(clip_dir):
   """(``score(params, images [-1, 1] NHWC, input_ids [B, 77]) -> [B]``, params, tokenize)
   from a whole local CLIP model directory (model + tokenizer)."""
   from transformers import CLIPTokenizer, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  from mcm_jax.models.sdxl import _load_flax_transformer  # pylint: disable=g-import-not-at-top
-  model, params = _load_flax_transformer(FlaxCLIPModel, clip_dir)
+  from mcm_jax.models.sdxl import load_flax_transformer  # pylint: disable=g-import-not-at-top
+  model, params = load_flax_transformer(FlaxCLIPModel, clip_dir)
   tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
   size = model.config.vision_config.image_size
 

@@ -41,7 +41,7 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
   # The jitted generator == text encoding + K-step MLCM sampling + VAE decoding, done by hand.
   vae, vae_params = sdxl.load_vae(sdxl_dir)
   cond = sdxl.load_text_encoders(sdxl_dir)(PROMPTS[:2])
-  cond["time_ids"] = generate.time_ids(16, 2)
+  cond["time_ids"] = sdxl.time_ids(16, 2)
   noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0), (2, 8, 8, 4))
   eps = sdxl.make_eps_fn(unet)
   z = mlcm.consistency_sample(lambda zz, t: eps(params, zz, t, cond), noise, 2)

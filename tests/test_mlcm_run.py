@@ -101,7 +101,7 @@ def test_trajectory_bank_pairs_are_teacher_steps(tmp_path):
   eps = sdxl.make_eps_fn(model)
   prompts = latent.builtin_prompts()
   cond = encode([prompts[i] for i in e["prompt_index"]])
-  cond["time_ids"] = latent._time_ids(config, 4)  # pylint: disable=protected-access
+  cond["time_ids"] = sdxl.time_ids(config.latent_resolution * 8, 4)
   uncond = encode([""] * 4)
   uncond["time_ids"] = cond["time_ids"]
   guided = lambda z, t: mlcm.guided_eps(lambda *a: eps(params, *a), z, t, cond, uncond, 8.0)

@@ -134,18 +134,29 @@ def epoch_indices(step, global_batch, n, seed):
   return idx
 
 
-def host_batch_fn(source, global_batch, seed, prefetch=2):
-  """``batch(step)``: this process's slice of the step's global batch. ``prefetch`` > 0 reads the
-  next steps' batches in a background thread (results are the same: a batch is a function of
-  its step)."""
+def process_rows(global_batch):
+  """(start, stop): this process's rows of a global batch split evenly over the processes."""
   procs, index = jax.process_count(), jax.process_index()
   if global_batch % procs:
     raise ValueError(f"batch_size={global_batch} is not divisible by the {procs} processes")
   local = global_batch // procs
+  return index * local, (index + 1) * local
+
+
+def local_indices_fn(global_batch, n, seed):
+  """``indices(step)``: this process's part of ``epoch_indices(step, global_batch, n, seed)``."""
+  lo, hi = process_rows(global_batch)
+  return lambda step: epoch_indices(step, global_batch, n, seed)[lo:hi]
+
+
+def host_batch_fn(source, global_batch, seed, prefetch=2):
+  """``batch(step)``: this process's slice of the step's global batch. ``prefetch`` > 0 reads the
+  next steps' batches in a background thread (results are the same: a batch is a function of
+  its step)."""
+  indices = local_indices_fn(global_batch, len(source), seed)
 
   def read(step):
-    idx = epoch_indices(step, global_batch, len(source), seed)
-    x, label = source.get(idx[index * local:(index + 1) * local])
+    x, label = source.get(indices(step))
     return {"x": x, "label": label}
 
   if not prefetch:

@@ -8,10 +8,7 @@ for images -- so the data position is the step stored with every checkpoint.
 import json
 import os
 
-import jax
-import numpy as np
-
-from mcm_jax.data.images import epoch_indices
+from mcm_jax.data.images import local_indices_fn
 
 PROMPT_FIELDS = ("prompt", "caption", "text")
 
@@ -52,13 +49,5 @@ def load_prompts(path):
 
 def host_batch_fn(prompts, encode, global_batch, seed):
   """``batch(step) -> encode(this process's prompts of the step)``."""
-  procs, index = jax.process_count(), jax.process_index()
-  if global_batch % procs:
-    raise ValueError(f"batch_size={global_batch} is not divisible by the {procs} processes")
-  local = global_batch // procs
-
-  def batch(step):
-    idx = epoch_indices(step, global_batch, len(prompts), seed)[index * local:(index + 1) * local]
-    return encode([prompts[i] for i in idx])
-
-  return batch
+  indices = local_indices_fn(global_batch, len(prompts), seed)
+  return lambda step: encode([prompts[i] for i in indices(step)])

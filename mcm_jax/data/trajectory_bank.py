@@ -13,6 +13,8 @@ import os
 import jax
 import numpy as np
 
+from mcm_jax.checkpoint import differing_fields
+
 FIELDS = ("prompt_index", "segment", "t_m", "t_n", "seg_start", "z_tm", "z_tn")
 
 
@@ -58,10 +60,9 @@ class Bank:
       with open(os.path.join(directory, m)) as f:
         meta = json.load(f)
       if settings is not None and meta["settings"] != settings:
-        diff = {k: (meta["settings"].get(k), settings.get(k)) for k in set(meta["settings"]) |
-                set(settings) if meta["settings"].get(k) != settings.get(k)}
         raise ValueError(f"trajectory bank {directory} was made with other settings: "
-                         f"(bank, now) = {diff}; use another bank directory")
+                         f"(bank, now) = {differing_fields(meta['settings'], settings)}; use "
+                         "another bank directory")
       for shard in meta["shards"]:
         arrays = {k: np.load(os.path.join(directory, shard["name"], f"{k}.npy"), mmap_mode="r")
                   for k in FIELDS}

@@ -163,6 +163,12 @@ def make_decoder(vae):
   return decode
 
 
+def time_ids(pixels, batch):
+  """SDXL's micro-conditioning ``(original h, w, crop top, left, target h, w)`` [B, 6] for
+  uncropped square images of ``pixels``."""
+  return np.tile(np.array([[pixels, pixels, 0, 0, pixels, pixels]], np.float32), (batch, 1))
+
+
 def make_eps_fn(model):
   """``eps(params, z NHWC, t [B], cond) -> eps NHWC`` (SDXL predicts epsilon)."""
 
@@ -176,7 +182,7 @@ def make_eps_fn(model):
   return eps
 
 
-def _load_flax_transformer(cls, directory):
+def load_flax_transformer(cls, directory):
   """(model, params) of a transformers Flax class from a local dir: flax_model.msgpack (no
   random init), or PyTorch model.safetensors converted on load (transformers' converter needs
   an initialised model, so that path briefly holds a random copy in host memory)."""
@@ -201,8 +207,8 @@ def load_text_encoders(path, max_length=None):
   output. Jitted once; prompts are padded / truncated to the tokenizers' length."""
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   from transformers import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
-  enc1, p1 = _load_flax_transformer(FlaxCLIPTextModel, os.path.join(path, "text_encoder"))
-  enc2, p2 = _load_flax_transformer(FlaxCLIPTextModelWithProjection,
+  enc1, p1 = load_flax_transformer(FlaxCLIPTextModel, os.path.join(path, "text_encoder"))
+  enc2, p2 = load_flax_transformer(FlaxCLIPTextModelWithProjection,
                                     os.path.join(path, "text_encoder_2"))
   tokenizers = []
   for name in ("tokenizer", "tokenizer_2"):
