@@ -8,10 +8,10 @@
 Both ratios are measured in the same process, interleaved, median of repeats.
 """
 import argparse
-import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcm_jax import consistency, parameterization, schedules, train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
+from configs import toy  # pylint: disable=g-import-not-at-top
+from mcm_jax import objectives, parameterization, schedules, train
 from mcm_jax.models.mlp import MLPDenoiser
 from mcm_jax.samplers import addim
 
@@ -54,8 +56,8 @@ def main():
                                                logsnr_fn, addim.analytic_x_var_fn))
   # (b): student fwd+bwd vs a full CD train step (loss + grads + Adam + EMA).
   student_fwd_bwd = jax.jit(jax.grad(lambda p, zz, tt: jnp.mean(denoise(p, zz, tt) ** 2)))
-  cd = functools.partial(consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
-                         student_steps=4, teacher_fn=denoise)
+  cd = objectives.consistency_loss(toy.get_config().consistency, denoise, logsnr_fn,
+                                  student_steps=4, teacher_sampler="addim")
   tx = train.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1, grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.0)))
   state = train.init_state(params, tx, 0)

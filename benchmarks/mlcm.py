@@ -10,7 +10,6 @@ the side-by-side figure is PyTorch step time / JAX step time (measured in one ru
 Prints one JSON line.
 """
 import argparse
-import functools
 import json
 import platform
 import time
@@ -38,7 +37,7 @@ def timeit(fn, repeats=5):
 def jax_figures(batch, latent, rank):
   model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG)
   params = model.init_weights(jax.random.PRNGKey(0))
-  eps_fn = sdxl.make_eps_fn(model)
+  denoise = sdxl.make_denoiser(model)
   lora = lora_lib.init_lora(params, rank, jax.random.PRNGKey(1))
   tx = train.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0)))
@@ -53,22 +52,20 @@ def jax_figures(batch, latent, rank):
   def loss(lr, batch_, rng_, step, frozen):
     del batch_, rng_, step
     merged = lora_lib.merge(frozen, lr)
-    student = lambda z, t: eps_fn(merged, z, t, cond)
-    guided = lambda z, t: mlcm.guided_eps(functools.partial(eps_fn, frozen), z, t, cond, uncond,
-                                          8.0)
+    student = lambda z, t: denoise(merged, z, t, cond)
+    guided = mlcm.guided_denoiser(denoise, frozen, cond, uncond, 8.0)
     per_example, _ = mlcm.mlcd_loss(student, guided, z_tm, t_m, t_n, start)
     return jnp.mean(per_example), {}
 
   step = jax.jit(train.make_train_step(loss, tx, 0.0))
   state = train.init_state(lora, tx, 0)
   step_s = timeit(lambda: jax.block_until_ready(step(state, None, params)))
-  teacher = jax.jit(lambda p, z: mlcm.guided_eps(functools.partial(eps_fn, p), z, t_m, cond,
-                                                 uncond, 8.0))
+  teacher = jax.jit(lambda p, z: mlcm.guided_denoiser(denoise, p, cond, uncond, 8.0)(z, t_m))
   teacher_s = timeit(lambda: jax.block_until_ready(teacher(params, z_tm)))
-  student_fwd = jax.jit(lambda lr, p, z: eps_fn(lora_lib.merge(p, lr), z, t_n, cond))
+  student_fwd = jax.jit(lambda lr, p, z: denoise(lora_lib.merge(p, lr), z, t_n, cond))
   fwd_s = timeit(lambda: jax.block_until_ready(student_fwd(lora, params, z_tm)))
   student_bwd = jax.jit(jax.grad(lambda lr, p, z: jnp.mean(
-      eps_fn(lora_lib.merge(p, lr), z, t_m, cond) ** 2)))
+      denoise(lora_lib.merge(p, lr), z, t_m, cond) ** 2)))
   bwd_s = timeit(lambda: jax.block_until_ready(student_bwd(lora, params, z_tm)))
   return dict(jax_step_s=step_s, jax_teacher_guided_s=teacher_s, jax_student_fwd_s=fwd_s,
               jax_student_fwd_bwd_s=bwd_s,

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -21,7 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcm_jax import latent, lora as lora_lib, sharding, train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
+from configs import sdxl_mlcm  # pylint: disable=g-import-not-at-top
+from mcm_jax import lora as lora_lib, objectives, sharding, train
 from mcm_jax.models import sdxl
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields the Flax UNet reads).
@@ -61,7 +64,7 @@ def main():
                       "a GPU host; more than 15 min for SDXL on 8 fake CPU devices)")
   args = p.parse_args()
 
-  config = latent.default_config("sdxl")
+  config = sdxl_mlcm.get_config("sdxl")
   config.latent_resolution = args.latent
   config.train.batch_size = args.batch
   config.mlcm.image_free = "sdi" if args.image_free == "bank" else args.image_free
@@ -83,7 +86,7 @@ def main():
     batch.update(z_tm=z, z_tn=z, t_m=t, t_n=t, seg_start=t)
   frozen = {"unet": params, "uncond": jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), cond)}
-  loss = latent.make_loss(config, sdxl.make_eps_fn(model), 0)
+  loss = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0)
   step = train.make_multi_step(train.make_train_step(loss, tx, 0.0), None, None, 1, mesh)
   state_sh = sharding.tree_shardings(state, mesh)
   frozen_sh = sharding.tree_shardings(frozen, mesh)

@@ -4,22 +4,24 @@ python benchmarks/pixel.py [--sizes tiny,small] [--batch 2] [--resolution 64] [-
 
 For each size: base diffusion train step (fwd + bwd + Adam + EMA) images/s; CD train step /
 student fwd+bwd (ideal 5/3); FLOPs per step from XLA's cost analysis, divided by the step time and
-by a float32 matmul peak measured in the same run (utilisation).
+by a float32 matmul peak measured in the same run (utilisation). Model and losses are built from
+``configs/imagenet64_{base,cd}.py`` at the given size, resolution and dtype (dropout active, as
+in training).
 """
 import argparse
-import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from mcm_jax import consistency, diffusion, parameterization, schedules, train
-from mcm_jax.models.uvit import UViT, uvit_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
+from configs import imagenet64_base, imagenet64_cd  # pylint: disable=g-import-not-at-top
+from mcm_jax import objectives, train
 
 
 def timeit(fn, repeats=3):
@@ -45,22 +47,24 @@ def flops(jitted, *args):
 
 
 def bench(size, resolution, batch, dtype, parts):
-  kw = uvit_config(resolution, size)
-  model = UViT(**{**kw, "dtype": dtype, "remat": size != "tiny"})
-  logsnr_fn = lambda t: schedules.interpolated_cosine_logsnr(t, resolution, 32, resolution)
-  denoise = parameterization.make_denoiser(
-      lambda p, z, l, c, r: model.apply(p, z, l, c), logsnr_fn, "v")
+  """Model and losses built from the configs (``objectives``), as training builds them."""
+  configs = {}
+  for objective in ("base", "cd"):
+    c = (imagenet64_base if objective == "base" else imagenet64_cd).get_config(size)
+    c.model.update(resolution=resolution, dtype=jnp.dtype(dtype).name, remat=size != "tiny")
+    c.data.update(resolution=resolution, channels=3, num_classes=1000)
+    c.schedule.update(image_res=resolution, noise_res_low=32, noise_res_high=resolution)
+    configs[objective] = c
+  model, logsnr_fn, denoise = objectives.uvit_model(configs["cd"])
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, resolution, resolution, 3))
-  labels = jnp.arange(batch) % kw["num_classes"]
+  labels = jnp.arange(batch) % 1000
   params = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1], jnp.zeros((1,)), labels[:1])
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
-  tx = train.make_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=1, grad_clip=1.0, b1=0.9, b2=0.99, weight_decay=0.0)))
+  tx = train.make_optimizer(configs["cd"].train.optim)
   state = train.init_state(params, tx, 0)
   batch_data = {"x": x, "label": labels}
-  base = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn)
-  cd = functools.partial(consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
-                         student_steps=4, teacher_fn=denoise)
+  base = objectives.pixel_loss(configs["base"], denoise, logsnr_fn)
+  cd = objectives.pixel_loss(configs["cd"], denoise, logsnr_fn)
   out = {"size": size, "resolution": resolution, "batch": batch,
          "dtype": jnp.dtype(dtype).name, "params_M": round(n_params / 1e6, 1)}
   if "base" in parts:

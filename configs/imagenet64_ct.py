@@ -1,9 +1,9 @@
 """MCM ImageNet64 (ct): `get_config('small' | 'large' | 'tiny')` (tiny = digits 16x16, CPU).
 
-All fields and their comments: mcm_jax.pixel.default_config.
+All fields and their comments: configs/pixel.py.
 """
-from mcm_jax.pixel import default_config
+from configs import pixel
 
 
 def get_config(size="small"):
-  return default_config(resolution=64, size=size, objective="ct")
+  return pixel.pixel_config(resolution=64, objective="ct", size=size)

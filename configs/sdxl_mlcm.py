@@ -1,11 +1,68 @@
 """MLCM on SDXL (LoRA, progressive stages, image-free): `get_config('sdxl' | 'tiny')`.
 
-'sdxl': the paper's settings; point config.student_unet (and optionally config.teacher_unet)
-at local diffusers-layout SDXL directories and config.prompts at a local prompt file.
-'tiny': a random tiny SDXL-architecture UNet, for CPU tests. Fields: mcm_jax.latent.
+'sdxl': MLCM's settings (App. A.2): Adam 1e-5, batch 24, 40k iterations, K = 8, k = 20, w = 8.
+Point config.student_unet (and optionally config.teacher_unet) at local diffusers-layout SDXL
+directories and config.prompts at a local prompt file.
+'tiny': a random tiny SDXL-architecture UNet and a hashed-token text stand-in, for CPU tests.
 """
-from mcm_jax.latent import default_config
+import ml_collections
+
+from configs import common
+
+SIZES = ("sdxl", "tiny")
 
 
 def get_config(size="sdxl"):
-  return default_config(size)
+  if size not in SIZES:
+    raise ValueError(f"config size {size!r} is not known; allowed: {SIZES}")
+  c = ml_collections.ConfigDict()
+  c.experiment = "mlcm"
+  c.seed = 0
+  # Local diffusers-layout SDXL directories (nothing downloads). The teacher may be another
+  # SDXL-architecture checkpoint (MLCM uses a fine-tune); '' = the student's UNet.
+  c.student_unet = "/models/stable-diffusion-xl-base-1.0"
+  c.teacher_unet = ""
+  c.text_encoder = "sdxl"  # 'hashed': tests only (no CLIP weights)
+  c.prompts = "/data/laion_aesthetics_6plus.txt"  # .txt / .jsonl / .parquet
+  c.latent_resolution = 128  # 1024 px / 8
+  c.dtype = "bfloat16"  # UNet compute dtype; weights and LoRA float32
+  # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
+  # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections).
+  c.lora = dict(rank=64, scale=1.0, targets=("to_q", "to_k", "to_v", "to_out_0"))
+  c.mlcm = dict(
+      num_segments=8,                   # K of the first stage
+      skip=20,                          # k of the first stage (timesteps)
+      num_stages=3,                     # K, K/2, K/4 ...
+      guidance_scale=8.0,
+      image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
+      teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
+      # Beyond the paper, as options: MCM's aDDIM teacher step and MCM's invDDIM x-target with
+      # (SNR + 1) pseudo-Huber weighting (huber_eps 1 as MCM for text-to-image).
+      teacher_step="ddim", target="eq7", huber_eps=1.0,
+      # Stage 0 from a trajectory bank: (z_tm, z_tn) pairs made once by the guided teacher and
+      # streamed (no teacher call in the step). dir '' = the teacher runs inside every step.
+      bank=dict(dir="", entries=960_000),  # 960k = 40k steps x batch 24
+  )
+  c.train = common.train_config(
+      steps=40_000,  # per stage
+      batch_size=24, log_every=50, checkpoint_every=1000, keep_checkpoints=2,
+      ema_decay=0.0,  # MLCM uses the stop-gradient student, no EMA
+      seed=0, learning_rate=1e-5, warmup_steps=100, b2=0.999)
+  # Reward consistency + feedback learning (MLCM 3.4): '' = off, 'aesthetic' = LAION aesthetic
+  # predictor on CLIP ViT-L/14 (local files). Needs the SDXL directory's VAE to decode.
+  c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
+                   threshold=8.0)  # s0: 8.0 for the aesthetic score (2.0 for ImageReward)
+  c.mesh = common.mesh()
+  c.sample = dict(num=8)
+  if size == "tiny":  # random tiny UNet, hashed text, built-in prompts
+    c.update_from_flattened_dict({
+        "student_unet": "", "text_encoder": "hashed", "prompts": "",
+        "latent_resolution": 8, "dtype": "float32",
+        "lora.rank": 4,
+        "mlcm.num_segments": 4, "mlcm.num_stages": 2, "mlcm.bank.entries": 64,
+        "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,
+        "train.checkpoint_every": 3, "train.optim.learning_rate": 1e-4,
+        "train.optim.warmup_steps": 0,
+        "sample.num": 4,
+    })
+  return c

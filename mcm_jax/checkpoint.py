@@ -4,6 +4,7 @@ Each checkpoint step holds two items: ``state`` (the train state pytree, sharded
 ``data`` (JSON: the data stream's position -- the step -- and a description of the stream, so
 a resume that would read different data is refused instead of silently diverging).
 """
+import logging
 import os
 
 import jax
@@ -116,3 +117,23 @@ def restore_subtree(manager, step, subtree, like):
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))
   return restored[subtree]
+
+
+def load_ema_params(run_dir, like, what="config.init_from"):
+  """(EMA parameters, step) of the latest checkpoint in ``run_dir`` (a run's workdir), shaped and
+  sharded like ``like``. Only the ``ema_params`` entry is read (partial restore), each host its
+  own shards. Errors name the path (as ``what``) or the mismatching parameter."""
+  directory = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{what}={run_dir!r} has no checkpoints/ directory; train the "
+                            "model there first")
+  manager = make_manager(directory, async_save=False)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{what}={run_dir!r}: no finished checkpoint in {directory}")
+    params = restore_subtree(manager, step, "ema_params", like)
+  finally:
+    manager.close()
+  logging.info("EMA parameters of %s step %d", directory, step)
+  return params, step

@@ -1,8 +1,17 @@
-"""Config checks that run before anything is compiled; each error names field, value, allowed."""
-from mcm_jax import consistency, schedules
-from mcm_jax.data import toy as toy_data
+"""Config checks that run before anything is compiled; each error names field, value, allowed.
 
-CONSISTENCY_METHODS = ("ct", "cd_addim", "cd_ddim")
+``validate(config)`` dispatches on ``config.experiment`` to ``validate_toy`` (configs/toy.py),
+``validate_pixel`` (configs/imagenet*.py) or ``validate_mlcm`` (configs/sdxl_mlcm.py). Only light
+modules are imported here (jax, numpy, flax through the UViT's stage table; no orbax / optax).
+"""
+from mcm_jax import consistency, fid, mlcm, schedules
+from mcm_jax.data import images as image_data
+from mcm_jax.data import toy as toy_data
+from mcm_jax.models.uvit import uvit_config
+
+EXPERIMENTS = ("toy", "pixel", "mlcm")
+CONSISTENCY_METHODS = ("ct", "cd_addim", "cd_ddim")  # the toy's sweep.methods
+PIXEL_OBJECTIVES = ("base", "cd", "ct")  # config.objective of the pixel experiment
 
 
 class ConfigError(ValueError):
@@ -43,12 +52,15 @@ def validate_schedule(cfg):
          f"< schedule.logsnr_max={cfg.logsnr_max}")
 
 
-def validate_consistency(cfg, prefix="consistency"):
-  """Checks the Alg. 1 fields; ``student_steps`` may be one int or a tuple of them."""
-  steps = cfg.student_steps
-  steps = (steps,) if _is_int(steps) else tuple(steps)
+def validate_consistency(cfg, prefix="consistency", student_steps=None, steps_field=None):
+  """Checks the Alg. 1 fields of ``cfg`` (config.<prefix>) for ``student_steps`` (one int or a
+  tuple of them, named config.<steps_field> in errors); by default ``cfg.student_steps`` (pixel:
+  one student per run). The toy passes its ``sweep.student_steps``."""
+  if student_steps is None:
+    student_steps, steps_field = cfg.student_steps, f"{prefix}.student_steps"
+  steps = (student_steps,) if _is_int(student_steps) else tuple(student_steps)
   _check(len(steps) > 0 and all(_is_int(s) and s >= 1 for s in steps),
-         f"{prefix}.student_steps", cfg.student_steps, "integers >= 1")
+         steps_field, student_steps, "integers >= 1")
   _check(cfg.teacher_steps_start >= max(steps), f"{prefix}.teacher_steps_start",
          cfg.teacher_steps_start,
          f">= the largest student step count ({max(steps)}): every student step needs at least "
@@ -74,9 +86,10 @@ def validate_toy(config):
            config.model[key], "an integer >= 1")
   validate_train(config.teacher, "teacher")
   validate_train(config.student, "student")
-  validate_consistency(config.consistency)
-  methods = tuple(config.consistency.methods)
-  _check(len(methods) > 0 and set(methods) <= set(CONSISTENCY_METHODS), "consistency.methods",
+  validate_consistency(config.consistency, student_steps=config.sweep.student_steps,
+                       steps_field="sweep.student_steps")
+  methods = tuple(config.sweep.methods)
+  _check(len(methods) > 0 and set(methods) <= set(CONSISTENCY_METHODS), "sweep.methods",
          methods, f"a non-empty subset of {CONSISTENCY_METHODS}")
   if config.fig1.enabled:
     steps = tuple(config.fig1.student_steps)
@@ -95,3 +108,64 @@ def validate_toy(config):
   _check(config.eval.x_var_table_points >= 2, "eval.x_var_table_points",
          config.eval.x_var_table_points, ">= 2")
   _check(config.eval.x_var_eta >= 0, "eval.x_var_eta", config.eval.x_var_eta, ">= 0")
+
+
+def validate_pixel(c):
+  """Validates a pixel config (configs/pixel.py)."""
+  check_in(c.objective, "objective", PIXEL_OBJECTIVES)
+  if c.data.name != image_data.DIGITS and not c.data.data_dir:
+    raise ConfigError(f"config.data.data_dir='' is invalid for data.name={c.data.name!r}; "
+                      "allowed: the local directory holding the prepared tfds dataset")
+  validate_train(c.train, "train")
+  if c.objective != "base":
+    cc = c.consistency
+    validate_consistency(cc)
+    check_in(cc.teacher_sampler, "consistency.teacher_sampler", consistency.TEACHER_SAMPLERS)
+    if not c.init_from:
+      raise ConfigError(f"config.init_from is empty; CT / CD start from a base run's workdir "
+                        f"(train one with objective='base' first)")
+  check_in(c.sample.x_var, "sample.x_var", ("table", "analytic"))
+  check_in(c.eval.features, "eval.features", fid.FEATURES)
+  for key in ("num", "batch_size", "reference_num"):
+    if not isinstance(c.eval[key], int) or c.eval[key] < 2:
+      raise ConfigError(f"config.eval.{key}={c.eval[key]!r} is invalid; allowed: an integer >= 2")
+  if any(not isinstance(k, int) or k < 1 for k in c.eval.steps):
+    raise ConfigError(f"config.eval.steps={tuple(c.eval.steps)!r} is invalid; allowed: "
+                      "integers >= 1 (or () for the default)")
+  if c.sample.every and c.sample.every % c.train.log_every:
+    raise ConfigError(f"config.sample.every={c.sample.every} is invalid; allowed: 0 or a "
+                      f"multiple of train.log_every={c.train.log_every}")
+  if c.data.resolution % 2 ** (len(uvit_config(c.model.resolution, c.model.size)["stages"])):
+    raise ConfigError(f"config.data.resolution={c.data.resolution} is invalid; allowed: "
+                      "a multiple of 2^(number of UViT stages)")
+
+
+def validate_mlcm(c):
+  """Validates an MLCM config (configs/sdxl_mlcm.py)."""
+  validate_train(c.train, "train")
+  m = c.mlcm
+  if not isinstance(m.num_segments, int) or m.num_segments < 1 or (
+      m.num_segments % 2 ** (m.num_stages - 1)):
+    raise ConfigError(f"config.mlcm.num_segments={m.num_segments} is invalid; allowed: an "
+                      f"integer divisible by 2^(num_stages - 1) = {2 ** (m.num_stages - 1)}")
+  if m.skip < 1 or m.skip >= mlcm.T // m.num_segments:
+    raise ConfigError(f"config.mlcm.skip={m.skip} is invalid; allowed: 1 <= k < T/K = "
+                      f"{mlcm.T // m.num_segments} (it doubles with K halving)")
+  check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
+  if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
+    raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
+                      f"integer >= train.batch_size={c.train.batch_size}")
+  check_in(m.teacher_step, "mlcm.teacher_step", mlcm.TEACHER_STEPS)
+  check_in(m.target, "mlcm.target", mlcm.TARGETS)
+  check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)
+  check_in(c.rewards.scorer, "rewards.scorer", ("", "aesthetic"))
+  if c.rewards.scorer and not c.student_unet:
+    raise ConfigError("config.rewards.scorer needs config.student_unet: rewards score images "
+                      "decoded by the SDXL directory's VAE")
+  check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
+
+
+def validate(config):
+  """Validates any experiment's config; ConfigError naming the field, value and what is allowed."""
+  check_in(config.get("experiment"), "experiment", EXPERIMENTS)
+  {"toy": validate_toy, "pixel": validate_pixel, "mlcm": validate_mlcm}[config.experiment](config)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax import guidance
 from mcm_jax.samplers.addim import addim_step, bcast, ddim_step, inv_ddim
 from mcm_jax.schedules import alpha_sigma, snr_plus_one
 
@@ -76,21 +77,6 @@ def consistency_loss_per_example(student_fn, z_t, x_teacher, x_var, t, s, t_step
   return LOSS_WEIGHTS[loss_weight](logsnr_t) * pseudo_huber(x_hat - x_target, huber_eps)
 
 
-def guided_teacher(teacher_fn, teacher_params, z, t, cond, guidance_scale, null_cond):
-  """Teacher prediction with classifier-free guidance on x.
-
-  ``x_w = x_uncond + w (x_cond - x_uncond)`` (w = 1: no guidance; LCM's ``(1 + w') c - w' u``
-  is the same with ``w = 1 + w'``). Returns (x_w, x_cond); x_var uses the conditional one.
-  """
-  if cond is None or guidance_scale == 1.0:
-    x_cond = teacher_fn(teacher_params, z, t, cond, None)
-    return x_cond, x_cond
-  both = teacher_fn(teacher_params, jnp.concatenate([z, z]), jnp.concatenate([t, t]),
-                    jnp.concatenate([cond, jnp.full_like(cond, null_cond)]), None)
-  x_cond, x_uncond = jnp.split(both, 2)
-  return x_uncond + guidance_scale * (x_cond - x_uncond), x_cond
-
-
 def consistency_loss(params, batch, rng, step, teacher_params=None, *, denoise_fn, logsnr_fn,
                      student_steps, teacher_fn=None, teacher_sampler="addim",
                      teacher_steps_start=64, teacher_steps_end=1280,
@@ -99,7 +85,8 @@ def consistency_loss(params, batch, rng, step, teacher_params=None, *, denoise_f
   """MCM Algorithm 1: CT when ``teacher_fn`` is None, CD otherwise.
 
   ``denoise_fn(params, z, t, cond, rng) -> x_hat`` is the student (and ``teacher_fn`` the
-  teacher, called with ``teacher_params``). The student's two calls share one dropout rng
+  teacher, called with ``teacher_params``; classifier-free guided by ``guidance.guided`` with the
+  label ``null_cond`` as the unconditional input when ``guidance_scale != 1``). The student's two calls share one dropout rng
   (synchronised dropout). CD with ``teacher_sampler='addim'`` uses
   ``x_var = xvar_frac ||x_teacher_cond - x||^2 / d`` per example; 'ddim' and CT use 0.
   """
@@ -115,8 +102,10 @@ def consistency_loss(params, batch, rng, step, teacher_params=None, *, denoise_f
   if teacher_fn is None:
     x_teacher, x_var = x, jnp.zeros(x.shape[:1], x.dtype)
   else:
-    x_teacher, x_cond = guided_teacher(teacher_fn, teacher_params, z_t, t, cond,
-                                       guidance_scale, null_cond)
+    uncond = None if cond is None else jnp.full_like(cond, null_cond)
+    x_teacher, x_cond = guidance.guided(
+        lambda z, tt, c: teacher_fn(teacher_params, z, tt, c, None), z_t, t, cond, uncond,
+        guidance_scale)
     x_teacher = jax.lax.stop_gradient(x_teacher)
     if teacher_sampler == "addim":
       x_var = xvar_frac * jnp.mean(jnp.square(x_cond - x).reshape(x.shape[0], -1), axis=-1)

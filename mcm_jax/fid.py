@@ -7,11 +7,14 @@ feature sets (covariances with ddof = 1, as pytorch-fid). Statistics files are `
 Images enter every feature function as [N, H, W, C] in [-1, 1] and are first quantised to 8 bits,
 as a saved PNG would be.
 """
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mcm_jax.data.images import subset_indices
 
 FEATURES = ("inception", "digits_classifier")
 
@@ -126,3 +129,21 @@ def batched_features(feature_fn, images, batch_size):
     if l is not None:
       logits.append(np.asarray(l)[:batch_size - pad])
   return np.concatenate(feats), (np.concatenate(logits) if logits else None)
+
+
+def reference_statistics(source, feature_fn, cache_path, num, batch_size, seed):
+  """(mu, sigma) of the features of ``num`` data images of ``source`` (a seeded subset, read
+  one batch at a time), cached in ``cache_path`` and reused from there."""
+  if os.path.isfile(cache_path):
+    return load_statistics(cache_path)
+  n = min(num, len(source))
+  subset = subset_indices(len(source), n, seed, 54321)
+  feats = []
+  for start in range(0, n, batch_size):
+    images, _ = source.get(subset[start:start + batch_size])
+    feats.append(batched_features(feature_fn, images, batch_size)[0])
+  mu, sigma = statistics(np.concatenate(feats))
+  if jax.process_index() == 0:
+    save_statistics(cache_path, mu, sigma, n)
+  logging.info("reference statistics of %d images -> %s", n, cache_path)
+  return mu, sigma

@@ -4,7 +4,7 @@
       --prompt="a red fox in snow" --steps=4 --out=samples/
 
 ``--prompts=FILE`` (.txt / .jsonl / .parquet) instead of ``--prompt``. The UNet with the merged
-LoRA runs the K-step MLCM sampler (``mlcm.consistency_sample``) and the VAE decodes; the whole
+LoRA runs the K-step MLCM sampler (``mlcm.sample``) and the VAE decodes; the whole
 step is one ``jax.jit`` per (resolution, steps, batch), compiled once. Writes one PNG per prompt
 and ``grid.png``.
 """
@@ -23,15 +23,32 @@ from mcm_jax.models import sdxl
 
 
 def make_generator(unet, vae, steps):
-  """Jitted ``generate(unet_params, vae_params, cond, noise) -> images NHWC in [-1, 1]``."""
-  eps_fn, decode = sdxl.make_eps_fn(unet), sdxl.make_decoder(vae)
+  """Jitted ``generate(unet_params, vae_params, cond, noise) -> images NHWC in [-1, 1]``; with
+  ``vae=None`` it returns the latents."""
+  denoise = sdxl.make_denoiser(unet)
+  decode = sdxl.make_decoder(vae) if vae is not None else lambda params, z: z
 
   @jax.jit
   def generate(unet_params, vae_params, cond, noise):
-    z = mlcm.consistency_sample(lambda zz, t: eps_fn(unet_params, zz, t, cond), noise, steps)
+    z = mlcm.sample(lambda zz, t: denoise(unet_params, zz, t, cond), noise, steps)
     return decode(vae_params, z)
 
   return generate
+
+
+def write_sample_grid(directory, unet, unet_params, cond, noise, steps, vae=None,
+                      vae_params=None):
+  """A K-step sample grid: images through the VAE if given (``samples_<K>step.png``), else the
+  latents' first 3 channels scaled to [-1, 1] (``latents_<K>step.png``). Returns its path."""
+  out = np.asarray(make_generator(unet, vae, steps)(unet_params, vae_params, cond, noise))
+  if vae is not None:
+    path = os.path.join(directory, f"samples_{steps}step.png")
+    plotting.image_grid(path, out)
+    return path
+  latents = out[..., :3]
+  path = os.path.join(directory, f"latents_{steps}step.png")
+  plotting.image_grid(path, np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))
+  return path
 
 
 def _slug(text, n=40):
@@ -78,21 +95,25 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Command-line flags (defined only when run as a program, so the module imports cleanly
-  beside other flag-defining modules)."""
+def define_pipeline_flags(out_default):
+  """The flags ``generate`` and ``t2i_eval`` share (defined only when run as a program, so the
+  modules import cleanly beside other flag-defining modules)."""
   flags.DEFINE_string("sdxl", None, "Local diffusers-layout SDXL directory (unet/, vae/, "
                       "text_encoder(_2)/, tokenizer(_2)/).")
   flags.DEFINE_string("lora", "", "MLCM LoRA: a .safetensors file or a directory holding "
                       "pytorch_lora_weights.safetensors ('' = the base model).")
-  flags.DEFINE_float("lora_scale", 1.0, "LoRA scale.")
-  flags.DEFINE_string("prompt", None, "One prompt.")
   flags.DEFINE_string("prompts", None, "A prompt file (.txt / .jsonl / .parquet).")
-  flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8).")
   flags.DEFINE_integer("resolution", 1024, "Image size in pixels (a multiple of 32 for SDXL).")
   flags.DEFINE_integer("batch_size", 4, "Images per jitted call.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_string("out", "samples", "Output directory.")
+  flags.DEFINE_string("out", out_default, "Output directory.")
+
+
+def define_flags():
+  define_pipeline_flags("samples")
+  flags.DEFINE_float("lora_scale", 1.0, "LoRA scale.")
+  flags.DEFINE_string("prompt", None, "One prompt (or --prompts).")
+  flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8).")
 
 
 def main(argv):

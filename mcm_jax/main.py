@@ -1,13 +1,17 @@
 """Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]
 [--mode=train|eval]``."""
 import os
+import sys
 import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "toy.py")
+from mcm_jax.config_validation import validate
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)  # config files import their siblings as configs.<name>
+_DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "toy.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                 "Config file (a get_config() module; 'file.py:arg' passes arg).")
 flags.DEFINE_string("workdir", "runs/toy", "Directory for checkpoints, metrics and figures.")
@@ -18,8 +22,6 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"],
 flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU pods: "
                   "it reads the coordinator and process ids from the environment).")
-
-EXPERIMENTS = ("toy", "pixel", "mlcm")
 
 
 def main(argv):
@@ -33,6 +35,7 @@ def main(argv):
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   config = flags.FLAGS.config
+  validate(config)  # before anything is written or compiled
   workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   mode = flags.FLAGS.mode
@@ -44,18 +47,14 @@ def main(argv):
     raise app.UsageError(f"--mode=eval is for the pixel experiment; config.experiment="
                          f"{config.experiment!r} evaluates at the end of training")
   if config.experiment == "toy":
-    from mcm_jax import toy  # pylint: disable=g-import-not-at-top
+    from mcm_jax.experiments import toy  # pylint: disable=g-import-not-at-top
     toy.run(config, workdir)
   elif config.experiment == "pixel":
-    from mcm_jax import pixel  # pylint: disable=g-import-not-at-top
+    from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
     (pixel.evaluate if mode == "eval" else pixel.run)(config, workdir)
-  elif config.experiment == "mlcm":
-    from mcm_jax import latent  # pylint: disable=g-import-not-at-top
-    latent.run(config, workdir)
-  else:
-    raise app.UsageError(f"config.experiment={config.experiment!r} is not known; "
-                         f"allowed: {EXPERIMENTS}")
-
+  else:  # "mlcm": validate() admits only config_validation.EXPERIMENTS
+    from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
+    sdxl_mlcm.run(config, workdir)
 
 if __name__ == "__main__":
   app.run(main)

@@ -1,24 +1,27 @@
-"""MLCM (multistep latent consistency distillation, MLCM eq. 7-8 and App. A.3) as pure functions
-on the SDXL discrete schedule (timesteps 0..999, ``alphabar`` of the scaled-linear betas).
-
-Models are epsilon predictors ``eps(z, t, cond)`` (z NHWC latents, t [B] timesteps). With
-``x_hat = (z_t - sigma_t eps) / alpha_t`` the DDIM map is ``DDIM(z_t, eps, t -> s) =
-alpha_s x_hat + sigma_s eps``.
+"""MLCM (multistep latent consistency distillation, MLCM eq. 7-8 and App. A.3): what is MLCM's
+own, as pure functions. The diffusion math is the shared one: SDXL's discrete schedule is
+``schedules.sdxl_logsnr`` (time = integer timestep 0..999), models are denoisers
+``f(z, t) -> x_hat`` (``parameterization.make_denoiser``; SDXL's epsilon UNet through
+``models.sdxl.make_denoiser``), DDIM / aDDIM steps and samplers come from ``samplers.addim``
+and guidance from ``guidance``.
 
 Segments: K milestones ``t_step^s = s T / K`` (T = 1000); segment s holds timesteps
 ``(t_step^s, t_step^{s+1}]`` (the top one capped at 999) and its endpoint is ``t_step^s``, the
-clean latent for s = 0 (alpha = 1, sigma = 0). Loss for one example: s ~ U{0..K-1},
-``t_m ~ U(segment s)``, ``t_n = max(t_m - k, t_step^s)``,
-``z_{t_n} = DDIM(z_{t_m}, teacher_eps(z_{t_m}), t_m -> t_n)`` (guided teacher, eq. 8), and
-``L = mean || DDIM(z_{t_m}, f(z_{t_m}), t_m -> t_step^s)
-          - sg(DDIM(z_{t_n}, f(z_{t_n}), t_n -> t_step^s)) ||^2``.
+clean latent for s = 0 (logsnr = +inf: alpha = 1, sigma = 0). Loss for one example:
+s ~ U{0..K-1}, ``t_m ~ U(segment s)``, ``t_n = max(t_m - k, t_step^s)``,
+``z_{t_n} = DDIM_{t_m -> t_n}(teacher(z_{t_m}), z_{t_m})`` (guided teacher, eq. 8), and
+``L = mean || DDIM_{t_m -> t_step}(f(z_{t_m}), z_{t_m})
+          - sg(DDIM_{t_n -> t_step}(f(z_{t_n}), z_{t_n})) ||^2``.
 If ``t_n`` reaches the segment start the target is ``z_{t_n}`` itself (the boundary condition).
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import consistency, schedules
+from mcm_jax import consistency, guidance, schedules
+from mcm_jax import rewards as reward_losses
 from mcm_jax.samplers import addim
 from mcm_jax.samplers.addim import bcast
 
@@ -26,29 +29,55 @@ T = 1000
 IMAGE_FREE = ("mdi", "sdi", "progressive")  # App. Alg. 1, one-step baseline, App. Alg. 2
 TEACHER_STEPS = ("ddim", "addim")  # MLCM's DDIM; MCM's adjusted DDIM (an option here)
 TARGETS = ("eq7", "mcm")  # MLCM eq. 7 (latent L2); MCM Alg. 1's invDDIM x-target (an option)
+TEACHER_MODES = ("updated", "fixed")  # later stages' teacher: the previous MLCM (PDU) or CFG
+CONDITIONING = ("context", "text_embeds", "time_ids")  # SDXL's, in a batch
 
 
-def alpha_sigma_at(t, clean=None):
+class Hparams(NamedTuple):
+  """One stage's MLCD settings (``objectives.mlcm_hparams`` maps a config to them)."""
+  num_segments: int                 # K
+  skip: int                         # k, in timesteps
+  guidance_scale: float = 8.0       # w of eq. 8
+  image_free: str = "mdi"           # stage-0 z_{t_m}: IMAGE_FREE[:2]
+  teacher_mode: str = "updated"     # later stages: TEACHER_MODES
+  teacher_step: str = "ddim"        # TEACHER_STEPS
+  target: str = "eq7"               # TARGETS
+  huber_eps: float = 1.0            # for target 'mcm'
+
+
+class RewardHparams(NamedTuple):
+  """Reward consistency + feedback learning (MLCM 3.4): ``rc_weight L_RC + fl_weight L_FL``."""
+  rc_weight: float = 1.0
+  fl_weight: float = 1e-3
+  threshold: float = 8.0  # s0 of the feedback hinge
+
+
+def alpha_sigma(t, clean=None):
   """(alpha, sigma) [B] at integer timesteps t; where ``clean`` is True, (1, 0)."""
-  alphas, sigmas = schedules.sdxl_alphas_sigmas(T)
-  idx = jnp.clip(t, 0, T - 1).astype(jnp.int32)
-  a, s = alphas[idx], sigmas[idx]
+  logsnr = schedules.sdxl_logsnr(t)
   if clean is not None:
-    a, s = jnp.where(clean, 1.0, a), jnp.where(clean, 0.0, s)
-  return a, s
+    logsnr = jnp.where(clean, jnp.inf, logsnr)
+  return schedules.alpha_sigma(logsnr)
 
 
-def ddim(z, eps, t, target, target_clean=None):
-  """``DDIM(z_t, eps, t -> target)``; ``target_clean`` marks targets that are the clean end."""
-  a_t, s_t = alpha_sigma_at(t)
-  a_s, s_s = alpha_sigma_at(target, target_clean)
-  x_hat = (z - bcast(s_t, z) * eps) / bcast(a_t, z)
-  return bcast(a_s, z) * x_hat + bcast(s_s, z) * eps
+def ddim(x_hat, z, t, target, target_clean=None):
+  """``DDIM_{t -> target}(x_hat, z_t)`` on SDXL timesteps; ``target_clean`` marks the clean end."""
+  return addim.ddim_step(x_hat, z, *alpha_sigma(t), *alpha_sigma(target, target_clean))
+
+
+def stage_settings(num_segments, skip, stage):
+  """(K, k) of progressive stage ``stage``: K halves and k doubles each stage."""
+  return num_segments // 2 ** stage, skip * 2 ** stage
 
 
 def milestones(num_segments):
   """[K + 1] integer milestones ``s T / K`` (static numpy)."""
   return (np.arange(num_segments + 1) * T // num_segments).astype(np.int32)
+
+
+def sampling_timesteps(num_steps):
+  """The K-step sampler's grid: the milestones from the top (capped at 999) down to 0."""
+  return np.minimum(milestones(num_steps), T - 1)[::-1].copy()
 
 
 def sample_times(rng, batch, num_segments, skip):
@@ -63,17 +92,8 @@ def sample_times(rng, batch, num_segments, skip):
   return s, t_m, t_n, ms[s]
 
 
-def guided_eps(eps_fn, z, t, cond, uncond, scale):
-  """Classifier-free guidance (eq. 8): ``eps(z, 0) + w (eps(z, c) - eps(z, 0))``, one batched
-  call for both halves."""
-  both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
-  e = eps_fn(jnp.concatenate([z, z]), jnp.concatenate([t, t]), both)
-  e_c, e_u = jnp.split(e, 2)
-  return e_u + scale * (e_c - e_u)
-
-
-def denoise_to(eps_fn, noise, t_m, num_steps, step_size, max_steps):
-  """``z_{t_m}`` from ``z_{999} = noise`` by DDIM steps of ``eps_fn(z, t)``: per example
+def denoise_to(f, noise, t_m, num_steps, step_size, max_steps):
+  """``z_{t_m}`` from ``z_{999} = noise`` by DDIM steps of ``f(z, t)``: per example
   ``num_steps`` [B] steps of ``step_size`` [B] timesteps from 999, the last one clipped at
   ``t_m``. ``max_steps`` (static) bounds the loop; finished examples stay put."""
   top = T - 1
@@ -81,57 +101,75 @@ def denoise_to(eps_fn, noise, t_m, num_steps, step_size, max_steps):
   def body(i, z):
     t = jnp.round(top - i * step_size).astype(jnp.int32)
     nxt = jnp.maximum(jnp.round(top - (i + 1) * step_size).astype(jnp.int32), t_m)
-    z_next = ddim(z, eps_fn(z, t), t, nxt)
+    z_next = ddim(f(z, t), z, t, nxt)
     return jnp.where(bcast((i < num_steps) & (t > t_m), z), z_next, z)
 
   return jax.lax.fori_loop(0, max_steps, body, noise)
 
 
-def image_free_latents(kind, eps_fn, noise, segment, t_m, num_segments):
+def image_free_latents(kind, f, noise, segment, t_m, num_segments):
   """Image-free ``z_{t_m}`` (MLCM 3.3): 'mdi' = App. Alg. 1 (``K - s`` equal guided-teacher
   steps, more for smaller t_m), 'sdi' = one step (the ablation baseline), 'progressive' =
-  App. Alg. 2 (steps of ``T / (2K)`` with the previous stage's MLCM as ``eps_fn``)."""
+  App. Alg. 2 (steps of ``T / (2K)`` with the previous stage's MLCM as ``f``)."""
   top = T - 1
   if kind == "mdi":
     steps = num_segments - segment
-    return denoise_to(eps_fn, noise, t_m, steps, (top - t_m) / steps, num_segments)
+    return denoise_to(f, noise, t_m, steps, (top - t_m) / steps, num_segments)
   if kind == "sdi":
-    return denoise_to(eps_fn, noise, t_m, jnp.ones_like(t_m), (top - t_m) * 1.0, 1)
+    return denoise_to(f, noise, t_m, jnp.ones_like(t_m), (top - t_m) * 1.0, 1)
   if kind == "progressive":
     size = T / (2 * num_segments)
     steps = jnp.ceil((top - t_m) / size).astype(jnp.int32)
-    return denoise_to(eps_fn, noise, t_m, steps, jnp.full(t_m.shape, size),
+    return denoise_to(f, noise, t_m, steps, jnp.full(t_m.shape, size),
                       int(np.ceil(top / size)))
   raise ValueError(f"image-free data {kind!r} is not known; allowed: {IMAGE_FREE}")
 
 
-def teacher_step(teacher_eps, z_tm, t_m, t_n, sampler="ddim"):
-  """``z_{t_n} = DDIM(z_{t_m}, teacher_eps(z_{t_m}), t_m -> t_n)`` (eq. 8; no gradient), or
-  with ``sampler='addim'`` MCM's adjusted DDIM with the analytic ``x_var = 0.1 / (2 + SNR(t_m))``
+def teacher_step(teacher, z_tm, t_m, t_n, sampler="ddim"):
+  """``z_{t_n} = DDIM_{t_m -> t_n}(teacher(z_{t_m}), z_{t_m})`` (eq. 8; no gradient), or with
+  ``sampler='addim'`` MCM's adjusted DDIM with the analytic ``x_var = 0.1 / (2 + SNR(t_m))``
   (image-free data has no x to measure it from)."""
-  eps = teacher_eps(z_tm, t_m)
-  if sampler == "ddim":
-    return jax.lax.stop_gradient(ddim(z_tm, eps, t_m, t_n))
-  if sampler != "addim":
+  if sampler not in TEACHER_STEPS:
     raise ValueError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
-  a_m, s_m = alpha_sigma_at(t_m)
-  a_n, s_n = alpha_sigma_at(t_n)
-  x = (z_tm - bcast(s_m, z_tm) * eps) / bcast(a_m, z_tm)
+  x = teacher(z_tm, t_m)
+  a_m, s_m = alpha_sigma(t_m)
+  a_n, s_n = alpha_sigma(t_n)
+  if sampler == "ddim":
+    return jax.lax.stop_gradient(addim.ddim_step(x, z_tm, a_m, s_m, a_n, s_n))
   return jax.lax.stop_gradient(
       addim.addim_step(x, z_tm, a_m, s_m, a_n, s_n, addim.analytic_x_var(a_m, s_m)))
 
 
-def mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start):
+def guided_denoiser(denoise_fn, params, cond, uncond, scale):
+  """``f(z, t)``: the classifier-free guided teacher of eq. 8 (``guidance.guided`` of
+  ``denoise_fn(params, z, t, cond)`` with ``uncond`` [1, ...] as the unconditional input)."""
+  return lambda z, t: guidance.guided(lambda zz, tt, c: denoise_fn(params, zz, tt, c), z, t,
+                                      cond, uncond, scale)[0]
+
+
+def training_pair(rng, shape, hp, source, teacher, image_free=None):
+  """One MLCD training pair made from noise (no images): ``{'segment', 't_m', 't_n',
+  'seg_start', 'z_tm', 'z_tn'}`` with ``shape = [B, H, W, C]``. ``z_{t_m}`` = image-free latents
+  of ``source`` (kind ``image_free``, default ``hp.image_free``), ``z_{t_n}`` = ``hp.teacher_step``
+  of ``teacher`` from it. Used by the loss and by the trajectory-bank builder alike."""
+  k_times, k_noise = jax.random.split(rng)
+  s, t_m, t_n, start = sample_times(k_times, shape[0], hp.num_segments, hp.skip)
+  noise = jax.random.normal(k_noise, shape)
+  z_tm = image_free_latents(image_free or hp.image_free, source, noise, s, t_m, hp.num_segments)
+  z_tm = jax.lax.stop_gradient(z_tm)
+  z_tn = teacher_step(teacher, z_tm, t_m, t_n, hp.teacher_step)
+  return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm, z_tn=z_tn)
+
+
+def mlcd_terms(student, z_tm, z_tn, t_m, t_n, seg_start):
   """{'pred', 'target', 'x_hat'}: the two DDIM endpoints of eq. 7 at the segment start (the
   target a stop-gradient) and the student's clean estimate at ``z_{t_m}`` (for rewards)."""
   clean = seg_start == 0
-  a_m, s_m = alpha_sigma_at(t_m)
-  eps_m = student_eps(z_tm, t_m)
-  pred = ddim(z_tm, eps_m, t_m, seg_start, clean)
+  x_hat = student(z_tm, t_m)
+  pred = ddim(x_hat, z_tm, t_m, seg_start, clean)
   at_start = (t_n == seg_start) & ~clean
-  target = ddim(z_tn, student_eps(z_tn, t_n), t_n, seg_start, clean)
+  target = ddim(student(z_tn, t_n), z_tn, t_n, seg_start, clean)
   target = jax.lax.stop_gradient(jnp.where(bcast(at_start, z_tn), z_tn, target))
-  x_hat = (z_tm - bcast(s_m, z_tm) * eps_m) / bcast(a_m, z_tm)
   return {"pred": pred, "target": target, "x_hat": x_hat}
 
 
@@ -143,38 +181,74 @@ def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
     return jnp.mean((terms["pred"] - terms["target"]) ** 2, axis=tuple(range(1, z_tm.ndim)))
   if target != "mcm":
     raise ValueError(f"target {target!r} is not known; allowed: {TARGETS}")
-  a_m, s_m = alpha_sigma_at(t_m)
-  a_s, s_s = alpha_sigma_at(seg_start, seg_start == 0)
+  a_m, s_m = alpha_sigma(t_m)
+  a_s, s_s = alpha_sigma(seg_start, seg_start == 0)
   x_target = jax.lax.stop_gradient(addim.inv_ddim(terms["target"], z_tm, a_m, s_m, a_s, s_s))
   weight = a_m ** 2 / s_m ** 2 + 1.0
   return weight * consistency.pseudo_huber(terms["x_hat"] - x_target, huber_eps)
 
 
-def mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start, target="eq7", huber_eps=1.0):
-  """Per-example MLCD for a given pair (``z_{t_m}``, ``z_{t_n}``), e.g. from a precomputed
-  trajectory bank. ``student_eps(z, t)`` is differentiated only at ``z_{t_m}``."""
-  terms = mlcd_terms(student_eps, z_tm, z_tn, t_m, t_n, seg_start)
-  return objective(terms, z_tm, t_m, seg_start, target, huber_eps)
+def mlcd_loss(student, teacher, z_tm, t_m, t_n, seg_start, target="eq7", huber_eps=1.0):
+  """(per-example loss [B], z_{t_n}) of MLCM eq. 7 given ``z_{t_m}``: ``student(z, t)``
+  (differentiated), ``teacher(z, t)`` (e.g. guided; not differentiated). The segment-0
+  endpoint is the clean latent."""
+  z_tn = teacher_step(teacher, z_tm, t_m, t_n)
+  terms = mlcd_terms(student, z_tm, z_tn, t_m, t_n, seg_start)
+  return objective(terms, z_tm, t_m, seg_start, target, huber_eps), z_tn
 
 
-def mlcd_loss(student_eps, teacher_eps, z_tm, t_m, t_n, seg_start):
-  """(per-example loss [B], z_{t_n}) of MLCM eq. 7 given ``z_{t_m}``.
+def sample(f, noise, num_steps):
+  """Few-step MLCM sampling: DDIM from 999 through the milestones of ``num_steps`` segments to
+  the clean latent (``addim.sample_on_grid`` on ``sampling_timesteps``)."""
+  return addim.sample_on_grid(f, noise, sampling_timesteps(num_steps), schedules.sdxl_logsnr)
 
-  ``student_eps(z, t)`` (differentiated), ``teacher_eps(z, t)`` (e.g. ``guided_eps``; not
-  differentiated). The segment-0 endpoint is the clean latent.
+
+def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, merge, latent_shape,
+         rewards=None, decode=None, score=None):
+  """One MLCM stage's objective ``(loss, metrics)`` for ``train.train`` (pure).
+
+  ``denoise_fn(params, z, t, cond) -> x_hat`` (the UNet as a denoiser), ``merge(base,
+  trainable) -> params`` (LoRA), ``latent_shape = (H, W, C)``. ``frozen``: {'unet': base
+  params, 'teacher': teacher params (the base if absent), 'prev_lora': the previous stage's
+  trainable or None, 'uncond': the unconditional conditioning [1, ...], and with rewards 'vae',
+  'scorer'}. ``batch``: the conditioning {'context', 'text_embeds', 'time_ids'} and, from a
+  trajectory bank, a ready pair {'z_tm', 'z_tn', 't_m', 't_n', 'seg_start'}.
+
+  Stage 0 (no 'prev_lora'): ``z_{t_m}`` from the guided teacher (App. Alg. 1 'mdi' or 'sdi'),
+  ``z_{t_n}`` by its step. Later stages: ``z_{t_m}`` from the previous MLCM (App. Alg. 2) and
+  ``z_{t_n}`` from it ('updated', PDU) or from the guided teacher ('fixed', PDF). With
+  ``rewards`` (RewardHparams), ``decode(vae_params, latents)`` and ``score(params, images)``:
+  ``+ rc_weight L_RC + fl_weight L_FL``.
   """
-  z_tn = teacher_step(teacher_eps, z_tm, t_m, t_n)
-  return mlcd_from_pair(student_eps, z_tm, z_tn, t_m, t_n, seg_start), z_tn
-
-
-def consistency_sample(eps_fn, noise, num_steps):
-  """Few-step MLCM sampling: DDIM from T - 1 = 999 through the milestones of ``num_steps``
-  segments down to the clean latent (the student's own map on each segment)."""
-  ms = milestones(num_steps)  # static: the loop unrolls num_steps calls
-  b = noise.shape[0]
-  z = noise
-  for i in range(num_steps, 0, -1):
-    t = jnp.full((b,), min(int(ms[i]), T - 1), jnp.int32)
-    target = jnp.full((b,), int(ms[i - 1]), jnp.int32)
-    z = ddim(z, eps_fn(z, t), t, target, target == 0)
-  return z
+  del step
+  cond = {k: batch[k] for k in CONDITIONING}
+  student_params = merge(frozen["unet"], trainable)
+  student = lambda z, t: denoise_fn(student_params, z, t, cond)
+  if "z_tm" in batch:  # a trajectory-bank pair: no teacher call in this step
+    pair = {k: batch[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")}
+  else:
+    guided = guided_denoiser(denoise_fn, frozen.get("teacher", frozen["unet"]), cond,
+                             frozen["uncond"], hp.guidance_scale)
+    shape = (cond["context"].shape[0],) + tuple(latent_shape)
+    if frozen.get("prev_lora") is None:
+      pair = training_pair(rng, shape, hp, guided, guided)
+    else:
+      prev_params = merge(frozen["unet"], frozen["prev_lora"])
+      previous = lambda z, t: denoise_fn(prev_params, z, t, cond)
+      teacher = previous if hp.teacher_mode == "updated" else guided
+      pair = training_pair(rng, shape, hp, previous, teacher, image_free="progressive")
+  z_tm, t_m, start = pair["z_tm"], pair["t_m"], pair["seg_start"]
+  terms = mlcd_terms(student, z_tm, pair["z_tn"], t_m, pair["t_n"], start)
+  mlcd = jnp.mean(objective(terms, z_tm, t_m, start, hp.target, hp.huber_eps))
+  metrics = {"t_m": jnp.mean(t_m.astype(jnp.float32))}
+  if rewards is None:
+    return mlcd, metrics
+  s_fn = lambda images: score(frozen["scorer"], images)
+  # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
+  rc = jnp.mean(reward_losses.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
+                                              decode(frozen["vae"], terms["target"])))
+  # Feedback learning on the student's one-step sample x_hat(z_{t_m}).
+  fl = jnp.mean(reward_losses.feedback(s_fn, decode(frozen["vae"], terms["x_hat"]),
+                                    rewards.threshold))
+  metrics.update(mlcd=mlcd, reward_consistency=rc, feedback=fl)
+  return mlcd + rewards.rc_weight * rc + rewards.fl_weight * fl, metrics

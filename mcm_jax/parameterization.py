@@ -23,16 +23,25 @@ def x_from_prediction(prediction, out, z, alpha, sigma):
   raise ValueError(f"prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
 
 
-def make_denoiser(apply_fn, logsnr_fn, prediction="v"):
-  """Wraps a network ``apply_fn(params, z, logsnr, cond, rng) -> out`` into the denoiser
-  ``f(params, z, t, cond=None, rng=None) -> x_hat`` that objectives and samplers use."""
+TIME_INPUTS = ("logsnr", "t")
+
+
+def make_denoiser(apply_fn, logsnr_fn, prediction="v", time_input="logsnr"):
+  """Wraps a network ``apply_fn(params, z, time, cond, rng) -> out`` into the denoiser
+  ``f(params, z, t, cond=None, rng=None) -> x_hat`` that objectives and samplers use.
+
+  ``time_input``: what the network is conditioned on, 'logsnr' (UViT, MLP) or the schedule's
+  own time 't' (SDXL's UNet takes the integer timestep)."""
   if prediction not in PREDICTIONS:
     raise ValueError(f"prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
+  if time_input not in TIME_INPUTS:
+    raise ValueError(f"time_input={time_input!r} is not known; allowed: {TIME_INPUTS}")
 
   def denoise(params, z, t, cond=None, rng=None):
-    logsnr = logsnr_fn(jnp.asarray(t, jnp.float32))
+    t = jnp.asarray(t, jnp.float32)
+    logsnr = logsnr_fn(t)
     alpha, sigma = alpha_sigma(logsnr)
-    out = apply_fn(params, z, logsnr, cond, rng)
+    out = apply_fn(params, z, logsnr if time_input == "logsnr" else t, cond, rng)
     return x_from_prediction(prediction, out.astype(jnp.float32), z, alpha, sigma)
 
   return denoise

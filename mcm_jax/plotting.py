@@ -1,9 +1,14 @@
-"""PNG figures: sample scatter grids and MCM Fig. 1-style trajectory panels (matplotlib, Agg)."""
+"""PNG figures: sample scatter grids, image grids and MCM Fig. 1-style trajectory panels
+(matplotlib, Agg), with the dense sampler trajectories those panels draw."""
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
+
+from mcm_jax import schedules  # noqa: E402  pylint: disable=g-import-not-at-top
+from mcm_jax.samplers import addim  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def scatter_grid(path, rows, reference=None, max_points=4000, lim=2.2):
@@ -76,3 +81,22 @@ def save_image(path, image):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   image = np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
   Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+
+
+def dense_trajectories(f, z, num_steps, logsnr_fn, points_per_step):
+  """Trajectories of the multistep sampler with each step drawn as its DDIM path
+  ``u -> DDIM_{t->u}(x_hat(z_t), z_t)`` for u from t to s. Returns (t [P], z [P, M])."""
+  ts, zs = [1.0], [z[:, 0]]
+  for i in range(num_steps):
+    t, s = 1.0 - i / num_steps, 1.0 - (i + 1) / num_steps
+    tb = jnp.full(z.shape[:1], t)
+    x_hat = f(z, tb)
+    a_t, s_t = schedules.alpha_sigma(logsnr_fn(tb))
+    for u in np.linspace(t, s, points_per_step + 1)[1:]:
+      a_u, s_u = schedules.alpha_sigma(logsnr_fn(jnp.full(z.shape[:1], u)))
+      z_u = x_hat if i == num_steps - 1 and u == s else addim.ddim_step(
+          x_hat, z, a_t, s_t, a_u, s_u)
+      ts.append(u)
+      zs.append(z_u[:, 0])
+    z = z_u
+  return np.array(ts), np.stack(zs)

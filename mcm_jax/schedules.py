@@ -65,6 +65,22 @@ def sdxl_alphas_sigmas(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.
           jnp.asarray(np.sqrt(1.0 - alphabar), jnp.float32))
 
 
+def sdxl_logsnr(timesteps, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+  """logsnr at integer timesteps of SDXL's discrete schedule (``sdxl_alphas_sigmas``):
+  ``log(alphabar_i / (1 - alphabar_i))`` for ``i = clip(round(timesteps), 0, T - 1)``.
+
+  This is the ``logsnr_fn`` that the shared samplers and ``parameterization`` consume for
+  SDXL; its time axis is the integer timestep, 999 the noisiest. The clean end (alpha = 1,
+  sigma = 0) is logsnr = +inf, which ``alpha_sigma`` maps exactly.
+  """
+  betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps,
+                      dtype=np.float64) ** 2
+  alphabar = np.cumprod(1.0 - betas)
+  table = jnp.asarray(np.log(alphabar) - np.log1p(-alphabar), jnp.float32)
+  idx = jnp.clip(jnp.round(jnp.asarray(timesteps, jnp.float32)), 0, num_train_timesteps - 1)
+  return table[idx.astype(jnp.int32)]
+
+
 def snr_plus_one(logsnr):
   """Loss weight ``w = SNR + 1`` (v-loss weighting)."""
   return jnp.exp(logsnr) + 1.0

@@ -77,3 +77,13 @@ def shard_batch(batch, mesh, stacked=False):
     return jax.device_put(batch, target)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(target, np.asarray(x)), batch)
+
+
+def abstract_params(init_fn, inputs, mesh=None, seed=0):
+  """ShapeDtypeStructs of ``init_fn(rng, *inputs)``'s parameters (nothing allocated), with the
+  rules' shardings over ``mesh`` if given."""
+  shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(seed), *inputs)
+  if mesh is None:
+    return shapes
+  return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                shapes, tree_shardings(shapes, mesh))

@@ -78,19 +78,11 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Command-line flags (defined only when run as a program, so the module imports cleanly
-  beside other flag-defining modules)."""
-  flags.DEFINE_string("sdxl", None, "Local diffusers-layout SDXL directory.")
-  flags.DEFINE_string("lora", "", "MLCM LoRA (.safetensors or its directory).")
-  flags.DEFINE_string("prompts", None, "Prompt file (.txt / .jsonl / .parquet).")
+  generate.define_pipeline_flags("t2i_eval")
   flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Step counts to evaluate.")
   flags.DEFINE_string("clip", None, "Local whole CLIP model directory (ViT-L/14 for the paper's "
                       "numbers), with its tokenizer.")
   flags.DEFINE_string("aesthetic_head", "", "LAION aesthetic predictor head (optional).")
-  flags.DEFINE_integer("resolution", 1024, "Image size.")
-  flags.DEFINE_integer("batch_size", 4, "Images per jitted call.")
-  flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_string("out", "t2i_eval", "Output directory.")
 
 
 def main(argv):

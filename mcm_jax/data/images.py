@@ -149,6 +149,12 @@ def local_indices_fn(global_batch, n, seed):
   return lambda step: epoch_indices(step, global_batch, n, seed)[lo:hi]
 
 
+def subset_indices(n_source, n, seed, salt):
+  """Sorted indices of ``n`` of ``n_source`` examples: a seeded random subset (``salt`` tells
+  uses apart), the same on every host."""
+  return np.sort(np.random.default_rng([seed, salt]).permutation(n_source)[:n])
+
+
 def host_batch_fn(source, global_batch, seed, prefetch=2):
   """``batch(step)``: this process's slice of the step's global batch. ``prefetch`` > 0 reads the
   next steps' batches in a background thread (results are the same: a batch is a function of

@@ -51,3 +51,9 @@ def host_batch_fn(prompts, encode, global_batch, seed):
   """``batch(step) -> encode(this process's prompts of the step)``."""
   indices = local_indices_fn(global_batch, len(prompts), seed)
   return lambda step: encode([prompts[i] for i in indices(step)])
+
+
+def builtin_prompts():
+  """20 short prompts for the tiny configuration (hashed-text stand-in, no prompt file)."""
+  return [f"a photo of {w} {v}" for w in ("red", "green", "blue", "small", "large")
+          for v in ("cat", "dog", "house", "tree")]

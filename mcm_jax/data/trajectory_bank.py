@@ -8,12 +8,16 @@ batch slices, and readers memory-map them, so entries are read by random access 
 a step is a function of (seed, step), as everywhere else).
 """
 import json
+import logging
 import os
+
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mcm_jax.checkpoint import differing_fields
+from mcm_jax.data.images import local_indices_fn
 
 FIELDS = ("prompt_index", "segment", "t_m", "t_n", "seg_start", "z_tm", "z_tn")
 
@@ -79,3 +83,28 @@ class Bank:
     rows = [{k: np.asarray(self.shards[s][k][i - self.offsets[s]]) for k in FIELDS}
             for s, i in zip(shard, indices)]
     return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+
+
+def open_or_build(directory, settings, batches):
+  """The bank in ``directory``: reused if it exists (its settings must equal ``settings``), else
+  written from ``batches()`` (see ``write``) by every process, then read back."""
+  if os.path.isdir(directory) and any(p.startswith("meta_p") for p in os.listdir(directory)):
+    return Bank(directory, settings)
+  n = write(directory, settings, batches())
+  if jax.process_count() > 1:  # every host's shards are on the shared filesystem before reading
+    multihost_utils.sync_global_devices("trajectory_bank_written")
+  logging.info("trajectory bank: %d entries on this process -> %s", n, directory)
+  return Bank(directory, settings)
+
+
+def batch_fn(bank, prompts, encode_batch, global_batch, seed):
+  """``batch(step)``: bank entries of the step (epoch permutation) + their prompts' encoding."""
+  indices = local_indices_fn(global_batch, len(bank), seed)
+
+  def batch(step):
+    entries = bank.get(indices(step))
+    out = encode_batch([prompts[i] for i in entries["prompt_index"]])
+    out.update({k: entries[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
+    return out
+
+  return batch

@@ -7,17 +7,21 @@
 own renaming rules, against parameter shapes from ``jax.eval_shape`` (no random init in memory);
 a missing, unexpected or mis-shaped weight is an error naming it. Nothing is downloaded.
 
-``make_eps_fn(model)`` gives ``eps(params, z [B, H, W, 4] NHWC, t [B] (0..999), cond)`` with
-``cond = {'context': [B, L, D], 'text_embeds': [B, P], 'time_ids': [B, 6]}`` (the Flax UNet takes
-NCHW; transposes happen here, once).
+``make_eps_fn(model)`` gives ``eps(params, z [B, H, W, 4] NHWC, t [B] (0..999), cond)`` and
+``make_denoiser(model)`` the same UNet as an x-predicting denoiser (what MLCM and the samplers
+take), with ``cond = {'context': [B, L, D], 'text_embeds': [B, P], 'time_ids': [B, 6]}`` (the
+Flax UNet takes NCHW; transposes happen here, once).
 """
 import json
 import os
 import warnings
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mcm_jax import parameterization, schedules
 
 # A tiny SDXL-architecture UNet for tests and the CPU demo: text_time added conditioning, linear
 # projections, transformer_layers_per_block (1, 2). Channels are multiples of 32 because the Flax
@@ -170,9 +174,11 @@ def time_ids(pixels, batch):
 
 
 def make_eps_fn(model):
-  """``eps(params, z NHWC, t [B], cond) -> eps NHWC`` (SDXL predicts epsilon)."""
+  """The UNet as ``eps(params, z NHWC, t [B] timesteps, cond, rng=None) -> eps NHWC`` (SDXL
+  predicts epsilon; ``rng`` is unused: the signature of ``make_denoiser``'s ``apply_fn``)."""
 
-  def eps(params, z, t, cond):
+  def eps(params, z, t, cond, rng=None):
+    del rng
     out = model.apply({"params": params}, jnp.transpose(z, (0, 3, 1, 2)),
                       jnp.asarray(t, jnp.float32), cond["context"],
                       added_cond_kwargs={"text_embeds": cond["text_embeds"],
@@ -180,6 +186,14 @@ def make_eps_fn(model):
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
 
   return eps
+
+
+def make_denoiser(model):
+  """``denoise(params, z, t, cond) -> x_hat``: the epsilon UNet through the shared
+  ``parameterization.make_denoiser`` on ``schedules.sdxl_logsnr`` (conditioned on the timestep),
+  the model form that ``mlcm``, ``guidance`` and ``samplers.addim`` take."""
+  return parameterization.make_denoiser(make_eps_fn(model), schedules.sdxl_logsnr, "eps",
+                                        time_input="t")
 
 
 def load_flax_transformer(cls, directory):
@@ -230,3 +244,28 @@ def load_text_encoders(path, max_length=None):
     return jax.tree_util.tree_map(np.asarray, run(p1, p2, *ids))
 
   return encode
+
+
+def hashed_text_encoder(context_dim, pooled_dim, length=8, vocab=1024, seed=0):
+  """A stand-in for SDXL's CLIP text encoders in tests and the tiny config: words -> ids by
+  crc32 -> a fixed random table; ``encode(prompts) -> {'context' [B, L, D], 'text_embeds'
+  [B, P]}`` (numpy). The empty prompt maps to zeros, like an unconditional embedding."""
+  rng = np.random.default_rng(seed)
+  table = rng.normal(size=(vocab, context_dim)).astype(np.float32)
+  proj = rng.normal(size=(context_dim, pooled_dim)).astype(np.float32) / np.sqrt(context_dim)
+
+  def encode(prompts):
+    context = np.zeros((len(prompts), length, context_dim), np.float32)
+    for i, p in enumerate(prompts):
+      ids = [zlib.crc32(w.encode()) % vocab for w in p.lower().split()][:length]
+      context[i, :len(ids)] = table[ids]
+    return {"context": context, "text_embeds": context.mean(1) @ proj}
+
+  return encode
+
+
+def hashed_text_encoder_for(model, seed=0):
+  """``hashed_text_encoder`` with the widths a UNet ``model`` expects."""
+  cfg = model.config
+  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+  return hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=seed)

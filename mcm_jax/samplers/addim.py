@@ -101,6 +101,17 @@ def estimate_x_var_table(f, x_data, logsnr_fn, rng, num_t=64, eta=0.75):
   return t_grid, jax.lax.map(lambda a: one(*a), (t_grid, keys))
 
 
+def _update(f, z, t, s, logsnr_fn, x_var_fn):
+  """(x_hat, z_s): ``x_hat = f(z_t, t)``, then DDIM (x_var_fn None) or aDDIM to s."""
+  x_hat = f(z, t)
+  alpha_t, sigma_t = alpha_sigma(logsnr_fn(t))
+  alpha_s, sigma_s = alpha_sigma(logsnr_fn(s))
+  if x_var_fn is None:
+    return x_hat, ddim_step(x_hat, z, alpha_t, sigma_t, alpha_s, sigma_s)
+  return x_hat, addim_step(x_hat, z, alpha_t, sigma_t, alpha_s, sigma_s,
+                           x_var_fn(t, alpha_t, sigma_t))
+
+
 def sample(f, z_init, num_steps, logsnr_fn, x_var_fn=None, return_trajectory=False):
   """Deterministic few-/many-step sampler: DDIM (x_var_fn=None) or aDDIM (MCM Alg. 2 / 3).
 
@@ -117,14 +128,7 @@ def sample(f, z_init, num_steps, logsnr_fn, x_var_fn=None, return_trajectory=Fal
 
   def step(i, z):
     t, s = step_times(i, num_steps, batch)
-    x_hat = f(z, t)
-    alpha_t, sigma_t = alpha_sigma(logsnr_fn(t))
-    alpha_s, sigma_s = alpha_sigma(logsnr_fn(s))
-    if x_var_fn is None:
-      z_s = ddim_step(x_hat, z, alpha_t, sigma_t, alpha_s, sigma_s)
-    else:
-      z_s = addim_step(x_hat, z, alpha_t, sigma_t, alpha_s, sigma_s,
-                       x_var_fn(t, alpha_t, sigma_t))
+    x_hat, z_s = _update(f, z, t, s, logsnr_fn, x_var_fn)
     return jnp.where(i == num_steps - 1, x_hat, z_s)
 
   if not return_trajectory:
@@ -136,6 +140,20 @@ def sample(f, z_init, num_steps, logsnr_fn, x_var_fn=None, return_trajectory=Fal
 
   x, traj = jax.lax.scan(scan_body, z_init, jnp.arange(num_steps))
   return x, jnp.concatenate([z_init[None], traj], axis=0)
+
+
+def sample_on_grid(f, z_init, times, logsnr_fn, x_var_fn=None):
+  """``sample`` over an explicit decreasing time grid ``times`` = [t_0, ..., t_N] (a list or a
+  [N + 1] array): step i maps ``z_{t_i}`` to ``z_{t_{i+1}}`` by DDIM / aDDIM with
+  ``x_hat = f(z_{t_i}, t_i)``; the last step returns ``x_hat`` (t_N, the clean end, is not
+  evaluated). E.g. SDXL timesteps ``[999, 750, 500, 250, 0]`` with ``schedules.sdxl_logsnr``.
+  The steps unroll: N is static."""
+  times = jnp.asarray(times, jnp.float32)
+  batch, z = z_init.shape[0], z_init
+  for i in range(times.shape[0] - 1):
+    t, s = jnp.full((batch,), times[i]), jnp.full((batch,), times[i + 1])
+    x_hat, z = _update(f, z, t, s, logsnr_fn, x_var_fn)
+  return x_hat
 
 
 def consistency_sample(f, z_init, student_steps, logsnr_fn, return_trajectory=False):

@@ -3,7 +3,6 @@
 Every training run has its own checkpoint directory under ``workdir``; re-running the same
 command resumes where it stopped (finished runs are restored, not retrained).
 """
-import functools
 import json
 import logging
 import os
@@ -11,37 +10,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mcm_jax import consistency, diffusion, parameterization, plotting, schedules, train
-from mcm_jax.config_validation import validate_toy
+from mcm_jax import objectives, plotting, train
+from mcm_jax.config_validation import validate
 from mcm_jax.data import toy as toy_data
 from mcm_jax.evaluation import energy_distance
 from mcm_jax.metric_writer import create_writer
-from mcm_jax.models.mlp import MLPDenoiser
 from mcm_jax.samplers import addim
-
-
-def _mlp(config):
-  return MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
-
-
-def _model(config):
-  """(logsnr_fn, denoise) with ``denoise(params, z, t, cond, rng) -> x_hat`` (v-prediction)."""
-  logsnr_fn = schedules.get_logsnr_fn(
-      config.schedule.name, logsnr_min=config.schedule.logsnr_min,
-      logsnr_max=config.schedule.logsnr_max)
-  model = _mlp(config)
-  apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
-  return logsnr_fn, parameterization.make_denoiser(apply_fn, logsnr_fn, "v")
-
-
-def _init_params(config, dim):
-  return _mlp(config).init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
-
-
-def _batch_fn(sampler, batch_size):
-  return lambda rng: {"x": sampler(rng, batch_size)}
 
 
 def _data_spec(config, cfg):
@@ -49,43 +24,35 @@ def _data_spec(config, cfg):
   return dict(dataset=config.data.name, global_batch=cfg.batch_size, seed=cfg.seed)
 
 
-def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teacher"):
-  logsnr_fn, denoise = _model(config)
-  params = _init_params(config, dim)
-  cfg = config.teacher.copy_and_resolve_references()
+def _train(config, cfg, loss, params, sampler, workdir, writer, name, frozen=None, steps=None):
+  cfg = cfg.copy_and_resolve_references()
   cfg.steps = steps or cfg.steps
-  loss = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn)
-  state = train.train(loss, params, _batch_fn(sampler, cfg.batch_size), cfg,
-                      os.path.join(workdir, name), writer=writer, name=name,
-                      data_spec=_data_spec(config, cfg))
+  batch_fn = lambda rng: {"x": sampler(rng, cfg.batch_size)}
+  state = train.train(loss, params, batch_fn, cfg, os.path.join(workdir, name), frozen=frozen,
+                      writer=writer, name=name, data_spec=_data_spec(config, cfg))
   return state.ema_params
+
+
+def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teacher"):
+  model, logsnr_fn, denoise = objectives.toy_model(config)
+  params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)))
+  return _train(config, config.teacher, objectives.diffusion_loss(denoise, logsnr_fn), params,
+                sampler, workdir, writer, name, steps=steps)
 
 
 def train_student(config, sampler, teacher_params, method, student_steps, workdir, writer,
                   steps=None):
   """Initialises from the teacher and trains a CT / CD student (MCM Alg. 1)."""
-  logsnr_fn, denoise = _model(config)
-  c = config.consistency
-  cfg = config.student.copy_and_resolve_references()
-  cfg.steps = steps or cfg.steps
-  loss = functools.partial(
-      consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=logsnr_fn,
-      student_steps=student_steps, teacher_fn=None if method == "ct" else denoise,
-      teacher_sampler="ddim" if method == "cd_ddim" else "addim",
-      teacher_steps_start=c.teacher_steps_start, teacher_steps_end=c.teacher_steps_end,
-      teacher_steps_horizon=c.teacher_steps_horizon, xvar_frac=c.xvar_frac,
-      huber_eps=c.huber_eps, loss_weight=c.loss_weight)
-  name = f"{method}_{student_steps}"
-  state = train.train(loss, teacher_params, _batch_fn(sampler, cfg.batch_size), cfg,
-                      os.path.join(workdir, name), frozen=teacher_params, writer=writer,
-                      name=name, data_spec=_data_spec(config, cfg))
-  return state.ema_params
+  _, logsnr_fn, denoise = objectives.toy_model(config)
+  loss = objectives.toy_loss(config, denoise, logsnr_fn, method, student_steps)
+  return _train(config, config.student, loss, teacher_params, sampler, workdir, writer,
+                f"{method}_{student_steps}", frozen=teacher_params, steps=steps)
 
 
 def make_sampler_fn(config, x_var_table=None):
   """A jitted ``(params, z, num_steps) -> x``: DDIM, or aDDIM with x_var interpolated from
   ``x_var_table = (t_grid, x_var)``. ``num_steps`` is traced: one compile for all step counts."""
-  logsnr_fn, denoise = _model(config)
+  _, logsnr_fn, denoise = objectives.toy_model(config)
 
   @jax.jit
   def run(params, z, num_steps, table):
@@ -96,7 +63,7 @@ def make_sampler_fn(config, x_var_table=None):
 
 
 def x_var_table(config, params, sampler):
-  logsnr_fn, denoise = _model(config)
+  _, logsnr_fn, denoise = objectives.toy_model(config)
   data = sampler(jax.random.PRNGKey(config.eval.seed + 7), 8192)
   f = lambda z, t: denoise(params, z, t)
   return jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
@@ -127,10 +94,10 @@ def run_2d(config, workdir, writer, data_source=None):
     results[f"teacher_{name.lower()}_{n_teacher}"] = float(energy_distance(x, ref))
     samples["teacher"][f"{name} {n_teacher}"] = x
 
-  steps = tuple(config.consistency.student_steps)
+  steps = tuple(config.sweep.student_steps)
   for s in steps:
     results[f"teacher_ddim_{s}"] = float(energy_distance(ddim(teacher, noise, s), ref))
-  for method in config.consistency.methods:
+  for method in config.sweep.methods:
     samples[method] = {}
     for s in steps:
       t0 = time.time()
@@ -147,32 +114,13 @@ def run_2d(config, workdir, writer, data_source=None):
   return results
 
 
-def dense_trajectories(f, z, num_steps, logsnr_fn, points_per_step):
-  """Trajectories of the multistep sampler with each step drawn as its DDIM path
-  ``u -> DDIM_{t->u}(x_hat(z_t), z_t)`` for u from t to s. Returns (t [P], z [P, M])."""
-  ts, zs = [1.0], [z[:, 0]]
-  for i in range(num_steps):
-    t, s = 1.0 - i / num_steps, 1.0 - (i + 1) / num_steps
-    tb = jnp.full(z.shape[:1], t)
-    x_hat = f(z, tb)
-    a_t, s_t = schedules.alpha_sigma(logsnr_fn(tb))
-    for u in np.linspace(t, s, points_per_step + 1)[1:]:
-      a_u, s_u = schedules.alpha_sigma(logsnr_fn(jnp.full(z.shape[:1], u)))
-      z_u = x_hat if i == num_steps - 1 and u == s else addim.ddim_step(
-          x_hat, z, a_t, s_t, a_u, s_u)
-      ts.append(u)
-      zs.append(z_u[:, 0])
-    z = z_u
-  return np.array(ts), np.stack(zs)
-
-
 def run_fig1(config, workdir, writer):
   """MCM Fig. 1 on the 1-D two-Gaussian mixture: 1/2/4-step CD students and the teacher."""
   sampler = toy_data.get_sampler("mixture1d")
   fc, ev = config.fig1, config.eval
   workdir = os.path.join(workdir, "mixture1d")
   teacher = train_teacher(config, sampler, 1, workdir, writer, steps=fc.teacher_steps)
-  logsnr_fn, denoise = _model(config)
+  _, logsnr_fn, denoise = objectives.toy_model(config)
   z = jnp.linspace(-2.5, 2.5, 96)[:, None]
   noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 1))
   ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
@@ -183,9 +131,9 @@ def run_fig1(config, workdir, writer):
                             steps=fc.student_train_steps)
     results[f"cd_addim_{s}"] = float(energy_distance(ddim(student, noise, s), ref))
     f = jax.jit(lambda zz, t, p=student: denoise(p, zz, t))
-    panels.append((f"{s}-step CD", *dense_trajectories(f, z, s, logsnr_fn, 24)))
+    panels.append((f"{s}-step CD", *plotting.dense_trajectories(f, z, s, logsnr_fn, 24)))
   f = jax.jit(lambda zz, t: denoise(teacher, zz, t))
-  panels.append(("teacher, DDIM 128 steps", *dense_trajectories(f, z, 128, logsnr_fn, 1)))
+  panels.append(("teacher, DDIM 128 steps", *plotting.dense_trajectories(f, z, 128, logsnr_fn, 1)))
   results["teacher_ddim_128"] = float(energy_distance(ddim(teacher, noise, 128), ref))
   plotting.trajectory_panels(os.path.join(os.path.dirname(workdir), "fig1_trajectories.png"),
                              panels, data=ref[:, 0])
@@ -196,10 +144,10 @@ def format_table(results, config):
   """Markdown table: rows = student steps, columns = teacher DDIM / CT / CD (aDDIM) / CD (DDIM)."""
   cols = [("teacher DDIM", "teacher_ddim")] + [
       ({"ct": "CT", "cd_addim": "CD (aDDIM teacher)", "cd_ddim": "CD (DDIM teacher)"}[m], m)
-      for m in config.consistency.methods]
+      for m in config.sweep.methods]
   lines = ["| student steps | " + " | ".join(c for c, _ in cols) + " |",
            "|---|" + "---|" * len(cols)]
-  for s in config.consistency.student_steps:
+  for s in config.sweep.student_steps:
     row = [f"{results.get(f'{key}_{s}', float('nan')) * 1e3:.2f}" for _, key in cols]
     lines.append(f"| {s} | " + " | ".join(row) + " |")
   n = config.eval.teacher_sampling_steps
@@ -216,7 +164,7 @@ def run(config, workdir, data_source=None):
   ``data_source`` (Python callers) replaces ``config.data.name``: a sampler ``(rng, n) ->
   [n, D]``, an [N, D] array or an iterable of [n, D] arrays; results are keyed 'custom'.
   """
-  validate_toy(config)
+  validate(config)
   os.makedirs(workdir, exist_ok=True)
   writer = create_writer(workdir)
   t0 = time.time()

@@ -1,0 +1,106 @@
+"""Pixel-space MCM: UViT base diffusion, then multistep CT / CD from the base checkpoint
+(SPEC sections 4-5, MCM App. A), on the sharded training loop. Configs: ``configs/imagenet*.py``
+(size 'tiny' = the same path on scikit-learn's digits at 16x16).
+
+``run`` trains and writes sample grids; ``evaluate`` (``--mode=eval``) measures FID (FD-digits
+for 'tiny') of N samples at each step count against reference statistics of the data.
+"""
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcm_jax import checkpoint, fid, objectives, plotting, sharding, train
+from mcm_jax.config_validation import validate
+from mcm_jax.data import images as image_data
+from mcm_jax.experiments import pixel_sampling
+from mcm_jax.metric_writer import create_writer
+
+
+def build(c, mesh):
+  """(model, logsnr_fn, denoise, abstract params sharded over ``mesh``) of a pixel config."""
+  model, logsnr_fn, denoise = objectives.uvit_model(c)
+  like = sharding.abstract_params(model.init, objectives.uvit_inputs(c), mesh, c.seed)
+  return model, logsnr_fn, denoise, like
+
+
+def run(config, workdir):
+  """Trains (base / CT / CD) and writes sample grids; returns {'samples': [PNG paths]}."""
+  validate(config)
+  c = config
+  mesh = sharding.make_mesh(**c.mesh)
+  source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
+  model, logsnr_fn, denoise, like = build(c, mesh)
+  if c.objective == "base":
+    params = model.init(jax.random.PRNGKey(c.seed),
+                        *(jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(c)))
+    frozen = None
+  else:  # CT / CD start from the base run's EMA parameters, which CD also uses as its teacher
+    params = frozen = checkpoint.load_ema_params(c.init_from, like)[0]
+  writer = create_writer(workdir)
+  batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
+  data_spec = dict(dataset=c.data.name, split=c.data.split, resolution=c.data.resolution,
+                   num_examples=len(source), global_batch=c.train.batch_size, seed=c.seed)
+  samplers = pixel_sampling.make_samplers(c, denoise, logsnr_fn)
+  grids = lambda step, st: pixel_sampling.write_samples(c, st.ema_params, samplers, workdir,
+                                                        step, source, mesh)
+  state = train.train(objectives.pixel_loss(c, denoise, logsnr_fn), params, None, c.train,
+                      workdir, frozen=frozen, writer=writer, name=c.objective, mesh=mesh,
+                      host_batch_fn=batch_fn, data_spec=data_spec,
+                      periodic=[(c.sample.every, grids)] if c.sample.every else [])
+  paths = grids(int(state.step), state)
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "samples.json"), "w") as f:
+      json.dump({"step": int(state.step), "samples": paths}, f, indent=1)
+  return {"samples": paths}
+
+
+def evaluate(config, workdir):
+  """``--mode=eval``: the latest EMA parameters in ``workdir``; for each step count,
+  ``eval.num`` samples -> Frechet distance to the data statistics (+ class accuracy of the
+  samples where the feature network is a classifier) and a PNG grid. Writes
+  ``workdir/eval_step<step>.json``; returns its contents."""
+  validate(config)
+  c = config
+  mesh = sharding.make_mesh(**c.mesh)
+  _, logsnr_fn, denoise, like = build(c, mesh)
+  params, step = checkpoint.load_ema_params(workdir, like, what="--workdir")
+  source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
+  feature_fn = fid.make_feature_fn(c.eval.features, c.eval.inception_weights)
+  if c.eval.reference_stats:
+    ref_mu, ref_sigma = fid.load_statistics(c.eval.reference_stats)
+  else:
+    ref_mu, ref_sigma = fid.reference_statistics(
+        source, feature_fn, os.path.join(workdir, f"reference_{c.eval.features}.npz"),
+        c.eval.reference_num, c.eval.batch_size, c.seed)
+  samplers = pixel_sampling.make_samplers(c, denoise, logsnr_fn)
+  rows = []
+  for run_ in pixel_sampling.sampler_runs(c, params, samplers, source, workdir, step,
+                                          tuple(c.eval.steps)):
+    name, steps = run_[:2]
+    t0 = time.time()
+    x = pixel_sampling.generate(c, samplers, params, c.eval.num, run_, mesh, seed_offset=1000,
+                                batch_size=c.eval.batch_size)
+    seconds = time.time() - t0
+    feats, logits = fid.batched_features(feature_fn, x, c.eval.batch_size)
+    row = {"sampler": name, "steps": steps, "num": len(x), "sampling_seconds": round(seconds, 1),
+           "fd": fid.frechet_distance(*fid.statistics(feats), ref_mu, ref_sigma)}
+    if logits is not None:
+      labels = np.arange(len(x)) % c.data.num_classes
+      row["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+    logging.info("eval %s: %s", name, row)
+    rows.append(row)
+    if jax.process_index() == 0:
+      plotting.image_grid(os.path.join(workdir, f"eval_{name}_step{step}.png"), x[:64])
+  result = {"checkpoint_step": step, "features": c.eval.features,
+            "reference": c.eval.reference_stats or f"reference_{c.eval.features}.npz",
+            "results": rows}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result

@@ -1,0 +1,112 @@
+"""Sampling a pixel run: jitted samplers built once, the aDDIM x_var table measured on data,
+class-balanced sample batches over the mesh, PNG grids. Used by training (grids) and
+``--mode=eval`` (FID / FD per step count)."""
+import functools
+import json
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mcm_jax import plotting, sharding
+from mcm_jax.data.images import subset_indices
+from mcm_jax.samplers import addim
+
+
+class Samplers(NamedTuple):
+  """The jitted sampling functions of a run, built once (repeated calls do not recompile).
+
+  ``sample(params, z, labels, steps, x_var, table)``: ``x_var`` 'none' = DDIM steps, i.e.
+  multistep consistency sampling (Alg. 2); 'analytic' or 'table' = aDDIM with x_var from
+  ``addim.analytic_x_var`` or interpolated from ``table = (t grid, values)``.
+  ``estimate_x_var(params, x, labels, rng) -> (t grid, values)`` (Alg. 3 on data).
+  """
+  sample: Callable
+  estimate_x_var: Callable
+
+
+def make_samplers(c, denoise, logsnr_fn):
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def sample(params, z, labels, steps, x_var, table=None):
+    x_var_fn = None  # 'none'
+    if x_var == "analytic":
+      x_var_fn = addim.analytic_x_var_fn
+    elif x_var == "table":
+      x_var_fn = addim.table_x_var(*table)
+    return addim.sample(lambda zz, t: denoise(params, zz, t, labels), z, steps, logsnr_fn,
+                        x_var_fn)
+
+  @jax.jit
+  def estimate_x_var(params, x, labels, rng):
+    return addim.estimate_x_var_table(lambda z, t: denoise(params, z, t, labels), x, logsnr_fn,
+                                      rng, c.sample.x_var_points, c.sample.x_var_eta)
+
+  return Samplers(sample, estimate_x_var)
+
+
+def x_var_table(c, params, samplers, source, workdir, ckpt_step):
+  """(t grid, x_var) of aDDIM, measured on ``c.sample.x_var_data`` data images (MCM Alg. 3) for
+  the parameters of checkpoint ``ckpt_step``; written to ``workdir/x_var_table.json`` as
+  {"t": [...], "x_var": [...], "step": ...} and reused from there for the same step."""
+  path = os.path.join(workdir, "x_var_table.json")
+  if os.path.isfile(path):
+    with open(path) as fh:
+      table = json.load(fh)
+    if (table.get("step") == ckpt_step and len(table["t"]) == c.sample.x_var_points
+        and table["eta"] == c.sample.x_var_eta):
+      return jnp.asarray(table["t"]), jnp.asarray(table["x_var"])
+  n = min(c.sample.x_var_data, len(source))
+  images, labels = source.get(subset_indices(len(source), n, c.seed, 12345))
+  t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(labels),
+                                           jax.random.PRNGKey(c.seed + 7))
+  if jax.process_index() == 0:
+    with open(path, "w") as fh:
+      json.dump({"t": np.asarray(t_grid).tolist(), "x_var": np.asarray(values).tolist(),
+                 "eta": c.sample.x_var_eta, "num_images": len(images), "step": ckpt_step}, fh)
+  return t_grid, values
+
+
+def sampler_runs(c, params, samplers, source, workdir, ckpt_step, steps=()):
+  """[(name, steps, x_var, table)]: the student at its step count(s), or the base model with
+  aDDIM (x_var from the table measured on data, or the analytic rule)."""
+  if c.objective == "base":
+    table = (x_var_table(c, params, samplers, source, workdir, ckpt_step)
+             if c.sample.x_var == "table" else None)
+    return [(f"addim_{s}", s, c.sample.x_var, table) for s in (steps or c.sample.teacher_steps)]
+  return [(f"{c.objective}_{s}", s, "none", None)
+          for s in (steps or (c.consistency.student_steps,))]
+
+
+def generate(c, samplers, params, num, run, mesh, seed_offset=99, batch_size=None):
+  """``num`` samples [num, r, r, ch] in [-1, 1] (host numpy, on every process) of one
+  ``sampler_runs`` entry, balanced over classes; batches split over the mesh's devices."""
+  _, steps, x_var, table = run
+  batch_size = batch_size or num
+  res, ch = c.data.resolution, c.data.channels
+  key = jax.random.PRNGKey(c.seed + seed_offset)
+  out = []
+  for b, start in enumerate(range(0, num, batch_size)):
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key, b), (batch_size, res, res, ch)))
+    labels = (start + np.arange(batch_size)) % c.data.num_classes
+    if batch_size % mesh.size == 0:  # host arrays, identical on every process
+      z, labels = jax.device_put((z, labels), sharding.batch_sharding(mesh))
+    x = samplers.sample(params, z, labels, steps, x_var, table)  # every process runs it
+    if jax.process_count() > 1:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    out.append(np.asarray(x))
+  return np.concatenate(out)[:num]
+
+
+def write_samples(c, params, samplers, workdir, step, source, mesh):
+  """PNG grids: the student with its own steps (Alg. 2), or the base model with aDDIM."""
+  paths = []
+  for run in sampler_runs(c, params, samplers, source, workdir, step):
+    x = generate(c, samplers, params, c.sample.num, run, mesh)
+    path = os.path.join(workdir, f"samples_{run[0]}_step{step}.png")
+    if jax.process_index() == 0:
+      plotting.image_grid(path, x)
+    paths.append(path)
+  return paths

@@ -1,0 +1,161 @@
+"""The SDXL MLCM experiment (``configs/sdxl_mlcm.py``): distil an SDXL-architecture UNet into a
+LoRA by MLCD (the method: ``mcm_jax.mlcm``) on the one training loop (``train.train``: the LoRA
+tree is the trained state; the UNet weights are ``frozen`` and sharded over the mesh), with
+progressive stages K -> K/2, k -> 2k and image-free data from teacher trajectories.
+
+Each stage is its own run in ``workdir/stage<i>`` (restore-or-init; finished stages are reused)
+that starts from the previous stage's LoRA and exports its own in diffusers' layout to
+``workdir/stage<i>/lora/pytorch_lora_weights.safetensors``. Stage 0 may read its training pairs
+from a trajectory bank (``mlcm.bank.dir``) made once by the guided teacher.
+"""
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcm_jax import generate, lora, mlcm, objectives, rewards, sharding, train
+from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.data import prompts as prompt_data
+from mcm_jax.data import trajectory_bank
+from mcm_jax.data.images import local_indices_fn
+from mcm_jax.metric_writer import create_writer
+from mcm_jax.models import sdxl
+
+
+def build_models(c):
+  """(UNet model, student base params, teacher params or None, text encoder)."""
+  if c.text_encoder == "sdxl" and not c.student_unet:
+    raise ConfigError("config.text_encoder='sdxl' needs config.student_unet: the local SDXL "
+                      "directory holding text_encoder(_2)/ and tokenizer(_2)/")
+  dtype = jnp.dtype(c.dtype)
+  if c.student_unet:
+    model, params = sdxl.load_unet(c.student_unet, dtype)
+  else:  # tiny: random weights of the tiny SDXL-architecture config
+    model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, dtype)
+    params = model.init_weights(jax.random.PRNGKey(c.seed))
+  teacher = None
+  if c.teacher_unet:
+    t_model, teacher = sdxl.load_unet(c.teacher_unet, dtype)
+    if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
+      raise ValueError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
+                       "architecture")
+  if c.text_encoder == "sdxl":
+    encoder = sdxl.load_text_encoders(c.student_unet)
+  else:
+    encoder = sdxl.hashed_text_encoder_for(model, seed=c.seed)
+  return model, params, teacher, encoder
+
+
+def bank_settings(c):
+  """What a stage-0 trajectory bank depends on (checked when it is reused)."""
+  return dict(teacher=c.teacher_unet or c.student_unet or "tiny-random", seed=c.seed,
+              num_segments=c.mlcm.num_segments, skip=c.mlcm.skip,
+              guidance_scale=c.mlcm.guidance_scale, image_free=c.mlcm.image_free,
+              teacher_step=c.mlcm.teacher_step,
+              latent_resolution=c.latent_resolution, prompts=c.prompts or "builtin",
+              entries=c.mlcm.bank.entries, batch=c.train.batch_size)
+
+
+def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
+  """The stage-0 trajectory bank in ``c.mlcm.bank.dir``: reused if its settings match, else
+  built by the guided teacher (``mlcm.training_pair``, one jitted sharded call per batch)."""
+  hp, res, b = objectives.mlcm_hparams(c, 0), c.latent_resolution, c.train.batch_size
+  teacher_params = frozen.get("teacher", frozen["unet"])
+  teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(teacher_params, mesh))
+
+  @jax.jit
+  def make_pairs(params, batch, rng):
+    cond = {k: batch[k] for k in mlcm.CONDITIONING}
+    guided = mlcm.guided_denoiser(denoise, params, cond, frozen["uncond"], hp.guidance_scale)
+    pair = mlcm.training_pair(rng, (cond["context"].shape[0], res, res, 4), hp, guided, guided)
+    return dict(pair, prompt_index=batch["prompt_index"])
+
+  indices = local_indices_fn(b, len(prompts), c.seed + 777)
+
+  def batches():
+    for i in range(-(-c.mlcm.bank.entries // b)):
+      idx = indices(i)
+      host = dict(encode_batch([prompts[j] for j in idx]), prompt_index=idx.astype(np.int32))
+      yield make_pairs(teacher_params, sharding.shard_batch(host, mesh),
+                       jax.random.fold_in(jax.random.PRNGKey(c.seed + 555), i))
+
+  return trajectory_bank.open_or_build(c.mlcm.bank.dir, bank_settings(c), batches)
+
+
+def run(config, workdir):
+  """All progressive stages; returns {'stages': [{'num_segments', 'skip', 'lora'}]}."""
+  validate(config)
+  c = config
+  mesh = sharding.make_mesh(**c.mesh)
+  model, params, teacher, encode = build_models(c)
+  denoise = sdxl.make_denoiser(model)
+  if c.prompts:
+    prompts = prompt_data.load_prompts(c.prompts)
+  elif c.text_encoder == "hashed":
+    prompts = prompt_data.builtin_prompts()
+  else:
+    raise ConfigError("config.prompts is empty; allowed: a local .txt / .jsonl / .parquet file")
+
+  def encode_batch(texts):
+    out = encode(texts)
+    out["time_ids"] = sdxl.time_ids(c.latent_resolution * 8, len(texts))
+    return out
+
+  frozen = {"unet": params, "uncond": jax.device_put(encode_batch([""]),
+                                                     sharding.replicated(mesh))}
+  if teacher is not None:
+    frozen["teacher"] = teacher
+  decode = score = None
+  if c.rewards.scorer:
+    vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
+    decode = sdxl.make_decoder(vae)
+    score, frozen["scorer"] = rewards.aesthetic_scorer(c.rewards.clip_dir, c.rewards.head)
+  writer = create_writer(workdir)
+  batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
+  bank_fn = None
+  if c.mlcm.bank.dir:
+    bank = open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh)
+    bank_fn = trajectory_bank.batch_fn(bank, prompts, encode_batch, c.train.batch_size, c.seed)
+  lora_params = lora.init_lora(params, c.lora.rank, jax.random.PRNGKey(c.seed + 1),
+                               tuple(c.lora.targets))
+  stages = []
+  for stage in range(c.mlcm.num_stages):
+    hp = objectives.mlcm_hparams(c, stage)
+    stage_dir = os.path.join(workdir, f"stage{stage}")
+    from_bank = stage == 0 and bank_fn is not None
+    data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
+                     global_batch=c.train.batch_size, seed=c.seed,
+                     bank=c.mlcm.bank.dir if from_bank else "")
+    state = train.train(objectives.mlcm_loss(c, denoise, stage, decode, score), lora_params,
+                        None, c.train, stage_dir, frozen=frozen, writer=writer,
+                        name=f"mlcm_stage{stage}_K{hp.num_segments}", mesh=mesh,
+                        host_batch_fn=bank_fn if from_bank else batch_fn, data_spec=data_spec)
+    lora_params = jax.device_get(state.params)  # no EMA in MLCM: the trained LoRA itself
+    frozen = dict(frozen, prev_lora=lora_params)
+    path = None
+    if jax.process_index() == 0:
+      path = lora.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale)
+      _write_stage_grid(c, model, lora.merge(params, lora_params, c.lora.scale), encode_batch,
+                        prompts, hp.num_segments, stage_dir)
+    stages.append({"num_segments": hp.num_segments, "skip": hp.skip, "lora": path})
+    logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, hp.num_segments, hp.skip, path)
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "stages.json"), "w") as f:
+      json.dump(stages, f, indent=1)
+  return {"stages": stages}
+
+
+def _write_stage_grid(c, model, merged, encode_batch, prompts, steps, stage_dir):
+  """K-step samples of the merged student, decoded by the SDXL directory's VAE if it has one."""
+  n = c.sample.num
+  cond = jax.tree_util.tree_map(jnp.asarray, encode_batch(prompts[:n]))
+  noise = jax.random.normal(jax.random.PRNGKey(c.seed + 99),
+                            (len(prompts[:n]), c.latent_resolution, c.latent_resolution, 4))
+  vae = vae_params = None
+  if c.student_unet and os.path.isdir(os.path.join(c.student_unet, "vae")):
+    vae, vae_params = sdxl.load_vae(c.student_unet)
+  generate.write_sample_grid(stage_dir, model, merged, cond, noise, steps, vae, vae_params)

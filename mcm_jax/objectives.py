@@ -1,0 +1,130 @@
+"""Config -> model functions and training objectives, in one place.
+
+Every runner, benchmark and test that turns a config into a denoiser or a loss calls these, so
+the mapping from config fields to the pure functions' arguments is written once:
+- ``logsnr_fn(config.schedule)``; ``toy_model(config)`` / ``uvit_model(config)`` ->
+  (Flax model, logsnr_fn, ``denoise(params, z, t, cond, rng) -> x_hat``);
+- ``diffusion_loss``, ``consistency_loss`` (MCM Alg. 1, from ``config.consistency``),
+  ``mlcm_hparams`` / ``reward_hparams`` / ``mlcm_loss`` (MLCM, from ``config.mlcm``,
+  ``config.rewards``, ``config.lora``).
+The losses are ``loss(params, batch, rng, step, frozen) -> (loss, metrics)`` for ``train.train``.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mcm_jax import consistency, diffusion, lora, mlcm, parameterization, schedules
+
+_SCHEDULE_FIELDS = ("image_res", "noise_res", "noise_res_low", "noise_res_high", "logsnr_min",
+                    "logsnr_max")
+
+
+def logsnr_fn(schedule):
+  """``t -> logsnr`` of a config's ``schedule`` section (``schedules.get_logsnr_fn``)."""
+  return schedules.get_logsnr_fn(schedule.name, **{k: schedule[k] for k in _SCHEDULE_FIELDS
+                                                   if k in schedule})
+
+
+def toy_model(config):
+  """(MLP, logsnr_fn, denoise) of the toy: v-prediction on logsnr, no conditioning."""
+  from mcm_jax.models.mlp import MLPDenoiser  # pylint: disable=g-import-not-at-top
+  model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
+  fn = logsnr_fn(config.schedule)
+  apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
+  return model, fn, parameterization.make_denoiser(apply_fn, fn, "v")
+
+
+def uvit_model(config):
+  """(UViT, logsnr_fn, denoise) of a pixel config: v-prediction, class-conditional, dropout
+  when an rng is given (training)."""
+  from mcm_jax.models.uvit import UViT, uvit_config  # pylint: disable=g-import-not-at-top
+  c = config
+  kw = uvit_config(c.model.resolution, c.model.size)
+  kw.update(num_classes=c.data.num_classes, out_channels=c.data.channels,
+            dtype=jnp.dtype(c.model.dtype), remat=c.model.remat)
+  model = UViT(**kw)
+  fn = logsnr_fn(c.schedule)
+
+  def apply_fn(params, z, logsnr, cond, rng):
+    if rng is None:
+      return model.apply(params, z, logsnr, cond)
+    return model.apply(params, z, logsnr, cond, train=True, rngs={"dropout": rng})
+
+  return model, fn, parameterization.make_denoiser(apply_fn, fn, "v")
+
+
+def uvit_inputs(config):
+  """Shapes of one UViT call (z, logsnr, label), for ``init`` / ``eval_shape``."""
+  res, ch = config.data.resolution, config.data.channels
+  return (jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
+def diffusion_loss(denoise, fn, multiscale_levels=0):
+  """v-prediction, SNR + 1 weighted diffusion loss (pre-training)."""
+  return functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=fn,
+                           multiscale_levels=multiscale_levels)
+
+
+def consistency_loss(cc, denoise, fn, *, student_steps, teacher_sampler=None,
+                     guidance_scale=1.0, null_cond=None):
+  """MCM Alg. 1 from a ``consistency`` config section: CT when ``teacher_sampler`` is None,
+  else CD with that teacher sampler ('addim' / 'ddim') and the student's own network as the
+  teacher (its parameters come as ``frozen``)."""
+  return functools.partial(
+      consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=fn,
+      student_steps=student_steps, teacher_fn=None if teacher_sampler is None else denoise,
+      teacher_sampler=teacher_sampler or "addim", teacher_steps_start=cc.teacher_steps_start,
+      teacher_steps_end=cc.teacher_steps_end, teacher_steps_horizon=cc.teacher_steps_horizon,
+      xvar_frac=cc.xvar_frac, huber_eps=cc.huber_eps, loss_weight=cc.loss_weight,
+      guidance_scale=guidance_scale, null_cond=null_cond)
+
+
+def pixel_loss(config, denoise, fn):
+  """The loss of a pixel config's ``objective``: 'base' diffusion, or CD / CT of
+  ``consistency.student_steps`` (CD guided by ``consistency.guidance_scale``, label
+  ``num_classes`` as the unconditional input)."""
+  c = config
+  if c.objective == "base":
+    return diffusion_loss(denoise, fn, c.multiscale_levels)
+  cc = c.consistency
+  return consistency_loss(cc, denoise, fn, student_steps=cc.student_steps,
+                          teacher_sampler=cc.teacher_sampler if c.objective == "cd" else None,
+                          guidance_scale=cc.guidance_scale, null_cond=c.data.num_classes)
+
+
+TOY_METHODS = {"ct": None, "cd_addim": "addim", "cd_ddim": "ddim"}  # method -> teacher sampler
+
+
+def toy_loss(config, denoise, fn, method, student_steps):
+  """CT / CD (aDDIM or DDIM teacher) student loss of the toy sweep."""
+  return consistency_loss(config.consistency, denoise, fn, student_steps=student_steps,
+                          teacher_sampler=TOY_METHODS[method])
+
+
+def mlcm_hparams(config, stage):
+  """``mlcm.Hparams`` of progressive stage ``stage`` (K halves and k doubles per stage)."""
+  m = config.mlcm
+  num_segments, skip = mlcm.stage_settings(m.num_segments, m.skip, stage)
+  return mlcm.Hparams(num_segments=num_segments, skip=skip, guidance_scale=m.guidance_scale,
+                      image_free=m.image_free, teacher_mode=m.teacher_mode,
+                      teacher_step=m.teacher_step, target=m.target, huber_eps=m.huber_eps)
+
+
+def reward_hparams(config):
+  """``mlcm.RewardHparams`` from ``config.rewards``, or None when no scorer is set."""
+  r = config.rewards
+  if not r.scorer:
+    return None
+  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=r.fl_weight, threshold=r.threshold)
+
+
+def mlcm_loss(config, denoise, stage, decode=None, score=None):
+  """``mlcm.loss`` of one stage: the LoRA is the trainable tree, merged at ``lora.scale``;
+  ``denoise(params, z, t, cond)`` is the UNet as a denoiser (``models.sdxl.make_denoiser``)."""
+  res = config.latent_resolution
+  return functools.partial(
+      mlcm.loss, hp=mlcm_hparams(config, stage), denoise_fn=denoise,
+      merge=functools.partial(lora.merge, scale=config.lora.scale), latent_shape=(res, res, 4),
+      rewards=reward_hparams(config), decode=decode, score=score)
