@@ -1,4 +1,13 @@
+"""Test session setup: 8 fake CPU devices, the persistent compilation cache, the ``slow`` marker,
+and session-scoped fixtures that write the tiny PyTorch-side checkpoints once per session.
+
+Fast tier: ``python -m pytest -q -m "not slow" tests``; everything: ``python -m pytest -q tests``.
+Shared fixtures are read-only: a test that needs a modified copy copies it first
+(``shutil.copytree``) into its own ``tmp_path`` (``tiny_sdxl_dir`` checks at the end of the
+session that no file in it changed). torch / transformers / diffusers are imported
+inside the fixtures (after ``pytest.importorskip``), never when a test module is imported."""
 import os
+import types
 import warnings
 
 # 8 fake CPU devices for the sharding tests; set before jax is imported. Unsharded code runs on
@@ -10,7 +19,64 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-# Reuse compiled programs across test runs (much faster on 2 CPU cores).
+# Reuse compiled programs across test runs (much faster on 2 CPU cores). Every program is kept,
+# also the small per-primitive ones of eager (un-jitted) code, e.g. a model's init or a loss
+# written out by hand: compiling those again costs seconds per test module, reading them ~1 s.
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MCM_JAX_CACHE", os.path.expanduser("~/.cache/mcm_jax_jit")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
+
+import sdxl_fixtures  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: end-to-end runs (toy / pixel / MLCM experiments, generation), long "
+      "trainings, PyTorch-equivalence tests taking seconds; -m 'not slow' is the fast tier")
+
+
+def _snapshot(path):
+  """(relative path, size, mtime) of every file under ``path``."""
+  return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)),
+                 os.path.getmtime(os.path.join(d, f)))
+                for d, _, files in os.walk(path) for f in files)
+
+
+def _require(*modules):
+  """Skips the test when a PyTorch-side package (the ``test`` extra) is not installed."""
+  for name in modules:
+    pytest.importorskip(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+  """A whole tiny SDXL directory (unet/, vae/, text_encoder(_2)/, tokenizer(_2)/; PyTorch
+  safetensors, seed 0), written once per session. Read-only: copy it to modify it."""
+  _require("torch", "diffusers", "transformers")
+  path = sdxl_fixtures.write_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+  before = _snapshot(path)
+  yield path
+  assert _snapshot(path) == before, "a test modified the shared tiny_sdxl_dir: copy it first"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+  """A tiny CLIP vision tower with projection (``dir/clip``) and a LAION-layout aesthetic head
+  (``dir/head.pth``), written once: namespace(dir, clip, head) with the PyTorch modules."""
+  _require("torch", "transformers")
+  path = tmp_path_factory.mktemp("tiny_clip")
+  clip, head = sdxl_fixtures.tiny_clip_and_head(path)
+  return types.SimpleNamespace(dir=path, clip=clip, head=head)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tmp_path_factory):
+  """A whole tiny CLIP model (text + vision, ``dir/clip`` with a tokenizer) and an aesthetic head
+  (``dir/head.pth``), written once: namespace(dir, clip, tokenizer, head)."""
+  _require("torch", "transformers")
+  path = tmp_path_factory.mktemp("tiny_clip_model")
+  clip, tokenizer, head = sdxl_fixtures.tiny_clip_model_and_head(path)
+  return types.SimpleNamespace(dir=path, clip=clip, tokenizer=tokenizer, head=head)

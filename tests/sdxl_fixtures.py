@@ -1,10 +1,13 @@
 """Tiny random SDXL-architecture components written in diffusers' directory layout (PyTorch
-safetensors + tokenizer files), for the tests: nothing is downloaded."""
+safetensors + tokenizer files), for the tests: nothing is downloaded.
+
+torch, diffusers and transformers are imported inside the functions, so importing this module is
+cheap; the session fixtures in conftest.py (``tiny_sdxl_dir``, ``tiny_clip``, ``tiny_clip_model``)
+call these once per session."""
 import json
 import os
 
 import numpy as np
-import torch
 
 VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>",
          "t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>",
@@ -30,6 +33,7 @@ TINY_VAE_CONFIG = dict(
 
 
 def tiny_torch_unet(seed=0):
+  import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
@@ -41,6 +45,7 @@ def tiny_torch_unet(seed=0):
 
 
 def tiny_torch_vae(seed=0):
+  import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   return AutoencoderKL(**TINY_VAE_CONFIG).eval()
@@ -56,6 +61,7 @@ def write_tiny_sdxl(path, seed=0):
 
 
 def tiny_text_encoders(seed=0, hidden=(32, 48), projection=32):
+  import torch  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   kw = dict(vocab_size=len(VOCAB), intermediate_size=37, num_hidden_layers=3,
@@ -77,6 +83,7 @@ def write_text_components(path, seed=0, hidden=(32, 48)):
 
 
 def torch_text_embeddings(one, two, tokenizer, prompts):
+  import torch  # pylint: disable=g-import-not-at-top
   ids = torch.from_numpy(np.asarray(tokenizer(prompts, padding="max_length", truncation=True,
                                               max_length=77, return_tensors="np").input_ids))
   with torch.no_grad():
@@ -86,6 +93,7 @@ def torch_text_embeddings(one, two, tokenizer, prompts):
 
 
 def tiny_clip_and_head(tmp_path, seed=0):
+  import torch  # pylint: disable=g-import-not-at-top
   from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
@@ -95,7 +103,26 @@ def tiny_clip_and_head(tmp_path, seed=0):
   return clip, tiny_head(tmp_path)
 
 
+def tiny_clip_model_and_head(tmp_path, seed=0):
+  """A whole tiny CLIP model (text + vision towers, as openai/clip-vit-large-patch14 ships) with
+  this module's tokenizer, saved to ``tmp_path / "clip"``, and a head in ``tmp_path / "head.pth"``:
+  (clip, tokenizer, head)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+  n = len(VOCAB)
+  clip = CLIPModel(CLIPConfig(
+      text_config=dict(small, vocab_size=n, max_position_embeddings=77, bos_token_id=n - 2,
+                       eos_token_id=n - 1, pad_token_id=n - 1),
+      vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)).eval()
+  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
+  tok = write_tokenizer(str(tmp_path / "clip"))
+  return clip, tok, tiny_head(tmp_path)
+
+
 def tiny_head(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
   # The released predictor's layout: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear,
   # Linear (indices 0, 2, 4, 6, 7), here 16 -> 32 -> 8 -> 4 -> 2 -> 1.
   head = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Dropout(0.2),

@@ -6,26 +6,61 @@ import jax
 import numpy as np
 import pytest
 
+from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
+from configs import imagenet128_base, imagenet128_cd, imagenet128_ct, sdxl_mlcm
 from configs import toy as toy_config
-from mcm_jax.config_validation import ConfigError, validate_toy
+from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import toy as toy_data
 from mcm_jax.evaluation import energy_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_default_and_tiny_configs_are_valid():
-  validate_toy(toy_config.get_config())
-  validate_toy(toy_config.get_config("tiny"))
-  with pytest.raises(ValueError, match="'huge'.*allowed"):
-    toy_config.get_config("huge")
+PIXEL_CONFIGS = (imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_base,
+                 imagenet128_cd, imagenet128_ct)
+
+
+def _with_data_dir(config):
+  if config.experiment == "pixel" and config.data.name != "digits":
+    config.data.data_dir = "/data/tfds"  # the paper sizes need a local data dir
+  return config
+
+
+@pytest.mark.parametrize(
+    "module,sizes",
+    [(toy_config, (None, "tiny")), (sdxl_mlcm, ("sdxl", "tiny"))]
+    + [(m, ("small", "large", "tiny")) for m in PIXEL_CONFIGS],
+    ids=["toy", "sdxl_mlcm"] + [m.__name__.split(".")[-1] for m in PIXEL_CONFIGS])
+def test_every_config_and_size_is_valid(module, sizes):
+  for size in sizes:
+    validate(_with_data_dir(module.get_config() if size is None else module.get_config(size)))
+  with pytest.raises(ValueError, match=r"'huge'.*allowed.*'tiny'"):
+    module.get_config("huge")
+
+
+def test_unknown_experiment_is_a_config_error():
+  config = toy_config.get_config("tiny")
+  config.experiment = "gan"
+  with pytest.raises(ConfigError, match=r"experiment='gan' is invalid; allowed: \('toy', "
+                     r"'pixel', 'mlcm'\)"):
+    validate(config)
+
+
+def test_config_files_import_only_ml_collections_and_configs():
+  names = ["toy", "sdxl_mlcm"] + [m.__name__.split(".")[-1] for m in PIXEL_CONFIGS]
+  code = (f"import sys; from configs import {', '.join(names)}; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('mcm_jax', 'jax', 'flax', 'optax', 'orbax', 'numpy')))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=True)
+  assert proc.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("consistency.student_steps", (0, 2), r"consistency.student_steps=\(0, 2\).*integers >= 1"),
+    ("sweep.student_steps", (0, 2), r"sweep.student_steps=\(0, 2\).*integers >= 1"),
     ("consistency.teacher_steps_start", 8, r"teacher_steps_start=8.*largest student step"),
     ("consistency.xvar_frac", -0.5, r"xvar_frac=-0.5.*>= 0"),
-    ("consistency.methods", ("ct", "pd"), r"methods=\('ct', 'pd'\)"),
+    ("sweep.methods", ("ct", "pd"), r"sweep.methods=\('ct', 'pd'\)"),
     ("data.name", "spiral9", r"data.name='spiral9'.*checkerboard"),
     ("schedule.name", "linear", r"schedule.name='linear'.*cosine"),
     ("student.checkpoint_every", 7, r"checkpoint_every=7.*multiple of student.log_every"),
@@ -39,17 +74,17 @@ def test_invalid_configs_name_field_value_and_allowed(field, value, message):
     node = node[p]
   node[leaf] = value
   with pytest.raises(ConfigError, match=message):
-    validate_toy(config)
+    validate(config)
 
 
 def test_main_rejects_a_bad_config_before_compiling(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "mcm_jax.main", "--config=configs/toy.py:tiny",
-       "--config.consistency.student_steps=(0,)", f"--workdir={tmp_path}"],
+       "--config.sweep.student_steps=(0,)", f"--workdir={tmp_path}"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "config.consistency.student_steps=(0,)" in proc.stderr
-  assert not os.path.exists(tmp_path / "teacher")
+  assert "config.sweep.student_steps=(0,)" in proc.stderr
+  assert not os.path.exists(tmp_path / "config.json")  # validated before anything is written
 
 
 @pytest.mark.parametrize("name", sorted(toy_data.DATASETS))

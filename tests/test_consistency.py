@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcm_jax import consistency, schedules
+from helpers import LOGSNR, gaussian_denoise_fn
+from mcm_jax import consistency, guidance, schedules
 from mcm_jax.samplers import addim
-
-LOGSNR = lambda t: schedules.cosine_logsnr(t)
 
 
 def test_teacher_steps_schedule():
@@ -80,11 +79,7 @@ def test_exact_gaussian_denoiser_is_consistent_with_itself_at_many_steps():
   """For N(0, s^2) data the exact denoiser + DDIM teacher: the CD loss with a student equal to
   the teacher shrinks as the teacher step 1/T -> 0 (the student is then the ODE map per step)."""
   scale = 0.5
-
-  def exact(params, z, t, cond=None, rng=None):
-    alpha, sigma = schedules.alpha_sigma(LOGSNR(t))
-    return addim.bcast(alpha * scale ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2), z) * z
-
+  exact = gaussian_denoise_fn(scale)
   batch = {"x": scale * jax.random.normal(jax.random.PRNGKey(5), (2048, 2))}
   losses = []
   for n in (64, 1024):
@@ -107,16 +102,21 @@ def test_cd_loss_jit_grad_and_metrics():
   np.testing.assert_allclose(metrics["teacher_steps"], np.sqrt(64 * 1280), rtol=1e-5)
 
 
-def test_guided_teacher():
-  def teacher(params, z, t, cond, rng):
-    return z + params * cond[:, None].astype(jnp.float32)
+def test_guidance_on_labels_and_on_conditioning_pytrees():
+  def teacher(z, t, cond):
+    return z + cond[:, None].astype(jnp.float32)
 
   z, t, cond = jnp.ones((3, 2)), jnp.full((3,), 0.5), jnp.array([1, 2, 3])
-  x_w, x_c = consistency.guided_teacher(teacher, 1.0, z, t, cond, 3.0, 0)
+  x_w, x_c = guidance.guided(teacher, z, t, cond, jnp.zeros_like(cond), 3.0)
   np.testing.assert_allclose(x_c, z + cond[:, None])
   np.testing.assert_allclose(x_w, z + 3.0 * cond[:, None])   # x_u + w (x_c - x_u)
-  x_w1, _ = consistency.guided_teacher(teacher, 1.0, z, t, cond, 1.0, 0)
+  x_w1, _ = guidance.guided(teacher, z, t, cond, jnp.zeros_like(cond), 1.0)
   np.testing.assert_allclose(x_w1, x_c)
+  # A dict conditioning (SDXL's) with a [1, ...] unconditional entry broadcast to the batch.
+  f = lambda zz, tt, c: zz * 0 + c["c"][:, :1] + tt[:, None]
+  cond, uncond = {"c": jnp.ones((3, 2))}, {"c": jnp.zeros((1, 2))}
+  out, _ = guidance.guided(f, jnp.zeros((3, 4)), jnp.array([5.0, 6.0, 7.0]), cond, uncond, 8.0)
+  np.testing.assert_allclose(out, 8.0 + jnp.array([5.0, 6.0, 7.0])[:, None] * jnp.ones((3, 4)))
 
 
 def test_cd_x_var_is_taken_from_the_conditional_teacher_output():

@@ -2,9 +2,6 @@
 import jax
 import numpy as np
 import pytest
-import torch
-import torchvision
-from pytorch_fid import inception as pt_inception
 
 from mcm_jax.models import inception
 
@@ -12,6 +9,8 @@ from mcm_jax.models import inception
 def random_fid_state_dict(seed=0):
   """A torchvision-named Inception-v3 state dict with random weights and batch-norm statistics
   (what pytorch-fid's released file holds, but random)."""
+  torch = pytest.importorskip("torch")
+  torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(seed)
   net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
                                         init_weights=True)
@@ -33,13 +32,17 @@ def random_fid_state_dict(seed=0):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
+  torch = pytest.importorskip("torch")
   sd = random_fid_state_dict()
   path = tmp_path_factory.mktemp("fid") / "pt_inception_random.pth"
   torch.save(sd, path)
   return sd, str(path)
 
 
+@pytest.mark.slow  # PyTorch equivalence, seconds
 def test_flax_inception_equals_pytorch_fid(weights, monkeypatch):
+  torch = pytest.importorskip("torch")
+  pt_inception = pytest.importorskip("pytorch_fid.inception")
   sd, path = weights
   # pytorch-fid's own FID network (its patched pools and blocks); the download is replaced by
   # the local random state dict, loaded strictly, so names and shapes must match torchvision's.

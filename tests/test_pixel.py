@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd
-from mcm_jax import diffusion, fid, pixel
-from mcm_jax.config_validation import ConfigError
+from mcm_jax import checkpoint, diffusion, fid, objectives
+from mcm_jax.experiments import pixel
+from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import images as image_data
 
 
@@ -22,7 +23,7 @@ def base_run(tmp_path_factory):
 
 
 def _eval_loss(config, params):
-  _, logsnr_fn, denoise = pixel.build(config)
+  _, logsnr_fn, denoise = objectives.uvit_model(config)
   x, y = image_data.load_digits(16)
   batch = {"x": jnp.asarray(x[:256]), "label": jnp.asarray(y[:256])}
   loss = jax.jit(functools.partial(diffusion.diffusion_loss, denoise_fn=denoise,
@@ -30,12 +31,13 @@ def _eval_loss(config, params):
   return np.mean([float(loss(params, batch, jax.random.PRNGKey(k), 0)[0]) for k in range(8)])
 
 
+@pytest.mark.slow  # base_run: a tiny UViT base training (about a minute on 2 cores)
 def test_tiny_uvit_base_training_lowers_the_loss(base_run):
   config, workdir, result = base_run
-  model, _, _ = pixel.build(config)
+  model, _, _ = objectives.uvit_model(config)
   init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)),
                     jnp.zeros((1,), jnp.int32))
-  trained = pixel.load_teacher_params(workdir, init)  # partial restore of ema_params
+  trained, _ = checkpoint.load_ema_params(workdir, init)  # partial restore of ema_params
   assert _eval_loss(config, trained) < 0.75 * _eval_loss(config, init)
   assert all(os.path.getsize(p) > 100 for p in result["samples"])
   table = json.load(open(os.path.join(workdir, "x_var_table.json")))
@@ -46,6 +48,7 @@ def test_tiny_uvit_base_training_lowers_the_loss(base_run):
   assert table["x_var"][-1] <= 0.75 * float(np.var(x)) * 1.5
 
 
+@pytest.mark.slow  # base_run, then a CD / CT run end to end
 @pytest.mark.parametrize("config_module", [imagenet64_cd, imagenet64_ct])
 def test_tiny_cd_and_ct_from_the_base_run(base_run, tmp_path, config_module):
   _, base_workdir, _ = base_run
@@ -58,6 +61,7 @@ def test_tiny_cd_and_ct_from_the_base_run(base_run, tmp_path, config_module):
   assert f"{config.objective}/loss" in metrics and "NaN" not in metrics
 
 
+@pytest.mark.slow  # needs base_run's checkpoint
 def test_teacher_errors_name_the_path_and_the_parameter(base_run, tmp_path):
   _, base_workdir, _ = base_run
   config = imagenet64_cd.get_config("tiny")
@@ -75,28 +79,28 @@ def test_pixel_config_errors():
   config = imagenet64_cd.get_config("tiny")
   config.objective = "pd"
   with pytest.raises(ConfigError, match=r"config.objective='pd'.*\('base', 'cd', 'ct'\)"):
-    pixel.run(config, "/tmp/unused")
+    validate(config)
   config = imagenet64_cd.get_config("tiny")
   config.init_from = ""
   with pytest.raises(ConfigError, match="config.init_from is empty"):
-    pixel.run(config, "/tmp/unused")
+    validate(config)
   config = imagenet64_base.get_config("tiny")
   config.sample.x_var = "exact"
   with pytest.raises(ConfigError, match=r"config.sample.x_var='exact'.*'table', 'analytic'"):
-    pixel.run(config, "/tmp/unused")
+    validate(config)
   config = imagenet64_cd.get_config("tiny")
   config.consistency.student_steps = 0
   with pytest.raises(ConfigError, match=r"consistency.student_steps=0 is invalid"):
-    pixel.run(config, "/tmp/unused")
+    validate(config)
   config = imagenet64_base.get_config("small")
   with pytest.raises(ConfigError, match=r"data.data_dir='' is invalid for data.name='imagenet2012'"):
-    pixel.run(config, "/tmp/unused")
+    validate(config)
   with pytest.raises(FileNotFoundError, match=r"data_dir='/nonexistent' is not a directory"):
     image_data.load("imagenet2012", 64, "/nonexistent")
   config = imagenet64_base.get_config("tiny")
   config.eval.features = "clip"
   with pytest.raises(ConfigError, match=r"config.eval.features='clip'.*'inception'"):
-    pixel.evaluate(config, "/tmp/unused")
+    validate(config)
   for module in (imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd):
     for size in ("small", "large"):
       c = module.get_config(size)
@@ -126,6 +130,7 @@ def test_multiscale_loss_adds_the_pooled_error():
   np.testing.assert_allclose(multi, 0.5 * (2.0 + 0.0))  # the checkerboard pools to 0
 
 
+@pytest.mark.slow  # base_run, then sampling and FD at two step counts
 def test_eval_mode_measures_fd_per_step_count(base_run):
   config, workdir, _ = base_run
   config = config.copy_and_resolve_references()
@@ -145,6 +150,7 @@ def test_eval_mode_measures_fd_per_step_count(base_run):
   assert saved["results"][0]["fd"] == rows[2]["fd"]
 
 
+@pytest.mark.slow  # base_run, then a CD run end to end
 def test_periodic_sample_grids_during_training(base_run, tmp_path):
   _, base_workdir, _ = base_run
   config = imagenet64_cd.get_config("tiny")

@@ -2,14 +2,14 @@
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from mcm_jax.data import prompts
 
 
 def test_prompt_files_in_three_formats(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
   want = ["a red fox", "a blue house", "two cats"]
   (tmp_path / "p.txt").write_text("a red fox\n\n a blue house \ntwo cats\n")
   (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"caption": p, "id": i})

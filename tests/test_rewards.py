@@ -1,23 +1,19 @@
 """Aesthetic scorer (Flax CLIP vision + LAION head) == PyTorch on tiny random weights; reward
 losses' gradients."""
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from mcm_jax import rewards
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sdxl_fixtures import tiny_clip_and_head, tiny_head  # pylint: disable=g-bad-import-order,wrong-import-position
 
-
-def test_aesthetic_scorer_equals_pytorch(tmp_path):
-  clip, head = tiny_clip_and_head(tmp_path)
-  score_fn, params = rewards.aesthetic_scorer(str(tmp_path / "clip"), str(tmp_path / "head.pth"))
+@pytest.mark.slow  # PyTorch equivalence, seconds (with the tiny CLIP's setup)
+def test_aesthetic_scorer_equals_pytorch(tiny_clip, tmp_path):
+  torch = pytest.importorskip("torch")
+  clip, head = tiny_clip.clip, tiny_clip.head
+  score_fn, params = rewards.aesthetic_scorer(str(tiny_clip.dir / "clip"),
+                                              str(tiny_clip.dir / "head.pth"))
   score = jax.jit(lambda x: score_fn(params, x))
   images = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
   got = np.asarray(score(images))
@@ -45,18 +41,14 @@ def test_reward_losses_and_their_gradients():
   np.testing.assert_allclose(rewards.feedback(score, pred, 4.0), 0.0)
 
 
-def test_whole_clip_model_directory(tmp_path):
+@pytest.mark.slow  # PyTorch equivalence, seconds
+def test_whole_clip_model_directory(tiny_clip_model):
   """Users have openai/clip-vit-large-patch14 as a whole CLIP model: its image features."""
-  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(1)
-  small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-  clip = CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=50),
-                              vision_config=dict(small, image_size=32, patch_size=8),
-                              projection_dim=16)).eval()
-  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
-  head = tiny_head(tmp_path)
+  torch = pytest.importorskip("torch")
+  clip, head = tiny_clip_model.clip, tiny_clip_model.head
   images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  score_fn, params = rewards.aesthetic_scorer(str(tmp_path / "clip"), str(tmp_path / "head.pth"))
+  score_fn, params = rewards.aesthetic_scorer(str(tiny_clip_model.dir / "clip"),
+                                              str(tiny_clip_model.dir / "head.pth"))
   got = np.asarray(score_fn(params, images))
   pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
       torch.from_numpy(rewards.CLIP_STD)

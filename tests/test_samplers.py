@@ -4,27 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import LOGSNR, gaussian_denoiser, gaussian_posterior_var
 from mcm_jax import schedules
 from mcm_jax.samplers import addim, baselines
-
-LOGSNR = lambda t: schedules.cosine_logsnr(t)
 
 
 def _coeffs(t, s):
   return (*schedules.alpha_sigma(LOGSNR(t)), *schedules.alpha_sigma(LOGSNR(s)))
-
-
-def gaussian_denoiser(scale):
-  """Exact E[x | z_t] for x ~ N(0, scale^2 I): alpha scale^2 / (alpha^2 scale^2 + sigma^2) z."""
-  def f(z, t):
-    alpha, sigma = schedules.alpha_sigma(LOGSNR(t))
-    c = alpha * scale ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2)
-    return addim.bcast(c, z) * z
-  return f
-
-
-def gaussian_posterior_var(scale, alpha, sigma):
-  return scale ** 2 * sigma ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2)
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5, 6, 3)])
@@ -172,3 +158,25 @@ def test_heun_is_second_order_and_ddim_first_order():
   assert heun[0] / heun[1] > 3.0      # measured ~8x per doubling
   assert 1.5 < ddim[0] / ddim[1] < 2.5  # measured ~2x per doubling
   assert heun[1] < ddim[1]
+
+
+def test_grid_sampler_is_the_uniform_sampler_and_samples_the_sdxl_schedule():
+  """``sample_on_grid`` (what MLCM / SDXL sampling runs) equals ``sample`` on the uniform grid,
+  and with the exact Gaussian denoiser on SDXL's discrete schedule (time = timestep) many DDIM
+  steps from the exact z_999 marginal reach the data variance, two steps do not."""
+  f, z = gaussian_denoiser(0.5), jax.random.normal(jax.random.PRNGKey(6), (512, 8))
+  for x_var_fn in (None, addim.analytic_x_var_fn):
+    np.testing.assert_allclose(addim.sample_on_grid(f, z, np.linspace(1, 0, 9), LOGSNR, x_var_fn),
+                               addim.sample(f, z, 8, LOGSNR, x_var_fn), rtol=1e-5, atol=1e-6)
+  scale, logsnr = 0.5, schedules.sdxl_logsnr
+  a, s = schedules.alpha_sigma(logsnr(999))
+  z = jnp.sqrt(a ** 2 * scale ** 2 + s ** 2) * jax.random.normal(jax.random.PRNGKey(7), (4096, 8))
+  g = gaussian_denoiser(scale, logsnr)
+  grids = {n: np.round(np.linspace(999, 0, n + 1)) for n in (2, 333)}
+  variance = {n: float(jnp.var(addim.sample_on_grid(g, z, grid, logsnr)))
+              for n, grid in grids.items()}
+  # The last step returns E[x | z_t] at t = grid[-2] (timestep 3): Var = scale^2 - posterior var.
+  a, s = schedules.alpha_sigma(logsnr(grids[333][-2]))
+  expected = scale ** 2 - gaussian_posterior_var(scale, a, s)
+  assert abs(variance[333] / expected - 1) < 0.02, (variance, expected)
+  assert variance[2] < 0.8 * scale ** 2, variance

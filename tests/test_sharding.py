@@ -2,33 +2,24 @@
 import functools
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from mcm_jax import consistency, parameterization, schedules, sharding, train
+from helpers import LOGSNR, mlp_denoiser, train_config
+from mcm_jax import consistency, sharding, train
 from mcm_jax.data import toy as toy_data
-from mcm_jax.models.mlp import MLPDenoiser
 
-LOGSNR = lambda t: schedules.cosine_logsnr(t)
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 
 def _cfg(steps):
-  return ml_collections.ConfigDict(dict(
-      steps=steps, batch_size=64, log_every=5, checkpoint_every=5, keep_checkpoints=3,
-      ema_decay=0.9, seed=0,
-      optim=dict(learning_rate=1e-3, warmup_steps=2, grad_clip=1.0, b1=0.9, b2=0.99,
-                 weight_decay=0.0)))
+  return train_config(steps, log_every=5, checkpoint_every=5, learning_rate=1e-3,
+                      warmup_steps=2)
 
 
 def _cd_problem():
   """A CD student/teacher pair large enough that fsdp really shards (128 x 128 kernels)."""
-  model = MLPDenoiser(hidden=128, depth=2)
-  denoise = parameterization.make_denoiser(
-      lambda p, z, logsnr, cond, rng: model.apply(p, z, logsnr), LOGSNR, "v")
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+  denoise, params = mlp_denoiser(hidden=128, depth=2, dim=2)  # 2-D data: ring8
   teacher = jax.tree_util.tree_map(lambda x: x + 0.01, params)
   loss = functools.partial(consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=LOGSNR,
                            student_steps=2, teacher_fn=denoise)

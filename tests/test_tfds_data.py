@@ -5,11 +5,10 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import imagenet64_base
-from mcm_jax import pixel
+from mcm_jax.experiments import pixel
 from mcm_jax.data import images as image_data
 
 NUM_TRAIN = 24
@@ -28,27 +27,34 @@ def _image(i):
   return buf
 
 
-class TinyImagenetLike(tfds.core.GeneratorBasedBuilder):
-  """ImageNet's tfds features (JPEG image, integer label), 24 + 6 examples."""
-  VERSION = tfds.core.Version("1.0.0")
+def tiny_imagenet_like_builder():
+  """The builder class, defined once tensorflow_datasets is imported (inside the fixture)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=4)}))
+  class TinyImagenetLike(tfds.core.GeneratorBasedBuilder):
+    """ImageNet's tfds features (JPEG image, integer label), 24 + 6 examples."""
+    VERSION = tfds.core.Version("1.0.0")
 
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(NUM_TRAIN), "validation": self._generate_examples(6)}
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=4)}))
 
-  def _generate_examples(self, n):
-    for i in range(n):
-      yield i, {"image": _image(i), "label": i % 4}
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(NUM_TRAIN),
+              "validation": self._generate_examples(6)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"image": _image(i), "label": i % 4}
+
+  return TinyImagenetLike
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
-  TinyImagenetLike(data_dir=path, file_format="array_record").download_and_prepare()
+  tiny_imagenet_like_builder()(data_dir=path, file_format="array_record").download_and_prepare()
   return path
 
 
@@ -87,6 +93,7 @@ def test_tfds_errors_name_the_dataset_and_dir(data_dir, tmp_path):
     image_data.load("tiny_imagenet_like", 16, str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # a pixel run end to end (the data preparation itself takes < 1 s)
 def test_pixel_base_training_reads_tfds(data_dir, tmp_path):
   config = imagenet64_base.get_config("tiny")
   config.data.update(name="tiny_imagenet_like", data_dir=data_dir, channels=3, num_classes=4)

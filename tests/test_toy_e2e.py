@@ -2,10 +2,13 @@
 import json
 import os
 
+import pytest
+
 from configs import toy as toy_config
-from mcm_jax import toy
+from mcm_jax.experiments import toy
 
 
+@pytest.mark.slow  # the whole tiny toy experiment, twice
 def test_toy_run_end_to_end_and_resume(tmp_path):
   config = toy_config.get_config("tiny")
   results = toy.run(config, str(tmp_path))
@@ -24,12 +27,13 @@ def test_toy_run_end_to_end_and_resume(tmp_path):
   assert again["ring8"] == ring
 
 
+@pytest.mark.slow  # a tiny toy experiment end to end
 def test_toy_run_accepts_a_python_data_source(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   config = toy_config.get_config("tiny")
   config.fig1.enabled = False
-  config.consistency.methods = ("cd_ddim",)
-  config.consistency.student_steps = (1,)
+  config.sweep.methods = ("cd_ddim",)
+  config.sweep.student_steps = (1,)
   data = np.random.RandomState(0).randn(3000, 3).astype(np.float32) * 0.5 + 1.0
   results = toy.run(config, str(tmp_path), data_source=data)
   assert set(results["custom"]) >= {"cd_ddim_1", "teacher_ddim_1", "teacher_addim_16"}

@@ -47,6 +47,7 @@ def test_tiny_forward_shapes_conditioning_and_dropout():
   assert not np.allclose(a, b)
 
 
+@pytest.mark.slow  # gradients through the tiny UViT twice (tens of seconds on 2 cores)
 def test_remat_and_bf16():
   model, params, z, logsnr, label = _tiny()
   loss = lambda m: lambda p: jnp.mean(m.apply(p, z, logsnr, label) ** 2)

@@ -1,0 +1,59 @@
+"""Plain helpers shared by the test modules (no torch): the exact denoiser of Gaussian data with
+its posterior variance, and the toy MLP training problem's pieces (denoiser, train section).
+
+Imported as ``import helpers`` (pytest puts tests/ on sys.path: it holds conftest.py and no
+__init__.py)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mcm_jax import parameterization, schedules
+from mcm_jax.models.mlp import MLPDenoiser
+from mcm_jax.samplers import addim
+
+
+def LOGSNR(t):  # pylint: disable=invalid-name
+  """The cosine schedule every toy test uses."""
+  return schedules.cosine_logsnr(t)
+
+
+def gaussian_denoiser(scale, logsnr_fn=LOGSNR):
+  """Exact E[x | z_t] for x ~ N(0, scale^2 I): alpha scale^2 / (alpha^2 scale^2 + sigma^2) z,
+  as ``f(z, t)`` (the samplers' signature)."""
+  def f(z, t):
+    alpha, sigma = schedules.alpha_sigma(logsnr_fn(t))
+    c = alpha * scale ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2)
+    return addim.bcast(c, z) * z
+  return f
+
+
+def gaussian_denoise_fn(scale, logsnr_fn=LOGSNR):
+  """The same exact denoiser with the losses' ``denoise_fn(params, z, t, cond, rng)`` signature
+  (params, cond and rng are ignored)."""
+  f = gaussian_denoiser(scale, logsnr_fn)
+  return lambda params, z, t, cond=None, rng=None: f(z, t)
+
+
+def gaussian_posterior_var(scale, alpha, sigma):
+  """Var[x | z_t] per dimension for x ~ N(0, scale^2 I)."""
+  return scale ** 2 * sigma ** 2 / (alpha ** 2 * scale ** 2 + sigma ** 2)
+
+
+def mlp_denoiser(hidden, depth, dim):
+  """The toy MLP (v-prediction on the cosine schedule) as ``(denoise_fn, params)``; params from
+  PRNGKey(0) for ``dim``-dimensional data."""
+  model = MLPDenoiser(hidden=hidden, depth=depth)
+  denoise = parameterization.make_denoiser(
+      lambda p, z, logsnr, cond, rng: model.apply(p, z, logsnr), LOGSNR, "v")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, dim)), jnp.zeros((1,)))
+  return denoise, params
+
+
+def train_config(steps, log_every, checkpoint_every, learning_rate, warmup_steps,
+                 batch_size=64):
+  """A ``config.train`` section for ``train.train`` on the toy problems (EMA 0.9, clip 1.0)."""
+  return ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=batch_size, log_every=log_every,
+      checkpoint_every=checkpoint_every, keep_checkpoints=3, ema_decay=0.9, seed=0,
+      optim=dict(learning_rate=learning_rate, warmup_steps=warmup_steps, grad_clip=1.0, b1=0.9,
+                 b2=0.99, weight_decay=0.0)))

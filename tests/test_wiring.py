@@ -1,0 +1,191 @@
+"""The runners' composed losses (``objectives``: config -> loss) against the published formulas
+computed by hand: MCM Alg. 1 (pixel CT / CD with a guided teacher) and MLCM eq. 7-8 written in
+the paper's epsilon form (stage 0 MDI / SDI, later stages with the PDU and PDF teacher, and a
+trajectory-bank batch). Every config field the loss reads is set to a non-default value, so a
+field mapped to the wrong argument shows."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import imagenet64_cd, imagenet64_ct, sdxl_mlcm
+from mcm_jax import consistency, lora, mlcm, objectives, schedules
+from mcm_jax.data import images as image_data
+from mcm_jax.models import sdxl
+from mcm_jax.samplers import addim
+
+
+def _perturbed(params, key, scale=0.05):
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def pixel_setup():
+  config = imagenet64_cd.get_config("tiny")
+  model, logsnr_fn, denoise = objectives.uvit_model(config)
+  inputs = [jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(config)]
+  student = model.init(jax.random.PRNGKey(0), *inputs)
+  teacher = _perturbed(student, jax.random.PRNGKey(1))
+  x, y = image_data.load_digits(16)
+  batch = {"x": jnp.asarray(x[:8]), "label": jnp.asarray(y[:8])}
+  return logsnr_fn, denoise, student, teacher, batch
+
+
+@pytest.mark.parametrize("objective,sampler", [("cd", "addim"), ("cd", "ddim"), ("ct", None)])
+def test_pixel_loss_is_algorithm_1_by_hand(pixel_setup, objective, sampler):
+  logsnr_fn, denoise, params, teacher, batch = pixel_setup
+  config = (imagenet64_cd if objective == "cd" else imagenet64_ct).get_config("tiny")
+  cc = config.consistency
+  cc.update(student_steps=2, teacher_steps_start=8, teacher_steps_end=32,
+            teacher_steps_horizon=40, xvar_frac=0.5, huber_eps=0.03, guidance_scale=2.5,
+            loss_weight="sqrt_snr_plus_one", teacher_sampler=sampler or "addim")
+  step, rng = 10, jax.random.PRNGKey(3)
+  loss, _ = objectives.pixel_loss(config, denoise, logsnr_fn)(params, batch, rng, step, teacher)
+
+  x, labels = batch["x"], batch["label"]
+  n = x.shape[0]
+  n_teacher = np.exp(np.log(8) + (10 / 40) * (np.log(32) - np.log(8)))  # annealed steps
+  rng_t, rng_eps, rng_model = jax.random.split(rng, 3)
+  t, s, t_step = consistency.sample_times(rng_t, n, 2, n_teacher)
+  eps = jax.random.normal(rng_eps, x.shape)
+  coef = lambda u: schedules.alpha_sigma(logsnr_fn(u))
+  (a_t, s_t), (a_s, s_s), (a_k, s_k) = coef(t), coef(s), coef(t_step)
+  b = lambda v: v[:, None, None, None]
+  z_t = b(a_t) * x + b(s_t) * eps
+  if objective == "cd":
+    x_c = denoise(teacher, z_t, t, labels, None)
+    x_u = denoise(teacher, z_t, t, jnp.full_like(labels, 10), None)  # null label = num_classes
+    x_teacher = x_u + 2.5 * (x_c - x_u)
+    x_var = (0.5 * jnp.mean((x_c - x) ** 2, axis=(1, 2, 3)) if sampler == "addim"
+             else jnp.zeros(n))
+  else:
+    x_teacher, x_var = x, jnp.zeros(n)
+  z_s = addim.addim_step(x_teacher, z_t, a_t, s_t, a_s, s_s, x_var)
+  x_ref = denoise(params, z_s, s, labels, rng_model)
+  z_ref = b(a_k) * x_ref + b(s_k / s_s) * (z_s - b(a_s) * x_ref)  # DDIM_{s -> t_step}
+  x_target = (z_ref - b(s_k / s_t) * z_t) / b(a_k - a_t * s_k / s_t)  # invDDIM_{t -> t_step}
+  x_hat = denoise(params, z_t, t, labels, rng_model)
+  dist = jnp.sqrt(jnp.mean((x_hat - x_target) ** 2, axis=(1, 2, 3)) + 0.03 ** 2) - 0.03
+  weight = jnp.sqrt(jnp.exp(logsnr_fn(t)) + 1)
+  np.testing.assert_allclose(loss, jnp.mean(weight * dist), rtol=2e-5)
+
+
+# --- MLCM: the paper's epsilon form on the discrete schedule's own alphabar table.
+ALPHAS, SIGMAS = (np.asarray(v, np.float64) for v in schedules.sdxl_alphas_sigmas())
+
+
+def _ddim_eps(z, eps, t, s, s_clean):
+  """``alpha_s (z - sigma_t eps) / alpha_t + sigma_s eps`` for one example (numpy)."""
+  a_s, s_s = (1.0, 0.0) if s_clean else (ALPHAS[s], SIGMAS[s])
+  return a_s * (z - SIGMAS[t] * eps) / ALPHAS[t] + s_s * eps
+
+
+@pytest.fixture(scope="module")
+def mlcm_setup():
+  config = sdxl_mlcm.get_config("tiny")
+  config.mlcm.update(num_segments=4, skip=30, guidance_scale=3.0)
+  config.lora.scale = 0.7
+  model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG)
+  params = model.init_weights(jax.random.PRNGKey(0))
+  lora0 = _perturbed(lora.init_lora(params, 2, jax.random.PRNGKey(1)), jax.random.PRNGKey(2), 0.3)
+  lora1 = _perturbed(lora0, jax.random.PRNGKey(3), 0.3)
+  encode = sdxl.hashed_text_encoder_for(model)
+  prompts = ["a red cat", "a blue tree", "small dog", "a large house"]
+  cond = encode(prompts)
+  cond["time_ids"] = sdxl.time_ids(64, 4)
+  uncond = encode([""])
+  uncond["time_ids"] = sdxl.time_ids(64, 1)
+  eps_net = jax.jit(sdxl.make_eps_fn(model))
+  one = lambda tree, i: jax.tree_util.tree_map(lambda v: v[i:i + 1], tree)
+
+  def eps(p, z, t, i, c=None):  # one example's epsilon, numpy float64
+    out = eps_net(p, jnp.asarray(z[None], jnp.float32), jnp.array([t]), one(c or cond, i))
+    return np.asarray(out[0], np.float64)
+
+  return config, model, params, lora0, lora1, cond, uncond, eps
+
+
+def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=None):
+  """Per-example MLCD of one stage, with every step written out in epsilon form."""
+  m = config.mlcm
+  K, k = m.num_segments // 2 ** stage, m.skip * 2 ** stage
+  merged = lambda l: lora.merge(params, l, config.lora.scale)
+  student = merged(lora1 if stage else lora0)
+  previous = merged(lora0) if stage else None
+
+  def guided(z, t, i):
+    e_c, e_u = eps(params, z, t, i), eps(params, z, t, 0, uncond)
+    return e_u + m.guidance_scale * (e_c - e_u)
+
+  if bank is None:
+    k_times, k_noise = jax.random.split(rng)
+    seg, t_m, t_n, start = (np.asarray(v) for v in mlcm.sample_times(k_times, 4, K, k))
+    noise = np.asarray(jax.random.normal(k_noise, (4, 8, 8, 4)), np.float64)
+  else:
+    seg = None
+    t_m, t_n, start = (np.asarray(bank[key]) for key in ("t_m", "t_n", "seg_start"))
+  losses = []
+  for i in range(4):
+    if bank is not None:
+      z_tm, z_tn = (np.asarray(bank[key][i], np.float64) for key in ("z_tm", "z_tn"))
+    else:
+      if stage == 0:
+        source = guided
+        n_steps = 1 if m.image_free == "sdi" else K - seg[i]
+        size = (999 - t_m[i]) / n_steps
+      else:  # App. Alg. 2: steps of T / (2K) with the previous MLCM
+        source = lambda z, t, j: eps(previous, z, t, j)
+        size = 1000 / (2 * K)
+        n_steps = int(np.ceil((999 - t_m[i]) / size))
+      z = noise[i]
+      for j in range(n_steps):
+        t = int(np.round(999 - j * size))
+        if t <= t_m[i]:
+          break
+        nxt = max(int(np.round(999 - (j + 1) * size)), int(t_m[i]))
+        z = _ddim_eps(z, source(z, t, i), t, nxt, False)
+      z_tm = z
+      use_previous = stage > 0 and m.teacher_mode == "updated"
+      e_teacher = eps(previous, z_tm, t_m[i], i) if use_previous else guided(z_tm, t_m[i], i)
+      z_tn = _ddim_eps(z_tm, e_teacher, t_m[i], t_n[i], False)
+    clean = start[i] == 0
+    pred = _ddim_eps(z_tm, eps(student, z_tm, t_m[i], i), t_m[i], start[i], clean)
+    if t_n[i] == start[i] and not clean:
+      target = z_tn
+    else:
+      target = _ddim_eps(z_tn, eps(student, z_tn, t_n[i], i), t_n[i], start[i], clean)
+    losses.append(np.mean((pred - target) ** 2))
+  return np.mean(losses)
+
+
+@pytest.mark.parametrize("stage,variant", [(0, "mdi"), (0, "sdi"), (1, "updated"),
+                                           (1, "fixed"), (0, "bank")])
+def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
+  config, model, params, lora0, lora1, cond, uncond, eps = mlcm_setup
+  config = config.copy_and_resolve_references()
+  if variant in ("mdi", "sdi"):
+    config.mlcm.image_free = variant
+  elif variant in ("updated", "fixed"):
+    config.mlcm.teacher_mode = variant
+  frozen = {"unet": params, "uncond": uncond, "prev_lora": lora0 if stage else None}
+  batch = dict(cond)
+  bank = None
+  if variant == "bank":  # a stored pair: no teacher call, only the student's terms
+    rng = np.random.default_rng(0)
+    bank = {"z_tm": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+            "z_tn": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+            "t_m": np.array([140, 300, 620, 999], np.int32),
+            "t_n": np.array([110, 250, 590, 969], np.int32),
+            "seg_start": np.array([0, 250, 500, 750], np.int32)}
+    batch.update(bank)
+  rng = jax.random.PRNGKey(7)
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), stage)
+  loss, metrics = jax.jit(loss_fn)(lora1 if stage else lora0, batch, rng, 0, frozen)
+  expected = _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank)
+  np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
+  assert expected > 0
