@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
 from configs import sdxl_mlcm  # pylint: disable=g-import-not-at-top
-from mcm_jax import lora as lora_lib, objectives, sharding, train
+from mcm_jax import errors, lora as lora_lib, objectives, sharding, train
 from mcm_jax.models import sdxl
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields the Flax UNet reads).
@@ -53,12 +53,12 @@ def per_device_bytes(tree, shardings):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--devices", type=int, default=8)
-  p.add_argument("--batch", type=int, default=24)
-  p.add_argument("--latent", type=int, default=128)
+  p.add_argument("--devices", type=errors.positive_int, default=8)
+  p.add_argument("--batch", type=errors.positive_int, default=24)
+  p.add_argument("--latent", type=errors.positive_int, default=128)
   p.add_argument("--image_free", default="sdi", choices=["sdi", "mdi", "bank"])
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--rank", type=int, default=64)
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--rank", type=errors.positive_int, default=64)
   p.add_argument("--compile", action="store_true",
                  help="also AOT-compile the sharded step for XLA's memory analysis (minutes on "
                       "a GPU host; more than 15 min for SDXL on 8 fake CPU devices)")

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
 from configs import imagenet64_base, imagenet64_cd  # pylint: disable=g-import-not-at-top
-from mcm_jax import objectives, train
+from mcm_jax import errors, objectives, train
 
 
 def timeit(fn, repeats=3):
@@ -90,21 +90,22 @@ def bench(size, resolution, batch, dtype, parts):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--sizes", default="tiny,small")
-  parser.add_argument("--resolution", type=int, default=64)
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--parts", default="base,cd",
+  parser.add_argument("--sizes", default="tiny,small",
+                      type=errors.comma_list(("tiny", "small", "large")))
+  parser.add_argument("--resolution", type=int, default=64, choices=(64, 128))
+  parser.add_argument("--batch", type=errors.positive_int, default=2)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  parser.add_argument("--parts", default="base,cd", type=errors.comma_list(("base", "cd")),
                       help="what to time; run 'base' and 'cd' in separate processes when memory "
                            "is short (UViT-small on a 24 GB CPU machine)")
   args = parser.parse_args()
   machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
              "device": jax.devices()[0].device_kind, "devices": jax.device_count()}
-  for size in args.sizes.split(","):
+  for size in args.sizes:
     batch = args.batch * (16 if size == "tiny" else 1)
     print(json.dumps({"benchmark": "pixel", "machine": machine,
                       **bench(size, args.resolution, batch, jnp.dtype(args.dtype),
-                                args.parts.split(","))}), flush=True)
+                                args.parts)}), flush=True)
 
 
 if __name__ == "__main__":

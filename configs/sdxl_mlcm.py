@@ -27,8 +27,11 @@ def get_config(size="sdxl"):
   c.latent_resolution = 128  # 1024 px / 8
   c.dtype = "bfloat16"  # UNet compute dtype; weights and LoRA float32
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
-  # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections).
-  c.lora = dict(rank=64, scale=1.0, targets=("to_q", "to_k", "to_v", "to_out_0"))
+  # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports
+  # lora/pytorch_lora_weights.safetensors (diffusers) and lora/mlcm_stage<i>_K<K>_kohya.safetensors
+  # (ComfyUI / A1111 / kohya) in kohya_dtype ('float16' halves the file; 'float32').
+  c.lora = dict(rank=64, scale=1.0, targets=("to_q", "to_k", "to_v", "to_out_0"),
+                kohya_dtype="float16")
   c.mlcm = dict(
       num_segments=8,                   # K of the first stage
       skip=20,                          # k of the first stage (timesteps)

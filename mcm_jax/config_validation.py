@@ -3,8 +3,12 @@
 ``validate(config)`` dispatches on ``config.experiment`` to ``validate_toy`` (configs/toy.py),
 ``validate_pixel`` (configs/imagenet*.py) or ``validate_mlcm`` (configs/sdxl_mlcm.py). Only light
 modules are imported here (jax, numpy, flax through the UViT's stage table; no orbax / optax).
+``unknown_field_error`` names a field that a config does not have, with close matches.
 """
+import difflib
+
 from mcm_jax import consistency, fid, mlcm, schedules
+from mcm_jax.errors import UserError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import toy as toy_data
 from mcm_jax.models.uvit import uvit_config
@@ -14,7 +18,7 @@ CONSISTENCY_METHODS = ("ct", "cd_addim", "cd_ddim")  # the toy's sweep.methods
 PIXEL_OBJECTIVES = ("base", "cd", "ct")  # config.objective of the pixel experiment
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   pass
 
 
@@ -32,6 +36,44 @@ def _is_int(v):
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def flat_fields(tree, prefix=""):
+  """{'teacher.optim.learning_rate': value} for a ConfigDict or a JSON-like dict (sections that
+  are empty count as a field)."""
+  out = {}
+  for key, value in tree.items():
+    if hasattr(value, "items") and len(value):
+      out.update(flat_fields(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def unknown_field_error(config, field, source="this config"):
+  """A ConfigError for ``config.<field>`` when ``config`` has no such field (None when it has
+  it, or it is a whole section): the close matches of its first unknown part among the names of
+  its deepest existing section, else that section's field names."""
+  fields = flat_fields(config)
+  if field in fields or any(f.startswith(field + ".") for f in fields):
+    return None
+  parts = field.split(".")
+  depth = max(i for i in range(len(parts))
+              if i == 0 or any(f.startswith(".".join(parts[:i]) + ".") for f in fields))
+  section, rest = ".".join(parts[:depth]), ".".join(parts[depth + 1:])
+  names = sorted({f[len(section) + 1 if section else 0:].split(".")[0] for f in fields
+                  if not section or f.startswith(section + ".")})
+  matches = []
+  for name in difflib.get_close_matches(parts[depth], names, n=3, cutoff=0.6):
+    path = ".".join(p for p in (section, name) if p)
+    matches.append(f"{path}.{rest}" if rest and (f"{path}.{rest}" in fields) else path)
+  hint = (f"did you mean {' or '.join('config.' + m for m in matches)}?" if matches else
+          f"config{'.' + section if section else ''} has: {', '.join(names)}")
+  return ConfigError(f"config.{field} is not a field of {source}; {hint}")
+
+
 def validate_train(cfg, prefix):
   for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     _check(_is_int(cfg[key]) and cfg[key] >= 1, f"{prefix}.{key}", cfg[key], "an integer >= 1")
@@ -44,6 +86,9 @@ def validate_train(cfg, prefix):
          ">= 0")
   _check(cfg.optim.grad_clip >= 0, f"{prefix}.optim.grad_clip", cfg.optim.grad_clip,
          ">= 0 (0 disables clipping)")
+  factor = cfg.get("divergence_factor", 1e3)  # sections built without common.train_config
+  _check(_is_number(factor) and factor >= 0, f"{prefix}.divergence_factor", factor,
+         "a number >= 0 (0 disables the divergence stop)")
 
 
 def validate_schedule(cfg):
@@ -144,13 +189,33 @@ def validate_mlcm(c):
   """Validates an MLCM config (configs/sdxl_mlcm.py)."""
   validate_train(c.train, "train")
   m = c.mlcm
-  if not isinstance(m.num_segments, int) or m.num_segments < 1 or (
+  _check(_is_int(m.num_stages) and m.num_stages >= 1, "mlcm.num_stages", m.num_stages,
+         "an integer >= 1")
+  if not _is_int(m.num_segments) or m.num_segments < 1 or (
       m.num_segments % 2 ** (m.num_stages - 1)):
     raise ConfigError(f"config.mlcm.num_segments={m.num_segments} is invalid; allowed: an "
                       f"integer divisible by 2^(num_stages - 1) = {2 ** (m.num_stages - 1)}")
-  if m.skip < 1 or m.skip >= mlcm.T // m.num_segments:
+  if not _is_int(m.skip) or m.skip < 1 or m.skip >= mlcm.T // m.num_segments:
     raise ConfigError(f"config.mlcm.skip={m.skip} is invalid; allowed: 1 <= k < T/K = "
                       f"{mlcm.T // m.num_segments} (it doubles with K halving)")
+  _check(_is_number(m.guidance_scale) and m.guidance_scale >= 0, "mlcm.guidance_scale",
+         m.guidance_scale, "a number >= 0 (1 = no guidance)")
+  _check(_is_number(m.huber_eps) and m.huber_eps > 0, "mlcm.huber_eps", m.huber_eps, "> 0")
+  _check(_is_int(c.lora.rank) and c.lora.rank >= 1, "lora.rank", c.lora.rank, "an integer >= 1")
+  _check(_is_number(c.lora.scale) and c.lora.scale != 0, "lora.scale", c.lora.scale,
+         "a number other than 0")
+  targets = c.lora.targets
+  _check(not isinstance(targets, str) and len(targets) > 0
+         and all(isinstance(t, str) and t for t in targets), "lora.targets",
+         tuple(targets) if not isinstance(targets, str) else targets,
+         "a non-empty tuple of Dense module names, e.g. ('to_q', 'to_k', 'to_v', 'to_out_0')")
+  _check(_is_int(c.latent_resolution) and c.latent_resolution >= 4
+         and c.latent_resolution % 4 == 0, "latent_resolution", c.latent_resolution,
+         "a multiple of 4 (pixels / 8; the SDXL UNet halves the latents twice)")
+  check_in(c.dtype, "dtype", ("float32", "bfloat16", "float16"))
+  check_in(c.lora.kohya_dtype, "lora.kohya_dtype", ("float16", "float32"))
+  _check(_is_int(c.sample.num) and c.sample.num >= 1, "sample.num", c.sample.num,
+         "an integer >= 1")
   check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
   if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
     raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
@@ -158,10 +223,18 @@ def validate_mlcm(c):
   check_in(m.teacher_step, "mlcm.teacher_step", mlcm.TEACHER_STEPS)
   check_in(m.target, "mlcm.target", mlcm.TARGETS)
   check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)
-  check_in(c.rewards.scorer, "rewards.scorer", ("", "aesthetic"))
-  if c.rewards.scorer and not c.student_unet:
+  r = c.rewards
+  check_in(r.scorer, "rewards.scorer", ("", "aesthetic"))
+  if r.scorer and not c.student_unet:
     raise ConfigError("config.rewards.scorer needs config.student_unet: rewards score images "
                       "decoded by the SDXL directory's VAE")
+  if r.scorer:
+    for key in ("clip_dir", "head"):
+      _check(bool(r[key]), f"rewards.{key}", r[key],
+             "a local path (the CLIP ViT-L/14 directory / the aesthetic head's weights)")
+    for key in ("rc_weight", "fl_weight"):
+      _check(_is_number(r[key]) and r[key] >= 0, f"rewards.{key}", r[key], "a number >= 0")
+    _check(_is_number(r.threshold), "rewards.threshold", r.threshold, "a number")
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 
 

@@ -1,27 +1,169 @@
 """Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]
-[--mode=train|eval]``."""
+[--mode=train|eval] [--debug]``.
+
+Bad input (a config value, an unknown ``--config.<field>``, a missing file) ends in one message
+and exit code 2 before anything is written or compiled; ``mcm_jax/errors.py`` lists the exit
+codes. The run's ``config.json`` is never overwritten by a different config (``write_config``).
+"""
+import importlib.machinery
+import importlib.util
+import json
 import os
+import re
 import sys
 import warnings
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from mcm_jax.config_validation import validate
+from mcm_jax import errors
+from mcm_jax.config_validation import ConfigError, flat_fields, unknown_field_error, validate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # config files import their siblings as configs.<name>
 _DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "toy.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                "Config file (a get_config() module; 'file.py:arg' passes arg).")
-flags.DEFINE_string("workdir", "runs/toy", "Directory for checkpoints, metrics and figures.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train: train (resuming from workdir); eval: sample from the workdir's latest "
-                  "checkpoint and measure FID / FD (pixel experiment; the toy evaluates as it "
-                  "trains).")
-flags.DEFINE_bool("multihost", False,
-                  "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU pods: "
-                  "it reads the coordinator and process ids from the environment).")
+MODES = ("train", "eval")
+
+
+def define_flags(flag_values=flags.FLAGS, argv=None):
+  """This program's flags; ``argv`` (default sys.argv) names the ``--config.<field>`` overrides,
+  which ml_collections defines as flags of their own."""
+  config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Config file (a get_config() module; 'file.py:arg' passes arg).",
+      flag_values=flag_values, sys_argv=argv)
+  flags.DEFINE_string("workdir", "runs/toy", "Directory for checkpoints, metrics and figures.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("mode", "train", MODES,
+                    "train: train (resuming from workdir); eval: sample from the workdir's latest "
+                    "checkpoint and measure FID / FD (pixel experiment; the toy evaluates as it "
+                    "trains).", flag_values=flag_values)
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU "
+                    "pods: it reads the coordinator and process ids from the environment).",
+                    flag_values=flag_values)
+
+
+def _config_spec(argv):
+  """The value of the last ``--config`` in argv ('file.py[:arg]'), or the default file."""
+  spec = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    m = re.fullmatch(r"--?config(=(.*))?", arg)
+    if m and m.group(1):
+      spec = m.group(2)
+    elif m and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def _missing_config_file(argv):
+  """A ConfigError when argv's ``--config`` file does not exist, else None."""
+  spec = _config_spec(argv)
+  path = spec.split(":", 1)[0]
+  if os.path.isfile(path):
+    return None
+  return ConfigError(f"--config={spec}: config file {path!r} not found; allowed: a Python file "
+                     "with get_config(), e.g. configs/toy.py")
+
+
+def _config_problem(argv):
+  """What is wrong with argv's config file or its ``--config.<field>`` overrides (a
+  ConfigError), or None. ml_collections reports these while the flags are defined / parsed
+  (before main) as bare KeyErrors, AttributeErrors or SyntaxErrors."""
+  spec = _config_spec(argv)
+  path, *args = spec.split(":", 1)
+  loader = importlib.machinery.SourceFileLoader("mcm_jax_config_check", path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  try:
+    loader.exec_module(module)
+  except SyntaxError as e:
+    where = "" if "line" in str(e.msg) else f" (line {e.lineno})"
+    return ConfigError(f"--config={spec}: {path} is not valid Python: {e.msg}{where}")
+  except Exception:  # pylint: disable=broad-except
+    return None  # not a problem this function names: the original error stands
+  if not callable(getattr(module, "get_config", None)):
+    return ConfigError(f"--config={spec}: {path} has no get_config(); allowed: a config module "
+                       "such as configs/toy.py")
+  try:
+    config = module.get_config(*args)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    m = re.match(r"--?(no)?config\.([^=]+)", arg)
+    if m:
+      error = unknown_field_error(config, m.group(2), source=os.path.relpath(spec, _ROOT)
+                                  if spec == _DEFAULT_CONFIG else spec)
+      if error is not None:
+        return error
+  return None
+
+
+def parse_flags(argv, flag_values=flags.FLAGS):
+  """Defines and parses this program's flags (absl's flags_parser). A missing or broken config
+  file, or an override of a field the config does not have, is a ConfigError naming it (with
+  the close matches of an unknown field)."""
+  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # --flagfile, as ml_collections
+  missing = _missing_config_file(argv)
+  if missing is not None:
+    raise missing
+  try:
+    define_flags(flag_values, argv)
+    return errors.parse_flags(argv, flag_values)
+  except (AttributeError, KeyError, SyntaxError) as e:
+    problem = _config_problem(argv)
+    if problem is None:
+      raise
+    raise problem from e
+
+
+def checked_config(flag_values=flags.FLAGS):
+  """The parsed config, validated (ConfigError naming the field, the value and what is allowed),
+  with the other flags checked too: all before anything is written or compiled."""
+  config = flag_values.config
+  validate(config)
+  if flag_values.mode == "eval" and config.experiment != "pixel":
+    raise ConfigError(f"--mode=eval is for the pixel experiment; config.experiment="
+                      f"{config.experiment!r} evaluates at the end of training (use --mode=train)")
+  workdir = flag_values.workdir
+  if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+    raise errors.UserError(f"--workdir={workdir!r} is invalid; allowed: a directory (created if "
+                           "missing)")
+  return config
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError:
+    return None  # unreadable: differs from any config
+
+
+def write_config(workdir, config, mode="train"):
+  """Writes ``config`` as JSON into ``workdir`` and returns the path. ``--mode=eval``:
+  ``config_eval.json``. Training: ``config.json``, which is never overwritten by a different
+  config: a config that differs from it is written beside it as ``config_<N>.json`` (N the next
+  free number) with a warning naming the settings that differ; an identical config (to
+  ``config.json`` or to a ``config_<N>.json``) is not written again."""
+  text = config.to_json_best_effort(indent=1)
+  path = os.path.join(workdir, "config_eval.json" if mode == "eval" else "config.json")
+  if mode == "train" and os.path.exists(path):
+    new = json.loads(text)
+    old = _read_json(path)
+    numbered = sorted((int(m.group(1)), m.group(0)) for m in
+                      (re.fullmatch(r"config_(\d+)\.json", n) for n in os.listdir(workdir)) if m)
+    for candidate in [path] + [os.path.join(workdir, name) for _, name in numbered]:
+      if _read_json(candidate) == new:
+        return candidate
+    from mcm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    diff = checkpoint.differing_fields(flat_fields(old or {}), flat_fields(new))
+    path = os.path.join(workdir, f"config_{numbered[-1][0] + 1 if numbered else 1}.json")
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:12])
+    logging.warning("%s is kept: this run's config differs from it in %d setting(s) (%s%s); "
+                    "it is written to %s", os.path.join(workdir, "config.json"), len(diff), shown,
+                    "; ..." if len(diff) > 12 else "", path)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
 
 
 def main(argv):
@@ -29,23 +171,20 @@ def main(argv):
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   # Orbax logs every save step at INFO; keep the console for progress and results.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  if flags.FLAGS.multihost:
+  config = checked_config()  # before anything is written or compiled
+  flag_values = flags.FLAGS
+  write = True
+  if flag_values.multihost:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-  config = flags.FLAGS.config
-  validate(config)  # before anything is written or compiled
-  workdir = flags.FLAGS.workdir
+    write = jax.process_index() == 0
+  workdir, mode = flag_values.workdir, flag_values.mode
   os.makedirs(workdir, exist_ok=True)
-  mode = flags.FLAGS.mode
-  with open(os.path.join(workdir, "config.json" if mode == "train" else "config_eval.json"),
-            "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  if write:
+    write_config(workdir, config, mode)
   logging.info("config:\n%s", config)
-  if mode == "eval" and config.experiment != "pixel":
-    raise app.UsageError(f"--mode=eval is for the pixel experiment; config.experiment="
-                         f"{config.experiment!r} evaluates at the end of training")
   if config.experiment == "toy":
     from mcm_jax.experiments import toy  # pylint: disable=g-import-not-at-top
     toy.run(config, workdir)
@@ -56,5 +195,6 @@ def main(argv):
     from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
     sdxl_mlcm.run(config, workdir)
 
+
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main, parse_flags)

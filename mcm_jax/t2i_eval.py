@@ -6,7 +6,8 @@
 
 CLIP score = ``100 * max(cos(E_image, E_text), 0)`` averaged over prompts (torchmetrics'
 definition; MLCM reports it with ViT-L/14 on 5k MSCOCO-2017 captions). Writes
-``eval.json`` ({steps: {clip_score, aesthetic, num}}) and ``grid_<steps>step.png``.
+``eval.json`` ({steps: {clip_score, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
+ends in one message and exit code 2 (``mcm_jax/errors.py``); ``--debug`` shows the traceback.
 """
 import json
 import os
@@ -14,9 +15,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mcm_jax import generate, plotting, rewards
+from mcm_jax import errors, generate, plotting, rewards
 from mcm_jax.data import prompts as prompt_data
 
 
@@ -77,24 +78,47 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  generate.define_pipeline_flags("t2i_eval")
-  flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Step counts to evaluate.")
+def define_flags(flag_values=FLAGS):
+  generate.define_pipeline_flags("t2i_eval", flag_values)
+  flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Step counts to evaluate (comma-separated "
+                    "integers in 1..1000).", flag_values=flag_values)
   flags.DEFINE_string("clip", None, "Local whole CLIP model directory (ViT-L/14 for the paper's "
-                      "numbers), with its tokenizer.")
-  flags.DEFINE_string("aesthetic_head", "", "LAION aesthetic predictor head (optional).")
+                      "numbers), with its tokenizer.", flag_values=flag_values)
+  flags.DEFINE_string("aesthetic_head", "", "LAION aesthetic predictor head (optional).",
+                      flag_values=flag_values)
 
 
-def main(argv):
+def parse_flags(argv, flag_values=FLAGS):
+  """Defines and parses this program's flags (absl's flags_parser)."""
+  define_flags(flag_values)
+  return errors.parse_flags(argv, flag_values)
+
+
+def parse_steps(values):
+  """``--steps`` (a list of strings) -> ints; UserError naming the value and what is allowed."""
+  allowed = "comma-separated integers in 1..1000, e.g. --steps=1,2,4,8"
+  text = ",".join(values)
+  if not values:
+    raise errors.UserError(f"--steps={text!r} is empty; allowed: {allowed}")
+  for s in values:
+    if not s.strip().isdigit() or not 1 <= int(s) <= 1000:
+      raise errors.UserError(f"--steps={text}: {s!r} is invalid; allowed: {allowed}")
+  return [int(s) for s in values]
+
+
+def main(argv, flag_values=FLAGS):
   del argv
-  for name in ("sdxl", "prompts", "clip"):
-    if not getattr(FLAGS, name):
-      raise app.UsageError(f"--{name} is required")
-  evaluate(FLAGS.sdxl, prompt_data.load_prompts(FLAGS.prompts), [int(s) for s in FLAGS.steps],
-           FLAGS.out, FLAGS.clip, FLAGS.aesthetic_head, FLAGS.lora, FLAGS.resolution,
-           FLAGS.batch_size, FLAGS.seed)
+  f = flag_values
+  generate.check_pipeline_flags(f, ("sdxl", "prompts", "clip"))
+  steps = parse_steps(f.steps)
+  if not os.path.isdir(f.clip):
+    raise FileNotFoundError(f"--clip={f.clip!r} is not a directory; allowed: a local CLIP model "
+                            "directory with its tokenizer")
+  if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
+    raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
+  evaluate(f.sdxl, prompt_data.load_prompts(f.prompts), steps, f.out, f.clip, f.aesthetic_head,
+           f.lora, f.resolution, f.batch_size, f.seed)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  errors.run(main, parse_flags)

@@ -9,42 +9,66 @@ import json
 import os
 
 from mcm_jax.data.images import local_indices_fn
+from mcm_jax.errors import UserError
 
 PROMPT_FIELDS = ("prompt", "caption", "text")
 
 
 def load_prompts(path):
+  """The non-empty prompts of a local file; errors name the file (and the 1-based line)."""
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"prompt file {path!r} not found (.txt, .jsonl or .parquet)")
   ext = os.path.splitext(path)[1].lower()
-  if ext == ".txt":
-    with open(path, encoding="utf-8") as f:
-      prompts = [line.strip() for line in f]
-  elif ext == ".jsonl":
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f):
-        if not line.strip():
-          continue
-        row = json.loads(line)
-        field = next((k for k in PROMPT_FIELDS if k in row), None)
-        if field is None:
-          raise ValueError(f"{path}:{i + 1}: no field of {PROMPT_FIELDS} in {sorted(row)}")
-        prompts.append(str(row[field]).strip())
-  elif ext == ".parquet":
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    table = pq.read_table(path)
-    field = next((k for k in PROMPT_FIELDS if k in table.column_names), None)
-    if field is None:
-      raise ValueError(f"{path}: no column of {PROMPT_FIELDS} in {table.column_names}")
-    prompts = [str(p).strip() for p in table.column(field).to_pylist()]
+  if ext not in (".txt", ".jsonl", ".parquet"):
+    raise UserError(f"prompt file {path!r}: extension {ext!r} is not one of .txt, .jsonl, "
+                    ".parquet")
+  if ext == ".parquet":
+    prompts = _parquet_prompts(path)
   else:
-    raise ValueError(f"prompt file {path!r}: extension {ext!r} is not one of .txt, .jsonl, "
-                     ".parquet")
+    prompts = []
+    with open(path, "rb") as f:
+      for i, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise UserError(f"{path}:{i}: not UTF-8 text ({e.reason} at column {e.start + 1}); "
+                          "allowed: UTF-8 files") from e
+        prompts.append(line.strip() if ext == ".txt" else _jsonl_prompt(line, f"{path}:{i}"))
   prompts = [p for p in prompts if p]
   if not prompts:
-    raise ValueError(f"prompt file {path!r} holds no prompts")
+    raise UserError(f"prompt file {path!r} holds no prompts")
   return prompts
+
+
+def _jsonl_prompt(line, where):
+  """The prompt of one .jsonl line ('' for a blank line); ``where`` is 'file:line'."""
+  if not line.strip():
+    return ""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{where}: not a JSON object ({e.msg} at column {e.colno}): "
+                    f"{line.strip()[:80]!r}") from e
+  if not isinstance(row, dict):
+    raise UserError(f"{where}: a JSON {type(row).__name__}, not an object with one of "
+                    f"{PROMPT_FIELDS}")
+  field = next((k for k in PROMPT_FIELDS if k in row), None)
+  if field is None:
+    raise UserError(f"{where}: no field of {PROMPT_FIELDS} in {sorted(row)}")
+  return str(row[field]).strip()
+
+
+def _parquet_prompts(path):
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    table = pq.read_table(path)
+  except (pyarrow.ArrowException, OSError) as e:
+    raise UserError(f"{path} is not a readable parquet file ({e})") from e
+  field = next((k for k in PROMPT_FIELDS if k in table.column_names), None)
+  if field is None:
+    raise UserError(f"{path}: no column of {PROMPT_FIELDS} in {table.column_names}")
+  return [str(p).strip() for p in table.column(field).to_pylist()]
 
 
 def host_batch_fn(prompts, encode, global_batch, seed):

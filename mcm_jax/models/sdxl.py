@@ -5,7 +5,8 @@
 (``diffusion_flax_model.msgpack``) or PyTorch safetensors (``diffusion_pytorch_model
 [.fp16].safetensors``, what users have). PyTorch names and layouts are converted with diffusers'
 own renaming rules, against parameter shapes from ``jax.eval_shape`` (no random init in memory);
-a missing, unexpected or mis-shaped weight is an error naming it. Nothing is downloaded.
+a missing, unexpected or mis-shaped weight, and an unreadable (truncated, corrupt) file, is an
+error naming it. Nothing is downloaded.
 
 ``make_eps_fn(model)`` gives ``eps(params, z [B, H, W, 4] NHWC, t [B] (0..999), cond)`` and
 ``make_denoiser(model)`` the same UNet as an x-predicting denoiser (what MLCM and the samplers
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax import parameterization, schedules
+from mcm_jax.errors import UserError
 
 # A tiny SDXL-architecture UNet for tests and the CPU demo: text_time added conditioning, linear
 # projections, transformer_layers_per_block (1, 2). Channels are multiples of 32 because the Flax
@@ -68,8 +70,8 @@ def unet_from_config(config, dtype=jnp.float32):
 def _from_config(cls, config, dtype, fixed_groups=False):
   groups = config.get("norm_num_groups", 32)
   if fixed_groups and groups != 32:
-    raise ValueError(f"UNet config norm_num_groups={groups} is not supported: diffusers' Flax "
-                     "UNet always uses 32 GroupNorm groups, so it would compute another function")
+    raise UserError(f"UNet config norm_num_groups={groups} is not supported: diffusers' Flax "
+                    "UNet always uses 32 GroupNorm groups, so it would compute another function")
   fields = set(cls.__dataclass_fields__) - {"parent", "name", "dtype"}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
   with warnings.catch_warnings():
@@ -83,28 +85,28 @@ def param_shapes(model):
   return flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
 
 
-def params_from_pytorch(state_dict, model):
+def params_from_pytorch(state_dict, model, source=""):
   """Flax params from a PyTorch state dict ({name: array}) of the same diffusers model (UNet,
-  VAE); checks every name and shape."""
+  VAE); checks every name and shape (errors name ``source``, the file, if given)."""
   from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
   from diffusers.models import modeling_flax_pytorch_utils as conv  # pylint: disable=g-import-not-at-top
   shapes = param_shapes(model)
-  what = type(model).__name__.replace("Flax", "")
+  what = (f"{source}: " if source else "") + type(model).__name__.replace("Flax", "")
   out = {}
   for pt_key, tensor in state_dict.items():
     tensor = np.asarray(tensor).astype(np.float32)  # also bf16 / fp16 files
     key, value = conv.rename_key_and_reshape_tensor(
         tuple(conv.rename_key(pt_key).split(".")), tensor, shapes)
     if key not in shapes:
-      raise ValueError(f"{what} weight {pt_key!r} has no place in this config (as {key})")
+      raise UserError(f"{what} weight {pt_key!r} has no place in this config (as {key})")
     if tuple(value.shape) != shapes[key].shape:
-      raise ValueError(f"{what} weight {pt_key!r}: shape {tuple(np.shape(tensor))} gives "
-                       f"{tuple(value.shape)} for {'/'.join(key)}, expected {shapes[key].shape}")
+      raise UserError(f"{what} weight {pt_key!r}: shape {tuple(np.shape(tensor))} gives "
+                      f"{tuple(value.shape)} for {'/'.join(key)}, expected {shapes[key].shape}")
     out[key] = jnp.asarray(value, jnp.float32)
   missing = sorted("/".join(k) for k in set(shapes) - set(out))
   if missing:
-    raise ValueError(f"{what} weights lack {len(missing)} parameters of this config, e.g. "
-                     f"{missing[:3]}")
+    raise UserError(f"{what} weights lack {len(missing)} parameters of this config, e.g. "
+                    f"{missing[:3]}")
   return unflatten_dict(out)
 
 
@@ -117,42 +119,78 @@ def component_dir(path, name):
                           f"pass a local diffusers-layout SDXL (or {name}) directory")
 
 
-def _load_diffusers(path, name, cls, dtype, fixed_groups=False):
-  """(model, float32 params) of a diffusers Flax model from ``path`` or ``path/<name>``."""
+def read_json(path):
+  """A JSON file's contents; a UserError naming the file and the position when it is not JSON."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise UserError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_safetensors(path):
+  """{name: jax array} of a safetensors file; a UserError naming the file when it is truncated
+  or not safetensors at all."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except SafetensorError as e:
+    raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e}); "
+                    "download or export it again") from e
+
+
+def _read_msgpack(path):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    params = serialization.msgpack_restore(data)
+  except ValueError as e:  # msgpack's errors are ValueErrors
+    raise UserError(f"{path} is not a readable Flax msgpack file (truncated or corrupt: {e}); "
+                    "download or export it again") from e
+  if not isinstance(params, dict):
+    raise UserError(f"{path} holds a {type(params).__name__}, not a parameter tree")
+  return params
+
+
+def _load_diffusers(path, name, class_name, dtype, fixed_groups=False):
+  """(model, float32 params) of a diffusers Flax model from ``path`` or ``path/<name>``; the
+  directory and its config are checked before diffusers is imported."""
   directory = component_dir(path, name)
-  with open(os.path.join(directory, "config.json")) as f:
-    model = _from_config(cls, json.load(f), dtype, fixed_groups)
+  config = read_json(os.path.join(directory, "config.json"))
+  if not isinstance(config, dict):
+    raise UserError(f"{os.path.join(directory, 'config.json')} is not a diffusers config (a "
+                    f"JSON object)")
+  model = _from_config(_diffusers_flax_class(class_name), config, dtype, fixed_groups)
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
-    from flax import serialization  # pylint: disable=g-import-not-at-top
     from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
-    with open(flax_file, "rb") as f:
-      params = serialization.msgpack_restore(f.read())
+    params = _read_msgpack(flax_file)
     params = params.get("params", params)
     shapes, got = param_shapes(model), flatten_dict(params)
     for key in sorted(set(shapes) | set(got)):
       if key not in got or key not in shapes or tuple(got[key].shape) != shapes[key].shape:
-        raise ValueError(f"{flax_file}: parameter {'/'.join(key)} is "
+        raise UserError(f"{flax_file}: parameter {'/'.join(key)} is "
                          f"{tuple(got[key].shape) if key in got else 'missing'}, expected "
-                         f"{shapes[key].shape if key in shapes else 'nothing'}")
+                        f"{shapes[key].shape if key in shapes else 'nothing'}")
     return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   for weights in PT_WEIGHTS:
     pt_file = os.path.join(directory, weights)
     if os.path.isfile(pt_file):
-      from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
-      return model, params_from_pytorch(load_file(pt_file), model)
+      return model, params_from_pytorch(read_safetensors(pt_file), model, pt_file)
   raise FileNotFoundError(f"{directory} has neither {FLAX_WEIGHTS} nor {' / '.join(PT_WEIGHTS)} "
                           "(PyTorch .bin pickles are not read: convert them to safetensors)")
 
 
 def load_unet(path, dtype=jnp.float32):
   """(model, params) from a local directory (see module docstring); params are float32."""
-  return _load_diffusers(path, "unet", _flax_unet_class(), dtype, fixed_groups=True)
+  return _load_diffusers(path, "unet", "FlaxUNet2DConditionModel", dtype, fixed_groups=True)
 
 
 def load_vae(path, dtype=jnp.float32):
   """(model, params) of SDXL's VAE (``FlaxAutoencoderKL``) from ``path`` or ``path/vae``."""
-  return _load_diffusers(path, "vae", _diffusers_flax_class("FlaxAutoencoderKL"), dtype)
+  return _load_diffusers(path, "vae", "FlaxAutoencoderKL", dtype)
 
 
 def make_decoder(vae):
@@ -205,12 +243,19 @@ def load_flax_transformer(cls, directory):
   from_pt = not os.path.isfile(os.path.join(directory, "flax_model.msgpack"))
   if from_pt and not os.path.isfile(os.path.join(directory, "model.safetensors")):
     raise FileNotFoundError(f"{directory} has neither flax_model.msgpack nor model.safetensors")
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    if from_pt:
-      model = cls.from_pretrained(directory, from_pt=True, local_files_only=True)
-      return model, model.params
-    return cls.from_pretrained(directory, _do_init=False, local_files_only=True)
+    try:
+      if from_pt:
+        model = cls.from_pretrained(directory, from_pt=True, local_files_only=True)
+        return model, model.params
+      return cls.from_pretrained(directory, _do_init=False, local_files_only=True)
+    except (SafetensorError, OSError, ValueError) as e:  # transformers: OSError for bad files
+      if isinstance(e, FileNotFoundError):
+        raise
+      raise UserError(f"{directory}: cannot load its {cls.__name__.replace('Flax', '')} "
+                      f"weights ({type(e).__name__}: {e}); download or export them again") from e
 
 
 def load_text_encoders(path, max_length=None):
