@@ -5,18 +5,22 @@ model starts equal to the base). The LoRA tree is ``{'down_blocks_1/.../attn1/to
 only it is trained and checkpointed; ``merge`` is a pure, differentiable function, so the
 student forward is ``apply(merge(base, lora), ...)`` with no change to the network module.
 
-Export / import use the PEFT key layout that diffusers' ``load_lora_weights`` reads for SDXL
-(``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight [r, in]``,
-``...lora_B.weight [out, r]``), in a ``pytorch_lora_weights.safetensors`` file; the scale is
-folded into B, so the file needs no alpha.
+Export writes the PEFT layout that diffusers' ``load_lora_weights`` reads for SDXL
+(``pytorch_lora_weights.safetensors``) and the kohya layout that ComfyUI, AUTOMATIC1111 and
+kohya sd-scripts read (``<name>_kohya.safetensors``), the scale folded into B; import reads
+those and diffusers' older layout (``mcm_jax.lora_formats``). A file that is unreadable, in another layout or does
+not fit the UNet (another rank per module, other targets, another architecture) is an error
+naming the file, the module and the shapes.
 """
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from mcm_jax import lora_formats
+from mcm_jax.errors import UserError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")  # the UNet's attention projections
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -24,15 +28,19 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 def target_paths(params, targets=DEFAULT_TARGETS):
   """'/'-joined paths of the Dense modules named in ``targets`` (their 'kernel' is adapted)."""
-  paths = sorted("/".join(k[:-1]) for k, v in flatten_dict(params).items()
-                 if k[-1] == "kernel" and k[-2] in targets and len(np.shape(v)) == 2)
+  dense = {k: v for k, v in flatten_dict(params).items()
+           if k[-1] == "kernel" and len(k) > 1 and len(np.shape(v)) == 2}
+  paths = sorted("/".join(k[:-1]) for k in dense if k[-2] in targets)
   if not paths:
-    raise ValueError(f"no Dense kernels named {targets} in these parameters")
+    raise UserError(f"LoRA targets {tuple(targets)} name no Dense kernel of these parameters; "
+                    f"Dense modules here: {sorted({k[-2] for k in dense})[:20]}")
   return paths
 
 
 def init_lora(params, rank, rng, targets=DEFAULT_TARGETS):
   """A: N(0, 1/in), B: 0 for every target kernel [in, out]."""
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+    raise UserError(f"LoRA rank={rank!r} is invalid; allowed: an integer >= 1")
   flat = flatten_dict(params)
   lora = {}
   for i, path in enumerate(target_paths(params, targets)):
@@ -42,74 +50,78 @@ def init_lora(params, rank, rng, targets=DEFAULT_TARGETS):
   return lora
 
 
-def merge(params, lora, scale=1.0):
-  """params with ``kernel += scale * a @ b`` at every LoRA path (pure; grads flow to lora)."""
+def check_fits(params, lora, source="LoRA"):
+  """A UserError naming ``source`` (e.g. the file), the first module that is not a Dense kernel
+  of ``params`` or whose ``a [in, r]`` / ``b [r, out]`` do not fit its kernel ``[in, out]``, and
+  the shapes."""
+  flat = flatten_dict(params)
+  for path in sorted(lora):
+    a_shape, b_shape = np.shape(lora[path]["a"]), np.shape(lora[path]["b"])
+    key = tuple(path.split("/")) + ("kernel",)
+    if key not in flat:
+      raise UserError(f"{source}: module {lora_formats.torch_module_name(path)!r} is not a Dense layer of "
+                      "this UNet (a LoRA for another architecture?)")
+    kernel = np.shape(flat[key])
+    if (len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]
+        or (a_shape[0], b_shape[1]) != tuple(kernel)):
+      raise UserError(f"{source}: module {lora_formats.torch_module_name(path)!r} has a {tuple(a_shape)} "
+                      f"and b {tuple(b_shape)} (as [in, rank] and [rank, out]), which do not fit "
+                      f"this UNet's kernel {tuple(kernel)} [in, out] (a LoRA for another "
+                      "architecture?)")
+
+
+def merge(params, lora, scale=1.0, source="LoRA"):
+  """params with ``kernel += scale * a @ b`` at every LoRA path (pure; grads flow to lora).
+  Shapes are checked first (``check_fits``; errors name ``source``)."""
+  check_fits(params, lora, source)
   flat = dict(flatten_dict(params))
   for path, ab in lora.items():
     key = tuple(path.split("/")) + ("kernel",)
-    if key not in flat:
-      raise ValueError(f"LoRA target {path!r} is not a Dense kernel of these parameters")
     kernel = flat[key]
     delta = scale * (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32))
     flat[key] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
   return unflatten_dict(flat)
 
 
-def _torch_module_name(path):
-  """'down_blocks_1/attentions_0/.../to_out_0' -> 'down_blocks.1.attentions.0....to_out.0'."""
-  return ".".join(re.sub(r"_(\d+)$", r".\1", seg) for seg in path.split("/"))
-
-
-def _flax_path(name):
-  """Inverse of ``_torch_module_name``."""
-  return re.sub(r"\.(\d+)(?=\.|$)", r"_\1", name).replace(".", "/")
-
-
-def to_diffusers(lora, scale=1.0, prefix="unet"):
-  """{PEFT key: float32 numpy array} for diffusers (scale folded into lora_B)."""
-  out = {}
-  for path, ab in lora.items():
-    name = f"{prefix}.{_torch_module_name(path)}"
-    out[f"{name}.lora_A.weight"] = np.asarray(ab["a"], np.float32).T.copy()
-    out[f"{name}.lora_B.weight"] = (scale * np.asarray(ab["b"], np.float32)).T.copy()
-  return out
-
-
-def from_diffusers(state_dict, prefix="unet"):
-  """The LoRA tree (scale 1) from a PEFT-layout state dict; other modules' keys (text encoders)
-  are ignored, other layouts (e.g. kohya 'lora_unet_*') are an error."""
-  lora = {}
-  pattern = re.compile(rf"^{re.escape(prefix)}\.(.+)\.lora_([AB])\.weight$")
-  for key, value in state_dict.items():
-    m = pattern.match(key)
-    if m is None:
-      if key.startswith(f"{prefix}.") or key.startswith(f"lora_{prefix}_"):
-        raise ValueError(f"LoRA key {key!r} is not in the PEFT layout "
-                         f"'{prefix}.<module>.lora_A|B.weight'")
-      continue
-    entry = lora.setdefault(_flax_path(m.group(1)), {})
-    entry["a" if m.group(2) == "A" else "b"] = jnp.asarray(np.asarray(value, np.float32).T)
-  incomplete = [p for p, ab in lora.items() if set(ab) != {"a", "b"}]
-  if incomplete or not lora:
-    raise ValueError(f"LoRA state dict has no complete {prefix} adapters (incomplete: "
-                     f"{incomplete[:3]})")
-  return lora
-
-
-def save(directory, lora, scale=1.0):
-  """Writes ``directory/pytorch_lora_weights.safetensors`` (diffusers' default LoRA name)."""
+def save(directory, lora, scale=1.0, kohya_name="lora", kohya_dtype="float16"):
+  """Writes ``directory/pytorch_lora_weights.safetensors`` (diffusers' PEFT layout, float32) and
+  ``directory/<kohya_name>_kohya.safetensors`` (ComfyUI / A1111 / kohya, ``kohya_dtype``);
+  returns the first path."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
+  lora = jax.device_get(lora)
   path = os.path.join(directory, LORA_FILE)
-  save_file(to_diffusers(jax.device_get(lora), scale), path)
+  save_file(lora_formats.to_peft(lora, scale), path)
+  save_file(lora_formats.to_kohya(lora, scale, np.dtype(kohya_dtype)),
+            os.path.join(directory, f"{kohya_name}_kohya.safetensors"))
   return path
 
 
-def load(path):
-  """The LoRA tree from a ``.safetensors`` file (or a directory holding ``LORA_FILE``)."""
+def read(path):
+  """The state dict of a LoRA ``.safetensors`` file (or a directory holding ``LORA_FILE``);
+  errors name the file."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path):
     path = os.path.join(path, LORA_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"LoRA file {path!r} not found")
-  return from_diffusers(load_file(path))
+    raise FileNotFoundError(f"LoRA file {path!r} not found (a .safetensors file, or a directory "
+                            f"holding {LORA_FILE})")
+  try:
+    state_dict = load_file(path)
+  except SafetensorError as e:
+    raise UserError(f"LoRA file {path} is not a readable safetensors file (truncated or corrupt: "
+                    f"{e}); export it again") from e
+  lora_formats.module_parts(state_dict, source=f"LoRA file {path}")  # complete, ranks agree
+  return state_dict
+
+
+def load(path, params, state_dict=None):
+  """The LoRA tree (scale folded in) from a file in any layout of ``lora_formats.LAYOUTS`` (PEFT,
+  diffusers' older layout, kohya), checked against the UNet ``params``; errors name the file.
+  ``state_dict``: the file's contents if already ``read``."""
+  source = f"LoRA file {path}"
+  state_dict = read(path) if state_dict is None else state_dict
+  lora = lora_formats.from_state_dict(state_dict, params, source=source)
+  check_fits(params, lora, source)
+  return lora

@@ -197,10 +197,86 @@ def mlcd_loss(student, teacher, z_tm, t_m, t_n, seg_start, target="eq7", huber_e
   return objective(terms, z_tm, t_m, seg_start, target, huber_eps), z_tn
 
 
-def sample(f, noise, num_steps):
-  """Few-step MLCM sampling: DDIM from 999 through the milestones of ``num_steps`` segments to
-  the clean latent (``addim.sample_on_grid`` on ``sampling_timesteps``)."""
-  return addim.sample_on_grid(f, noise, sampling_timesteps(num_steps), schedules.sdxl_logsnr)
+SPACINGS = ("uniform", "trailing", "lcm")  # timestep grids (see ``timestep_grid``)
+SAMPLERS = ("ddim", "lcm")  # deterministic DDIM jumps (MLCM) / re-noised x_hat (LCM)
+
+
+def timestep_grid(num_steps, spacing="uniform", original_steps=50):
+  """The K sampling timesteps (decreasing) followed by 0, the clean end (not evaluated):
+  'uniform' = MLCM's segment milestones ``s T / K`` (top capped at 999: 999, 750, 500, 250);
+  'trailing' = diffusers' trailing spacing ``round(T - i T / K) - 1`` (999, 749, 499, 249);
+  'lcm' = diffusers' LCMScheduler grid: K evenly spaced entries of ``(1..original_steps) T /
+  original_steps - 1`` from the top (999, 759, 499, 259)."""
+  if spacing == "uniform":
+    return sampling_timesteps(num_steps)
+  if spacing == "trailing":
+    steps = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+  elif spacing == "lcm":
+    origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    if not 1 <= num_steps <= original_steps:
+      raise ValueError(f"num_steps={num_steps} is invalid for the 'lcm' grid; allowed: 1.."
+                       f"{original_steps} (original_steps)")
+    steps = origin[np.floor(np.linspace(0, len(origin), num_steps, endpoint=False)).astype(int)]
+  else:
+    raise ValueError(f"spacing={spacing!r} is not known; allowed: {SPACINGS}")
+  return np.append(steps, 0).astype(np.int32)
+
+
+def sampling_grid(steps, timesteps="uniform"):
+  """The grid for ``steps`` and a ``timesteps`` option: a spacing name (``SPACINGS``) or an
+  explicit comma-separated list such as '999,749,499,124' (then ``steps`` must be its length)."""
+  if timesteps in SPACINGS:
+    return timestep_grid(steps, timesteps)
+  try:
+    values = [int(v) for v in str(timesteps).split(",")]
+  except ValueError as e:
+    raise ValueError(f"timesteps={timesteps!r} is invalid; allowed: one of {SPACINGS} or a "
+                     "comma-separated list of timesteps, e.g. 999,749,499,124") from e
+  if len(values) != steps:
+    raise ValueError(f"timesteps={timesteps!r} has {len(values)} entries but steps={steps}; "
+                     "allowed: one timestep per step")
+  return explicit_grid(values)
+
+
+def explicit_grid(timesteps):
+  """A user's timesteps (e.g. 999, 749, 499, 124) checked (integers in [1, 999], strictly
+  decreasing) with the clean end appended."""
+  steps = np.asarray(timesteps)
+  if (steps.ndim != 1 or not len(steps) or np.any(steps != np.round(steps))
+      or np.any(steps < 1) or np.any(steps > T - 1) or np.any(np.diff(steps) >= 0)):
+    raise ValueError(f"timesteps={list(np.asarray(timesteps).tolist())} are invalid; allowed: "
+                     f"strictly decreasing integers in [1, {T - 1}], e.g. 999,749,499,124")
+  return np.append(steps, 0).astype(np.int32)
+
+
+def lcm_boundary(f, timestep_scaling=10.0, sigma_data=0.5):
+  """LCM's consistency parameterisation around a denoiser: ``c_out(t) f(z, t) + c_skip(t) z``
+  with ``c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)``, ``c_out = s t / sqrt((s t)^2 +
+  sigma_data^2)``, s = ``timestep_scaling`` (what LCM / LCM-LoRA models are trained with)."""
+  def g(z, t):
+    scaled = jnp.asarray(t, jnp.float32) * timestep_scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / jnp.sqrt(scaled ** 2 + sigma_data ** 2)
+    return bcast(c_out, z) * f(z, t) + bcast(c_skip, z) * z
+  return g
+
+
+def sample(f, noise, steps, sampler="ddim", rng=None):
+  """Few-step sampling of a denoiser ``f(z, t)`` from ``noise`` (= z_999).
+
+  ``steps``: an int K (MLCM's K segments: ``timestep_grid(K)``) or a grid from
+  ``timestep_grid`` / ``explicit_grid`` (decreasing timesteps, then 0). ``sampler``: 'ddim' =
+  deterministic DDIM jumps between the grid's timesteps (``addim.sample_on_grid``, what MLCM
+  trains for); 'lcm' = LCM's multistep sampling as diffusers' LCMScheduler: ``lcm_boundary(f)``'s
+  x_hat re-noised with fresh noise drawn from ``rng`` to the next timestep, the last x_hat
+  returned (``addim.renoise_sample_on_grid``)."""
+  grid = timestep_grid(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps)
+  if sampler == "ddim":
+    return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
+  if sampler != "lcm":
+    raise ValueError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
+  fresh = jax.random.normal(rng, (max(len(grid) - 2, 0),) + noise.shape, noise.dtype)
+  return addim.renoise_sample_on_grid(lcm_boundary(f), noise, grid, schedules.sdxl_logsnr, fresh)
 
 
 def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, merge, latent_shape,

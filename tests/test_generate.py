@@ -8,19 +8,18 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import sdxl_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from mcm_jax import generate, mlcm  # pylint: disable=wrong-import-position
-from mcm_jax import lora as lora_lib  # pylint: disable=wrong-import-position
-from mcm_jax.models import sdxl  # pylint: disable=wrong-import-position
+from mcm_jax import generate, mlcm
+from mcm_jax import lora as lora_lib
+from mcm_jax.models import sdxl
 
 PROMPTS = ["lower newer", "wider lowest", "newer"]
+# Every test here runs the whole tiny SDXL pipeline (seconds to tens of seconds each).
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-  return sdxl_fixtures.write_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+@pytest.fixture(name="sdxl_dir")
+def _sdxl_dir(tiny_sdxl_dir):
+  return tiny_sdxl_dir  # conftest's session-wide directory, read-only here
 
 
 def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
@@ -43,10 +42,23 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
   cond = sdxl.load_text_encoders(sdxl_dir)(PROMPTS[:2])
   cond["time_ids"] = sdxl.time_ids(16, 2)
   noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0), (2, 8, 8, 4))
-  eps = sdxl.make_eps_fn(unet)
-  z = mlcm.consistency_sample(lambda zz, t: eps(params, zz, t, cond), noise, 2)
+  denoise = sdxl.make_denoiser(unet)
+  z = mlcm.sample(lambda zz, t: denoise(params, zz, t, cond), noise, 2)
   by_hand = np.asarray(sdxl.make_decoder(vae)(vae_params, z))
   np.testing.assert_allclose(base[:2], by_hand, atol=1e-4)
+  # LCM's sampler on LCMScheduler's grid: the same composition with its fresh noise (seed + 1).
+  lcm = generate.generate_images(pipeline, PROMPTS, steps=2, resolution=16, batch_size=2,
+                                 timesteps="lcm", sampler="lcm")
+  z = mlcm.sample(lambda zz, t: denoise(params, zz, t, cond), noise, mlcm.timestep_grid(2, "lcm"),
+                  "lcm", jax.random.fold_in(jax.random.PRNGKey(1), 0))
+  np.testing.assert_allclose(lcm[:2], np.asarray(sdxl.make_decoder(vae)(vae_params, z)),
+                             atol=1e-4)
+  assert np.abs(lcm - base).mean() > 1e-3
+  # The kohya export (float16) gives the PEFT export's images.
+  kohya = generate.generate_images(
+      generate.load_pipeline(sdxl_dir, str(tmp_path / "lora" / "lora_kohya.safetensors")),
+      PROMPTS, steps=2, resolution=16, batch_size=2)
+  np.testing.assert_allclose(kohya, adapted, atol=5e-3)
 
 
 def test_cli_writes_pngs(sdxl_dir, tmp_path):
@@ -68,24 +80,14 @@ def test_cli_writes_pngs(sdxl_dir, tmp_path):
   assert bad.returncode != 0 and "--steps=0 is invalid" in bad.stderr
 
 
-def test_t2i_eval_clip_score_equals_pytorch(sdxl_dir, tmp_path):
+def test_t2i_eval_clip_score_equals_pytorch(sdxl_dir, tiny_clip_model, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch")
   from mcm_jax import rewards, t2i_eval  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-  n = len(sdxl_fixtures.VOCAB)
-  clip = CLIPModel(CLIPConfig(
-      text_config=dict(small, vocab_size=n, max_position_embeddings=77, bos_token_id=n - 2,
-                       eos_token_id=n - 1, pad_token_id=n - 1),
-      vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)).eval()
-  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
-  tok = sdxl_fixtures.write_tokenizer(str(tmp_path / "clip"))
-  sdxl_fixtures.tiny_head(tmp_path)
+  clip, tok = tiny_clip_model.clip, tiny_clip_model.tokenizer
   results = t2i_eval.evaluate(sdxl_dir, PROMPTS, [1, 2], str(tmp_path / "out"),
-                              str(tmp_path / "clip"), str(tmp_path / "head.pth"),
-                              resolution=32, batch_size=2)
+                              str(tiny_clip_model.dir / "clip"),
+                              str(tiny_clip_model.dir / "head.pth"), resolution=32, batch_size=2)
   saved = json.load(open(tmp_path / "out" / "eval.json"))
   assert set(saved["results"]) == {"1", "2"} and saved["results"]["2"] == results["2"]
   # The CLIP score of the 2-step images, recomputed in PyTorch.

@@ -2,47 +2,54 @@
 training loop; LoRAs exported per stage; a finished run is reused, not retrained."""
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from configs import sdxl_mlcm
-from mcm_jax import latent
+from mcm_jax.data import prompts as prompt_data
+from mcm_jax.experiments import sdxl_mlcm as mlcm_experiment
 from mcm_jax import lora as lora_lib
-from mcm_jax.config_validation import ConfigError
+from mcm_jax.config_validation import ConfigError, validate
 
 
+@pytest.mark.slow  # two tiny SDXL-architecture stages end to end
 def test_two_stage_progressive_run(tmp_path):
   assert jax.device_count() == 8
   config = sdxl_mlcm.get_config("tiny")
-  result = latent.run(config, str(tmp_path))
+  result = mlcm_experiment.run(config, str(tmp_path))
   stages = result["stages"]
   assert [(s["num_segments"], s["skip"]) for s in stages] == [(4, 20), (2, 40)]
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   for name in ("mlcm_stage0_K4/loss", "mlcm_stage1_K2/loss"):
     values = [l[name] for l in lines if name in l]
     assert len(values) == config.train.steps and np.all(np.isfinite(values)), name
-  first, second = (lora_lib.load(s["lora"]) for s in stages)
+  params = mlcm_experiment.build_models(config)[1]
+  first, second = (lora_lib.load(s["lora"], params) for s in stages)
   assert first.keys() == second.keys()
+  # Each stage also exports the kohya file (float16) users put in ComfyUI / A1111: same deltas.
+  kohya = lora_lib.load(os.path.join(os.path.dirname(stages[1]["lora"]),
+                                     "mlcm_stage1_K2_kohya.safetensors"), params)
+  for k, ab in second.items():
+    np.testing.assert_allclose(kohya[k]["a"] @ kohya[k]["b"], ab["a"] @ ab["b"], atol=1e-3)
   # Stage 1 starts from stage 0's LoRA and trains it further; B left zero would mean no update.
   diff = max(float(np.abs(np.asarray(first[k]["b"]) - np.asarray(second[k]["b"])).max())
              for k in first)
   assert diff > 0 and max(float(np.abs(np.asarray(v["b"])).max()) for v in first.values()) > 0
   assert os.path.getsize(tmp_path / "stage1" / "latents_2step.png") > 100
-  again = latent.run(config, str(tmp_path))  # finished stages are restored, not retrained
+  again = mlcm_experiment.run(config, str(tmp_path))  # finished stages are restored, not retrained
   assert again == result
   assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(lines)
 
 
-def test_stage_on_a_tiny_sdxl_directory(tmp_path):
+@pytest.mark.slow  # a stage end to end with the reward losses
+def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_clip, tmp_path):
   """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
   directory (tiny, random), a separate teacher UNet, a prompt file, one stage with the reward
   losses (aesthetic scorer on a tiny CLIP); samples decoded by the VAE."""
-  sys.path.insert(0, os.path.dirname(__file__))
   import sdxl_fixtures  # pylint: disable=g-import-not-at-top
-  sdxl_dir = sdxl_fixtures.write_tiny_sdxl(str(tmp_path / "sdxl"))
+  sdxl_dir = tiny_sdxl_dir  # shared, read-only: the run writes only under tmp_path
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
                                 ["lower newer", "wider", "lowest lower", "newer wider"]))
@@ -52,12 +59,11 @@ def test_stage_on_a_tiny_sdxl_directory(tmp_path):
                                                         safe_serialization=True)
   config.update(student_unet=sdxl_dir, teacher_unet=str(tmp_path / "teacher"),
                 text_encoder="sdxl", prompts=str(prompts))
-  sdxl_fixtures.tiny_clip_and_head(tmp_path)
-  config.rewards.update(scorer="aesthetic", clip_dir=str(tmp_path / "clip"),
-                        head=str(tmp_path / "head.pth"))
+  config.rewards.update(scorer="aesthetic", clip_dir=str(tiny_clip.dir / "clip"),
+                        head=str(tiny_clip.dir / "head.pth"))
   config.mlcm.num_stages = 1
   config.train.steps = 2
-  result = latent.run(config, str(tmp_path / "run"))
+  result = mlcm_experiment.run(config, str(tmp_path / "run"))
   assert os.path.isfile(result["stages"][0]["lora"])
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   for key in ("mlcd", "reward_consistency", "feedback"):
@@ -71,17 +77,18 @@ def test_mlcm_config_errors():
   config = sdxl_mlcm.get_config("tiny")
   config.mlcm.num_segments = 3
   with pytest.raises(ConfigError, match=r"num_segments=3 is invalid.*divisible by 2"):
-    latent.run(config, "/tmp/unused")
+    validate(config)
   config = sdxl_mlcm.get_config("tiny")
   config.mlcm.teacher_mode = "ema"
   with pytest.raises(ConfigError, match=r"teacher_mode='ema'.*'updated', 'fixed'"):
-    latent.run(config, "/tmp/unused")
+    validate(config)
   config = sdxl_mlcm.get_config("tiny")
   config.mlcm.skip = 300
   with pytest.raises(ConfigError, match=r"skip=300 is invalid"):
-    latent.run(config, "/tmp/unused")
+    validate(config)
 
 
+@pytest.mark.slow  # a stage end to end that fills the bank
 def test_trajectory_bank_pairs_are_teacher_steps(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mcm_jax import mlcm  # pylint: disable=g-import-not-at-top
@@ -91,23 +98,27 @@ def test_trajectory_bank_pairs_are_teacher_steps(tmp_path):
   config.mlcm.num_stages = 1
   config.mlcm.bank.update(dir=str(tmp_path / "bank"), entries=16)
   config.train.steps = 2
-  latent.run(config, str(tmp_path / "run"))
-  bank = trajectory_bank.Bank(config.mlcm.bank.dir, latent.bank_settings(config))
+  mlcm_experiment.run(config, str(tmp_path / "run"))
+  bank = trajectory_bank.Bank(config.mlcm.bank.dir, mlcm_experiment.bank_settings(config))
   assert len(bank) == 16
   e = bank.get(np.arange(4))
   assert np.all((e["t_n"] >= e["seg_start"]) & (e["t_n"] < e["t_m"]))
   # Recompute z_tn = one guided-teacher DDIM step from the stored z_tm: the bank holds exactly it.
-  model, params, _, encode = latent.build_models(config)
+  model, params, _, encode = mlcm_experiment.build_models(config)
   eps = sdxl.make_eps_fn(model)
-  prompts = latent.builtin_prompts()
+  prompts = prompt_data.builtin_prompts()
   cond = encode([prompts[i] for i in e["prompt_index"]])
   cond["time_ids"] = sdxl.time_ids(config.latent_resolution * 8, 4)
   uncond = encode([""] * 4)
   uncond["time_ids"] = cond["time_ids"]
-  guided = lambda z, t: mlcm.guided_eps(lambda *a: eps(params, *a), z, t, cond, uncond, 8.0)
+  def guided(z, t):  # eq. 8 on eps, then x_hat = (z - sigma eps) / alpha
+    e_c, e_u = eps(params, z, t, cond), eps(params, z, t, uncond)
+    a, s = mlcm.alpha_sigma(t)
+    return (z - s[:, None, None, None] * (e_u + 8.0 * (e_c - e_u))) / a[:, None, None, None]
+
   z_tn = mlcm.teacher_step(guided, jnp.asarray(e["z_tm"]), jnp.asarray(e["t_m"]),
                            jnp.asarray(e["t_n"]))
   np.testing.assert_allclose(z_tn, e["z_tn"], atol=1e-4)
   config.mlcm.skip = 10  # the same bank directory, other settings
   with pytest.raises(ValueError, match=r"other settings.*'skip': \(20, 10\)"):
-    latent.run(config, str(tmp_path / "run2"))
+    mlcm_experiment.run(config, str(tmp_path / "run2"))

@@ -1,6 +1,5 @@
 """SDXL UNet in Flax == diffusers' PyTorch UNet on the same tiny random weights; loading errors."""
 import json
-import sys
 import os
 import warnings
 
@@ -8,10 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
+import sdxl_fixtures  # tests/: torch is imported inside its functions
 from mcm_jax.models import sdxl
 from sdxl_fixtures import tiny_torch_unet, tiny_torch_vae  # pylint: disable=g-bad-import-order
 
@@ -31,6 +28,7 @@ def tiny_inputs(batch=2, seed=0):
 
 
 def torch_eps(unet, inputs):
+  import torch  # pylint: disable=g-import-not-at-top
   cond = inputs["cond"]
   with torch.no_grad():
     out = unet(torch.from_numpy(inputs["z"]).permute(0, 3, 1, 2), torch.from_numpy(inputs["t"]),
@@ -40,14 +38,15 @@ def torch_eps(unet, inputs):
   return out.permute(0, 2, 3, 1).numpy()
 
 
-@pytest.fixture(scope="module")
-def unet_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("sdxl")
-  tiny_torch_unet().save_pretrained(path / "unet", safe_serialization=True)
-  return str(path)
+@pytest.fixture(name="unet_dir")
+def _unet_dir(tiny_sdxl_dir):
+  """An SDXL root whose unet/ is ``tiny_torch_unet()`` (seed 0): conftest's shared directory,
+  read-only (tests write their variants under their own tmp_path)."""
+  return tiny_sdxl_dir
 
 
-def test_flax_unet_equals_pytorch_unet(unet_dir):
+@pytest.mark.slow  # PyTorch equivalence, seconds
+def test_flax_unet_equals_pytorch_unet(unet_dir, tmp_path):
   model, params = sdxl.load_unet(unet_dir)  # an SDXL root with unet/ (safetensors)
   inputs = tiny_inputs()
   want = torch_eps(tiny_torch_unet(), inputs)
@@ -57,7 +56,7 @@ def test_flax_unet_equals_pytorch_unet(unet_dir):
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
   # The Flax layout (msgpack) loads to the same parameters.
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  flax_dir = os.path.join(unet_dir, "flax_unet")
+  flax_dir = str(tmp_path / "flax_unet")  # not inside the shared directory
   os.makedirs(flax_dir)
   with open(os.path.join(unet_dir, "unet", "config.json")) as f:
     json.dump(json.load(f), open(os.path.join(flax_dir, "config.json"), "w"))
@@ -93,6 +92,7 @@ def test_unet_loading_errors_name_the_weight(unet_dir, tmp_path):
     sdxl.unet_from_config(dict(sdxl.TINY_UNET_CONFIG, norm_num_groups=8))
 
 
+@pytest.mark.slow  # PyTorch equivalence, seconds
 def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, tmp_path):
   from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
   from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
@@ -119,15 +119,17 @@ def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, t
   want = torch_eps(unet, inputs)
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
-  back = lora_lib.load(directory)  # import: scale folded into b
+  back = lora_lib.load(directory, params)  # import: scale folded into b
   again = np.asarray(eps(lora_lib.merge(params, back), inputs["z"], inputs["t"], inputs["cond"]))
   np.testing.assert_allclose(again, got, atol=1e-5)
-  with pytest.raises(ValueError, match="not in the PEFT layout"):
-    lora_lib.from_diffusers({"unet.x.lora_down.weight": np.zeros((2, 2))})
+  assert os.path.isfile(tmp_path / "lora" / "lora_kohya.safetensors")  # the second export
 
 
+@pytest.mark.slow  # PyTorch equivalence, seconds
 def test_text_encoders_equal_pytorch_transformers(tmp_path):
-  import sdxl_fixtures  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  # Its own encoders, wider than the shared directory's (32 + 48, so the two widths differ).
   one, two = sdxl_fixtures.write_text_components(str(tmp_path))
   encode = sdxl.load_text_encoders(str(tmp_path))
   prompts = ["lower newer", "", "wider lowest lowest"]
@@ -142,10 +144,10 @@ def test_text_encoders_equal_pytorch_transformers(tmp_path):
     sdxl.load_text_encoders(str(tmp_path / "nowhere"))
 
 
-def test_vae_decoder_equals_pytorch(tmp_path):
-  vae = tiny_torch_vae()
-  vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
-  model, params = sdxl.load_vae(str(tmp_path))
+def test_vae_decoder_equals_pytorch(tiny_sdxl_dir):
+  torch = pytest.importorskip("torch")
+  vae = tiny_torch_vae()  # what the shared directory's vae/ holds (seed 0)
+  model, params = sdxl.load_vae(tiny_sdxl_dir)
   latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
   got = np.asarray(jax.jit(sdxl.make_decoder(model))(params, latents))
   with torch.no_grad():

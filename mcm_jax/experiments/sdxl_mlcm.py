@@ -137,7 +137,8 @@ def run(config, workdir):
     frozen = dict(frozen, prev_lora=lora_params)
     path = None
     if jax.process_index() == 0:
-      path = lora.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale)
+      path = lora.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale,
+                       f"mlcm_stage{stage}_K{hp.num_segments}", c.lora.kohya_dtype)
       _write_stage_grid(c, model, lora.merge(params, lora_params, c.lora.scale), encode_batch,
                         prompts, hp.num_segments, stage_dir)
     stages.append({"num_segments": hp.num_segments, "skip": hp.skip, "lora": path})

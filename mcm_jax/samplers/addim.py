@@ -156,6 +156,21 @@ def sample_on_grid(f, z_init, times, logsnr_fn, x_var_fn=None):
   return x_hat
 
 
+def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
+  """Multistep consistency sampling with fresh noise (Song et al. 2023 Alg. 1; LCM's
+  multistep sampler): for each t_i of the decreasing grid ``times`` [N + 1],
+  ``x_hat = f(z_{t_i}, t_i)``, then ``z_{t_{i+1}} = alpha x_hat + sigma noise[i]`` with the
+  given fresh Gaussian ``noise`` [N - 1, B, ...]; returns the last ``x_hat`` (t_N unused)."""
+  times = jnp.asarray(times, jnp.float32)
+  batch, z = z_init.shape[0], z_init
+  for i in range(times.shape[0] - 1):
+    x_hat = f(z, jnp.full((batch,), times[i]))
+    if i < times.shape[0] - 2:
+      alpha, sigma = alpha_sigma(logsnr_fn(jnp.full((batch,), times[i + 1])))
+      z = bcast(alpha, x_hat) * x_hat + bcast(sigma, x_hat) * noise[i]
+  return x_hat
+
+
 def consistency_sample(f, z_init, student_steps, logsnr_fn, return_trajectory=False):
   """Multistep consistency sampling (MCM Alg. 2): DDIM over ``student_steps`` equal steps."""
   return sample(f, z_init, student_steps, logsnr_fn, None, return_trajectory)

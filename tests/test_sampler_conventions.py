@@ -1,0 +1,109 @@
+"""The sampling conventions users meet with published LCM / TLCM / MLCM LoRAs, checked against
+diffusers' own schedulers on the same epsilon function and noise: the timestep grids, LCM's
+re-noising multistep sampler (LCMScheduler) and deterministic DDIM jumps between given
+timesteps (EulerDiscreteScheduler with custom timesteps)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcm_jax import mlcm, parameterization, schedules
+from mcm_jax.samplers import addim
+
+SDXL_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SHAPE = (2, 4, 8, 8)
+
+
+def eps_np(z, t):
+  """A smooth, non-trivial epsilon model (elementwise, so any layout works)."""
+  return np.tanh(0.7 * z + t / 1000.0) + 0.1 * np.sin(3.0 * z)
+
+
+def denoiser():
+  eps = lambda params, z, t, cond, rng: jnp.tanh(0.7 * z + t[:, None, None, None] / 1000.0) + (
+      0.1 * jnp.sin(3.0 * z))
+  f = parameterization.make_denoiser(eps, schedules.sdxl_logsnr, "eps", time_input="t")
+  return lambda z, t: f(None, z, t)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_grids_equal_diffusers(steps):
+  diffusers = pytest.importorskip("diffusers")
+  lcm = diffusers.LCMScheduler(**SDXL_SCHEDULE)
+  lcm.set_timesteps(steps)
+  np.testing.assert_array_equal(mlcm.timestep_grid(steps, "lcm")[:-1], lcm.timesteps.numpy())
+  euler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE, timestep_spacing="trailing")
+  euler.set_timesteps(steps)
+  np.testing.assert_array_equal(mlcm.timestep_grid(steps, "trailing")[:-1],
+                                euler.timesteps.numpy())
+  assert mlcm.timestep_grid(4).tolist() == [999, 750, 500, 250, 0]  # MLCM's segment milestones
+
+
+@pytest.mark.slow
+def test_lcm_sampler_equals_diffusers_lcm_scheduler():
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  scheduler = diffusers.LCMScheduler(**SDXL_SCHEDULE)
+  scheduler.set_timesteps(4)
+  z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+  gen = torch.Generator().manual_seed(1)
+  z, torch_steps = z0.clone(), []
+  for t in scheduler.timesteps:
+    eps = torch.from_numpy(eps_np(z.numpy(), float(t)).astype(np.float32))
+    z, denoised = scheduler.step(eps, t, z, generator=gen, return_dict=False)
+    torch_steps.append(denoised.numpy())
+  # The same fresh noise diffusers drew (randn_tensor -> torch.randn with that generator).
+  gen = torch.Generator().manual_seed(1)
+  noise = np.stack([torch.randn(SHAPE, generator=gen).numpy() for _ in range(3)])
+  f = mlcm.lcm_boundary(denoiser())
+  grid = mlcm.timestep_grid(4, "lcm")
+  for k in range(1, 5):  # step by step: the first k steps' denoised output
+    out = addim.renoise_sample_on_grid(f, jnp.asarray(z0.numpy()), np.append(grid[:k], 0),
+                                       schedules.sdxl_logsnr, jnp.asarray(noise))
+    np.testing.assert_allclose(out, torch_steps[k - 1], rtol=1e-4, atol=2e-4)
+  np.testing.assert_allclose(torch_steps[-1], z.numpy())  # the last step returns x_hat
+
+
+@pytest.mark.slow
+def test_ddim_jumps_equal_diffusers_euler_with_custom_timesteps():
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  timesteps = [999, 749, 499, 124]
+  scheduler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE)
+  scheduler.set_timesteps(timesteps=timesteps)
+  noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+  latents = noise * scheduler.init_noise_sigma
+  for t in scheduler.timesteps:
+    model_in = scheduler.scale_model_input(latents, t)
+    eps = torch.from_numpy(eps_np(model_in.numpy(), float(t)).astype(np.float32))
+    latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+  # diffusers scales its first latents by init_noise_sigma (= sigma_max for 'linspace'), so the
+  # first model input is noise * sigma_max / sqrt(sigma_max^2 + 1): start from that same z_999.
+  z_999 = noise * scheduler.init_noise_sigma / (scheduler.sigmas[0] ** 2 + 1) ** 0.5
+  ours = mlcm.sample(denoiser(), jnp.asarray(z_999.numpy()), mlcm.explicit_grid(timesteps))
+  np.testing.assert_allclose(ours, latents.numpy(), rtol=1e-4, atol=2e-4)
+
+
+def test_explicit_grids_are_checked_and_samplers_named():
+  assert mlcm.explicit_grid([999, 749, 499, 124]).tolist() == [999, 749, 499, 124, 0]
+  for bad in ([999, 999, 10], [1000, 500], [500, 0], [], [10.5]):
+    with pytest.raises(ValueError, match="strictly decreasing integers"):
+      mlcm.explicit_grid(bad)
+  with pytest.raises(ValueError, match="allowed: .*'trailing'"):
+    mlcm.timestep_grid(4, "leading")
+  noise = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
+  with pytest.raises(ValueError, match="sampler='heun' is not known"):
+    mlcm.sample(denoiser(), noise, 2, "heun")
+  # LCM sampling is stochastic between steps, the same for the same rng, and one step is DDIM.
+  f = denoiser()
+  a, b = (mlcm.sample(f, noise, 4, "lcm", jax.random.PRNGKey(k)) for k in (1, 2))
+  assert float(jnp.abs(a - b).max()) > 1e-3
+  np.testing.assert_array_equal(a, mlcm.sample(f, noise, 4, "lcm", jax.random.PRNGKey(1)))
+  np.testing.assert_allclose(mlcm.sample(f, noise, 1, "lcm", jax.random.PRNGKey(1)),
+                             mlcm.sample(f, noise, 1), rtol=1e-5, atol=1e-6)
+  assert mlcm.sampling_grid(4, "999,749,499,124").tolist() == [999, 749, 499, 124, 0]
+  assert mlcm.sampling_grid(4, "trailing").tolist() == [999, 749, 499, 249, 0]
+  with pytest.raises(ValueError, match="has 3 entries but steps=4"):
+    mlcm.sampling_grid(4, "999,500,100")
+  with pytest.raises(ValueError, match="timesteps='999,x' is invalid"):
+    mlcm.sampling_grid(2, "999,x")
