@@ -4,7 +4,7 @@ import ml_collections
 
 def train_config(*, steps, batch_size, log_every, checkpoint_every, keep_checkpoints, ema_decay,
                  learning_rate, warmup_steps, seed=0, fuse_steps=False, grad_clip=1.0, b1=0.9,
-                 b2=0.99, weight_decay=0.0):
+                 b2=0.99, weight_decay=0.0, divergence_factor=1e3):
   """The section ``mcm_jax.train.train`` reads (toy teacher / student, pixel and MLCM train)."""
   return ml_collections.ConfigDict(dict(
       steps=steps,
@@ -16,6 +16,9 @@ def train_config(*, steps, batch_size, log_every, checkpoint_every, keep_checkpo
       keep_checkpoints=keep_checkpoints,
       ema_decay=ema_decay,  # the EMA parameters are the ones evaluated (0: EMA = the parameters)
       seed=seed,
+      # Stop (like a NaN loss, without saving) when a logged mean loss exceeds this many times the
+      # loss of the untrained model (the run's first steps); 0 disables. See mcm_jax/train.py.
+      divergence_factor=divergence_factor,
       # Adam(W) with a linear warmup to learning_rate; global-norm clipping (0 disables it).
       optim=dict(learning_rate=learning_rate, warmup_steps=warmup_steps, grad_clip=grad_clip,
                  b1=b1, b2=b2, weight_decay=weight_decay),

@@ -1,6 +1,7 @@
 """Metric writers: clu's (TensorBoard + console) when TensorFlow is installed, else a
 console + JSON-lines writer with the same methods (``pip install .[tensorboard]`` for TB)."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -8,12 +9,70 @@ import numpy as np
 
 class JsonlWriter:
   """Writes scalars to ``DIR/metrics.jsonl`` (the train loop logs progress to the console);
-  images as PNG files in ``DIR``."""
+  images as PNG files in ``DIR``.
+
+  One JSON object a line, ``{"step": N, "<run>/<metric>": value, ...}``; several runs may share
+  the file (the toy's teacher and students). Durable: line-buffered (a killed process loses no
+  finished line) and ``flush`` fsyncs (the train loop flushes before every checkpoint and on
+  every stop). ``drop_rows_after`` lets a resumed run drop the rows it wrote after its
+  checkpoint, so the file holds one row per logged step.
+  """
 
   def __init__(self, logdir):
     self.logdir = logdir
     os.makedirs(logdir, exist_ok=True)
-    self._file = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self.path = os.path.join(logdir, "metrics.jsonl")
+    if os.path.exists(self.path) and os.path.getsize(self.path):
+      with open(self.path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        torn = f.read(1) != b"\n"  # a process killed mid-line; appending would glue to it
+      if torn:
+        self._rewrite(lambda row: True)
+    self._file = open(self.path, "a", buffering=1)  # pylint: disable=consider-using-with
+
+  def _rewrite(self, keep):
+    """Rewrites the file with the rows for which ``keep(row)`` holds, atomically (a temp file
+    then os.replace); lines that are not JSON (torn by a kill) are dropped too."""
+    with open(self.path, errors="replace") as f:
+      lines = f.readlines()
+    kept, torn = [], 0
+    for line in lines:
+      try:
+        row = json.loads(line) if line.endswith("\n") else None
+      except ValueError:
+        row = None
+      if not isinstance(row, dict):
+        torn += 1
+      elif keep(row):
+        kept.append(line)
+    if len(kept) == len(lines):
+      return 0
+    if torn:
+      logging.warning("%s: dropped %d torn line(s) left by a killed process", self.path, torn)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+    _fsync_dir(self.logdir)
+    return len(lines) - len(kept)
+
+  def drop_rows_after(self, run, step):
+    """Drops the rows of run ``run`` (keys ``run/...``) logged after ``step``: on resume from
+    checkpoint ``step`` they are the rows a killed run wrote after it (the resumed run writes
+    them again); on a fresh start (``step`` 0) every earlier row of ``run``. Other runs' rows
+    stay. Returns how many lines were dropped."""
+    prefix = f"{run}/"
+    self._file.close()
+    try:
+      dropped = self._rewrite(lambda row: not (int(row.get("step", 0)) > step and any(
+          k.startswith(prefix) for k in row)))
+    finally:
+      self._file = open(self.path, "a", buffering=1)  # pylint: disable=consider-using-with
+    if dropped:
+      logging.info("%s: dropped %d row(s) of '%s' after step %d", self.path, dropped, run, step)
+    return dropped
 
   def write_scalars(self, step, scalars):
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -33,10 +92,28 @@ class JsonlWriter:
       json.dump(hparams, f, indent=1, default=str)
 
   def flush(self):
+    """Makes every row written so far durable (flush + fsync)."""
     self._file.flush()
+    os.fsync(self._file.fileno())
 
   def close(self):
-    self._file.close()
+    if not self._file.closed:
+      self.flush()
+      self._file.close()
+
+
+def _fsync_dir(path):
+  """Persists a rename inside ``path`` (POSIX; a no-op where directories cannot be opened)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 class NullWriter:

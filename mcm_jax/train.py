@@ -1,4 +1,5 @@
-"""The one training loop: optax, EMA, orbax restore-or-init, progress, NaN and SIGTERM handling.
+"""The one training loop: optax, EMA, orbax restore-or-init, progress, NaN / divergence stop and
+SIGTERM handling.
 
 It is objective-agnostic: ``loss_fn(params, batch, rng, step, frozen) -> (loss, metrics)``
 with ``frozen`` a pytree that is not trained (e.g. the teacher's parameters). Batches come from
@@ -7,6 +8,10 @@ either a jit-able ``batch_fn(rng) -> batch`` drawn on device (the batch of step 
 a deterministic function of the step). Either way the data position is the step, so a resumed
 run sees exactly the data an uninterrupted one would. With a ``mesh`` (``mcm_jax.sharding``)
 the state is sharded by the rules there and the step is ``jax.jit`` with in/out shardings.
+
+Nothing lost: metrics rows are made durable (``writer.flush()``) before every checkpoint and on
+every stop, and a resumed run first drops the rows of its own run logged after the restored
+step (writers that can: ``JsonlWriter.drop_rows_after``), so the file holds one row per step.
 """
 import logging
 import os
@@ -32,7 +37,23 @@ class TrainState:
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """The loss became NaN/inf; the bad state is not saved."""
+
+
+class LossDivergedError(NonFiniteLossError):
+  """The loss rose above ``divergence_factor`` x its reference; the bad state is not saved. A
+  NonFiniteLossError, so whatever handles that stop (mcm_jax.errors: exit 3) handles this one."""
+
+
+# The divergence guard's reference: the median loss of the run's first REFERENCE_STEPS steps.
+# Both are at the initial parameters (the learning-rate warmup starts at 0, so step 0's update
+# is zero), i.e. the loss of the untrained model, measured before anything can diverge: a run
+# with learning rate 1e10 is ~1e22 from its third step on, so the first logged chunks cannot be
+# the reference. The guard is therefore armed from the first logged chunk (no warm-up), and a
+# loss that falls from its start never trips it. The reference is saved in every checkpoint,
+# so a resumed run uses its own first losses (a checkpoint without one: the first steps after
+# the resume).
+REFERENCE_STEPS = 2
 
 
 def make_optimizer(optim):
@@ -88,8 +109,9 @@ def make_multi_step(train_step, batch_fn, data_rng, num_steps, mesh=None):
       state, metrics = body(state, jax.tree_util.tree_map(lambda x: x[0], batches))
     else:
       state, metrics = jax.lax.scan(body, state, batches, length=num_steps)
+    losses = jnp.reshape(metrics["loss"], (num_steps,))  # per step, for the divergence guard
     return state, jax.tree_util.tree_map(jnp.mean, metrics), jnp.all(
-        jnp.isfinite(metrics["loss"]))
+        jnp.isfinite(metrics["loss"])), losses
 
   return multi_step
 
@@ -136,10 +158,13 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   ``periodic``: ``(every, fn)`` pairs; ``fn(step, state)`` runs after steps that are multiples
   of ``every`` (e.g. sample grids; checked at log boundaries, so ``every`` should be a multiple
   of ``cfg.log_every``).
-  Restores the latest checkpoint in ``workdir/checkpoints`` if there is one (a finished run is
-  then returned as is); saves every ``checkpoint_every`` steps, at the end, and on SIGTERM
-  (then raises SystemExit(143) after the save). A non-finite loss raises NonFiniteLossError
-  without saving the bad state.
+  Restores the newest readable checkpoint in ``workdir/checkpoints`` if there is one (a
+  finished run is then returned as is; a damaged step is logged and the previous one used, see
+  ``checkpoint.restore_latest``); removes unfinished saves of a killed run first. Saves every
+  ``checkpoint_every`` steps, at the end, and on SIGTERM (then raises SystemExit(143) after the
+  save). A non-finite loss raises NonFiniteLossError, a logged mean loss above
+  ``cfg.divergence_factor`` (default 1e3; 0 disables) x the reference (``REFERENCE_STEPS``)
+  raises LossDivergedError; neither saves the bad state.
   """
   if (batch_fn is None) == (host_batch_fn is None):
     raise ValueError("train: pass exactly one of batch_fn (device) and host_batch_fn (host)")
@@ -148,6 +173,7 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   if mesh is not None:
     state = jax.device_put(state, sharding.tree_shardings(state, mesh))
     frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
+  checkpoint.remove_stale_tmp_dirs(os.path.join(workdir, "checkpoints"))
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                     cfg.keep_checkpoints)
   try:
@@ -161,9 +187,15 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
 def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen, writer,
                 name, mesh, data_spec, periodic):
   restored = checkpoint.restore_latest(manager, state, data_spec)  # onto ``state``'s shardings
+  early_losses = []  # the divergence guard's reference losses (REFERENCE_STEPS)
   if restored is not None:
-    state = restored
+    state, info = restored
+    early_losses = list(info.get("early_losses", []))
     logging.info("%s: resumed from step %d", name, int(state.step))
+  drop_rows = getattr(writer, "drop_rows_after", None)  # JsonlWriter; clu's writers cannot
+  if drop_rows is not None:  # rows a killed run logged after its checkpoint (all: fresh start)
+    drop_rows(name, int(state.step))
+  divergence_factor = float(cfg.get("divergence_factor", 1e3))
   data_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
   train_step = make_train_step(loss_fn, tx, cfg.ema_decay)
   shardings = {}
@@ -172,7 +204,7 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
     rep = sharding.replicated(mesh)
     shardings = dict(in_shardings=(state_sh, jax.tree_util.tree_map(lambda x: x.sharding, frozen),
                                    sharding.stacked_batch_sharding(mesh)),
-                     out_shardings=(state_sh, rep, rep))
+                     out_shardings=(state_sh, rep, rep, rep))
   fuse = cfg.get("fuse_steps", False)
   compiled = {}
 
@@ -187,28 +219,48 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
       batches = None if host_batch_fn is None else _stacked_host_batches(
           host_batch_fn, start, n, mesh)
       return compiled[key](st, frozen, batches)
-    all_metrics, all_finite = [], []
+    all_metrics, all_finite, all_losses = [], [], []
     for i in range(start, start + n):
       batches = None if host_batch_fn is None else _stacked_host_batches(
           host_batch_fn, i, 1, mesh)
-      st, metrics, finite = compiled[key](st, frozen, batches)
+      st, metrics, finite, losses = compiled[key](st, frozen, batches)
       all_metrics.append(metrics)
       all_finite.append(finite)
+      all_losses.append(losses)
     mean = jax.tree_util.tree_map(lambda *xs: jnp.mean(jnp.stack(xs)), *all_metrics)
-    return st, mean, jnp.all(jnp.stack(all_finite))
+    return st, mean, jnp.all(jnp.stack(all_finite)), jnp.concatenate(all_losses)
+
+  def stop(error_cls, what, hint=""):
+    """Raises ``error_cls`` (after the pending save and the metrics flush); the state of the
+    chunk that failed is not saved."""
+    manager.wait_until_finished()
+    if writer is not None:
+      writer.flush()
+    latest = manager.latest_step()
+    raise error_cls(
+        f"{name}: {what}; last good checkpoint: {'none' if latest is None else latest} in "
+        f"{manager.directory}. Lower optim.learning_rate, raise optim.warmup_steps or set "
+        f"optim.grad_clip{hint}.")
 
   step, start_step, t0 = int(state.step), int(state.step), time.time()
   with _SigtermFlag() as sigterm:
     while step < cfg.steps:
       n = min(cfg.log_every, cfg.steps - step)
-      state, metrics, finite = run_chunk(n, state, step)
+      state, metrics, finite, losses = run_chunk(n, state, step)
       if not bool(finite):
-        manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"{name}: the loss became NaN/inf between steps {step} and {step + n} "
-            f"(mean loss {float(metrics['loss'])}); last good checkpoint: "
-            f"{manager.latest_step()} in {manager.directory}. Lower optim.learning_rate, "
-            f"raise optim.warmup_steps or set optim.grad_clip.")
+        stop(NonFiniteLossError, f"the loss became NaN/inf between steps {step} and {step + n} "
+             f"(mean loss {float(metrics['loss'])})")
+      if len(early_losses) < REFERENCE_STEPS:
+        early_losses += [float(x) for x in np.asarray(losses)[:REFERENCE_STEPS -
+                                                              len(early_losses)]]
+      reference = float(np.median(early_losses))  # a ratio means nothing for losses <= 0
+      if divergence_factor > 0 and reference > 0 and float(
+          metrics["loss"]) > divergence_factor * reference:
+        stop(LossDivergedError, f"the loss diverged between steps {step} and {step + n}: mean "
+             f"loss {float(metrics['loss']):.4g} > divergence_factor {divergence_factor:g} x "
+             f"{reference:.4g} (the median loss of the run's first {REFERENCE_STEPS} steps, at "
+             "its initial parameters)", hint=" (or raise divergence_factor; 0 disables this "
+             "check)")
       step += n
       rate = (step - start_step) / max(time.time() - t0, 1e-9)
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -217,7 +269,9 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
       logging.info("%s: step %d/%d loss %.5g, %.1f steps/s, ETA %.0fs", name, step, cfg.steps,
                    metrics["loss"], rate, (cfg.steps - step) / max(rate, 1e-9))
       if step % cfg.checkpoint_every == 0 or step == cfg.steps or sigterm.raised:
-        checkpoint.save(manager, step, state, data_spec, force=True)
+        if writer is not None:  # rows up to ``step`` durable before the checkpoint claiming them
+          writer.flush()
+        checkpoint.save(manager, step, state, data_spec, force=True, early_losses=early_losses)
       for every, fn in periodic:
         if step % every == 0 and step < cfg.steps and not sigterm.raised:
           fn(step, state)

@@ -261,6 +261,7 @@ def _cli(module, *args, env=None):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # seven program runs in subprocesses
 def test_programs_end_to_end_and_debug(tmp_path):
   """The real programs (absl's app.run): one message and exit code 2; --debug or
   MCM_JAX_DEBUG=1 print the traceback instead."""
@@ -357,6 +358,7 @@ def test_write_config_never_overwrites_a_different_config(tmp_path):
   assert json.load(open(os.path.join(w, "config_eval.json")))["teacher"]["steps"] == 9
 
 
+@pytest.mark.slow  # two training runs in subprocesses
 def test_refused_resume_leaves_config_json_untouched(tmp_path):
   """A run's teacher checkpoint exists; the same workdir with another model is refused with one
   message (exit 2), and its config.json is kept: the refused config goes to config_1.json."""

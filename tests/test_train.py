@@ -6,30 +6,20 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from mcm_jax import diffusion, parameterization, schedules, train
+from helpers import LOGSNR, mlp_denoiser, train_config
+from mcm_jax import diffusion, schedules, train
 from mcm_jax.data import toy as toy_data
-from mcm_jax.models.mlp import MLPDenoiser
-
-LOGSNR = lambda t: schedules.cosine_logsnr(t)
 
 
 def _cfg(steps, log_every=10, checkpoint_every=20, lr=2e-3):
-  return ml_collections.ConfigDict(dict(
-      steps=steps, batch_size=64, log_every=log_every, checkpoint_every=checkpoint_every,
-      keep_checkpoints=3, ema_decay=0.9, seed=0,
-      optim=dict(learning_rate=lr, warmup_steps=5, grad_clip=1.0, b1=0.9, b2=0.99,
-                 weight_decay=0.0)))
+  return train_config(steps, log_every, checkpoint_every, learning_rate=lr, warmup_steps=5)
 
 
 def _problem(hidden=32):
-  model = MLPDenoiser(hidden=hidden, depth=1)
-  denoise = parameterization.make_denoiser(
-      lambda p, z, logsnr, cond, rng: model.apply(p, z, logsnr), LOGSNR, "v")
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)), jnp.zeros((1,)))
+  denoise, params = mlp_denoiser(hidden, depth=1, dim=1)  # 1-D data: mixture1d
   loss = functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=LOGSNR)
   batch_fn = lambda rng: {"x": toy_data.mixture1d(rng, 64)}
   return loss, params, batch_fn
@@ -51,6 +41,7 @@ def exact_mixture_denoiser(params, z, t, cond=None, rng=None):
   return jnp.sum(jax.nn.softmax(logits, axis=-1) * post, axis=-1, keepdims=True)
 
 
+@pytest.mark.slow  # a 600-step training
 def test_diffusion_training_approaches_the_bayes_optimal_loss(tmp_path):
   loss, params, batch_fn = _problem()
   eval_batch = {"x": toy_data.mixture1d(jax.random.PRNGKey(99), 4096)}
