@@ -18,7 +18,8 @@ def get_config(size="sdxl"):
   c = ml_collections.ConfigDict()
   c.experiment = "mlcm"
   c.seed = 0
-  # Local diffusers-layout SDXL directories (nothing downloads). The teacher may be another
+  # Local diffusers-layout SDXL directories, or hub names (org/name) found in the local Hugging
+  # Face cache ($HF_HUB_CACHE or $HF_HOME/hub; nothing downloads). The teacher may be another
   # SDXL-architecture checkpoint (MLCM uses a fine-tune); '' = the student's UNet.
   c.student_unet = "/models/stable-diffusion-xl-base-1.0"
   c.teacher_unet = ""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import errors
+from mcm_jax import errors, hub
 from mcm_jax import lora as lora_lib
 from mcm_jax import mlcm, plotting
 from mcm_jax.data import prompts as prompt_data
@@ -132,16 +132,17 @@ def define_pipeline_flags(out_default, flag_values=FLAGS):
 
 
 def check_pipeline_flags(flag_values, required):
-  """UserError unless each flag of ``required`` is set and --sdxl / --out are usable paths."""
+  """UserError unless each flag of ``required`` is set and --sdxl / --out are usable; returns
+  --sdxl as a local directory (a hub name such as stabilityai/stable-diffusion-xl-base-1.0 is
+  resolved from the local Hugging Face cache, ``mcm_jax.hub``)."""
   for name in required:
     if not flag_values[name].value:
       raise errors.UserError(f"--{name} is required ({flag_values[name].help})")
-  if not os.path.isdir(flag_values.sdxl):
-    raise FileNotFoundError(f"--sdxl={flag_values.sdxl!r} is not a directory; allowed: a local "
-                            "diffusers-layout SDXL directory")
+  sdxl_dir = hub.local_path(flag_values.sdxl, "--sdxl")
   if os.path.exists(flag_values.out) and not os.path.isdir(flag_values.out):
     raise errors.UserError(f"--out={flag_values.out!r} is a file; allowed: a directory (created "
                            "if missing)")
+  return sdxl_dir
 
 
 def define_flags(flag_values=FLAGS):
@@ -171,7 +172,7 @@ def main(argv, flag_values=FLAGS):
   f = flag_values
   if (f.prompt is None) == (f.prompts is None):
     raise errors.UserError("pass exactly one of --prompt (one prompt) and --prompts (a file)")
-  check_pipeline_flags(f, ("sdxl",))
+  sdxl_dir = check_pipeline_flags(f, ("sdxl",))
   if not 1 <= f.steps <= 1000:
     raise errors.UserError(f"--steps={f.steps} is invalid; allowed: 1..1000 (MLCM: 1-8)")
   if not np.isfinite(f.lora_scale):
@@ -181,7 +182,7 @@ def main(argv, flag_values=FLAGS):
   except ValueError as e:
     raise errors.UserError(f"--timesteps / --steps: {e}") from e
   prompts = [f.prompt] if f.prompt is not None else prompt_data.load_prompts(f.prompts)
-  pipeline = load_pipeline(f.sdxl, f.lora, f.lora_scale)
+  pipeline = load_pipeline(sdxl_dir, f.lora, f.lora_scale)
   images = generate_images(pipeline, prompts, f.steps, f.resolution, f.seed, f.batch_size,
                            f.timesteps, f.sampler)
   os.makedirs(f.out, exist_ok=True)

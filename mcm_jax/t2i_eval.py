@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import errors, generate, plotting, rewards
+from mcm_jax import errors, generate, hub, plotting, rewards
 from mcm_jax.data import prompts as prompt_data
 
 
@@ -109,14 +109,12 @@ def parse_steps(values):
 def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
-  generate.check_pipeline_flags(f, ("sdxl", "prompts", "clip"))
+  sdxl_dir = generate.check_pipeline_flags(f, ("sdxl", "prompts", "clip"))
   steps = parse_steps(f.steps)
-  if not os.path.isdir(f.clip):
-    raise FileNotFoundError(f"--clip={f.clip!r} is not a directory; allowed: a local CLIP model "
-                            "directory with its tokenizer")
+  clip_dir = hub.local_path(f.clip, "--clip")  # a local dir or a cached hub name
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
-  evaluate(f.sdxl, prompt_data.load_prompts(f.prompts), steps, f.out, f.clip, f.aesthetic_head,
+  evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
            f.lora, f.resolution, f.batch_size, f.seed)
 
 

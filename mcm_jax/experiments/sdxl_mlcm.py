@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import generate, lora, mlcm, objectives, rewards, sharding, train
+from mcm_jax import generate, hub, lora, mlcm, objectives, rewards, sharding, train
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
@@ -85,10 +85,21 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
   return trajectory_bank.open_or_build(c.mlcm.bank.dir, bank_settings(c), batches)
 
 
+def resolve_model_paths(config):
+  """A copy of ``config`` whose model fields (student / teacher UNet, reward CLIP) are local
+  directories: hub names (org/name) resolved from the local Hugging Face cache (``hub``)."""
+  c = config.copy_and_resolve_references()
+  for section, field in ((c, "student_unet"), (c, "teacher_unet"), (c.rewards, "clip_dir")):
+    if section[field]:
+      section[field] = hub.local_path(section[field], f"config.{field}" if section is c
+                                      else f"config.rewards.{field}")
+  return c
+
+
 def run(config, workdir):
   """All progressive stages; returns {'stages': [{'num_segments', 'skip', 'lora'}]}."""
   validate(config)
-  c = config
+  c = resolve_model_paths(config)
   mesh = sharding.make_mesh(**c.mesh)
   model, params, teacher, encode = build_models(c)
   denoise = sdxl.make_denoiser(model)
