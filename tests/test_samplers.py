@@ -138,14 +138,56 @@ def test_trajectory_shape_and_last_step_returns_x_hat():
   np.testing.assert_allclose(x, addim.consistency_sample(f, z, 4, LOGSNR), rtol=1e-6)
 
 
-def test_noise_ddim_reaches_data_variance_and_is_stochastic():
+def test_ancestral_sampling_reaches_data_variance_and_is_stochastic():
   scale = 0.5
   z = jax.random.normal(jax.random.PRNGKey(8), (4096, 8))
   f = gaussian_denoiser(scale)
-  run = lambda n, seed: baselines.noise_ddim_sample(f, z, n, LOGSNR, jax.random.PRNGKey(seed))
+  run = lambda n, seed: baselines.ancestral_sample(f, z, n, LOGSNR, jax.random.PRNGKey(seed))
   v = {n: float(jnp.var(run(n, 9))) for n in (4, 64, 1024)}
   assert v[4] < v[64] < v[1024] and abs(v[1024] / scale ** 2 - 1) < 0.05
   assert float(jnp.mean(jnp.abs(run(64, 9) - run(64, 10)))) > 0.05
+
+
+def test_noise_ddim_is_ddim_of_a_noised_prediction():
+  """One noise-DDIM step (MCM App. A.4): z_s ~ N(DDIM(x_hat), (alpha_s - alpha_t sigma_s /
+  sigma_t)^2 x_var) per dimension -- the variance aDDIM restores deterministically. With the
+  exact Gaussian posterior variance as x_var its second moment matches aDDIM's."""
+  scale, d, n = 0.5, 8, 200_000
+  t, s = 0.8, 0.4
+  z_t = jax.random.normal(jax.random.PRNGKey(1), (1, d))
+  z_t = jnp.broadcast_to(z_t, (n, d))
+  a_t, s_t, a_s, s_s = _coeffs(jnp.full((n,), t), jnp.full((n,), s))
+  x_var = gaussian_posterior_var(scale, a_t[0], s_t[0])
+  f = gaussian_denoiser(scale)
+  table = lambda tt, a, sg: gaussian_posterior_var(scale, a, sg)
+  x_hat = f(z_t, jnp.full((n,), t))
+  rng = jax.random.PRNGKey(2)
+  xi = jax.random.normal(jax.random.fold_in(rng, 0), z_t.shape)
+  one = addim.ddim_step(x_hat + jnp.sqrt(x_var) * xi, z_t, a_t, s_t, a_s, s_s)
+  mean = addim.ddim_step(x_hat, z_t, a_t, s_t, a_s, s_s)
+  coef = float(a_s[0] - a_t[0] * s_s[0] / s_t[0])
+  np.testing.assert_allclose(jnp.mean(one, 0), mean[0], atol=5 * coef * np.sqrt(x_var / n))
+  np.testing.assert_allclose(jnp.var(one, 0), coef ** 2 * x_var, rtol=0.02)
+  # The sampler is that recipe: N = 2 is one noised DDIM step 1 -> 0.5, then x_hat at 0.5.
+  z1 = jax.random.normal(jax.random.PRNGKey(3), (n, d))
+  got = baselines.noise_ddim_sample(f, z1, 2, LOGSNR, rng, table)
+  a1, s1, a5, s5 = _coeffs(jnp.ones((n,)), jnp.full((n,), 0.5))
+  xi0 = jax.random.normal(jax.random.fold_in(rng, 0), z1.shape)
+  z_half = addim.ddim_step(f(z1, jnp.ones((n,))) + jnp.sqrt(
+      gaussian_posterior_var(scale, a1[0], s1[0])) * xi0, z1, a1, s1, a5, s5)
+  np.testing.assert_allclose(got, f(z_half, jnp.full((n,), 0.5)), rtol=1e-5, atol=1e-5)
+  # Second moment over the data: noise DDIM and aDDIM (same x_var) agree, DDIM falls short.
+  x = scale * jax.random.normal(jax.random.PRNGKey(4), (n, d))
+  z = addim.bcast(a_t, x) * x + addim.bcast(s_t, x) * jax.random.normal(jax.random.PRNGKey(5),
+                                                                        (n, d))
+  x_hat = f(z, jnp.full((n,), t))
+  noisy = addim.ddim_step(x_hat + jnp.sqrt(x_var) * jax.random.normal(rng, z.shape), z, a_t,
+                          s_t, a_s, s_s)
+  adjusted = addim.addim_step(x_hat, z, a_t, s_t, a_s, s_s, x_var)
+  target = float(a_s[0] ** 2 * scale ** 2 + s_s[0] ** 2)
+  assert abs(float(jnp.mean(noisy ** 2)) / target - 1) < 0.01
+  assert abs(float(jnp.mean(noisy ** 2)) / float(jnp.mean(adjusted ** 2)) - 1) < 0.03
+  assert float(jnp.mean(addim.ddim_step(x_hat, z, a_t, s_t, a_s, s_s) ** 2)) / target < 0.95
 
 
 def test_heun_is_second_order_and_ddim_first_order():
