@@ -38,6 +38,11 @@ def get_config(size="sdxl"):
       skip=20,                          # k of the first stage (timesteps)
       num_stages=3,                     # K, K/2, K/4 ...
       guidance_scale=8.0,
+      # The guided teacher's unconditional branch: 'auto' = what the SDXL directory's
+      # model_index.json says (force_zeros_for_empty_prompt, true for SDXL base: zero prompt
+      # embeddings, as diffusers' SDXL pipeline and LCM-SDXL scripts), 'zeros', or
+      # 'empty_prompt' (the text encoders' embedding of "").
+      uncond="auto",
       image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
       teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
       # Beyond the paper, as options: MCM's aDDIM teacher step and MCM's invDDIM x-target with

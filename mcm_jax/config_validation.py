@@ -217,6 +217,7 @@ def validate_mlcm(c):
   _check(_is_int(c.sample.num) and c.sample.num >= 1, "sample.num", c.sample.num,
          "an integer >= 1")
   check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
+  check_in(m.uncond, "mlcm.uncond", ("auto", "zeros", "empty_prompt"))
   if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
     raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
                       f"integer >= train.batch_size={c.train.batch_size}")

@@ -122,3 +122,31 @@ def test_trajectory_bank_pairs_are_teacher_steps(tmp_path):
   config.mlcm.skip = 10  # the same bank directory, other settings
   with pytest.raises(ValueError, match=r"other settings.*'skip': \(20, 10\)"):
     mlcm_experiment.run(config, str(tmp_path / "run2"))
+
+
+@pytest.mark.slow  # loads the tiny CLIP text encoders
+def test_unconditional_branch_follows_the_pipeline_config(tiny_sdxl_dir, tmp_path):
+  """SDXL's force_zeros_for_empty_prompt (model_index.json; default true) makes the guided
+  teacher's unconditional branch zero prompt embeddings; false, or mlcm.uncond='empty_prompt',
+  makes it the text encoders' embedding of ""."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  encode = sdxl.load_text_encoders(tiny_sdxl_dir)
+  empty = encode([""])
+  assert np.abs(empty["context"]).max() > 1e-3  # CLIP("") is not zeros
+  config = sdxl_mlcm.get_config("tiny")
+  config.student_unet = tiny_sdxl_dir  # no model_index.json: the pipeline's default, zeros
+  encode_batch = lambda texts: dict(encode(texts), time_ids=sdxl.time_ids(64, len(texts)))
+  zeros = mlcm_experiment.unconditional(config, encode_batch)
+  assert not np.any(zeros["context"]) and not np.any(zeros["text_embeds"])
+  np.testing.assert_array_equal(zeros["time_ids"], sdxl.time_ids(64, 1))
+  config.mlcm.uncond = "empty_prompt"
+  np.testing.assert_array_equal(mlcm_experiment.unconditional(config, encode_batch)["context"],
+                                empty["context"])
+  own = tmp_path / "sdxl"
+  shutil.copytree(tiny_sdxl_dir, own)
+  (own / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
+  config.update(student_unet=str(own))
+  config.mlcm.uncond = "auto"
+  assert mlcm_experiment.uncond_mode(config) == "empty_prompt"
+  assert mlcm_experiment.bank_settings(config)["uncond"] == "empty_prompt"

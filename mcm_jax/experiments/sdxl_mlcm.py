@@ -49,11 +49,29 @@ def build_models(c):
   return model, params, teacher, encoder
 
 
+def uncond_mode(c):
+  """'zeros' or 'empty_prompt': ``mlcm.uncond``, with 'auto' read from the SDXL directory."""
+  if c.mlcm.uncond != "auto":
+    return c.mlcm.uncond
+  return "zeros" if sdxl.force_zeros_for_empty_prompt(c.student_unet) else "empty_prompt"
+
+
+def unconditional(c, encode_batch):
+  """The guided teacher's unconditional conditioning [1, ...] (eq. 8): zero prompt embeddings
+  or the text encoders' embedding of "" (``uncond_mode``); the size conditioning is kept."""
+  out = encode_batch([""])
+  if uncond_mode(c) == "zeros":
+    out = dict(out, context=np.zeros_like(out["context"]),
+               text_embeds=np.zeros_like(out["text_embeds"]))
+  return out
+
+
 def bank_settings(c):
   """What a stage-0 trajectory bank depends on (checked when it is reused)."""
   return dict(teacher=c.teacher_unet or c.student_unet or "tiny-random", seed=c.seed,
               num_segments=c.mlcm.num_segments, skip=c.mlcm.skip,
-              guidance_scale=c.mlcm.guidance_scale, image_free=c.mlcm.image_free,
+              guidance_scale=c.mlcm.guidance_scale, uncond=uncond_mode(c),
+              image_free=c.mlcm.image_free,
               teacher_step=c.mlcm.teacher_step,
               latent_resolution=c.latent_resolution, prompts=c.prompts or "builtin",
               entries=c.mlcm.bank.entries, batch=c.train.batch_size)
@@ -115,7 +133,7 @@ def run(config, workdir):
     out["time_ids"] = sdxl.time_ids(c.latent_resolution * 8, len(texts))
     return out
 
-  frozen = {"unet": params, "uncond": jax.device_put(encode_batch([""]),
+  frozen = {"unet": params, "uncond": jax.device_put(unconditional(c, encode_batch),
                                                      sharding.replicated(mesh))}
   if teacher is not None:
     frozen["teacher"] = teacher

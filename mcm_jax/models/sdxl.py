@@ -314,3 +314,17 @@ def hashed_text_encoder_for(model, seed=0):
   cfg = model.config
   pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
   return hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=seed)
+
+
+def force_zeros_for_empty_prompt(path):
+  """The SDXL pipeline's ``force_zeros_for_empty_prompt`` from ``path/model_index.json`` (its
+  default, True, when the file or the key is absent): the unconditional branch is zero prompt
+  embeddings rather than the embedding of ""."""
+  index = os.path.join(path or "", "model_index.json")
+  if not path or not os.path.isfile(index):
+    return True
+  try:
+    with open(index) as f:
+      return bool(json.load(f).get("force_zeros_for_empty_prompt", True))
+  except ValueError as e:
+    raise ValueError(f"{index} is not valid JSON ({e})") from e
