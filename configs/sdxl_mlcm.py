@@ -59,8 +59,10 @@ def get_config(size="sdxl"):
       seed=0, learning_rate=1e-5, warmup_steps=100, b2=0.999)
   # Reward consistency + feedback learning (MLCM 3.4): '' = off, 'aesthetic' = LAION aesthetic
   # predictor on CLIP ViT-L/14 (local files). Needs the SDXL directory's VAE to decode.
+  # threshold: s0, 8.0 for the aesthetic score (2.0 for ImageReward); fl_steps: feedback
+  # learning scores the student's one- or two-step sample from noise (the paper's x_0).
   c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
-                   threshold=8.0)  # s0: 8.0 for the aesthetic score (2.0 for ImageReward)
+                   threshold=8.0, fl_steps=1)
   c.mesh = common.mesh()
   c.sample = dict(num=8)
   if size == "tiny":  # random tiny UNet, hashed text, built-in prompts

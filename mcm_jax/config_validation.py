@@ -236,6 +236,7 @@ def validate_mlcm(c):
     for key in ("rc_weight", "fl_weight"):
       _check(_is_number(r[key]) and r[key] >= 0, f"rewards.{key}", r[key], "a number >= 0")
     _check(_is_number(r.threshold), "rewards.threshold", r.threshold, "a number")
+    check_in(r.fl_steps, "rewards.fl_steps", (1, 2))
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 
 

@@ -50,6 +50,7 @@ class RewardHparams(NamedTuple):
   rc_weight: float = 1.0
   fl_weight: float = 1e-3
   threshold: float = 8.0  # s0 of the feedback hinge
+  fl_steps: int = 1  # feedback learning scores the student's fl_steps-step sample from noise
 
 
 def alpha_sigma(t, clean=None):
@@ -323,8 +324,10 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, merge, latent_s
   # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
   rc = jnp.mean(reward_losses.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
                                               decode(frozen["vae"], terms["target"])))
-  # Feedback learning on the student's one-step sample x_hat(z_{t_m}).
-  fl = jnp.mean(reward_losses.feedback(s_fn, decode(frozen["vae"], terms["x_hat"]),
-                                    rewards.threshold))
+  # Feedback learning on the student's own 1-2 step sample x_0 from fresh noise (MLCM 3.4),
+  # gradients through the sampler.
+  fl_noise = jax.random.normal(jax.random.fold_in(rng, 1), z_tm.shape, z_tm.dtype)
+  x_0 = sample(student, fl_noise, rewards.fl_steps)
+  fl = jnp.mean(reward_losses.feedback(s_fn, decode(frozen["vae"], x_0), rewards.threshold))
   metrics.update(mlcd=mlcd, reward_consistency=rc, feedback=fl)
   return mlcd + rewards.rc_weight * rc + rewards.fl_weight * fl, metrics

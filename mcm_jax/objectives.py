@@ -117,7 +117,8 @@ def reward_hparams(config):
   r = config.rewards
   if not r.scorer:
     return None
-  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=r.fl_weight, threshold=r.threshold)
+  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=r.fl_weight, threshold=r.threshold,
+                            fl_steps=r.fl_steps)
 
 
 def mlcm_loss(config, denoise, stage, decode=None, score=None):

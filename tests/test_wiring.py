@@ -129,7 +129,7 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
   else:
     seg = None
     t_m, t_n, start = (np.asarray(bank[key]) for key in ("t_m", "t_n", "seg_start"))
-  losses = []
+  losses, ends = [], []
   for i in range(4):
     if bank is not None:
       z_tm, z_tn = (np.asarray(bank[key][i], np.float64) for key in ("z_tm", "z_tn"))
@@ -160,7 +160,8 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
     else:
       target = _ddim_eps(z_tn, eps(student, z_tn, t_n[i], i), t_n[i], start[i], clean)
     losses.append(np.mean((pred - target) ** 2))
-  return np.mean(losses)
+    ends.append((pred, target))
+  return np.mean(losses), ends
 
 
 @pytest.mark.parametrize("stage,variant", [(0, "mdi"), (0, "sdi"), (1, "updated"),
@@ -186,6 +187,40 @@ def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
   rng = jax.random.PRNGKey(7)
   loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), stage)
   loss, metrics = jax.jit(loss_fn)(lora1 if stage else lora0, batch, rng, 0, frozen)
-  expected = _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank)
+  expected, _ = _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank)
   np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
   assert expected > 0
+
+
+def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
+  """Reward consistency on the decoded DDIM endpoints of eq. 7 and feedback learning on the
+  student's one-step sample from fresh noise (fold_in(rng, 1)), with a stand-in decoder and
+  scorer whose parameters come through ``frozen`` as the VAE's and the scorer's do."""
+  config, model, params, lora0, lora1, cond, uncond, eps = mlcm_setup
+  config = config.copy_and_resolve_references()
+  config.rewards.update(scorer="aesthetic", rc_weight=0.5, fl_weight=0.25, threshold=3.0,
+                        fl_steps=1)
+  decode = lambda p, z: jnp.tanh(p * z[..., :3])
+  score = lambda p, x: 2.0 + jnp.mean(p * x, axis=(1, 2, 3))
+  frozen = {"unet": params, "uncond": uncond, "prev_lora": None, "vae": 1.5, "scorer": 4.0}
+  rng = np.random.default_rng(1)
+  bank = {"z_tm": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+          "z_tn": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+          "t_m": np.array([140, 300, 620, 999], np.int32),
+          "t_n": np.array([110, 250, 590, 969], np.int32),
+          "seg_start": np.array([0, 250, 500, 750], np.int32)}
+  key = jax.random.PRNGKey(3)
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, score)
+  loss, metrics = jax.jit(loss_fn)(lora0, dict(cond, **bank), key, 0, frozen)
+  mlcd, ends = _by_hand(config, params, lora0, lora1, cond, uncond, eps, 0, key, bank)
+  s_np = lambda z: 2.0 + np.mean(4.0 * np.tanh(1.5 * z[..., :3]))
+  rc = np.mean([(s_np(p) - s_np(t)) ** 2 for p, t in ends])
+  student = lora.merge(params, lora0, config.lora.scale)
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (4, 8, 8, 4)), np.float64)
+  x_0 = [(noise[i] - SIGMAS[999] * eps(student, noise[i], 999, i)) / ALPHAS[999]
+         for i in range(4)]  # one step from z_999: x_hat
+  fl = np.mean([max(3.0 - s_np(x), 0.0) for x in x_0])
+  assert rc > 0 and fl > 0
+  np.testing.assert_allclose(float(metrics["reward_consistency"]), rc, rtol=2e-4)
+  np.testing.assert_allclose(float(metrics["feedback"]), fl, rtol=2e-4)
+  np.testing.assert_allclose(float(loss), mlcd + 0.5 * rc + 0.25 * fl, rtol=2e-4)
