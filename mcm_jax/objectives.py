@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from mcm_jax import consistency, diffusion, lora, mlcm, parameterization, schedules
 
 _SCHEDULE_FIELDS = ("image_res", "noise_res", "noise_res_low", "noise_res_high", "logsnr_min",
-                    "logsnr_max")
+                    "logsnr_max", "clip_after_shift")
 
 
 def logsnr_fn(schedule):

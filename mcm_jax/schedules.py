@@ -28,24 +28,30 @@ def cosine_logsnr(t, logsnr_min=-15.0, logsnr_max=15.0):
   return -2.0 * jnp.log(jnp.tan(a * t + b))
 
 
-def shifted_cosine_logsnr(t, image_res, noise_res, logsnr_min=-15.0, logsnr_max=15.0):
-  """Simple-diffusion shift: ``cosine(t) + 2 log(noise_res / image_res)``.
-
-  The cosine part is clipped to [logsnr_min, logsnr_max] before shifting (as in simple diffusion).
+def shifted_cosine_logsnr(t, image_res, noise_res, logsnr_min=-15.0, logsnr_max=15.0,
+                          clip_after_shift=False):
+  """Simple diffusion's shifted cosine: ``cosine(t) + 2 log(noise_res / image_res)``, the cosine
+  clipped to [logsnr_min, logsnr_max] and then shifted, so the range moves with the shift (e.g.
+  64 / 32: logsnr(0) = 15 + 2 log(1/2) = 13.61). ``clip_after_shift=True`` keeps the shifted
+  schedule inside [logsnr_min, logsnr_max] instead (this project's default before 2026-11-24).
   """
   shift = 2.0 * np.log(noise_res / image_res)
-  return cosine_logsnr(t, logsnr_min - shift, logsnr_max - shift) + shift
+  if clip_after_shift:
+    return cosine_logsnr(t, logsnr_min - shift, logsnr_max - shift) + shift
+  return cosine_logsnr(t, logsnr_min, logsnr_max) + shift
 
 
 def interpolated_cosine_logsnr(t, image_res, noise_res_low, noise_res_high,
-                               logsnr_min=-15.0, logsnr_max=15.0):
+                               logsnr_min=-15.0, logsnr_max=15.0, clip_after_shift=False):
   """``t * shifted(t; noise_res_low) + (1 - t) * shifted(t; noise_res_high)``.
 
   ImageNet64: noise_res_low=32, noise_res_high=64; ImageNet128: 32 -> 128.
   """
   t = jnp.asarray(t, jnp.float32)
-  low = shifted_cosine_logsnr(t, image_res, noise_res_low, logsnr_min, logsnr_max)
-  high = shifted_cosine_logsnr(t, image_res, noise_res_high, logsnr_min, logsnr_max)
+  low = shifted_cosine_logsnr(t, image_res, noise_res_low, logsnr_min, logsnr_max,
+                              clip_after_shift)
+  high = shifted_cosine_logsnr(t, image_res, noise_res_high, logsnr_min, logsnr_max,
+                               clip_after_shift)
   return t * low + (1.0 - t) * high
 
 
@@ -90,13 +96,15 @@ SCHEDULES = ("cosine", "shifted_cosine", "interpolated_cosine")
 
 
 def get_logsnr_fn(name, *, image_res=None, noise_res=None, noise_res_low=None,
-                  noise_res_high=None, logsnr_min=-15.0, logsnr_max=15.0):
+                  noise_res_high=None, logsnr_min=-15.0, logsnr_max=15.0,
+                  clip_after_shift=False):
   """Returns ``t -> logsnr`` for a schedule named in a config (see SCHEDULES)."""
   if name == "cosine":
     return lambda t: cosine_logsnr(t, logsnr_min, logsnr_max)
   if name == "shifted_cosine":
-    return lambda t: shifted_cosine_logsnr(t, image_res, noise_res, logsnr_min, logsnr_max)
+    return lambda t: shifted_cosine_logsnr(t, image_res, noise_res, logsnr_min, logsnr_max,
+                                           clip_after_shift)
   if name == "interpolated_cosine":
     return lambda t: interpolated_cosine_logsnr(
-        t, image_res, noise_res_low, noise_res_high, logsnr_min, logsnr_max)
+        t, image_res, noise_res_low, noise_res_high, logsnr_min, logsnr_max, clip_after_shift)
   raise ValueError(f"schedule={name!r} is not known; allowed: {SCHEDULES}")

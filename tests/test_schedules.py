@@ -21,16 +21,26 @@ def test_alpha_sigma_variance_preserving():
                              atol=1e-3)
 
 
-def test_shifted_cosine_is_a_shift():
-  t = jnp.linspace(0.2, 0.8, 7)
-  shift = 2 * np.log(32 / 64)
-  # away from the clipped ends the shifted schedule is cosine + 2 log(noise_res / image_res)
-  unclipped = -2.0 * jnp.log(jnp.tan(
-      (jnp.arctan(jnp.exp(-0.5 * (-15 - shift))) - jnp.arctan(jnp.exp(-0.5 * (15 - shift))))
-      * t + jnp.arctan(jnp.exp(-0.5 * (15 - shift))))) + shift
-  np.testing.assert_allclose(schedules.shifted_cosine_logsnr(t, 64, 32), unclipped, rtol=1e-5)
+def _simple_diffusion(t, image_res, noise_res, lo=-15.0, hi=15.0):
+  """Simple diffusion's published formula, in numpy: the clipped cosine, then the shift."""
+  t_min, t_max = np.arctan(np.exp(-0.5 * hi)), np.arctan(np.exp(-0.5 * lo))
+  return (-2.0 * np.log(np.tan(t_min + np.asarray(t, np.float64) * (t_max - t_min)))
+          + 2.0 * np.log(noise_res / image_res))
+
+
+def test_shifted_cosine_is_simple_diffusions_formula():
+  t = np.array([0.0, 0.2, 0.5, 0.8, 1.0])
+  np.testing.assert_allclose(schedules.shifted_cosine_logsnr(t, 64, 32),
+                             _simple_diffusion(t, 64, 32), rtol=1e-5, atol=1e-4)
   ends = schedules.shifted_cosine_logsnr(jnp.array([0.0, 1.0]), 64, 32)
-  np.testing.assert_allclose(ends, [15.0, -15.0], atol=1e-3)
+  np.testing.assert_allclose(ends, [15.0 + 2 * np.log(0.5), -15.0 + 2 * np.log(0.5)],
+                             atol=1e-3)  # 13.61, -16.39: the range moves with the shift
+  # ImageNet128's interpolated schedule at t = 1 is the 32/128 shifted one: -17.77.
+  np.testing.assert_allclose(schedules.interpolated_cosine_logsnr(1.0, 128, 32, 128),
+                             -15.0 + 2 * np.log(32 / 128), atol=1e-3)
+  # The former behaviour, as an option: shifted, then kept inside [-15, 15].
+  kept = schedules.shifted_cosine_logsnr(jnp.array([0.0, 1.0]), 64, 32, clip_after_shift=True)
+  np.testing.assert_allclose(kept, [15.0, -15.0], atol=1e-3)
 
 
 def test_interpolated_cosine_endpoints():
