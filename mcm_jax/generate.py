@@ -63,10 +63,10 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
   """UNet (LoRA merged), VAE and text encoders from a local SDXL directory, loaded once. The
   LoRA file is read first (a bad one fails before the models load); one that does not fit the
   UNet is an error naming the file, the module and the shapes."""
-  state_dict = lora_lib.read(lora_path) if lora_path else None
+  parsed = lora_lib.read(lora_path) if lora_path else None  # a bad file fails before the models
   unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
-  if state_dict is not None:
-    lora = lora_lib.load(lora_path, unet_params, state_dict)
+  if parsed is not None:
+    lora = lora_lib.load(lora_path, unet_params, parsed)
     unet_params = lora_lib.merge(unet_params, lora, lora_scale,
                                  source=f"LoRA file {lora_path}")
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)

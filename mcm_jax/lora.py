@@ -98,8 +98,9 @@ def save(directory, lora, scale=1.0, kohya_name="lora", kohya_dtype="float16"):
 
 
 def read(path):
-  """The state dict of a LoRA ``.safetensors`` file (or a directory holding ``LORA_FILE``);
-  errors name the file."""
+  """``lora_formats.module_parts`` of a LoRA ``.safetensors`` file (or a directory holding
+  ``LORA_FILE``): the layout and the per-module matrices, checked without the UNet; errors name
+  the file."""
   from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path):
@@ -112,16 +113,15 @@ def read(path):
   except SafetensorError as e:
     raise UserError(f"LoRA file {path} is not a readable safetensors file (truncated or corrupt: "
                     f"{e}); export it again") from e
-  lora_formats.module_parts(state_dict, source=f"LoRA file {path}")  # complete, ranks agree
-  return state_dict
+  return lora_formats.module_parts(state_dict, source=f"LoRA file {path}")
 
 
-def load(path, params, state_dict=None):
+def load(path, params, parsed=None):
   """The LoRA tree (scale folded in) from a file in any layout of ``lora_formats.LAYOUTS`` (PEFT,
   diffusers' older layout, kohya), checked against the UNet ``params``; errors name the file.
-  ``state_dict``: the file's contents if already ``read``."""
+  ``parsed``: the file's ``read`` if already done (the file is parsed once)."""
   source = f"LoRA file {path}"
-  state_dict = read(path) if state_dict is None else state_dict
-  lora = lora_formats.from_state_dict(state_dict, params, source=source)
+  layout, parts = read(path) if parsed is None else parsed
+  lora = lora_formats.to_tree(layout, parts, params, source=source)
   check_fits(params, lora, source)
   return lora

@@ -124,10 +124,14 @@ def module_parts(state_dict, source="LoRA"):
 
 
 def from_state_dict(state_dict, params, source="LoRA"):
-  """The LoRA tree from a state dict in any of ``LAYOUTS``, with each module's ``alpha / r``
-  folded into ``b``. ``params`` (the UNet's) resolve kohya's underscored module names; a module
-  that is not a Dense layer there is an error naming it."""
-  layout, parts = module_parts(state_dict, source)
+  """The LoRA tree from a state dict in any of ``LAYOUTS`` (``to_tree`` of ``module_parts``)."""
+  return to_tree(*module_parts(state_dict, source), params, source)
+
+
+def to_tree(layout, parts, params, source="LoRA"):
+  """The LoRA tree from ``module_parts``' output, with each module's ``alpha / r`` folded into
+  ``b``. ``params`` (the UNet's) resolve kohya's underscored module names; a module that is
+  not a Dense layer there is an error naming it."""
   dense = {"/".join(k[:-1]) for k, v in flatten_dict(params).items()
            if k[-1] == "kernel" and len(np.shape(v)) == 2}
   by_kohya = {kohya_name(p)[len("lora_unet_"):]: p for p in dense}

@@ -164,6 +164,17 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
   return np.mean(losses), ends
 
 
+def _bank_pair(seed):
+  """A trajectory-bank batch of 4: random latents, one example per segment (K = 4, k = 30);
+  example 0 ends at the clean latent, the others on their segment start or inside it."""
+  rng = np.random.default_rng(seed)
+  return {"z_tm": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+          "z_tn": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+          "t_m": np.array([140, 300, 620, 999], np.int32),
+          "t_n": np.array([110, 250, 590, 969], np.int32),
+          "seg_start": np.array([0, 250, 500, 750], np.int32)}
+
+
 @pytest.mark.parametrize("stage,variant", [(0, "mdi"), (0, "sdi"), (1, "updated"),
                                            (1, "fixed"), (0, "bank")])
 def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
@@ -177,12 +188,7 @@ def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
   batch = dict(cond)
   bank = None
   if variant == "bank":  # a stored pair: no teacher call, only the student's terms
-    rng = np.random.default_rng(0)
-    bank = {"z_tm": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
-            "z_tn": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
-            "t_m": np.array([140, 300, 620, 999], np.int32),
-            "t_n": np.array([110, 250, 590, 969], np.int32),
-            "seg_start": np.array([0, 250, 500, 750], np.int32)}
+    bank = _bank_pair(seed=0)
     batch.update(bank)
   rng = jax.random.PRNGKey(7)
   loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), stage)
@@ -203,12 +209,7 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   decode = lambda p, z: jnp.tanh(p * z[..., :3])
   score = lambda p, x: 2.0 + jnp.mean(p * x, axis=(1, 2, 3))
   frozen = {"unet": params, "uncond": uncond, "prev_lora": None, "vae": 1.5, "scorer": 4.0}
-  rng = np.random.default_rng(1)
-  bank = {"z_tm": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
-          "z_tn": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
-          "t_m": np.array([140, 300, 620, 999], np.int32),
-          "t_n": np.array([110, 250, 590, 969], np.int32),
-          "seg_start": np.array([0, 250, 500, 750], np.int32)}
+  bank = _bank_pair(seed=1)
   key = jax.random.PRNGKey(3)
   loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, score)
   loss, metrics = jax.jit(loss_fn)(lora0, dict(cond, **bank), key, 0, frozen)
