@@ -31,6 +31,10 @@ EXTRAS = {
     # SDXL in Flax: diffusers >= 0.40 and transformers >= 5 no longer ship Flax classes.
     # (peft only for PyTorch-side LoRA loading in tests; pyarrow for .parquet prompt files.)
     "sdxl": ["diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "pyarrow"],
+    # gs:// workdirs (TPU pods): mcm_jax.storage reaches gs:// through etils.epath, whose backend
+    # without TensorFlow is fsspec's gcsfs; orbax's checkpointer asks google-cloud-storage about
+    # the bucket (hierarchical namespace) before listing steps.
+    "gcs": ["gcsfs", "google-cloud-storage"],
     # The pixel CPU demo: scikit-learn ships 1,797 real 8x8 digit images inside its wheel.
     "demo": ["scikit-learn>=1.3"],
     # Tests. The FID Inception is checked against pytorch-fid's network, which needs torchvision.
@@ -44,7 +48,8 @@ EXTRAS = {
              "tensorflow-datasets>=4.9,<5", "array_record",
              "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
              "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",
-             "pyarrow"],
+             "pyarrow",
+             "fsspec"],  # tests/fake_gcs.py: a local stand-in for gs:// (fsspec's DirFileSystem)
 }
 
 setup(

@@ -295,7 +295,7 @@ def load_ema_params(run_dir, like, what="config.init_from"):
   the directory is another run's). Errors name the path (as ``what``), the mismatching
   parameter, or (DamagedCheckpointError) the steps that could not be read."""
   directory = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{what}={run_dir!r} has no checkpoints/ directory; train the "
                             "model there first")
   manager = make_manager(directory, async_save=False)

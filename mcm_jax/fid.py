@@ -7,13 +7,14 @@ feature sets (covariances with ddof = 1, as pytorch-fid). Statistics files are `
 Images enter every feature function as [N, H, W, C] in [-1, 1] and are first quantised to 8 bits,
 as a saved PNG would be.
 """
+import io
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax import storage
 from mcm_jax.data.images import subset_indices
 
 FEATURES = ("inception", "digits_classifier")
@@ -42,15 +43,16 @@ def statistics(features):
 
 
 def save_statistics(path, mu, sigma, num):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, mu=mu, sigma=sigma, num=num)
+  storage.makedirs(storage.dirname(path))
+  with storage.open_file(path, "wb") as f:
+    np.savez(f, mu=mu, sigma=sigma, num=num)
 
 
 def load_statistics(path):
   """(mu, sigma) from an ``.npz`` with ``mu`` and ``sigma``; errors name the path and keys."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"reference statistics {path!r} not found")
-  with np.load(path) as f:
+  with np.load(io.BytesIO(storage.read_bytes(path))) as f:
     if "mu" not in f or "sigma" not in f:
       raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma'; found "
                        f"{sorted(f.keys())}")
@@ -134,7 +136,7 @@ def batched_features(feature_fn, images, batch_size):
 def reference_statistics(source, feature_fn, cache_path, num, batch_size, seed):
   """(mu, sigma) of the features of ``num`` data images of ``source`` (a seeded subset, read
   one batch at a time), cached in ``cache_path`` and reused from there."""
-  if os.path.isfile(cache_path):
+  if storage.isfile(cache_path):
     return load_statistics(cache_path)
   n = min(num, len(source))
   subset = subset_indices(len(source), n, seed, 54321)

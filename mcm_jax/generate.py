@@ -19,7 +19,7 @@ from absl import flags, logging
 
 from mcm_jax import errors, hub
 from mcm_jax import lora as lora_lib
-from mcm_jax import mlcm, plotting
+from mcm_jax import mlcm, plotting, storage
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.models import sdxl
 
@@ -139,7 +139,7 @@ def check_pipeline_flags(flag_values, required):
     if not flag_values[name].value:
       raise errors.UserError(f"--{name} is required ({flag_values[name].help})")
   sdxl_dir = hub.local_path(flag_values.sdxl, "--sdxl")
-  if os.path.exists(flag_values.out) and not os.path.isdir(flag_values.out):
+  if storage.exists(flag_values.out) and not storage.isdir(flag_values.out):
     raise errors.UserError(f"--out={flag_values.out!r} is a file; allowed: a directory (created "
                            "if missing)")
   return sdxl_dir
@@ -185,7 +185,7 @@ def main(argv, flag_values=FLAGS):
   pipeline = load_pipeline(sdxl_dir, f.lora, f.lora_scale)
   images = generate_images(pipeline, prompts, f.steps, f.resolution, f.seed, f.batch_size,
                            f.timesteps, f.sampler)
-  os.makedirs(f.out, exist_ok=True)
+  storage.makedirs(f.out)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     plotting.save_image(os.path.join(f.out, f"{i:05d}_{_slug(prompt)}.png"), image)
   plotting.image_grid(os.path.join(f.out, "grid.png"), images)

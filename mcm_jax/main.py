@@ -16,7 +16,7 @@ import warnings
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mcm_jax import errors
+from mcm_jax import errors, storage
 from mcm_jax.config_validation import ConfigError, flat_fields, unknown_field_error, validate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,16 +124,15 @@ def checked_config(flag_values=flags.FLAGS):
     raise ConfigError(f"--mode=eval is for the pixel experiment; config.experiment="
                       f"{config.experiment!r} evaluates at the end of training (use --mode=train)")
   workdir = flag_values.workdir
-  if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+  if not workdir or (storage.exists(workdir) and not storage.isdir(workdir)):
     raise errors.UserError(f"--workdir={workdir!r} is invalid; allowed: a directory (created if "
-                           "missing)")
+                           "missing), local or an object-store URL such as gs://bucket/run")
   return config
 
 
 def _read_json(path):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except ValueError:
     return None  # unreadable: differs from any config
 
@@ -146,11 +145,12 @@ def write_config(workdir, config, mode="train"):
   ``config.json`` or to a ``config_<N>.json``) is not written again."""
   text = config.to_json_best_effort(indent=1)
   path = os.path.join(workdir, "config_eval.json" if mode == "eval" else "config.json")
-  if mode == "train" and os.path.exists(path):
+  if mode == "train" and storage.exists(path):
     new = json.loads(text)
     old = _read_json(path)
+    names = storage.listdir(workdir)
     numbered = sorted((int(m.group(1)), m.group(0)) for m in
-                      (re.fullmatch(r"config_(\d+)\.json", n) for n in os.listdir(workdir)) if m)
+                      (re.fullmatch(r"config_(\d+)\.json", n) for n in names) if m)
     for candidate in [path] + [os.path.join(workdir, name) for _, name in numbered]:
       if _read_json(candidate) == new:
         return candidate
@@ -161,8 +161,7 @@ def write_config(workdir, config, mode="train"):
     logging.warning("%s is kept: this run's config differs from it in %d setting(s) (%s%s); "
                     "it is written to %s", os.path.join(workdir, "config.json"), len(diff), shown,
                     "; ..." if len(diff) > 12 else "", path)
-  with open(path, "w") as f:
-    f.write(text)
+  storage.write_text(path, text)
   return path
 
 
@@ -181,7 +180,7 @@ def main(argv):
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     write = jax.process_index() == 0
   workdir, mode = flag_values.workdir, flag_values.mode
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if write:
     write_config(workdir, config, mode)
   logging.info("config:\n%s", config)

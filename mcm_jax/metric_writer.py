@@ -6,35 +6,34 @@ import os
 
 import numpy as np
 
+from mcm_jax import storage
+
 
 class JsonlWriter:
   """Writes scalars to ``DIR/metrics.jsonl`` (the train loop logs progress to the console);
   images as PNG files in ``DIR``.
 
   One JSON object a line, ``{"step": N, "<run>/<metric>": value, ...}``; several runs may share
-  the file (the toy's teacher and students). Durable: line-buffered (a killed process loses no
-  finished line) and ``flush`` fsyncs (the train loop flushes before every checkpoint and on
-  every stop). ``drop_rows_after`` lets a resumed run drop the rows it wrote after its
-  checkpoint, so the file holds one row per logged step.
+  the file (the toy's teacher and students). Durable: a local file is line-buffered (a killed
+  process loses no finished line) and ``flush`` fsyncs; an object-store file is written whole
+  by ``flush`` (the train loop flushes before every checkpoint and on every stop).
+  ``drop_rows_after`` lets a resumed run drop the rows it wrote after its checkpoint, so the
+  file holds one row per logged step.
   """
 
   def __init__(self, logdir):
     self.logdir = logdir
-    os.makedirs(logdir, exist_ok=True)
+    storage.makedirs(logdir)
     self.path = os.path.join(logdir, "metrics.jsonl")
-    if os.path.exists(self.path) and os.path.getsize(self.path):
-      with open(self.path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        torn = f.read(1) != b"\n"  # a process killed mid-line; appending would glue to it
-      if torn:
-        self._rewrite(lambda row: True)
-    self._file = open(self.path, "a", buffering=1)  # pylint: disable=consider-using-with
+    self._log = storage.LineLog(self.path)
+    lines = self._log.read_lines()
+    if lines and not lines[-1].endswith("\n"):  # a process killed mid-line: appending would
+      self._rewrite(lambda row: True)          # glue the next row to it
 
   def _rewrite(self, keep):
-    """Rewrites the file with the rows for which ``keep(row)`` holds, atomically (a temp file
-    then os.replace); lines that are not JSON (torn by a kill) are dropped too."""
-    with open(self.path, errors="replace") as f:
-      lines = f.readlines()
+    """Rewrites the file with the rows for which ``keep(row)`` holds, atomically
+    (``storage.LineLog.replace``); lines that are not JSON (torn by a kill) are dropped too."""
+    lines = self._log.read_lines()
     kept, torn = [], 0
     for line in lines:
       try:
@@ -49,13 +48,7 @@ class JsonlWriter:
       return 0
     if torn:
       logging.warning("%s: dropped %d torn line(s) left by a killed process", self.path, torn)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.path)
-    _fsync_dir(self.logdir)
+    self._log.replace(kept)
     return len(lines) - len(kept)
 
   def drop_rows_after(self, run, step):
@@ -64,56 +57,34 @@ class JsonlWriter:
     them again); on a fresh start (``step`` 0) every earlier row of ``run``. Other runs' rows
     stay. Returns how many lines were dropped."""
     prefix = f"{run}/"
-    self._file.close()
-    try:
-      dropped = self._rewrite(lambda row: not (int(row.get("step", 0)) > step and any(
-          k.startswith(prefix) for k in row)))
-    finally:
-      self._file = open(self.path, "a", buffering=1)  # pylint: disable=consider-using-with
+    dropped = self._rewrite(lambda row: not (int(row.get("step", 0)) > step and any(
+        k.startswith(prefix) for k in row)))
     if dropped:
       logging.info("%s: dropped %d row(s) of '%s' after step %d", self.path, dropped, run, step)
     return dropped
 
   def write_scalars(self, step, scalars):
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._log.append(json.dumps({"step": int(step), **scalars}) + "\n")
 
   def write_images(self, step, images):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from mcm_jax import plotting  # pylint: disable=g-import-not-at-top
     for name, img in images.items():
       img = np.asarray(img)
       img = img[0] if img.ndim == 4 else img
-      Image.fromarray(np.clip(img * 255 if img.dtype.kind == "f" else img, 0, 255)
-                      .astype(np.uint8).squeeze()).save(
-                          os.path.join(self.logdir, f"{name}_{int(step)}.png"))
+      plotting.write_png(os.path.join(self.logdir, f"{name}_{int(step)}.png"),
+                         np.clip(img * 255 if img.dtype.kind == "f" else img, 0, 255)
+                         .astype(np.uint8))
 
   def write_hparams(self, hparams):
-    with open(os.path.join(self.logdir, "hparams.json"), "w") as f:
-      json.dump(hparams, f, indent=1, default=str)
+    storage.write_json(os.path.join(self.logdir, "hparams.json"), hparams)
 
   def flush(self):
-    """Makes every row written so far durable (flush + fsync)."""
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    """Makes every row written so far durable (``storage.LineLog.flush``)."""
+    self._log.flush()
 
   def close(self):
-    if not self._file.closed:
-      self.flush()
-      self._file.close()
-
-
-def _fsync_dir(path):
-  """Persists a rename inside ``path`` (POSIX; a no-op where directories cannot be opened)."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+    self._log.close()
 
 
 class NullWriter:

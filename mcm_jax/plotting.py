@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
-from mcm_jax import schedules  # noqa: E402  pylint: disable=g-import-not-at-top
+from mcm_jax import schedules, storage  # noqa: E402  pylint: disable=g-import-not-at-top
 from mcm_jax.samplers import addim  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -31,9 +31,7 @@ def scatter_grid(path, rows, reference=None, max_points=4000, lim=2.2):
       ax.set_ylim(-lim, lim)
       ax.set_aspect("equal")
       ax.set_title(f"{row_title} {col_title}".strip(), fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 def trajectory_panels(path, panels, data=None):
@@ -55,14 +53,11 @@ def trajectory_panels(path, panels, data=None):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("z")
   axes[0, 0].set_ylabel("t  (0 = data, 1 = noise)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save_figure(fig, path)
 
 
 def image_grid(path, images, ncols=None):
   """Saves [N, H, W, C] images in [-1, 1] (C = 1 or 3) as one PNG grid."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
   n, h, w, c = images.shape
   ncols = ncols or int(np.ceil(np.sqrt(n)))
@@ -73,14 +68,29 @@ def image_grid(path, images, ncols=None):
     grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
   scale = max(1, 512 // max(grid.shape[:2]))
   grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
-  Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+  write_png(path, grid)
 
 
 def save_image(path, image):
   """Saves one [H, W, C] image in [-1, 1] as a PNG at its own size."""
+  write_png(path, np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).round().astype(np.uint8))
+
+
+def write_png(path, pixels):
+  """Writes [H, W, C] (C = 1 or 3) or [H, W] uint8 ``pixels`` as a PNG at ``path`` (a local
+  path or an object-store URL, ``mcm_jax.storage``)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  image = np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+  pixels = np.asarray(pixels)
+  with storage.open_file(path, "wb") as f:
+    Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1
+                    else pixels).save(f, format="PNG")
+
+
+def _save_figure(fig, path):
+  fig.tight_layout()
+  with storage.open_file(path, "wb") as f:
+    fig.savefig(f, dpi=110, format="png")
+  plt.close(fig)
 
 
 def dense_trajectories(f, z, num_steps, logsnr_fn, points_per_step):

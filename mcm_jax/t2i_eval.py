@@ -9,7 +9,6 @@ definition; MLCM reports it with ViT-L/14 on 5k MSCOCO-2017 captions). Writes
 ``eval.json`` ({steps: {clip_score, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
 ends in one message and exit code 2 (``mcm_jax/errors.py``); ``--debug`` shows the traceback.
 """
-import json
 import os
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import errors, generate, hub, plotting, rewards
+from mcm_jax import errors, generate, hub, plotting, rewards, storage
 from mcm_jax.data import prompts as prompt_data
 
 
@@ -52,7 +51,7 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   if aesthetic_head:
     fn, a_params = rewards.aesthetic_scorer(clip_dir, aesthetic_head)
     aesthetic = jax.jit(lambda x: fn(a_params, x))
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   pipeline = generate.load_pipeline(sdxl_dir, lora_path)
   results = {}
   for steps in steps_list:
@@ -70,8 +69,8 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
     results[str(steps)] = row
     plotting.image_grid(os.path.join(out, f"grid_{steps}step.png"), images[:16])
     logging.info("%d steps: %s", steps, row)
-  with open(os.path.join(out, "eval.json"), "w") as f:
-    json.dump({"lora": lora_path, "prompts": len(prompts), "results": results}, f, indent=1)
+  storage.write_json(os.path.join(out, "eval.json"),
+                     {"lora": lora_path, "prompts": len(prompts), "results": results})
   return results
 
 

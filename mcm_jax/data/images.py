@@ -23,6 +23,8 @@ import os
 import jax
 import numpy as np
 
+from mcm_jax import storage
+
 DIGITS = "digits"
 
 
@@ -74,10 +76,10 @@ class TfdsSource:
 
   def __init__(self, name, data_dir, split, resolution, image_key="image", label_key="label",
                num_threads=16):
-    if not data_dir or not os.path.isdir(data_dir):
+    if not data_dir or not storage.isdir(data_dir):
       raise FileNotFoundError(f"config.data.data_dir={data_dir!r} is not a directory; "
-                              f"data.name={name!r} reads a prepared tfds dataset from a local "
-                              "directory (nothing is downloaded)")
+                              f"data.name={name!r} reads a prepared tfds dataset from a "
+                              "directory, local or gs:// (nothing is downloaded)")
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:

@@ -9,14 +9,16 @@ import json
 import os
 
 from mcm_jax.data.images import local_indices_fn
+from mcm_jax import storage
 from mcm_jax.errors import UserError
 
 PROMPT_FIELDS = ("prompt", "caption", "text")
 
 
 def load_prompts(path):
-  """The non-empty prompts of a local file; errors name the file (and the 1-based line)."""
-  if not path or not os.path.isfile(path):
+  """The non-empty prompts of a file (local or an object-store URL); errors name the file (and
+  the 1-based line)."""
+  if not path or not storage.isfile(path):
     raise FileNotFoundError(f"prompt file {path!r} not found (.txt, .jsonl or .parquet)")
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".txt", ".jsonl", ".parquet"):
@@ -26,7 +28,7 @@ def load_prompts(path):
     prompts = _parquet_prompts(path)
   else:
     prompts = []
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
       for i, raw in enumerate(f, 1):
         try:
           line = raw.decode("utf-8")

@@ -5,9 +5,9 @@ Each entry: ``prompt_index``, ``segment``, ``t_m``, ``t_n``, ``seg_start`` (int3
 latents ``z_tm``, ``z_tn`` (float32 [h, w, 4]). Layout: ``DIR/meta.json`` (settings + shard
 list) and ``DIR/<shard>/<field>.npy`` per shard; every process writes the shards of its own
 batch slices, and readers memory-map them, so entries are read by random access (the batch of
-a step is a function of (seed, step), as everywhere else).
+a step is a function of (seed, step), as everywhere else). A bank in an object store
+(``gs://...``) is read from a local copy of its shards (``cache_dir``, made on first use).
 """
-import json
 import logging
 import os
 
@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mcm_jax import storage
 from mcm_jax.checkpoint import differing_fields
 from mcm_jax.data.images import local_indices_fn
 
@@ -34,42 +35,41 @@ def write(directory, settings, batches):
   """Writes the bank from ``batches``: an iterable of dicts with ``FIELDS`` (global, possibly
   sharded arrays; each process keeps its own rows). ``settings`` (JSON) describe what made it
   (teacher, K, k, w, ...) and are checked by readers. Returns the number of local entries."""
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   shards, total = [], 0
   for i, batch in enumerate(batches):
     name = f"shard_p{jax.process_index():04d}_{i:06d}"
-    os.makedirs(os.path.join(directory, name), exist_ok=True)
+    storage.makedirs(os.path.join(directory, name))
     rows = {k: _local_rows(batch[k]) for k in FIELDS}
     for k, v in rows.items():
-      np.save(os.path.join(directory, name, f"{k}.npy"), v)
+      with storage.open_file(os.path.join(directory, name, f"{k}.npy"), "wb") as f:
+        np.save(f, v)
     shards.append({"name": name, "size": int(len(rows["t_m"]))})
     total += shards[-1]["size"]
-  meta = os.path.join(directory, f"meta_p{jax.process_index():04d}.json")
-  with open(meta, "w") as f:
-    json.dump({"settings": settings, "shards": shards}, f, indent=1)
+  storage.write_json(os.path.join(directory, f"meta_p{jax.process_index():04d}.json"),
+                     {"settings": settings, "shards": shards})
   return total
 
 
 class Bank:
   """Random access over all processes' shards: ``len(bank)``, ``bank.get(indices) -> dict``."""
 
-  def __init__(self, directory, settings=None):
-    metas = sorted(p for p in os.listdir(directory) if p.startswith("meta_p")) if os.path.isdir(
-        directory) else []
+  def __init__(self, directory, settings=None, cache_dir=None):
+    metas = _metas(directory)
     if not metas:
       raise FileNotFoundError(f"trajectory bank {directory!r} has no meta_p*.json (build it "
                               "first: config.mlcm.bank.dir with config.mlcm.bank.entries)")
     self.shards, offsets = [], [0]
     for m in metas:
-      with open(os.path.join(directory, m)) as f:
-        meta = json.load(f)
+      meta = storage.read_json(os.path.join(directory, m))
       if settings is not None and meta["settings"] != settings:
         raise ValueError(f"trajectory bank {directory} was made with other settings: "
                          f"(bank, now) = {differing_fields(meta['settings'], settings)}; use "
                          "another bank directory")
       for shard in meta["shards"]:
-        arrays = {k: np.load(os.path.join(directory, shard["name"], f"{k}.npy"), mmap_mode="r")
-                  for k in FIELDS}
+        arrays = {k: np.load(storage.local_copy(os.path.join(directory, shard["name"], f"{k}.npy"),
+                                                cache_dir or _default_cache()),
+                             mmap_mode="r") for k in FIELDS}
         self.shards.append(arrays)
         offsets.append(offsets[-1] + shard["size"])
     self.offsets = np.asarray(offsets)
@@ -85,10 +85,23 @@ class Bank:
     return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
 
 
+def _metas(directory):
+  return [p for p in storage.listdir(directory) if p.startswith("meta_p")] if storage.isdir(
+      directory) else []
+
+
+def _default_cache():
+  """Where a remote bank's shards are copied: ``$MCM_JAX_CACHE`` (default ~/.cache/mcm_jax)
+  ``/trajectory_bank/<scheme>/<bucket>/<path>``."""
+  root = os.environ.get("MCM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "mcm_jax")
+  return os.path.join(root, "trajectory_bank")
+
+
 def open_or_build(directory, settings, batches):
   """The bank in ``directory``: reused if it exists (its settings must equal ``settings``), else
   written from ``batches()`` (see ``write``) by every process, then read back."""
-  if os.path.isdir(directory) and any(p.startswith("meta_p") for p in os.listdir(directory)):
+  if _metas(directory):
     return Bank(directory, settings)
   n = write(directory, settings, batches())
   if jax.process_count() > 1:  # every host's shards are on the shared filesystem before reading

@@ -5,7 +5,6 @@
 ``run`` trains and writes sample grids; ``evaluate`` (``--mode=eval``) measures FID (FD-digits
 for 'tiny') of N samples at each step count against reference statistics of the data.
 """
-import json
 import logging
 import os
 import time
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import checkpoint, fid, objectives, plotting, sharding, train
+from mcm_jax import checkpoint, fid, objectives, plotting, sharding, storage, train
 from mcm_jax.config_validation import validate
 from mcm_jax.data import images as image_data
 from mcm_jax.experiments import pixel_sampling
@@ -55,8 +54,8 @@ def run(config, workdir):
   paths = grids(int(state.step), state)
   writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "samples.json"), "w") as f:
-      json.dump({"step": int(state.step), "samples": paths}, f, indent=1)
+    storage.write_json(os.path.join(workdir, "samples.json"),
+                       {"step": int(state.step), "samples": paths})
   return {"samples": paths}
 
 
@@ -101,6 +100,5 @@ def evaluate(config, workdir):
             "reference": c.eval.reference_stats or f"reference_{c.eval.features}.npz",
             "results": rows}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    storage.write_json(os.path.join(workdir, f"eval_step{step}.json"), result)
   return result

@@ -2,7 +2,6 @@
 class-balanced sample batches over the mesh, PNG grids. Used by training (grids) and
 ``--mode=eval`` (FID / FD per step count)."""
 import functools
-import json
 import os
 from typing import Callable, NamedTuple
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mcm_jax import plotting, sharding
+from mcm_jax import plotting, sharding, storage
 from mcm_jax.data.images import subset_indices
 from mcm_jax.samplers import addim
 
@@ -52,9 +51,8 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
   the parameters of checkpoint ``ckpt_step``; written to ``workdir/x_var_table.json`` as
   {"t": [...], "x_var": [...], "step": ...} and reused from there for the same step."""
   path = os.path.join(workdir, "x_var_table.json")
-  if os.path.isfile(path):
-    with open(path) as fh:
-      table = json.load(fh)
+  if storage.isfile(path):
+    table = storage.read_json(path)
     if (table.get("step") == ckpt_step and len(table["t"]) == c.sample.x_var_points
         and table["eta"] == c.sample.x_var_eta):
       return jnp.asarray(table["t"]), jnp.asarray(table["x_var"])
@@ -63,9 +61,9 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
   t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(labels),
                                            jax.random.PRNGKey(c.seed + 7))
   if jax.process_index() == 0:
-    with open(path, "w") as fh:
-      json.dump({"t": np.asarray(t_grid).tolist(), "x_var": np.asarray(values).tolist(),
-                 "eta": c.sample.x_var_eta, "num_images": len(images), "step": ckpt_step}, fh)
+    storage.write_json(path, {"t": np.asarray(t_grid).tolist(),
+                              "x_var": np.asarray(values).tolist(), "eta": c.sample.x_var_eta,
+                              "num_images": len(images), "step": ckpt_step}, indent=None)
   return t_grid, values
 
 

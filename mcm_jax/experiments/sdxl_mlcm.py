@@ -8,7 +8,6 @@ that starts from the previous stage's LoRA and exports its own in diffusers' lay
 ``workdir/stage<i>/lora/pytorch_lora_weights.safetensors``. Stage 0 may read its training pairs
 from a trajectory bank (``mlcm.bank.dir``) made once by the guided teacher.
 """
-import json
 import logging
 import os
 
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import generate, hub, lora, mlcm, objectives, rewards, sharding, train
+from mcm_jax import generate, hub, lora, mlcm, objectives, rewards, sharding, storage, train
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
@@ -174,8 +173,7 @@ def run(config, workdir):
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, hp.num_segments, hp.skip, path)
   writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "stages.json"), "w") as f:
-      json.dump(stages, f, indent=1)
+    storage.write_json(os.path.join(workdir, "stages.json"), stages)
   return {"stages": stages}
 
 
