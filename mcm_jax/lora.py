@@ -1,16 +1,20 @@
-"""LoRA for Flax Dense kernels, as a separate pytree merged into the frozen parameters.
+"""LoRA for Flax Dense kernels (and, imported from files, convolution kernels), as a separate
+pytree merged into the frozen parameters.
 
 ``W' = W + scale * A @ B`` with ``A [in, r]``, ``B [r, out]`` (B starts at zero, so the merged
-model starts equal to the base). The LoRA tree is ``{'down_blocks_1/.../attn1/to_q': {'a', 'b'}}``:
-only it is trained and checkpointed; ``merge`` is a pure, differentiable function, so the
-student forward is ``apply(merge(base, lora), ...)`` with no change to the network module.
+model starts equal to the base); for a convolution kernel ``[kh, kw, in, out]``, ``A`` is
+``[kh, kw, in, r]`` and the product is over the rank axis. The LoRA tree is
+``{'down_blocks_1/.../attn1/to_q': {'a', 'b'}}``: only it is trained and checkpointed; ``merge``
+is a pure, differentiable function, so the student forward is ``apply(merge(base, lora), ...)``
+with no change to the network module.
 
 Export writes the PEFT layout that diffusers' ``load_lora_weights`` reads for SDXL
 (``pytorch_lora_weights.safetensors``) and the kohya layout that ComfyUI, AUTOMATIC1111 and
 kohya sd-scripts read (``<name>_kohya.safetensors``), the scale folded into B; import reads
-those and diffusers' older layout (``mcm_jax.lora_formats``). A file that is unreadable, in another layout or does
-not fit the UNet (another rank per module, other targets, another architecture) is an error
-naming the file, the module and the shapes.
+those (kohya also with the original SDXL module names) and diffusers' older layout
+(``mcm_jax.lora_formats``). A file that is unreadable, in another layout or does not fit the
+UNet (another rank per module, other targets, another architecture) is an error naming the
+file, the module and the shapes.
 """
 import os
 
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from mcm_jax import lora_formats
+from mcm_jax import lora_formats, storage
 from mcm_jax.errors import UserError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")  # the UNet's attention projections
@@ -51,34 +55,37 @@ def init_lora(params, rank, rng, targets=DEFAULT_TARGETS):
 
 
 def check_fits(params, lora, source="LoRA"):
-  """A UserError naming ``source`` (e.g. the file), the first module that is not a Dense kernel
-  of ``params`` or whose ``a [in, r]`` / ``b [r, out]`` do not fit its kernel ``[in, out]``, and
-  the shapes."""
+  """A UserError naming ``source`` (e.g. the file), the first module that is not a kernel of
+  ``params`` or whose ``a`` / ``b [r, out]`` do not fit its kernel (``a`` is the kernel's shape
+  with ``out`` replaced by ``r``), and the shapes."""
   flat = flatten_dict(params)
   for path in sorted(lora):
-    a_shape, b_shape = np.shape(lora[path]["a"]), np.shape(lora[path]["b"])
+    a_shape, b_shape = tuple(np.shape(lora[path]["a"])), tuple(np.shape(lora[path]["b"]))
+    name = lora_formats.torch_module_name(path)
     key = tuple(path.split("/")) + ("kernel",)
     if key not in flat:
-      raise UserError(f"{source}: module {lora_formats.torch_module_name(path)!r} is not a Dense layer of "
-                      "this UNet (a LoRA for another architecture?)")
-    kernel = np.shape(flat[key])
-    if (len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]
-        or (a_shape[0], b_shape[1]) != tuple(kernel)):
-      raise UserError(f"{source}: module {lora_formats.torch_module_name(path)!r} has a {tuple(a_shape)} "
-                      f"and b {tuple(b_shape)} (as [in, rank] and [rank, out]), which do not fit "
-                      f"this UNet's kernel {tuple(kernel)} [in, out] (a LoRA for another "
+      raise UserError(f"{source}: module {name!r} is not a Dense layer or a convolution of this "
+                      "UNet (a LoRA for another architecture?)")
+    kernel = tuple(np.shape(flat[key]))
+    if len(b_shape) != 2 or a_shape[-1:] != b_shape[:1] or a_shape[:-1] + b_shape[1:] != kernel:
+      raise UserError(f"{source}: module {name!r} has a {a_shape} and b {b_shape} (as [in, rank] "
+                      f"or [kh, kw, in, rank], and [rank, out]), which do not fit this UNet's "
+                      f"kernel {kernel} ([in, out] or [kh, kw, in, out]; a LoRA for another "
                       "architecture?)")
 
 
 def merge(params, lora, scale=1.0, source="LoRA"):
-  """params with ``kernel += scale * a @ b`` at every LoRA path (pure; grads flow to lora).
-  Shapes are checked first (``check_fits``; errors name ``source``)."""
+  """params with ``kernel += scale * a @ b`` (over the rank axis: ``a`` may be a convolution's
+  ``[kh, kw, in, r]``) at every LoRA path (pure; grads flow to lora). Shapes are checked first
+  (``check_fits``; errors name ``source``)."""
   check_fits(params, lora, source)
   flat = dict(flatten_dict(params))
   for path, ab in lora.items():
     key = tuple(path.split("/")) + ("kernel",)
     kernel = flat[key]
-    delta = scale * (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32))
+    a = ab["a"].astype(jnp.float32)
+    delta = scale * (a.reshape(-1, a.shape[-1]) @ ab["b"].astype(jnp.float32)).reshape(
+        kernel.shape)
     flat[key] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
   return unflatten_dict(flat)
 
@@ -87,13 +94,13 @@ def save(directory, lora, scale=1.0, kohya_name="lora", kohya_dtype="float16"):
   """Writes ``directory/pytorch_lora_weights.safetensors`` (diffusers' PEFT layout, float32) and
   ``directory/<kohya_name>_kohya.safetensors`` (ComfyUI / A1111 / kohya, ``kohya_dtype``);
   returns the first path."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  storage.makedirs(directory)
   lora = jax.device_get(lora)
   path = os.path.join(directory, LORA_FILE)
-  save_file(lora_formats.to_peft(lora, scale), path)
-  save_file(lora_formats.to_kohya(lora, scale, np.dtype(kohya_dtype)),
-            os.path.join(directory, f"{kohya_name}_kohya.safetensors"))
+  storage.write_bytes(path, save(lora_formats.to_peft(lora, scale)))
+  storage.write_bytes(os.path.join(directory, f"{kohya_name}_kohya.safetensors"),
+                      save(lora_formats.to_kohya(lora, scale, np.dtype(kohya_dtype))))
   return path
 
 
@@ -102,14 +109,14 @@ def read(path):
   ``LORA_FILE``): the layout and the per-module matrices, checked without the UNet; errors name
   the file."""
   from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(path):
+  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+  if storage.isdir(path):
     path = os.path.join(path, LORA_FILE)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"LoRA file {path!r} not found (a .safetensors file, or a directory "
                             f"holding {LORA_FILE})")
   try:
-    state_dict = load_file(path)
+    state_dict = load(storage.read_bytes(path))
   except SafetensorError as e:
     raise UserError(f"LoRA file {path} is not a readable safetensors file (truncated or corrupt: "
                     f"{e}); export it again") from e
