@@ -22,13 +22,19 @@ def get_config(arg=None):
   # 2-D dataset: one of ring8, checkerboard, moons, swissroll (mcm_jax.data.toy.DATASETS).
   c.data = dict(name="ring8")
   c.schedule = dict(name="cosine", logsnr_min=-15.0, logsnr_max=15.0)
-  c.model = dict(hidden=128, depth=3)
+  # segment_input: students also see their position within the segment (MCM's target jumps at
+  # a segment boundary, and with t alone the network smooths across the jump: 2-step CD was
+  # worse than 1-step). The teacher never does. README "Ablations" has the numbers.
+  c.model = dict(hidden=128, depth=3, segment_input=True)
   c.teacher = common.train_config(
       steps=24_000, batch_size=256, log_every=500, fuse_steps=True, checkpoint_every=5_000,
       keep_checkpoints=2, ema_decay=0.999, seed=0, learning_rate=2e-3, warmup_steps=500)
+  # No gradient clipping for the students: at 1.0 it fired on almost every step (grad norms
+  # 0.7-2.6) and cost the 1-step students most (README "Ablations").
   c.student = common.train_config(
       steps=4_000, batch_size=256, log_every=500, fuse_steps=True, checkpoint_every=5_000,
-      keep_checkpoints=2, ema_decay=0.999, seed=1, learning_rate=5e-4, warmup_steps=200)
+      keep_checkpoints=2, ema_decay=0.999, seed=1, learning_rate=5e-4, warmup_steps=200,
+      grad_clip=0.0)
   # MCM Alg. 1, shared by every student of the sweep (same fields as the pixel config's).
   c.consistency = dict(
       # N_teacher(i) = exp(log start + clip(i / horizon, 0, 1) (log end - log start)); the paper
@@ -45,6 +51,9 @@ def get_config(arg=None):
       student_steps=(1, 2, 4, 8, 16),  # each <= consistency.teacher_steps_start
       # ct: consistency training; cd_addim / cd_ddim: distillation with an aDDIM / DDIM teacher.
       methods=("ct", "cd_addim", "cd_ddim"),
+      # Students per (method, steps), trained with seeds student.seed + 0, 1, ...; the table
+      # shows mean ± half the range. README command 1 trains one (launch/toy_seeds.sh: 3).
+      num_seeds=1,
   )
   # The 1-D mixture of MCM Fig. 1: its own teacher and CD (aDDIM) students, for the figure.
   c.fig1 = dict(

@@ -136,6 +136,10 @@ def validate_toy(config):
   methods = tuple(config.sweep.methods)
   _check(len(methods) > 0 and set(methods) <= set(CONSISTENCY_METHODS), "sweep.methods",
          methods, f"a non-empty subset of {CONSISTENCY_METHODS}")
+  _check(_is_int(config.sweep.num_seeds) and config.sweep.num_seeds >= 1, "sweep.num_seeds",
+         config.sweep.num_seeds, "an integer >= 1")
+  _check(isinstance(config.model.segment_input, bool), "model.segment_input",
+         config.model.segment_input, "True or False")
   if config.fig1.enabled:
     steps = tuple(config.fig1.student_steps)
     _check(len(steps) > 0 and all(_is_int(s) and 1 <= s <= config.consistency
@@ -155,10 +159,11 @@ def validate_toy(config):
   _check(config.eval.x_var_eta >= 0, "eval.x_var_eta", config.eval.x_var_eta, ">= 0")
 
 
-def validate_pixel(c):
-  """Validates a pixel config (configs/pixel.py)."""
+def validate_pixel(c, plan=False):
+  """Validates a pixel config (configs/pixel.py); ``plan`` (``--mode=plan``): no data is read,
+  so no data directory is needed."""
   check_in(c.objective, "objective", PIXEL_OBJECTIVES)
-  if c.data.name != image_data.DIGITS and not c.data.data_dir:
+  if c.data.name != image_data.DIGITS and not c.data.data_dir and not plan:
     raise ConfigError(f"config.data.data_dir='' is invalid for data.name={c.data.name!r}; "
                       "allowed: the local directory holding the prepared tfds dataset")
   validate_train(c.train, "train")
@@ -240,7 +245,21 @@ def validate_mlcm(c):
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 
 
-def validate(config):
-  """Validates any experiment's config; ConfigError naming the field, value and what is allowed."""
+def validate(config, plan=False):
+  """Validates any experiment's config; ConfigError naming the field, value and what is allowed.
+  ``plan``: for ``--mode=plan`` (compiled only: data paths are not needed)."""
   check_in(config.get("experiment"), "experiment", EXPERIMENTS)
-  {"toy": validate_toy, "pixel": validate_pixel, "mlcm": validate_mlcm}[config.experiment](config)
+  if config.experiment == "pixel":
+    validate_pixel(config, plan)
+  else:
+    {"toy": validate_toy, "mlcm": validate_mlcm}[config.experiment](config)
+
+
+def validate_batch_split(batch_size, mesh_shape, where):
+  """ConfigError unless ``train.batch_size`` splits evenly over the data-parallel devices (the
+  batch is split over every mesh axis: ``mesh_shape`` {'data': d, 'fsdp': f}) of ``where``."""
+  n = mesh_shape["data"] * mesh_shape["fsdp"]
+  if batch_size % n:
+    raise ConfigError(f"config.train.batch_size={batch_size} is invalid for {where}: the batch is "
+                      f"split over data x fsdp = {mesh_shape['data']} x {mesh_shape['fsdp']} = "
+                      f"{n} devices; allowed: a multiple of {n}")

@@ -51,6 +51,17 @@ def sample_times(rng, batch_size, student_steps, n_teacher):
   return t, t - 1.0 / total, t_step
 
 
+def segment_position(t, student_steps, tol=1e-4):
+  """Where ``t`` lies in its student segment ``(t_step, t_step + 1/S]``: ``u = t S - k`` in
+  (0, 1], with ``k = t_step S = ceil(t S) - 1``. The segment's upper end belongs to it (Alg. 2
+  evaluates the student at ``t = t_step + 1/S``; Alg. 1's ``t`` reaches it with n_rel = n_seg),
+  so ``u`` jumps from 1 to ~0 across a boundary, where the student's target jumps. ``tol``
+  (in units of 1/S) absorbs the rounding of ``t_step + n_rel / T``; the finest training grid
+  is 1/1280 of a segment or coarser."""
+  ts = jnp.asarray(t, jnp.float32) * student_steps
+  return ts - (jnp.ceil(ts - tol) - 1.0)
+
+
 def consistency_target(x_ref, z_s, z_t, t, s, t_step, logsnr_fn):
   """``x_target = invDDIM_{t->t_step}(DDIM_{s->t_step}(x_ref, z_s), z_t)`` (Alg. 1 / eq. 7)."""
   a_t, s_t = alpha_sigma(logsnr_fn(t))

@@ -26,13 +26,21 @@ def logsnr_fn(schedule):
                                                    if k in schedule})
 
 
-def toy_model(config):
-  """(MLP, logsnr_fn, denoise) of the toy: v-prediction on logsnr, no conditioning."""
+def toy_model(config, student_steps=None):
+  """(MLP, logsnr_fn, denoise) of the toy: v-prediction on logsnr, no conditioning. With
+  ``student_steps`` and ``config.model.segment_input``, the model of an S-step student that
+  also sees its position within the segment (``consistency.segment_position``)."""
   from mcm_jax.models.mlp import MLPDenoiser  # pylint: disable=g-import-not-at-top
   model = MLPDenoiser(hidden=config.model.hidden, depth=config.model.depth)
   fn = logsnr_fn(config.schedule)
   apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
-  return model, fn, parameterization.make_denoiser(apply_fn, fn, "v")
+  denoise = parameterization.make_denoiser(apply_fn, fn, "v")
+  if student_steps and config.model.get("segment_input", False):
+    seg_apply = lambda params, z, logsnr, seg, rng: model.apply(params, z, logsnr, segment=seg)
+    seg_denoise = parameterization.make_denoiser(seg_apply, fn, "v")
+    denoise = lambda params, z, t, cond=None, rng=None: seg_denoise(
+        params, z, t, consistency.segment_position(t, student_steps), rng)
+  return model, fn, denoise
 
 
 def uvit_model(config):
@@ -68,13 +76,15 @@ def diffusion_loss(denoise, fn, multiscale_levels=0):
 
 
 def consistency_loss(cc, denoise, fn, *, student_steps, teacher_sampler=None,
-                     guidance_scale=1.0, null_cond=None):
+                     guidance_scale=1.0, null_cond=None, teacher_denoise=None):
   """MCM Alg. 1 from a ``consistency`` config section: CT when ``teacher_sampler`` is None,
-  else CD with that teacher sampler ('addim' / 'ddim') and the student's own network as the
-  teacher (its parameters come as ``frozen``)."""
+  else CD with that teacher sampler ('addim' / 'ddim') and the teacher's network
+  (``teacher_denoise``, default the student's own) with parameters that come as ``frozen``."""
+  teacher_denoise = teacher_denoise or denoise
   return functools.partial(
       consistency.consistency_loss, denoise_fn=denoise, logsnr_fn=fn,
-      student_steps=student_steps, teacher_fn=None if teacher_sampler is None else denoise,
+      student_steps=student_steps,
+      teacher_fn=None if teacher_sampler is None else teacher_denoise,
       teacher_sampler=teacher_sampler or "addim", teacher_steps_start=cc.teacher_steps_start,
       teacher_steps_end=cc.teacher_steps_end, teacher_steps_horizon=cc.teacher_steps_horizon,
       xvar_frac=cc.xvar_frac, huber_eps=cc.huber_eps, loss_weight=cc.loss_weight,
@@ -97,10 +107,11 @@ def pixel_loss(config, denoise, fn):
 TOY_METHODS = {"ct": None, "cd_addim": "addim", "cd_ddim": "ddim"}  # method -> teacher sampler
 
 
-def toy_loss(config, denoise, fn, method, student_steps):
-  """CT / CD (aDDIM or DDIM teacher) student loss of the toy sweep."""
+def toy_loss(config, denoise, fn, method, student_steps, teacher_denoise=None):
+  """CT / CD (aDDIM or DDIM teacher) student loss of the toy sweep; ``teacher_denoise``: the
+  teacher's network when the student's differs (``toy_model(config, student_steps)``)."""
   return consistency_loss(config.consistency, denoise, fn, student_steps=student_steps,
-                          teacher_sampler=TOY_METHODS[method])
+                          teacher_sampler=TOY_METHODS[method], teacher_denoise=teacher_denoise)
 
 
 def mlcm_hparams(config, stage):

@@ -28,6 +28,23 @@ def test_sample_times_lie_on_the_segment_grid(student_steps, n_teacher):
   assert len(np.unique(np.round(np.asarray(t) * total))) == total  # every grid point is hit
 
 
+@pytest.mark.parametrize("student_steps,n_teacher", [(1, 64), (2, 64), (3, 10), (8, 1280),
+                                                     (5, 777)])
+def test_segment_position_names_the_training_segment(student_steps, n_teacher):
+  """Every t Alg. 1 draws lies in segment t_step (position in (0, 1], = (t - t_step) S), its
+  upper end included; the sampler's times k/S have position 1 (they jump to (k-1)/S) and a
+  time just above a boundary starts the next segment (position ~0)."""
+  t, _, t_step = consistency.sample_times(jax.random.PRNGKey(1), 32768, student_steps,
+                                          jnp.float32(n_teacher))
+  u = np.asarray(consistency.segment_position(t, student_steps))
+  assert np.all((u > 0) & (u <= 1 + 1e-5))
+  np.testing.assert_allclose(u, (np.asarray(t) - np.asarray(t_step)) * student_steps, atol=1e-4)
+  grid = jnp.arange(1, student_steps + 1, dtype=jnp.float32) / student_steps
+  np.testing.assert_allclose(consistency.segment_position(grid, student_steps), 1.0, atol=1e-5)
+  above = np.asarray(consistency.segment_position(grid[:-1] + 1e-3, student_steps))
+  np.testing.assert_allclose(above, 1e-3 * student_steps, atol=1e-4)
+
+
 def test_target_is_z_s_when_s_is_the_step_boundary():
   """When s = t_step, DDIM_{s->t_step} is the identity and x_target = invDDIM_{t->s}(z_s, z_t)."""
   k = jax.random.split(jax.random.PRNGKey(1), 3)

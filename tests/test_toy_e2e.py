@@ -39,3 +39,31 @@ def test_toy_run_accepts_a_python_data_source(tmp_path):
   assert set(results["custom"]) >= {"cd_ddim_1", "teacher_ddim_1", "teacher_addim_16"}
   assert os.path.exists(tmp_path / "samples.png")
   assert "Energy distance to custom data" in open(tmp_path / "results.md").read()
+
+
+def test_a_segment_aware_student_starts_as_its_teacher_and_resolves_the_boundary():
+  """model.segment_input: the student's extra embedding starts at zero (the student is the
+  teacher at step 0); once trained it can jump at a segment boundary, where t alone cannot."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mcm_jax import objectives  # pylint: disable=g-import-not-at-top
+  config = toy_config.get_config("tiny")
+  config.model.segment_input = True
+  model, _, teacher = objectives.toy_model(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                               for x, k in zip(leaves, keys)])
+  student_params = toy.student_init(config, params, 2)
+  _, _, student = objectives.toy_model(config, 2)
+  z = jax.random.normal(jax.random.PRNGKey(2), (64, 2))
+  t = jnp.linspace(0.01, 1.0, 64)
+  np.testing.assert_array_equal(student(student_params, z, t), teacher(params, z, t))
+  kernel = student_params["params"]["segment_embed"]["kernel"]
+  student_params["params"]["segment_embed"]["kernel"] = jax.random.normal(
+      jax.random.PRNGKey(3), kernel.shape)
+  change = lambda t0: float(jnp.abs(student(student_params, z, jnp.full((64,), t0))
+                                    - student(student_params, z, jnp.full((64,), t0 + 1.5e-4))).max())
+  assert change(0.5) > 10 * max(change(0.25), change(0.75))  # across vs within a segment

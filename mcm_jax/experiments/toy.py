@@ -3,15 +3,15 @@
 Every training run has its own checkpoint directory under ``workdir``; re-running the same
 command resumes where it stopped (finished runs are restored, not retrained).
 """
-import json
 import logging
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mcm_jax import objectives, plotting, train
+from mcm_jax import objectives, plotting, storage, train
 from mcm_jax.config_validation import validate
 from mcm_jax.data import toy as toy_data
 from mcm_jax.evaluation import energy_distance
@@ -40,19 +40,42 @@ def train_teacher(config, sampler, dim, workdir, writer, steps=None, name="teach
                 sampler, workdir, writer, name, steps=steps)
 
 
+def student_init(config, teacher_params, student_steps):
+  """The student's initial parameters: the teacher's, plus the zero-initialised segment
+  embedding when ``config.model.segment_input`` (so the student starts as the teacher)."""
+  if not config.model.get("segment_input", False):
+    return teacher_params
+  model, _, _ = objectives.toy_model(config, student_steps)
+  dim = jax.tree_util.tree_leaves(teacher_params["params"]["Dense_1"])[0].shape[0]
+  extra = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)),
+                     segment=jnp.ones((1,)))["params"]["segment_embed"]
+  return {**teacher_params, "params": {**teacher_params["params"], "segment_embed": extra}}
+
+
+def student_run_name(method, student_steps, seed_index=0):
+  """A student's run (and checkpoint directory) name; seed 0 keeps the single-seed name."""
+  return f"{method}_{student_steps}" + (f"_seed{seed_index}" if seed_index else "")
+
+
 def train_student(config, sampler, teacher_params, method, student_steps, workdir, writer,
-                  steps=None):
-  """Initialises from the teacher and trains a CT / CD student (MCM Alg. 1)."""
-  _, logsnr_fn, denoise = objectives.toy_model(config)
-  loss = objectives.toy_loss(config, denoise, logsnr_fn, method, student_steps)
-  return _train(config, config.student, loss, teacher_params, sampler, workdir, writer,
-                f"{method}_{student_steps}", frozen=teacher_params, steps=steps)
+                  steps=None, seed_index=0):
+  """Initialises from the teacher and trains a CT / CD student (MCM Alg. 1) with training seed
+  ``config.student.seed + seed_index``."""
+  _, logsnr_fn, student = objectives.toy_model(config, student_steps)
+  _, _, teacher = objectives.toy_model(config)
+  loss = objectives.toy_loss(config, student, logsnr_fn, method, student_steps, teacher)
+  cfg = config.student.copy_and_resolve_references()
+  cfg.seed += seed_index
+  return _train(config, cfg, loss, student_init(config, teacher_params, student_steps),
+                sampler, workdir, writer, student_run_name(method, student_steps, seed_index),
+                frozen=teacher_params, steps=steps)
 
 
-def make_sampler_fn(config, x_var_table=None):
+def make_sampler_fn(config, x_var_table=None, student_steps=None):
   """A jitted ``(params, z, num_steps) -> x``: DDIM, or aDDIM with x_var interpolated from
-  ``x_var_table = (t_grid, x_var)``. ``num_steps`` is traced: one compile for all step counts."""
-  _, logsnr_fn, denoise = objectives.toy_model(config)
+  ``x_var_table = (t_grid, x_var)``, of the teacher or (``student_steps``) of that student's
+  model. ``num_steps`` is traced: one compile for all step counts."""
+  _, logsnr_fn, denoise = objectives.toy_model(config, student_steps)
 
   @jax.jit
   def run(params, z, num_steps, table):
@@ -100,13 +123,21 @@ def run_2d(config, workdir, writer, data_source=None):
   for method in config.sweep.methods:
     samples[method] = {}
     for s in steps:
-      t0 = time.time()
-      student = train_student(config, sampler, teacher, method, s, workdir, writer)
-      x = ddim(student, noise, s)  # MCM Alg. 2: DDIM over the student's own steps
-      results[f"{method}_{s}"] = float(energy_distance(x, ref))
-      samples[method][f"{s}-step"] = x
-      logging.info("%s %d-step: energy distance %.3g (%.0fs)", method, s,
-                   results[f"{method}_{s}"], time.time() - t0)
+      per_seed = []
+      for i in range(config.sweep.num_seeds):
+        t0 = time.time()
+        student = train_student(config, sampler, teacher, method, s, workdir, writer,
+                                seed_index=i)
+        # MCM Alg. 2: DDIM over the student's own steps.
+        x = make_sampler_fn(config, student_steps=s)(student, noise, s)
+        per_seed.append(float(energy_distance(x, ref)))
+        if i == 0:
+          samples[method][f"{s}-step"] = x
+        logging.info("%s %d-step seed %d: energy distance %.3g (%.0fs)", method, s, i,
+                     per_seed[-1], time.time() - t0)
+      results[f"{method}_{s}"] = float(np.mean(per_seed))
+      if len(per_seed) > 1:
+        results[f"{method}_{s}_seeds"] = per_seed
   if dim >= 2:
     first2 = lambda tree: jax.tree_util.tree_map(lambda a: a[:, :2], tree)
     plotting.scatter_grid(os.path.join(workdir, "samples.png"), first2(samples),
@@ -129,15 +160,26 @@ def run_fig1(config, workdir, writer):
   for s in fc.student_steps:
     student = train_student(config, sampler, teacher, "cd_addim", s, workdir, writer,
                             steps=fc.student_train_steps)
-    results[f"cd_addim_{s}"] = float(energy_distance(ddim(student, noise, s), ref))
-    f = jax.jit(lambda zz, t, p=student: denoise(p, zz, t))
+    results[f"cd_addim_{s}"] = float(energy_distance(
+        make_sampler_fn(config, student_steps=s)(student, noise, s), ref))
+    student_denoise = objectives.toy_model(config, s)[2]
+    f = jax.jit(lambda zz, t, p=student, g=student_denoise: g(p, zz, t))
     panels.append((f"{s}-step CD", *plotting.dense_trajectories(f, z, s, logsnr_fn, 24)))
   f = jax.jit(lambda zz, t: denoise(teacher, zz, t))
   panels.append(("teacher, DDIM 128 steps", *plotting.dense_trajectories(f, z, 128, logsnr_fn, 1)))
   results["teacher_ddim_128"] = float(energy_distance(ddim(teacher, noise, 128), ref))
-  plotting.trajectory_panels(os.path.join(os.path.dirname(workdir), "fig1_trajectories.png"),
+  plotting.trajectory_panels(os.path.join(storage.dirname(workdir), "fig1_trajectories.png"),
                              panels, data=ref[:, 0])
   return results
+
+
+def _cell(results, key):
+  """``mean`` (x 1e3), or ``mean ± half range (min-max)`` over the seeds' values."""
+  seeds = results.get(f"{key}_seeds")
+  if not seeds:
+    return f"{results.get(key, float('nan')) * 1e3:.2f}"
+  lo, hi = min(seeds) * 1e3, max(seeds) * 1e3
+  return f"{np.mean(seeds) * 1e3:.2f} ± {(hi - lo) / 2:.2f}"
 
 
 def format_table(results, config):
@@ -148,7 +190,7 @@ def format_table(results, config):
   lines = ["| student steps | " + " | ".join(c for c, _ in cols) + " |",
            "|---|" + "---|" * len(cols)]
   for s in config.sweep.student_steps:
-    row = [f"{results.get(f'{key}_{s}', float('nan')) * 1e3:.2f}" for _, key in cols]
+    row = [_cell(results, f"{key}_{s}") for _, key in cols]
     lines.append(f"| {s} | " + " | ".join(row) + " |")
   n = config.eval.teacher_sampling_steps
   lines.append(f"\nteacher aDDIM {n} steps: {results[f'teacher_addim_{n}'] * 1e3:.2f}; "
@@ -165,7 +207,7 @@ def run(config, workdir, data_source=None):
   [n, D]``, an [N, D] array or an iterable of [n, D] arrays; results are keyed 'custom'.
   """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   writer = create_writer(workdir)
   t0 = time.time()
   name = config.data.name if data_source is None else "custom"
@@ -173,11 +215,10 @@ def run(config, workdir, data_source=None):
   if config.fig1.enabled:
     results["mixture1d"] = run_fig1(config, workdir, writer)
   results["wall_time_s"] = time.time() - t0
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  storage.write_json(os.path.join(workdir, "results.json"), results)
   table = format_table(results[name], config)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"Energy distance to {name} data (x 1e3)\n\n{table}\n")
+  storage.write_text(os.path.join(workdir, "results.md"),
+                     f"Energy distance to {name} data (x 1e3)\n\n{table}\n")
   print(f"results ({name}, energy distance x 1e3, lower is better):\n{table}")
   writer.close()
   return results
