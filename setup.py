@@ -35,6 +35,10 @@ EXTRAS = {
     # without TensorFlow is fsspec's gcsfs; orbax's checkpointer asks google-cloud-storage about
     # the bucket (hierarchical namespace) before listing steps.
     "gcs": ["gcsfs", "google-cloud-storage"],
+    # --mode=plan for TPU topologies: libtpu compiles for abstract TPU chips on any machine (no
+    # TPU needed). Pinned to the release that jax[tpu]==0.10.2 pins; another libtpu may not load
+    # into this jaxlib. (On a TPU VM this is also the runtime.) Linux wheels, ~210 MB.
+    "tpu": ["libtpu==0.0.42.*"],
     # The pixel CPU demo: scikit-learn ships 1,797 real 8x8 digit images inside its wheel.
     "demo": ["scikit-learn>=1.3"],
     # Tests. The FID Inception is checked against pytorch-fid's network, which needs torchvision.
@@ -49,6 +53,8 @@ EXTRAS = {
              "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
              "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",
              "pyarrow",
+             # tests/test_plan.py compiles for abstract TPUs ("tpu"; Linux wheels only)
+             "libtpu==0.0.42.*; sys_platform == 'linux'",
              "fsspec"],  # tests/fake_gcs.py: a local stand-in for gs:// (fsspec's DirFileSystem)
 }
 

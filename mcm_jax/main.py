@@ -1,5 +1,5 @@
 """Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]
-[--mode=train|eval] [--debug]``.
+[--mode=train|eval|plan] [--topology=NAME] [--debug]``.
 
 Bad input (a config value, an unknown ``--config.<field>``, a missing file) ends in one message
 and exit code 2 before anything is written or compiled; ``mcm_jax/errors.py`` lists the exit
@@ -22,7 +22,7 @@ from mcm_jax.config_validation import ConfigError, flat_fields, unknown_field_er
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # config files import their siblings as configs.<name>
 _DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "toy.py")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "plan")
 
 
 def define_flags(flag_values=flags.FLAGS, argv=None):
@@ -36,7 +36,12 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
   flags.DEFINE_enum("mode", "train", MODES,
                     "train: train (resuming from workdir); eval: sample from the workdir's latest "
                     "checkpoint and measure FID / FD (pixel experiment; the toy evaluates as it "
-                    "trains).", flag_values=flag_values)
+                    "trains); plan: compile the train step for --topology and report its "
+                    "memory per chip and FLOPs (mcm_jax/plan.py; writes nothing unless --workdir "
+                    "is given).", flag_values=flag_values)
+  flags.DEFINE_string("topology", "",
+                      "--mode=plan: v4-8, v5e-8/16/64/256, v5p-8, v6e-8/64/256, a libtpu spelling "
+                      "such as v5e:8x8, or local (the devices present).", flag_values=flag_values)
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU "
                     "pods: it reads the coordinator and process ids from the environment).",
@@ -119,7 +124,7 @@ def checked_config(flag_values=flags.FLAGS):
   """The parsed config, validated (ConfigError naming the field, the value and what is allowed),
   with the other flags checked too: all before anything is written or compiled."""
   config = flag_values.config
-  validate(config)
+  validate(config, plan=flag_values.mode == "plan")
   if flag_values.mode == "eval" and config.experiment != "pixel":
     raise ConfigError(f"--mode=eval is for the pixel experiment; config.experiment="
                       f"{config.experiment!r} evaluates at the end of training (use --mode=train)")
@@ -172,6 +177,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   config = checked_config()  # before anything is written or compiled
   flag_values = flags.FLAGS
+  if flag_values.mode == "plan":
+    from mcm_jax import plan  # pylint: disable=g-import-not-at-top
+    plan.run(config, flag_values.topology,
+             flag_values.workdir if flag_values["workdir"].present else None)
+    return
   write = True
   if flag_values.multihost:
     import jax  # pylint: disable=g-import-not-at-top

@@ -83,7 +83,12 @@ def abstract_params(init_fn, inputs, mesh=None, seed=0):
   """ShapeDtypeStructs of ``init_fn(rng, *inputs)``'s parameters (nothing allocated), with the
   rules' shardings over ``mesh`` if given."""
   shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(seed), *inputs)
-  if mesh is None:
-    return shapes
-  return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                shapes, tree_shardings(shapes, mesh))
+  return shapes if mesh is None else abstract(shapes, mesh)
+
+
+def abstract(tree, mesh, min_fsdp_size=2 ** 14):
+  """ShapeDtypeStructs of ``tree``'s leaves (arrays or shapes) with the rules' shardings over
+  ``mesh``: what ``jax.device_put(tree, tree_shardings(tree, mesh))`` gives, nothing allocated."""
+  as_struct = lambda x, sh: jax.ShapeDtypeStruct(  # numpy's float64 is float32 on device
+      np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype), sharding=sh)
+  return jax.tree_util.tree_map(as_struct, tree, tree_shardings(tree, mesh, min_fsdp_size))

@@ -116,6 +116,26 @@ def make_multi_step(train_step, batch_fn, data_rng, num_steps, mesh=None):
   return multi_step
 
 
+def jit_step(loss_fn, tx, cfg, state, frozen, mesh=None, batch_fn=None, num_steps=1):
+  """The jitted call ``(state, frozen, batches) -> (state, mean metrics, finite, losses)`` of
+  ``num_steps`` train steps (``make_multi_step``) that ``train`` runs, with the state donated
+  and, with a ``mesh``, in / out shardings read from the leaves of ``state`` and ``frozen``
+  (arrays, or ShapeDtypeStructs with shardings: ``mcm_jax.plan`` lowers this same call for
+  abstract TPU devices). Unused inputs stay parameters (``keep_unused``): they occupy device
+  memory all the same (e.g. CT's ``frozen``), so the executable's memory analysis counts them."""
+  data_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+  step = make_multi_step(make_train_step(loss_fn, tx, cfg.ema_decay), batch_fn, data_rng,
+                         num_steps, mesh)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0, keep_unused=True)
+  shardings = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+  rep = sharding.replicated(mesh)
+  return jax.jit(step, donate_argnums=0, keep_unused=True,
+                 in_shardings=(shardings(state), shardings(frozen),
+                               sharding.stacked_batch_sharding(mesh)),
+                 out_shardings=(shardings(state), rep, rep, rep))
+
+
 def _stacked_host_batches(host_batch_fn, start, num_steps, mesh):
   """Batches of steps [start, start + num_steps) stacked to [num_steps, B, ...], on device."""
   batches = [host_batch_fn(i) for i in range(start, start + num_steps)]
@@ -196,15 +216,6 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
   if drop_rows is not None:  # rows a killed run logged after its checkpoint (all: fresh start)
     drop_rows(name, int(state.step))
   divergence_factor = float(cfg.get("divergence_factor", 1e3))
-  data_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-  train_step = make_train_step(loss_fn, tx, cfg.ema_decay)
-  shardings = {}
-  if mesh is not None:
-    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    rep = sharding.replicated(mesh)
-    shardings = dict(in_shardings=(state_sh, jax.tree_util.tree_map(lambda x: x.sharding, frozen),
-                                   sharding.stacked_batch_sharding(mesh)),
-                     out_shardings=(state_sh, rep, rep, rep))
   fuse = cfg.get("fuse_steps", False)
   compiled = {}
 
@@ -213,8 +224,7 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
     MLP; XLA:CPU runs conv nets ~15x slower inside a scan), else one jitted call per step."""
     key = n if fuse else 1
     if key not in compiled:
-      compiled[key] = jax.jit(make_multi_step(train_step, batch_fn, data_rng, key, mesh),
-                              donate_argnums=0, **shardings)
+      compiled[key] = jit_step(loss_fn, tx, cfg, st, frozen, mesh, batch_fn, key)
     if fuse:
       batches = None if host_batch_fn is None else _stacked_host_batches(
           host_batch_fn, start, n, mesh)

@@ -16,6 +16,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+# CPU only: libtpu (in the test extra, for tests/test_plan.py's abstract TPU topologies) would
+# otherwise make every JAX process, subprocesses included, probe for a TPU and take its lock.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -27,6 +27,20 @@ def build(c, mesh):
   return model, logsnr_fn, denoise, like
 
 
+def frozen_params(c, params):
+  """The train step's ``frozen`` tree: for CT / CD the base run's EMA parameters they start
+  from (CD's teacher), for base diffusion None."""
+  return None if c.objective == "base" else params
+
+
+def batch_shapes(c):
+  """ShapeDtypeStructs of one global batch (``image_data.host_batch_fn``): 'x' float32
+  [B, r, r, C] in [-1, 1], 'label' int32 [B]."""
+  b, r, ch = c.train.batch_size, c.data.resolution, c.data.channels
+  return {"x": jax.ShapeDtypeStruct((b, r, r, ch), jnp.float32),
+          "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+
 def run(config, workdir):
   """Trains (base / CT / CD) and writes sample grids; returns {'samples': [PNG paths]}."""
   validate(config)
@@ -37,9 +51,8 @@ def run(config, workdir):
   if c.objective == "base":
     params = model.init(jax.random.PRNGKey(c.seed),
                         *(jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(c)))
-    frozen = None
   else:  # CT / CD start from the base run's EMA parameters, which CD also uses as its teacher
-    params = frozen = checkpoint.load_ema_params(c.init_from, like)[0]
+    params = checkpoint.load_ema_params(c.init_from, like)[0]
   writer = create_writer(workdir)
   batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
   data_spec = dict(dataset=c.data.name, split=c.data.split, resolution=c.data.resolution,
@@ -48,8 +61,8 @@ def run(config, workdir):
   grids = lambda step, st: pixel_sampling.write_samples(c, st.ema_params, samplers, workdir,
                                                         step, source, mesh)
   state = train.train(objectives.pixel_loss(c, denoise, logsnr_fn), params, None, c.train,
-                      workdir, frozen=frozen, writer=writer, name=c.objective, mesh=mesh,
-                      host_batch_fn=batch_fn, data_spec=data_spec,
+                      workdir, frozen=frozen_params(c, params), writer=writer,
+                      name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec,
                       periodic=[(c.sample.every, grids)] if c.sample.every else [])
   paths = grids(int(state.step), state)
   writer.close()

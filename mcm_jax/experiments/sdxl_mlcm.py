@@ -48,6 +48,74 @@ def build_models(c):
   return model, params, teacher, encoder
 
 
+def unet_config(c):
+  """The UNet's diffusers config: ``config.student_unet``'s ``unet/config.json`` when it is a
+  local directory, SDXL base's (``sdxl.SDXL_BASE_UNET_CONFIG``) for any other name, the tiny
+  one when it is empty."""
+  if not c.student_unet:
+    return sdxl.TINY_UNET_CONFIG
+  if os.path.isdir(c.student_unet):
+    return sdxl.read_json(os.path.join(sdxl.component_dir(c.student_unet, "unet"), "config.json"))
+  logging.info("config.student_unet=%r is not a local directory: SDXL base's UNet config",
+               c.student_unet)
+  return sdxl.SDXL_BASE_UNET_CONFIG
+
+
+def abstract_models(c):
+  """``build_models`` as shapes, for ``--mode=plan``: parameters are ShapeDtypeStructs of the
+  UNet of ``unet_config`` (``jax.eval_shape``: nothing allocated, no weights read); the text
+  encoder is the hashed one or zeros of SDXL's CLIP output shapes."""
+  model = sdxl.unet_from_config(unet_config(c), jnp.dtype(c.dtype))
+  params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(c.seed))
+  teacher = params if c.teacher_unet else None
+  if c.text_encoder == "sdxl":
+    encoder = sdxl.zeros_text_encoder(model)
+  else:
+    encoder = sdxl.hashed_text_encoder_for(model, seed=c.seed)
+  return model, params, teacher, encoder
+
+
+def conditioning_fn(c, encode):
+  """``encode_batch(texts)``: ``encode``'s prompt embeddings plus SDXL's size conditioning
+  ``time_ids`` at ``c.latent_resolution`` (what every batch holds)."""
+  def encode_batch(texts):
+    out = encode(texts)
+    out["time_ids"] = sdxl.time_ids(c.latent_resolution * 8, len(texts))
+    return out
+  return encode_batch
+
+
+def frozen_inputs(params, teacher, uncond):
+  """The train step's ``frozen`` tree of stage 0 (``mlcm.loss``): the UNet, the unconditional
+  conditioning and a separate teacher's UNet if there is one."""
+  frozen = {"unet": params, "uncond": uncond}
+  if teacher is not None:
+    frozen["teacher"] = teacher
+  return frozen
+
+
+def init_lora(c, params):
+  """Stage 0's LoRA (``config.lora``) on the target kernels of ``params``."""
+  return lora.init_lora(params, c.lora.rank, jax.random.PRNGKey(c.seed + 1),
+                        tuple(c.lora.targets))
+
+
+def batch_shapes(c, encode_batch):
+  """ShapeDtypeStructs of one global batch of stage 0: the conditioning of ``encode_batch`` and,
+  with a trajectory bank (``mlcm.bank.dir``), the pair it streams (``trajectory_bank.batch_fn``,
+  shapes of ``mlcm.training_pair``)."""
+  b, res = c.train.batch_size, c.latent_resolution
+  batch = encode_batch([""] * b)
+  if c.mlcm.bank.dir:
+    identity = lambda z, t: z
+    pair = jax.eval_shape(lambda rng: mlcm.training_pair(
+        rng, (b, res, res, 4), objectives.mlcm_hparams(c, 0), identity, identity),
+                          jax.random.PRNGKey(0))
+    batch.update({k: pair[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
+  return jax.tree_util.tree_map(  # as on device: numpy's float64 is float32 there
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype)), batch)
+
+
 def uncond_mode(c):
   """'zeros' or 'empty_prompt': ``mlcm.uncond``, with 'auto' read from the SDXL directory."""
   if c.mlcm.uncond != "auto":
@@ -127,15 +195,9 @@ def run(config, workdir):
   else:
     raise ConfigError("config.prompts is empty; allowed: a local .txt / .jsonl / .parquet file")
 
-  def encode_batch(texts):
-    out = encode(texts)
-    out["time_ids"] = sdxl.time_ids(c.latent_resolution * 8, len(texts))
-    return out
-
-  frozen = {"unet": params, "uncond": jax.device_put(unconditional(c, encode_batch),
-                                                     sharding.replicated(mesh))}
-  if teacher is not None:
-    frozen["teacher"] = teacher
+  encode_batch = conditioning_fn(c, encode)
+  frozen = frozen_inputs(params, teacher, jax.device_put(unconditional(c, encode_batch),
+                                                         sharding.replicated(mesh)))
   decode = score = None
   if c.rewards.scorer:
     vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
@@ -147,8 +209,7 @@ def run(config, workdir):
   if c.mlcm.bank.dir:
     bank = open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh)
     bank_fn = trajectory_bank.batch_fn(bank, prompts, encode_batch, c.train.batch_size, c.seed)
-  lora_params = lora.init_lora(params, c.lora.rank, jax.random.PRNGKey(c.seed + 1),
-                               tuple(c.lora.targets))
+  lora_params = init_lora(c, params)
   stages = []
   for stage in range(c.mlcm.num_stages):
     hp = objectives.mlcm_hparams(c, stage)

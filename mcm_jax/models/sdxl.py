@@ -37,6 +37,19 @@ TINY_UNET_CONFIG = dict(
     addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=8 * 6 + 32)
 
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json; the fields
+# the Flax class reads): the shapes ``--mode=plan`` uses when no local SDXL directory is given.
+SDXL_BASE_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, addition_embed_type="text_time",
+    addition_time_embed_dim=256, addition_embed_type_num_heads=64,
+    projection_class_embeddings_input_dim=2816)
+CLIP_LENGTH = 77  # SDXL's tokenizers pad / truncate prompts to 77 tokens
+
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
@@ -314,6 +327,17 @@ def hashed_text_encoder_for(model, seed=0):
   cfg = model.config
   pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
   return hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=seed)
+
+
+def zeros_text_encoder(model, length=CLIP_LENGTH):
+  """A stand-in with the output shapes of ``load_text_encoders`` for a UNet ``model`` (context
+  [B, length, cross_attention_dim], text_embeds [B, pooled]), all zeros: ``--mode=plan``
+  needs the shapes, not CLIP's weights."""
+  cfg = model.config
+  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+  return lambda prompts: {
+      "context": np.zeros((len(prompts), length, cfg["cross_attention_dim"]), np.float32),
+      "text_embeds": np.zeros((len(prompts), pooled), np.float32)}
 
 
 def force_zeros_for_empty_prompt(path):

@@ -1,0 +1,234 @@
+"""``--mode=plan``: will a config's train step fit on a TPU pod, and how much compute is one step?
+
+The step that ``--mode=train`` runs (``train.jit_step`` of the experiment's loss, optimizer and
+EMA, shardings from ``config.mesh`` by ``mcm_jax.sharding``'s rules, the state donated, remat and
+dtype from the config) is lowered with abstract arguments (``jax.eval_shape``: nothing
+allocated, no weights read) for the abstract devices of a TPU topology
+(``jax.experimental.topologies`` through libtpu; no TPU needed) and compiled. The TPU
+executable's ``memory_analysis()`` gives the bytes per chip (arguments, temporaries, outputs,
+outputs aliased to donated arguments) and ``cost_analysis()`` the FLOPs per chip of one step.
+``--topology=local`` compiles for the devices present (e.g. a GPU host) instead.
+
+Pixel configs plan the step of their objective (base / CT / CD). MLCM configs plan stage 0: from
+the trajectory bank when ``mlcm.bank.dir`` is set, else with the guided teacher in the step.
+Steps fused by ``train.fuse_steps`` (the toy) are planned one step at a time.
+"""
+import importlib.util
+import json
+import os
+import re
+import resource
+import time
+
+import jax
+import numpy as np
+
+from mcm_jax import objectives, sharding, storage, train
+from mcm_jax.config_validation import ConfigError, validate_batch_split
+from mcm_jax.errors import UserError
+
+GIB = 2 ** 30
+# HBM per chip in GiB: Google Cloud TPU documentation, system architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Cloud TPU names -> libtpu topologies (chips along each axis). v5e / v6e names count chips; v4 /
+# v5p names count TensorCores, two per chip, which JAX drives as one ('megacore') device per
+# chip: v4-8 and v5p-8 are 4 chips.
+TOPOLOGIES = {"v4-8": "v4:2x2x1", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8",
+              "v5e-256": "v5e:16x16", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4",
+              "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16"}
+PLANNED = ("pixel", "mlcm")  # experiments with one train step to plan
+FIT_FRACTION = 0.9  # fits: peak <= 90% of the chip's HBM (headroom for the runtime, fragments)
+
+
+def topology_devices(name):
+  """(devices, libtpu topology or 'local', HBM GiB per chip or None) of ``--topology=NAME``: a
+  Cloud TPU name of ``TOPOLOGIES``, a libtpu spelling like 'v5e:8x8', or 'local' (the devices
+  present; HBM from the backend's memory stats, None on CPU)."""
+  if name == "local":
+    devices = jax.devices()
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+    return devices, "local", limit / GIB if limit else None
+  spec = TOPOLOGIES.get(name, name)
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e):\d+(x\d+){1,2}", spec)
+  if m is None:
+    raise UserError(f"--topology={name!r} is not known; allowed: {', '.join(TOPOLOGIES)}, a "
+                    "libtpu spelling such as v5e:8x8 or v5p:2x2x1, or local")
+  if importlib.util.find_spec("libtpu") is None:
+    raise UserError(f"--topology={name} compiles for TPU with libtpu, which is not installed: "
+                    "pip install -e '.[tpu]' (or plan for the devices present: --topology=local)")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  generation = m.group(1)
+  # Only compiling: no TPU is claimed, so libtpu need not lock out other processes using it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:  # the host grouping (chips_per_host_bounds) does not change a one-slice compile
+    devices = topologies.get_topology_desc(
+        platform="tpu", topology_name=spec,
+        chip_config_name="megacore" if generation in ("v4", "v5p") else "default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False)).devices
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"--topology={name}: libtpu cannot make the topology {spec!r} ({e})") from e
+  return devices, spec, HBM_GIB[generation]
+
+
+def step_inputs(c):
+  """(loss_fn, params, frozen, batch, model params) of ``c``'s train step, all abstract (no
+  mesh yet), built by the runners' own builders."""
+  if c.experiment == "pixel":
+    from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
+    _, logsnr_fn, denoise, like = pixel.build(c, None)
+    return (objectives.pixel_loss(c, denoise, logsnr_fn), like, pixel.frozen_params(c, like),
+            pixel.batch_shapes(c), like)
+  from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  if c.rewards.scorer:  # mlcm (plan admits only PLANNED)
+    raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
+                      "the reward models yet; allowed: '' (MLCD only)")
+  model, params, teacher, encode = sdxl_mlcm.abstract_models(c)
+  encode_batch = sdxl_mlcm.conditioning_fn(c, encode)
+  frozen = sdxl_mlcm.frozen_inputs(params, teacher, sdxl_mlcm.unconditional(c, encode_batch))
+  lora_params = jax.eval_shape(lambda p: sdxl_mlcm.init_lora(c, p), params)
+  return (objectives.mlcm_loss(c, sdxl.make_denoiser(model), 0), lora_params, frozen,
+          sdxl_mlcm.batch_shapes(c, encode_batch), params)
+
+
+def count(tree):
+  """Number of array elements in ``tree``."""
+  return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def build(c, devices, where="the devices"):
+  """(jitted step, its abstract arguments (state, frozen, batches), info) of ``c``'s train step
+  on ``devices``: ``train.jit_step`` of what ``train.train`` would make of the same inputs."""
+  try:
+    mesh = sharding.make_mesh(**c.mesh, devices=devices)
+  except ValueError as e:
+    n = len(devices)
+    raise ConfigError(
+        f"config.mesh=(data={c.mesh.data}, fsdp={c.mesh.fsdp}) does not divide {where}; allowed: "
+        f"data x fsdp = {n} (-1: the rest), e.g. --config.mesh.fsdp="
+        f"{'/'.join(str(d) for d in range(1, n + 1) if n % d == 0)}") from e
+  validate_batch_split(c.train.batch_size, mesh.shape, where)
+  loss_fn, params, frozen, batch, model_params = step_inputs(c)
+  tx = train.make_optimizer(c.train.optim)
+  state = sharding.abstract(jax.eval_shape(lambda p: train.init_state(p, tx, c.train.seed),
+                                           params), mesh)
+  frozen = sharding.abstract(frozen, mesh)  # None stays None
+  stacked = sharding.stacked_batch_sharding(mesh)
+  batches = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype, sharding=stacked), batch)
+  step = train.jit_step(loss_fn, tx, c.train, state, frozen, mesh)
+  info = dict(mesh=dict(mesh.shape), params=count(model_params), trainable_params=count(params),
+              frozen_params=count(frozen))
+  return step, (state, frozen, batches), info
+
+
+def compile_step(c, devices, where="the devices"):
+  """(compiled executable, its abstract arguments, info with ``compile_s``) of ``build``."""
+  step, args, info = build(c, devices, where)
+  t0 = time.time()
+  compiled = step.lower(*args).compile()
+  return compiled, args, dict(info, compile_s=time.time() - t0)
+
+
+def summarize(c, topology, devices, spec, hbm, compiled, info):
+  """The plan's JSON-able dict: XLA's memory per chip (GiB), FLOPs per chip, ``fits``."""
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
+  gib = lambda b: round(b / GIB, 4)
+  sizes = dict(argument=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
+               output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes)
+  r = dict(topology=topology, libtpu_topology=spec, device_kind=devices[0].device_kind,
+           chips=len(devices), mesh=info["mesh"], global_batch=c.train.batch_size,
+           batch_per_chip=c.train.batch_size / len(devices), params=info["params"],
+           trainable_params=info["trainable_params"], frozen_params=info["frozen_params"],
+           hbm_capacity_gib_per_chip=None if hbm is None else round(hbm, 4))
+  r.update({f"{k}_gib_per_chip": gib(v) for k, v in sizes.items()})
+  r["peak_gib_per_chip"] = gib(sizes["argument"] + sizes["temp"] + sizes["output"]
+                               - sizes["alias"])
+  r["fits"] = None if hbm is None else bool(
+      r["peak_gib_per_chip"] <= FIT_FRACTION * r["hbm_capacity_gib_per_chip"])
+  r["flops_per_step_per_chip"] = float(cost["flops"]) if cost and "flops" in cost else None
+  r["compile_s"] = round(info["compile_s"], 1)
+  r["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+  if c.experiment == "mlcm":
+    r.update(stage=0, from_bank=bool(c.mlcm.bank.dir))
+  return r
+
+
+def plan(c, topology):
+  """The plan of config ``c`` on ``topology`` (see ``topology_devices``) as a JSON-able dict."""
+  if c.experiment not in PLANNED:
+    raise ConfigError(f"config.experiment={c.experiment!r} cannot be planned (the toy trains many "
+                      f"small models in one process); allowed: {' or '.join(PLANNED)} configs")
+  devices, spec, hbm = topology_devices(topology)
+  compiled, _, info = compile_step(c, devices, f"--topology={topology} ({len(devices)} chips)")
+  return summarize(c, topology, devices, spec, hbm, compiled, info)
+
+
+def advice(report, c):
+  """What would make a plan that does not fit fit: the larger of arguments / temporaries and
+  the settings that shrink it."""
+  r = report
+  chips, fsdp = r["chips"], r["mesh"]["fsdp"]
+  if r["argument_gib_per_chip"] >= r["temp_gib_per_chip"]:
+    hint = (f"arguments dominate ({r['argument_gib_per_chip']:.2f} GiB per chip: parameters, EMA, "
+            "Adam moments and frozen weights): ")
+    if fsdp < chips:
+      return hint + (f"shard them over more chips with config.mesh.fsdp (now {fsdp}; e.g. "
+                     f"--config.mesh.fsdp={chips} --config.mesh.data=1)")
+    return hint + "they are sharded over every chip already: a topology with more chips or HBM"
+  hints = [f"lower the batch per chip (now {r['batch_per_chip']:g}: e.g. "
+           f"--config.train.batch_size={max(c.train.batch_size // 2, r['chips'])})"]
+  if c.experiment == "pixel" and not c.model.remat:
+    hints.insert(0, "rematerialise the blocks (--config.model.remat=True)")
+  if c.experiment == "mlcm" and not c.mlcm.bank.dir:
+    hints.append("take the teacher out of the step with a trajectory bank "
+                 "(--config.mlcm.bank.dir=DIR)")
+  if fsdp < chips:
+    hints.append(f"shard parameters with config.mesh.fsdp (now {fsdp})")
+  return (f"temporaries dominate ({r['temp_gib_per_chip']:.2f} GiB per chip, activations): "
+          + "; ".join(hints))
+
+
+def table(report):
+  """The plan as readable lines."""
+  r = report
+  cap = r["hbm_capacity_gib_per_chip"]
+  lines = [f"plan on {r['topology']} ({r['chips']} x {r['device_kind']}, mesh data="
+           f"{r['mesh']['data']} x fsdp={r['mesh']['fsdp']}), global batch {r['global_batch']} "
+           f"({r['batch_per_chip']:g} per chip)",
+           f"  parameters {r['params']:,} (trainable {r['trainable_params']:,}, frozen inputs "
+           f"{r['frozen_params']:,})",
+           "  per chip               GiB"]
+  for key, label in (("argument", "arguments"), ("temp", "temporaries"), ("output", "outputs"),
+                     ("alias", "- aliased (donated)")):
+    lines.append(f"  {label:<20} {r[key + '_gib_per_chip']:9.3f}")
+  peak = f"  {'peak':<20} {r['peak_gib_per_chip']:9.3f}"
+  if cap is not None:
+    peak += (f" of {cap:g} GiB HBM ({100 * r['peak_gib_per_chip'] / cap:.0f}%): "
+             f"{'fits' if r['fits'] else 'does NOT fit'} (limit {100 * FIT_FRACTION:.0f}%)")
+  lines.append(peak)
+  if r["flops_per_step_per_chip"] is not None:
+    lines.append(f"  FLOPs per step: {r['flops_per_step_per_chip'] / 1e12:.4g} T per chip, "
+                 f"{r['flops_per_step_per_chip'] * r['chips'] / 1e12:.4g} T in all")
+  lines.append(f"  compile {r['compile_s']:.1f} s, host peak memory {r['host_peak_gib']:.2f} GiB")
+  return "\n".join(lines)
+
+
+def run(config, topology, workdir=None):
+  """``--mode=plan``: prints the table, advice when it does not fit, and the JSON line last;
+  with ``workdir``, also writes it to ``workdir/plan_<topology>.json``. Returns the report."""
+  if not topology:
+    raise UserError(f"--mode=plan needs --topology; allowed: {', '.join(TOPOLOGIES)}, a libtpu "
+                    "spelling such as v5e:8x8, or local")
+  report = plan(config, topology)
+  print(table(report))
+  if report["fits"] is False:
+    print("  to fit: " + advice(report, config))
+  if workdir:
+    storage.makedirs(workdir)
+    storage.write_json(os.path.join(workdir, f"plan_{topology.replace(':', '_')}.json"), report)
+  print(json.dumps(report), flush=True)
+  return report

@@ -1,0 +1,219 @@
+"""``--mode=plan``: the train step compiled for abstract TPU devices (libtpu, no TPU present).
+
+Tiny configs on ``v5e:2x2`` (4 chips). Each config is compiled for TPU once per module (the TPU
+compiler needs ~20-30 s for them on 2 busy cores); the tests then read that one executable. The
+same configs' real CPU train steps (``pixel.run`` / ``sdxl_mlcm.run`` on the 8 fake CPU devices)
+are shown to come from the planner's builder: the same ``train.jit_step`` call, the same HLO.
+"""
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import imagenet64_base, imagenet64_cd
+from configs import sdxl_mlcm as sdxl_mlcm_config
+from mcm_jax import errors, objectives, plan, train
+from mcm_jax.config_validation import ConfigError
+from mcm_jax.experiments import pixel, sdxl_mlcm
+from mcm_jax.models import sdxl
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'): it compiles for abstract TPUs")
+# The persistent compilation cache stores TPU executables it cannot load back without a TPU.
+pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+TOPOLOGY = "v5e:2x2"
+KEYS = ("topology", "chips", "mesh", "global_batch", "params", "trainable_params",
+        "hbm_capacity_gib_per_chip", "argument_gib_per_chip", "temp_gib_per_chip",
+        "output_gib_per_chip", "alias_gib_per_chip", "peak_gib_per_chip",
+        "flops_per_step_per_chip", "compile_s", "fits", "host_peak_gib")
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _compiled(config):
+  devices, spec, hbm = plan.topology_devices(TOPOLOGY)
+  compiled, args, info = plan.compile_step(config, devices)
+  report = plan.summarize(config, TOPOLOGY, devices, spec, hbm, compiled, info)
+  return config, compiled, args, report
+
+
+@pytest.fixture(scope="module")
+def cd_plan():
+  return _compiled(imagenet64_cd.get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def mlcm_plan():
+  config = sdxl_mlcm_config.get_config("tiny")
+  config.mesh.fsdp = 2  # the frozen UNet's large kernels sharded over 2 chips
+  return _compiled(config)
+
+
+def _padded_bytes(x, fmt):
+  """Bytes of one chip's shard of argument ``x`` in the layout XLA chose (``fmt``): the shard's
+  dimensions in major-to-minor order, the minor ones rounded up to the layout's tile."""
+  shape = x.sharding.shard_shape(x.shape)
+  dims = [shape[d] for d in fmt.layout.major_to_minor] or [1]
+  for i, t in enumerate((fmt.layout.tiling[0] if fmt.layout.tiling else ())[::-1]):
+    if len(dims) - 1 - i >= 0:
+      dims[len(dims) - 1 - i] = -(-dims[len(dims) - 1 - i] // t) * t
+  return int(np.prod(dims)) * x.dtype.itemsize
+
+
+def _check_report(report, compiled, args, fsdp=1):
+  assert set(KEYS) <= set(report), set(KEYS) - set(report)
+  assert report["chips"] == 4 and report["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp}
+  assert report["hbm_capacity_gib_per_chip"] == 16  # v5e
+  shown = {k: report[f"{k}_gib_per_chip"] for k in ("argument", "temp", "output", "alias",
+                                                   "peak", "hbm_capacity")}
+  assert shown["peak"] == pytest.approx(shown["argument"] + shown["temp"] + shown["output"]
+                                        - shown["alias"], abs=3e-4)
+  assert report["fits"] == (shown["peak"] <= 0.9 * shown["hbm_capacity"])
+  assert report["flops_per_step_per_chip"] > 0
+  # Hand count of the sharded arguments (state, frozen, batch): each chip holds its shard of
+  # every leaf; XLA's argument bytes are exactly that, in its tiled TPU layouts.
+  leaves = jax.tree_util.tree_leaves(args)
+  formats = jax.tree_util.tree_leaves(compiled.input_formats)
+  assert len(leaves) == len(formats)
+  hand = sum(_padded_bytes(x, f) for x, f in zip(leaves, formats))
+  assert compiled.memory_analysis().argument_size_in_bytes == hand
+  assert report["argument_gib_per_chip"] == round(hand / 2 ** 30, 4)
+  unpadded = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                 for x in leaves)
+  assert unpadded <= hand < 2 * unpadded  # tiny shapes: tile padding, not a missed sharding
+
+
+@needs_libtpu
+def test_tiny_cd_plan(cd_plan):
+  config, compiled, args, report = cd_plan
+  _check_report(report, compiled, args)
+  model = objectives.uvit_model(config)[0]
+  params = _count(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                 *objectives.uvit_inputs(config)))
+  assert report["params"] == report["trainable_params"] == params
+  assert report["frozen_params"] == params  # CD's teacher: the base run's parameters
+  assert report["global_batch"] == config.train.batch_size and report["fits"]
+
+
+@needs_libtpu
+def test_tiny_mlcm_plan(mlcm_plan):
+  config, compiled, args, report = mlcm_plan
+  _check_report(report, compiled, args, fsdp=2)
+  unet = jax.tree_util.tree_leaves(args[1]["unet"])
+  sharded = [x for x in unet if x.sharding.shard_shape(x.shape) != x.shape]
+  assert _count(sharded) > _count(unet) / 2  # so the hand count above checks the fsdp split
+  unet = jax.eval_shape(sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG).init_weights,
+                        jax.random.PRNGKey(0))
+  assert report["params"] == _count(unet)
+  assert report["trainable_params"] == _count(jax.eval_shape(
+      lambda p: sdxl_mlcm.init_lora(config, p), unet))
+  assert report["stage"] == 0 and not report["from_bank"]
+
+
+@needs_libtpu
+def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_path):
+  config, compiled, args, report = cd_plan
+  info = dict(mesh=report["mesh"], params=report["params"],
+              trainable_params=report["trainable_params"],
+              frozen_params=report["frozen_params"], compile_s=report["compile_s"])
+  monkeypatch.setattr(plan, "compile_step", lambda *a: (compiled, args, info))
+  plan.run(config, TOPOLOGY, str(tmp_path))
+  lines = capsys.readouterr().out.strip().splitlines()
+  last = json.loads(lines[-1])
+  assert {k: v for k, v in last.items() if k != "host_peak_gib"} == {
+      k: v for k, v in report.items() if k != "host_peak_gib"}
+  assert any("peak" in l and "fits" in l for l in lines[:-1])
+  assert json.loads((tmp_path / "plan_v5e_2x2.json").read_text())["fits"] is True
+
+
+def test_advice_names_what_dominates():
+  config = imagenet64_cd.get_config("small")
+  config.model.remat = False
+  base = dict(chips=64, mesh={"data": 64, "fsdp": 1}, batch_per_chip=32.0)
+  temp = plan.advice(dict(base, argument_gib_per_chip=2.0, temp_gib_per_chip=30.0), config)
+  assert "temporaries dominate" in temp and "model.remat=True" in temp
+  assert "batch_size=1024" in temp and "mesh.fsdp" in temp
+  args = plan.advice(dict(base, argument_gib_per_chip=20.0, temp_gib_per_chip=3.0), config)
+  assert "arguments dominate" in args and "--config.mesh.fsdp=64" in args
+
+
+class _Stop(Exception):
+  """Raised by the recorded step instead of running it."""
+
+
+def _record_jit_step(monkeypatch):
+  """Replaces ``train.jit_step`` by a recorder: each call's jitted step (and, when the training
+  loop calls it, its arguments, after which it stops the run with ``_Stop``)."""
+  calls = []
+  real = train.jit_step
+
+  class Recorded:
+    def __init__(self, step):
+      self.step, self.args = step, None
+      self.lower = step.lower
+
+    def __call__(self, *args):
+      self.args = args
+      raise _Stop
+
+  def recording(*args, **kwargs):
+    calls.append(Recorded(real(*args, **kwargs)))
+    return calls[-1]
+
+  monkeypatch.setattr(train, "jit_step", recording)
+  return calls
+
+
+@pytest.mark.parametrize("make_config,run", [
+    (lambda: imagenet64_base.get_config("tiny"), pixel.run),
+    (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run)], ids=["pixel", "mlcm"])
+def test_train_and_plan_build_the_same_step(make_config, run, monkeypatch, tmp_path):
+  """The real CPU training run and the planner (for the same 8 CPU devices) both get their step
+  from ``train.jit_step``, and the two lower to the same program."""
+  assert jax.device_count() == 8
+  calls = _record_jit_step(monkeypatch)
+  with pytest.raises(_Stop):
+    run(make_config(), str(tmp_path))
+  assert len(calls) == 1 and calls[0].args is not None
+  trained = calls[0].lower(*calls[0].args).as_text()
+  step, args, _ = plan.build(make_config(), jax.devices())
+  assert len(calls) == 2 and step is calls[1]
+  assert step.lower(*args).as_text() == trained
+
+
+def test_errors_name_the_value_and_what_is_allowed(monkeypatch):
+  config = imagenet64_cd.get_config("tiny")
+  with pytest.raises(errors.UserError, match=r"--topology='v9-8' is not known; allowed: v4-8"):
+    plan.plan(config, "v9-8")
+  devices = jax.devices()  # 8 CPU devices: the checks are the same for a TPU topology
+  config.mesh.fsdp = 3
+  with pytest.raises(ConfigError, match=r"config.mesh=\(data=-1, fsdp=3\) does not divide "
+                     r"8 chips; allowed: data x fsdp = 8"):
+    plan.build(config, devices, "8 chips")
+  config.mesh.fsdp = 2
+  config.train.batch_size = 12
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=12 is invalid .* a multiple "
+                     "of 8"):
+    plan.build(config, devices, "8 chips")
+  with pytest.raises(ConfigError, match="config.experiment='toy' cannot be planned"):
+    from configs import toy  # pylint: disable=g-import-not-at-top
+    plan.plan(toy.get_config("tiny"), "local")
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+  with pytest.raises(errors.UserError, match=r"pip install -e '\.\[tpu\]'"):
+    plan.topology_devices("v5e-8")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name,chips,kind", [("v4-8", 4, "TPU v4"), ("v5p-8", 4, "TPU v5"),
+                                             ("v5e-64", 64, "TPU v5 lite"),
+                                             ("v6e:2x4", 8, "TPU v6 lite")])
+def test_topology_names(name, chips, kind):
+  devices, _, hbm = plan.topology_devices(name)
+  assert len(devices) == chips and devices[0].device_kind == kind and hbm > 0
