@@ -139,8 +139,9 @@ def run_2d(config, workdir, writer, data_source=None):
       if len(per_seed) > 1:
         results[f"{method}_{s}_seeds"] = per_seed
   if dim >= 2:
-    first2 = lambda tree: jax.tree_util.tree_map(lambda a: a[:, :2], tree)
-    plotting.scatter_grid(os.path.join(workdir, "samples.png"), first2(samples),
+    # A dict comprehension, not tree_map: tree_map sorts the keys ('16-step' before '2-step').
+    first2 = {row: {col: x[:, :2] for col, x in panels.items()} for row, panels in samples.items()}
+    plotting.scatter_grid(os.path.join(workdir, "samples.png"), first2,
                           reference=ref[:, :2])
   return results
 
