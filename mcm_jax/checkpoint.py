@@ -139,22 +139,28 @@ def _quiet_failed_read(step_dir):
   """A failed orbax read of ``step_dir`` leaves, besides its exception, tensorstore callbacks
   aimed at orbax's closed asyncio loop (each printing a 'RuntimeError: Event loop is closed'
   traceback) and failed futures that asyncio logs as 'Future exception was never retrieved'
-  with tensorstore's whole spec: dozens for one short file, some after the read has raised.
-  Those reports (only those) are dropped during the read and, if it fails, for the rest of the
-  process; the failure itself is reported once, by the caller."""
+  with tensorstore's whole spec, and read errors of abandoned array reads raised where nobody
+  catches them ('Exception ignored ...', the spec naming ``step_dir``): dozens for one short
+  file, some after the read has raised. Those reports (only those) are dropped during the read
+  and, if it fails, for the rest of the process; the failure itself is reported once, by the
+  caller."""
   old_hook = sys.unraisablehook
 
   def hook(unraisable):
     exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    if not closed_loop and not any(f"{d}/" in str(exc) for d in hook.step_dirs):
       old_hook(unraisable)
 
   def keep(record):
     text = record.getMessage()
     return not ("exception was never retrieved" in text and f"{step_dir}/" in text)
 
-  if not getattr(old_hook, "drops_closed_loop_reports", False):
+  if getattr(old_hook, "drops_closed_loop_reports", False):
+    old_hook.step_dirs.append(step_dir)  # the hook installed by an earlier failed read
+  else:
     hook.drops_closed_loop_reports = True
+    hook.step_dirs = [step_dir]
     sys.unraisablehook = hook
   asyncio_logger = logging.getLogger("asyncio")
   asyncio_logger.addFilter(keep)
