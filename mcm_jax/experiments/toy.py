@@ -46,8 +46,8 @@ def student_init(config, teacher_params, student_steps):
   if not config.model.get("segment_input", False):
     return teacher_params
   model, _, _ = objectives.toy_model(config, student_steps)
-  dim = jax.tree_util.tree_leaves(teacher_params["params"]["Dense_1"])[0].shape[0]
-  extra = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, dim)), jnp.zeros((1,)),
+  # The embedding's shapes do not depend on the data's dimension: init on a 1-D stand-in.
+  extra = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 1)), jnp.zeros((1,)),
                      segment=jnp.ones((1,)))["params"]["segment_embed"]
   return {**teacher_params, "params": {**teacher_params["params"], "segment_embed": extra}}
 
