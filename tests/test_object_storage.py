@@ -131,7 +131,7 @@ def test_mlcm_bank_and_lora_export_on_a_gs_workdir(bucket, tmp_path, monkeypatch
   from mcm_jax.data import trajectory_bank  # pylint: disable=g-import-not-at-top
   from mcm_jax.experiments import sdxl_mlcm as mlcm_experiment  # pylint: disable=g-import-not-at-top
   root, _ = bucket
-  monkeypatch.setenv("MCM_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("MCM_JAX_BANK_CACHE", str(tmp_path / "cache"))
   config = sdxl_mlcm.get_config("tiny")
   config.mlcm.num_stages = 1
   config.mlcm.bank.update(dir="gs://bucket/bank", entries=8)
@@ -146,7 +146,9 @@ def test_mlcm_bank_and_lora_export_on_a_gs_workdir(bucket, tmp_path, monkeypatch
     assert name in files, (name, files)
   bank = trajectory_bank.Bank("gs://bucket/bank", mlcm_experiment.bank_settings(config))
   assert len(bank) == 8 and np.all(np.isfinite(bank.get(np.arange(8))["z_tm"]))
-  assert any("trajectory_bank" in d for d, _, _ in os.walk(tmp_path / "cache"))
+  copies = _files(tmp_path / "cache")  # the shards were read through local copies
+  assert copies and all(f.startswith("gs/bucket/bank/shard_p0000_") for f in copies), copies
+  assert any(f.endswith("/z_tm.npy") for f in copies)
   params = mlcm_experiment.build_models(config)[1]
   remote = lora.load(path, params)
   local = lora.load(str(root / "bucket/mlcm/stage0/lora"), params)

@@ -91,11 +91,10 @@ def _metas(directory):
 
 
 def _default_cache():
-  """Where a remote bank's shards are copied: ``$MCM_JAX_CACHE`` (default ~/.cache/mcm_jax)
-  ``/trajectory_bank/<scheme>/<bucket>/<path>``."""
-  root = os.environ.get("MCM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "mcm_jax")
-  return os.path.join(root, "trajectory_bank")
+  """Where a remote bank's shards are copied: ``$MCM_JAX_BANK_CACHE``, default
+  ``~/.cache/mcm_jax/trajectory_bank`` (then ``<scheme>/<bucket>/<path>``)."""
+  return os.environ.get("MCM_JAX_BANK_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mcm_jax", "trajectory_bank")
 
 
 def open_or_build(directory, settings, batches):
