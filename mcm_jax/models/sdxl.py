@@ -322,21 +322,26 @@ def hashed_text_encoder(context_dim, pooled_dim, length=8, vocab=1024, seed=0):
   return encode
 
 
+def text_widths(model):
+  """(context width, pooled width) a UNet ``model`` expects from the text encoders: its
+  cross-attention width, and the added-condition input less SDXL's 6 size / crop time ids."""
+  cfg = model.config
+  return (cfg["cross_attention_dim"],
+          cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"])
+
+
 def hashed_text_encoder_for(model, seed=0):
   """``hashed_text_encoder`` with the widths a UNet ``model`` expects."""
-  cfg = model.config
-  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-  return hashed_text_encoder(cfg["cross_attention_dim"], pooled, seed=seed)
+  return hashed_text_encoder(*text_widths(model), seed=seed)
 
 
 def zeros_text_encoder(model, length=CLIP_LENGTH):
   """A stand-in with the output shapes of ``load_text_encoders`` for a UNet ``model`` (context
   [B, length, cross_attention_dim], text_embeds [B, pooled]), all zeros: ``--mode=plan``
   needs the shapes, not CLIP's weights."""
-  cfg = model.config
-  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+  width, pooled = text_widths(model)
   return lambda prompts: {
-      "context": np.zeros((len(prompts), length, cfg["cross_attention_dim"]), np.float32),
+      "context": np.zeros((len(prompts), length, width), np.float32),
       "text_embeds": np.zeros((len(prompts), pooled), np.float32)}
 
 
