@@ -90,6 +90,7 @@ MAIN_CASES = [
     ([TOY, "--config.teacher.steps=0"], ["config.teacher.steps=0", "integer >= 1"]),
     ([TOY, "--config.student.batch_size=-4"], ["config.student.batch_size=-4"]),
     ([TOY, "--config.sweep.student_steps=(0,2)"], ["config.sweep.student_steps=(0, 2)"]),
+    ([TOY, "--config.sweep.num_seeds=0"], ["config.sweep.num_seeds=0", "integer >= 1"]),
     ([TOY, "--config.consistency.teacher_steps_start=1"], ["teacher_steps_start=1"]),
     ([TOY, "--config.consistency.xvar_frac=-0.5"], ["xvar_frac=-0.5"]),
     ([TOY, "--config.consistency.loss_weight=snr"], ["loss_weight='snr'"]),
