@@ -39,6 +39,17 @@ TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step as <step>.orbax-checkp
 _READ_ERRORS = (DamagedCheckpointError, OSError, ValueError, KeyError, TypeError, IndexError)
 
 
+def _read_error(exc):
+  """The read error behind ``exc``, or None when ``exc`` is not one. Orbax re-raises an array
+  read's error as a bare ``Exception("Encountered error while reading array index ...")`` from
+  it, which of the two surfaces first depends on timing."""
+  if isinstance(exc, _READ_ERRORS):
+    return exc
+  if type(exc) is Exception and isinstance(exc.__cause__, _READ_ERRORS):  # pylint: disable=unidiomatic-typecheck
+    return exc.__cause__
+  return None
+
+
 def make_manager(directory, max_to_keep=3, async_save=True):
   """A CheckpointManager over ``directory`` (created if missing), keeping ``max_to_keep``."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -205,8 +216,10 @@ def newest_readable(manager, read):
         value = read(step)
     except IncompatibleCheckpointError:
       raise
-    except _READ_ERRORS as e:
-      ok, reason = False, _reason(e, manager.directory / str(step))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if _read_error(e) is None:
+        raise
+      ok, reason = False, _reason(_read_error(e), manager.directory / str(step))
     if _all_processes(ok):
       return step, value, failed
     failed.append((step, "unreadable on another process" if ok else reason))
