@@ -26,7 +26,14 @@ def get_config(size="sdxl"):
   c.text_encoder = "sdxl"  # 'hashed': tests only (no CLIP weights)
   c.prompts = "/data/laion_aesthetics_6plus.txt"  # .txt / .jsonl / .parquet
   c.latent_resolution = 128  # 1024 px / 8
-  c.dtype = "bfloat16"  # UNet compute dtype; weights and LoRA float32
+  c.dtype = "bfloat16"  # UNet compute dtype; the LoRA is float32
+  # The UNet (mcm_jax.models.sdxl_unet: diffusers' SDXL UNet with scanned transformer blocks).
+  # remat: what the backward pass keeps of each transformer block: 'full' nothing but its input
+  # (one extra forward of the blocks; the stage-0 step from a bank plans at 12.5 GiB per chip on
+  # v6e-8), 'dots' its matmuls' outputs (XLA then has to rematerialise on its own to squeeze the
+  # step into 29 GiB, 91% of HBM), 'none'; attention: 'xla' or 'chunked' (diffusers'
+  # memory-efficient attention); frozen_dtype: the frozen base / teacher weights in memory.
+  c.unet = dict(remat="full", attention="xla", frozen_dtype="bfloat16")
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
   # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports
   # lora/pytorch_lora_weights.safetensors (diffusers) and lora/mlcm_stage<i>_K<K>_kohya.safetensors
@@ -68,7 +75,7 @@ def get_config(size="sdxl"):
   if size == "tiny":  # random tiny UNet, hashed text, built-in prompts
     c.update_from_flattened_dict({
         "student_unet": "", "text_encoder": "hashed", "prompts": "",
-        "latent_resolution": 8, "dtype": "float32",
+        "latent_resolution": 8, "dtype": "float32", "unet.frozen_dtype": "float32",
         "lora.rank": 4,
         "mlcm.num_segments": 4, "mlcm.num_stages": 2, "mlcm.bank.entries": 64,
         "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,

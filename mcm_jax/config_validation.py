@@ -8,6 +8,7 @@ modules are imported here (jax, numpy, flax through the UViT's stage table; no o
 import difflib
 
 from mcm_jax import consistency, fid, mlcm, schedules
+from mcm_jax.models import sdxl_unet
 from mcm_jax.errors import UserError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import toy as toy_data
@@ -221,6 +222,9 @@ def validate_mlcm(c):
   check_in(c.lora.kohya_dtype, "lora.kohya_dtype", ("float16", "float32"))
   _check(_is_int(c.sample.num) and c.sample.num >= 1, "sample.num", c.sample.num,
          "an integer >= 1")
+  check_in(c.unet.remat, "unet.remat", tuple(sdxl_unet.REMAT))
+  check_in(c.unet.attention, "unet.attention", sdxl_unet.ATTENTION)
+  check_in(c.unet.frozen_dtype, "unet.frozen_dtype", ("float32", "bfloat16", "float16"))
   check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
   check_in(m.uncond, "mlcm.uncond", ("auto", "zeros", "empty_prompt"))
   if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):

@@ -85,7 +85,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     raise errors.UserError(f"batch_size={batch_size} is invalid; allowed: an integer >= 1")
   unet, vae = pipeline["unet"], pipeline["vae"]
   factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
-  multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+  multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)
   if resolution < multiple or resolution % multiple:
     raise errors.UserError(f"resolution={resolution} is invalid; allowed: a positive multiple of "
                            f"{multiple}")

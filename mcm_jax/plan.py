@@ -21,6 +21,7 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax import objectives, sharding, storage, train
@@ -72,13 +73,17 @@ def topology_devices(name):
 
 
 def step_inputs(c):
-  """(loss_fn, params, frozen, batch, model params) of ``c``'s train step, all abstract (no
-  mesh yet), built by the runners' own builders."""
+  """(loss_fn, params, frozen, batch, model params, forward) of ``c``'s train step, all abstract
+  (no mesh yet), built by the runners' own builders; ``forward(params, frozen, batch)`` is one
+  student forward on the batch (the unit of ``flops_ratio``)."""
   if c.experiment == "pixel":
     from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
     _, logsnr_fn, denoise, like = pixel.build(c, None)
+    forward = lambda p, frozen, b: denoise(p, b["x"], jnp.full(b["x"].shape[:1], 0.5),
+                                           b["label"])
     return (objectives.pixel_loss(c, denoise, logsnr_fn), like, pixel.frozen_params(c, like),
-            pixel.batch_shapes(c), like)
+            pixel.batch_shapes(c), like, forward)
+  from mcm_jax import lora, mlcm  # pylint: disable=g-import-not-at-top
   from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
   if c.rewards.scorer:  # mlcm (plan admits only PLANNED)
@@ -86,10 +91,29 @@ def step_inputs(c):
                       "the reward models yet; allowed: '' (MLCD only)")
   model, params, teacher, encode = sdxl_mlcm.abstract_models(c)
   encode_batch = sdxl_mlcm.conditioning_fn(c, encode)
-  frozen = sdxl_mlcm.frozen_inputs(params, teacher, sdxl_mlcm.unconditional(c, encode_batch))
+  frozen = sdxl_mlcm.frozen_inputs(c, params, teacher, sdxl_mlcm.unconditional(c, encode_batch))
   lora_params = jax.eval_shape(lambda p: sdxl_mlcm.init_lora(c, p), params)
-  return (objectives.mlcm_loss(c, sdxl.make_denoiser(model), 0), lora_params, frozen,
-          sdxl_mlcm.batch_shapes(c, encode_batch), params)
+  denoise = sdxl.make_denoiser(model)
+
+  def forward(p, frozen, b):
+    res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
+    z = jnp.zeros((b["context"].shape[0], res, res, 4))
+    return denoise(lora.merge(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
+                   cond)
+
+  return (objectives.mlcm_loss(c, denoise, 0), lora_params, frozen,
+          sdxl_mlcm.batch_shapes(c, encode_batch), params, forward)
+
+
+def without_remat(c):
+  """A copy of config ``c`` whose network recomputes nothing in the backward pass (the UViT's
+  ``model.remat``, the SDXL UNet's ``unet.remat``): the step whose FLOPs are the ideal ones."""
+  c = c.copy_and_resolve_references()
+  if c.experiment == "pixel":
+    c.model.remat = False
+  else:
+    c.unet.remat = "none"
+  return c
 
 
 def count(tree):
@@ -109,7 +133,7 @@ def build(c, devices, where="the devices"):
         f"data x fsdp = {n} (-1: the rest), e.g. --config.mesh.fsdp="
         f"{'/'.join(str(d) for d in range(1, n + 1) if n % d == 0)}") from e
   validate_batch_split(c.train.batch_size, mesh.shape, where)
-  loss_fn, params, frozen, batch, model_params = step_inputs(c)
+  loss_fn, params, frozen, batch, model_params, forward = step_inputs(c)
   tx = train.make_optimizer(c.train.optim)
   state = sharding.abstract(jax.eval_shape(lambda p: train.init_state(p, tx, c.train.seed),
                                            params), mesh)
@@ -120,22 +144,79 @@ def build(c, devices, where="the devices"):
   step = train.jit_step(loss_fn, tx, c.train, state, frozen, mesh)
   info = dict(mesh=dict(mesh.shape), params=count(model_params), trainable_params=count(params),
               frozen_params=count(frozen))
+  one_batch = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
+      batch)
+  info["forward"] = (jax.jit(forward), (state.params, frozen, one_batch))
   return step, (state, frozen, batches), info
 
 
 def compile_step(c, devices, where="the devices"):
-  """(compiled executable, its abstract arguments, info with ``compile_s``) of ``build``."""
+  """(compiled executable, its abstract arguments, info with ``compile_s`` and the program's
+  FLOPs per chip (``jaxpr_flops``) of the step, ``program_flops``, of the same step without
+  rematerialisation, ``ideal_flops``, and of one student forward, ``forward_flops``) of
+  ``build``."""
   step, args, info = build(c, devices, where)
   t0 = time.time()
   compiled = step.lower(*args).compile()
-  return compiled, args, dict(info, compile_s=time.time() - t0)
+  compile_s = time.time() - t0
+  forward, forward_args = info.pop("forward")
+  program = lambda f, a: jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
+  ideal_step, ideal_args, _ = build(without_remat(c), devices, where)
+  return compiled, args, dict(info, compile_s=compile_s, program_flops=program(step, args),
+                              forward_flops=program(forward, forward_args),
+                              ideal_flops=program(ideal_step, ideal_args))
+
+
+def jaxpr_flops(jaxpr):
+  """FLOPs of the matrix products and convolutions of a (closed) jaxpr, 2 per multiply-add:
+  ``dot_general`` 2 x |out| x |contracted|, ``conv_general_dilated`` 2 x |out| x |kernel| /
+  out-features; a ``scan`` body counts ``length`` times, a ``cond`` its largest branch, every
+  other sub-program (jit, remat, custom derivatives, a while body) once. XLA's own
+  ``cost_analysis`` counts a loop body once whatever its trip count, so it undercounts scanned
+  models; this counts what the program asks for, including rematerialisation by ``jax.checkpoint``
+  (not what XLA adds on its own to fit memory)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * _size(eqn.outvars[0].aval.shape) * _size([lhs[d] for d in contract])
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += 2 * _size(eqn.outvars[0].aval.shape) * _size(rhs) // out_features
+    subs = [v for v in eqn.params.values() if _is_jaxpr(v)]
+    branches = [b for v in eqn.params.values() if isinstance(v, (tuple, list))
+                for b in v if _is_jaxpr(b)]
+    if name == "cond":
+      total += max(jaxpr_flops(b) for b in branches)
+    else:
+      inner = sum(jaxpr_flops(j) for j in subs + branches)
+      total += inner * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
+def _is_jaxpr(v):
+  return isinstance(v, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr))
+
+
+def _size(shape):
+  return int(np.prod(shape, dtype=np.int64))
+
+
+def _flops(compiled):
+  """XLA's FLOPs per device of a compiled executable (None when the backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
+  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def summarize(c, topology, devices, spec, hbm, compiled, info):
   """The plan's JSON-able dict: XLA's memory per chip (GiB), FLOPs per chip, ``fits``."""
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
   gib = lambda b: round(b / GIB, 4)
   sizes = dict(argument=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
                output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes)
@@ -149,7 +230,11 @@ def summarize(c, topology, devices, spec, hbm, compiled, info):
                                - sizes["alias"])
   r["fits"] = None if hbm is None else bool(
       r["peak_gib_per_chip"] <= FIT_FRACTION * r["hbm_capacity_gib_per_chip"])
-  r["flops_per_step_per_chip"] = float(cost["flops"]) if cost and "flops" in cost else None
+  r["flops_per_step_per_chip"] = _flops(compiled)  # XLA's: loop bodies once
+  r["program_flops_per_step_per_chip"] = info["program_flops"]  # matmuls / convs, loops unrolled
+  r["forward_flops_per_chip"] = info["forward_flops"]
+  r["flops_ratio"] = round(info["program_flops"] / info["forward_flops"], 3)
+  r["ideal_ratio"] = round(info["ideal_flops"] / info["forward_flops"], 3)  # none recomputed
   r["compile_s"] = round(info["compile_s"], 1)
   r["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
   if c.experiment == "mlcm":
@@ -213,6 +298,10 @@ def table(report):
   if r["flops_per_step_per_chip"] is not None:
     lines.append(f"  FLOPs per step: {r['flops_per_step_per_chip'] / 1e12:.4g} T per chip, "
                  f"{r['flops_per_step_per_chip'] * r['chips'] / 1e12:.4g} T in all")
+  lines.append(f"  program (matmuls and convolutions, scans unrolled): "
+               f"{r['program_flops_per_step_per_chip'] / 1e12:.4g} T per chip = "
+               f"{r['flops_ratio']:.3g} student forwards; without remat {r['ideal_ratio']:.3g} "
+               f"({r['flops_ratio'] / r['ideal_ratio']:.3f}x)")
   lines.append(f"  compile {r['compile_s']:.1f} s, host peak memory {r['host_peak_gib']:.2f} GiB")
   return "\n".join(lines)
 

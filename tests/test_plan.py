@@ -28,7 +28,9 @@ TOPOLOGY = "v5e:2x2"
 KEYS = ("topology", "chips", "mesh", "global_batch", "params", "trainable_params",
         "hbm_capacity_gib_per_chip", "argument_gib_per_chip", "temp_gib_per_chip",
         "output_gib_per_chip", "alias_gib_per_chip", "peak_gib_per_chip",
-        "flops_per_step_per_chip", "compile_s", "fits", "host_peak_gib")
+        "flops_per_step_per_chip", "program_flops_per_step_per_chip", "forward_flops_per_chip",
+        "flops_ratio", "ideal_ratio",
+        "compile_s", "fits", "host_peak_gib")
 
 
 def _count(tree):
@@ -75,6 +77,8 @@ def _check_report(report, compiled, args, fsdp=1):
                                         - shown["alias"], abs=3e-4)
   assert report["fits"] == (shown["peak"] <= 0.9 * shown["hbm_capacity"])
   assert report["flops_per_step_per_chip"] > 0
+  assert report["flops_ratio"] == pytest.approx(
+      report["program_flops_per_step_per_chip"] / report["forward_flops_per_chip"], abs=1e-3)
   # Hand count of the sharded arguments (state, frozen, batch): each chip holds its shard of
   # every leaf; XLA's argument bytes are exactly that, in its tiled TPU layouts.
   leaves = jax.tree_util.tree_leaves(args)
@@ -98,6 +102,13 @@ def test_tiny_cd_plan(cd_plan):
   assert report["params"] == report["trainable_params"] == params
   assert report["frozen_params"] == params  # CD's teacher: the base run's parameters
   assert report["global_batch"] == config.train.batch_size and report["fits"]
+  # teacher + student at s + student forward and backward: 5 forwards (less the first layer's
+  # input gradient, which nobody asks for)
+  assert 4.9 < report["ideal_ratio"] <= 5.0 and report["flops_ratio"] == report["ideal_ratio"]
+  # The UViT is unrolled, so XLA's count (all ops) and the program's (matmuls, convolutions)
+  # are of the same program and must agree.
+  xla, program = report["flops_per_step_per_chip"], report["program_flops_per_step_per_chip"]
+  assert 0.95 < program / xla < 1.05, (program, xla)
 
 
 @needs_libtpu
@@ -113,6 +124,10 @@ def test_tiny_mlcm_plan(mlcm_plan):
   assert report["trainable_params"] == _count(jax.eval_shape(
       lambda p: sdxl_mlcm.init_lora(config, p), unet))
   assert report["stage"] == 0 and not report["from_bank"]
+  # The UNet's blocks are rematerialised (config.unet.remat='full'): one more forward of them
+  # in the student's backward, at most one more forward in all.
+  ideal, ratio = report["ideal_ratio"], report["flops_ratio"]
+  assert ideal + 0.2 < ratio < ideal + 1, (ideal, ratio)
 
 
 @needs_libtpu
@@ -120,7 +135,10 @@ def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_
   config, compiled, args, report = cd_plan
   info = dict(mesh=report["mesh"], params=report["params"],
               trainable_params=report["trainable_params"],
-              frozen_params=report["frozen_params"], compile_s=report["compile_s"])
+              frozen_params=report["frozen_params"], compile_s=report["compile_s"],
+              forward_flops=report["forward_flops_per_chip"],
+              program_flops=report["program_flops_per_step_per_chip"],
+              ideal_flops=report["ideal_ratio"] * report["forward_flops_per_chip"])
   monkeypatch.setattr(plan, "compile_step", lambda *a: (compiled, args, info))
   plan.run(config, TOPOLOGY, str(tmp_path))
   lines = capsys.readouterr().out.strip().splitlines()

@@ -29,15 +29,15 @@ def build_models(c):
   if c.text_encoder == "sdxl" and not c.student_unet:
     raise ConfigError("config.text_encoder='sdxl' needs config.student_unet: the local SDXL "
                       "directory holding text_encoder(_2)/ and tokenizer(_2)/")
-  dtype = jnp.dtype(c.dtype)
+  unet = unet_options(c)
   if c.student_unet:
-    model, params = sdxl.load_unet(c.student_unet, dtype)
+    model, params = sdxl.load_unet(c.student_unet, **unet)
   else:  # tiny: random weights of the tiny SDXL-architecture config
-    model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, dtype)
+    model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, **unet)
     params = model.init_weights(jax.random.PRNGKey(c.seed))
   teacher = None
   if c.teacher_unet:
-    t_model, teacher = sdxl.load_unet(c.teacher_unet, dtype)
+    t_model, teacher = sdxl.load_unet(c.teacher_unet, **unet)
     if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
       raise ValueError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
                        "architecture")
@@ -46,6 +46,12 @@ def build_models(c):
   else:
     encoder = sdxl.hashed_text_encoder_for(model, seed=c.seed)
   return model, params, teacher, encoder
+
+
+def unet_options(c):
+  """The UNet's compute dtype, rematerialisation and attention (``config.dtype``, ``config.unet``)
+  as keyword arguments of ``sdxl.unet_from_config`` / ``sdxl.load_unet``."""
+  return dict(dtype=jnp.dtype(c.dtype), remat=c.unet.remat, attention=c.unet.attention)
 
 
 def unet_config(c):
@@ -65,7 +71,7 @@ def abstract_models(c):
   """``build_models`` as shapes, for ``--mode=plan``: parameters are ShapeDtypeStructs of the
   UNet of ``unet_config`` (``jax.eval_shape``: nothing allocated, no weights read); the text
   encoder is the hashed one or zeros of SDXL's CLIP output shapes."""
-  model = sdxl.unet_from_config(unet_config(c), jnp.dtype(c.dtype))
+  model = sdxl.unet_from_config(unet_config(c), **unet_options(c))
   params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(c.seed))
   teacher = params if c.teacher_unet else None
   if c.text_encoder == "sdxl":
@@ -85,12 +91,16 @@ def conditioning_fn(c, encode):
   return encode_batch
 
 
-def frozen_inputs(params, teacher, uncond):
+def frozen_inputs(c, params, teacher, uncond):
   """The train step's ``frozen`` tree of stage 0 (``mlcm.loss``): the UNet, the unconditional
-  conditioning and a separate teacher's UNet if there is one."""
-  frozen = {"unet": params, "uncond": uncond}
+  conditioning and a separate teacher's UNet if there is one; the UNets' weights are kept in
+  ``config.unet.frozen_dtype`` (bfloat16 halves their memory; the LoRA stays float32)."""
+  cast = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, c.unet.frozen_dtype)
+      if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x, c.unet.frozen_dtype), tree)
+  frozen = {"unet": cast(params), "uncond": uncond}
   if teacher is not None:
-    frozen["teacher"] = teacher
+    frozen["teacher"] = cast(teacher)
   return frozen
 
 
@@ -196,7 +206,7 @@ def run(config, workdir):
     raise ConfigError("config.prompts is empty; allowed: a local .txt / .jsonl / .parquet file")
 
   encode_batch = conditioning_fn(c, encode)
-  frozen = frozen_inputs(params, teacher, jax.device_put(unconditional(c, encode_batch),
+  frozen = frozen_inputs(c, params, teacher, jax.device_put(unconditional(c, encode_batch),
                                                          sharding.replicated(mesh)))
   decode = score = None
   if c.rewards.scorer:

@@ -1,4 +1,5 @@
-"""SDXL's UNet in Flax (diffusers' ``FlaxUNet2DConditionModel``): build, load, apply.
+"""SDXL's UNet in Flax (``sdxl_unet``: diffusers' ``FlaxUNet2DConditionModel`` with scanned
+transformer blocks), its VAE and text encoders: build, load, apply.
 
 ``load_unet(path)`` reads a local diffusers-layout directory (an SDXL root with ``unet/``, or the
 ``unet`` folder itself) holding ``config.json`` and either Flax weights
@@ -11,7 +12,7 @@ error naming it. Nothing is downloaded.
 ``make_eps_fn(model)`` gives ``eps(params, z [B, H, W, 4] NHWC, t [B] (0..999), cond)`` and
 ``make_denoiser(model)`` the same UNet as an x-predicting denoiser (what MLCM and the samplers
 take), with ``cond = {'context': [B, L, D], 'text_embeds': [B, P], 'time_ids': [B, 6]}`` (the
-Flax UNet takes NCHW; transposes happen here, once).
+UNet takes NCHW, as diffusers'; transposes happen here, once).
 """
 import json
 import os
@@ -24,6 +25,7 @@ import numpy as np
 
 from mcm_jax import parameterization, schedules
 from mcm_jax.errors import UserError
+from mcm_jax.models import sdxl_unet
 
 # A tiny SDXL-architecture UNet for tests and the CPU demo: text_time added conditioning, linear
 # projections, transformer_layers_per_block (1, 2). Channels are multiples of 32 because the Flax
@@ -54,37 +56,24 @@ FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
-def _drop_flax_deprecation(record):
-  return "Flax classes are deprecated" not in record.getMessage()
-
-
 def _diffusers_flax_class(name):
-  """A diffusers Flax class by name; its "Flax classes are deprecated" notice (logged at every
-  trace) is filtered from diffusers' log handlers -- diffusers is pinned < 0.40 for that reason."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import diffusers  # pylint: disable=g-import-not-at-top
-    from diffusers.utils import logging as dlogging  # pylint: disable=g-import-not-at-top
-  for handler in dlogging._get_library_root_logger().handlers:  # pylint: disable=protected-access
-    if _drop_flax_deprecation not in handler.filters:
-      handler.addFilter(_drop_flax_deprecation)
-  return getattr(diffusers, name)
+  """A diffusers Flax class by name (its deprecation notice quieted: ``sdxl_unet.diffusers``)."""
+  return getattr(sdxl_unet.diffusers(), name)
 
 
-def _flax_unet_class():
-  return _diffusers_flax_class("FlaxUNet2DConditionModel")
-
-
-def unet_from_config(config, dtype=jnp.float32):
-  """A FlaxUNet2DConditionModel from a diffusers config dict (as in ``unet/config.json``)."""
-  return _from_config(_flax_unet_class(), config, dtype, fixed_groups=True)
-
-
-def _from_config(cls, config, dtype, fixed_groups=False):
+def unet_from_config(config, dtype=jnp.float32, remat="none", attention="xla"):
+  """SDXL's UNet from a diffusers config dict (as in ``unet/config.json``):
+  ``sdxl_unet.SDXLUNet``, diffusers' function with scanned transformer blocks (``remat`` and
+  ``attention`` as there), on diffusers' parameter layout."""
   groups = config.get("norm_num_groups", 32)
-  if fixed_groups and groups != 32:
+  if groups != 32:
     raise UserError(f"UNet config norm_num_groups={groups} is not supported: diffusers' Flax "
                     "UNet always uses 32 GroupNorm groups, so it would compute another function")
+  return sdxl_unet.unet(config, dtype, remat, attention)
+
+
+def _from_config(cls, config, dtype):
+  """A diffusers Flax ``cls`` (the VAE; diffusers' UNet in tests) from a config dict."""
   fields = set(cls.__dataclass_fields__) - {"parent", "name", "dtype"}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
   with warnings.catch_warnings():
@@ -167,15 +156,15 @@ def _read_msgpack(path):
   return params
 
 
-def _load_diffusers(path, name, class_name, dtype, fixed_groups=False):
-  """(model, float32 params) of a diffusers Flax model from ``path`` or ``path/<name>``; the
-  directory and its config are checked before diffusers is imported."""
+def _load_diffusers(path, name, build):
+  """(model, float32 params) of a diffusers-layout model from ``path`` or ``path/<name>``,
+  ``build(config dict)`` making the model; the directory and its config are checked first."""
   directory = component_dir(path, name)
   config = read_json(os.path.join(directory, "config.json"))
   if not isinstance(config, dict):
     raise UserError(f"{os.path.join(directory, 'config.json')} is not a diffusers config (a "
                     f"JSON object)")
-  model = _from_config(_diffusers_flax_class(class_name), config, dtype, fixed_groups)
+  model = build(config)
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
     from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
@@ -196,14 +185,16 @@ def _load_diffusers(path, name, class_name, dtype, fixed_groups=False):
                           "(PyTorch .bin pickles are not read: convert them to safetensors)")
 
 
-def load_unet(path, dtype=jnp.float32):
-  """(model, params) from a local directory (see module docstring); params are float32."""
-  return _load_diffusers(path, "unet", "FlaxUNet2DConditionModel", dtype, fixed_groups=True)
+def load_unet(path, dtype=jnp.float32, remat="none", attention="xla"):
+  """(model, params) from a local directory (see module docstring); params are float32, the
+  model is ``unet_from_config``'s."""
+  return _load_diffusers(path, "unet", lambda cfg: unet_from_config(cfg, dtype, remat, attention))
 
 
 def load_vae(path, dtype=jnp.float32):
   """(model, params) of SDXL's VAE (``FlaxAutoencoderKL``) from ``path`` or ``path/vae``."""
-  return _load_diffusers(path, "vae", "FlaxAutoencoderKL", dtype)
+  return _load_diffusers(path, "vae", lambda cfg: _from_config(
+      _diffusers_flax_class("FlaxAutoencoderKL"), cfg, dtype))
 
 
 def make_decoder(vae):

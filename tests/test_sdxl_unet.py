@@ -1,0 +1,145 @@
+"""The scanned SDXL UNet (mcm_jax.models.sdxl_unet) == diffusers' Flax UNet, values and gradients,
+for every remat policy and attention; its transformer blocks are traced once per stack.
+(Equality with diffusers' PyTorch UNet: tests/test_sdxl.py, through ``sdxl.load_unet``.)"""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from mcm_jax import plan
+from mcm_jax.errors import UserError
+from mcm_jax.models import sdxl, sdxl_unet
+
+warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+
+
+def diffusers_unet(config):
+  """diffusers' own FlaxUNet2DConditionModel: the independent reference."""
+  return sdxl._from_config(sdxl._diffusers_flax_class("FlaxUNet2DConditionModel"), config,  # pylint: disable=protected-access
+                           jnp.float32)
+
+
+def inputs(config, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  width, pooled = config["cross_attention_dim"], 32
+  return (jnp.asarray(rng.normal(size=(batch, 4, 16, 16)), jnp.float32),
+          jnp.array([999., 421., 3., 500.][:batch]),
+          rng.normal(size=(batch, 7, width)).astype(np.float32),
+          {"text_embeds": rng.normal(size=(batch, pooled)).astype(np.float32),
+           "time_ids": np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (batch, 1))})
+
+
+def random_params(model, seed=1):
+  """Init weights plus noise (so zero-initialised biases and norms matter too)."""
+  params = model.init_weights(jax.random.PRNGKey(seed))
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  return tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def loss_and_grad(apply, params, args):
+  f = lambda p: jnp.mean(apply(p, *args) ** 2)
+  return jax.jit(jax.value_and_grad(f))(params)
+
+
+def _models(remat="none", attention="xla", linear=True):
+  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, 3),
+                use_linear_projection=linear)
+  return config, diffusers_unet(config), sdxl.unet_from_config(config, remat=remat,
+                                                               attention=attention)
+
+
+@pytest.mark.parametrize("remat,attention,linear", [
+    ("none", "xla", True), ("full", "chunked", True), ("dots", "xla", False)])
+def test_scanned_unet_equals_diffusers_flax_unet(remat, attention, linear):
+  config, ref, ours = _models(remat, attention, linear)
+  shapes = lambda m: {k: v.shape for k, v in flatten_dict(
+      jax.eval_shape(m.init_weights, jax.random.PRNGKey(0))).items()}
+  assert shapes(ours) == shapes(ref)  # diffusers' layout, so its loaders and LoRA names apply
+  params, args = random_params(ref), inputs(config)
+  want = ref.apply({"params": params}, *args[:3], added_cond_kwargs=args[3]).sample
+  got = ours.apply({"params": params}, *args).sample
+  assert float(jnp.abs(want).mean()) > 0.1
+  np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
+
+
+@pytest.mark.slow  # two UNet gradients compiled, ~1 min
+def test_scanned_rematerialised_unet_gradients_equal_diffusers():
+  config, ref, ours = _models("dots")
+  params, args = random_params(ref), inputs(config)
+  loss_ref, g_ref = loss_and_grad(
+      lambda p, *a: ref.apply({"params": p}, *a[:3], added_cond_kwargs=a[3]).sample, params, args)
+  loss, g = loss_and_grad(lambda p, *a: ours.apply({"params": p}, *a).sample, params, args)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  overall = max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(g_ref))
+  for key, want_g in flatten_dict(g_ref).items():  # (biases before a norm get ~0 gradients)
+    scale = 1e-3 * float(jnp.abs(want_g).max()) + 1e-6 * overall
+    np.testing.assert_allclose(flatten_dict(g)[key], want_g, atol=scale, rtol=0,
+                               err_msg="/".join(key))
+
+
+def _program(model, depth):
+  """(jaxpr, its plan.jaxpr_flops) of one forward of ``model(config)`` at stack depth ``depth``."""
+  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, depth))
+  m = model(config)
+  params = jax.eval_shape(m.init_weights, jax.random.PRNGKey(0))
+  apply = (lambda p, *a: m.apply({"params": p}, *a[:3], added_cond_kwargs=a[3]).sample) if (
+      model is diffusers_unet) else (lambda p, *a: m.apply({"params": p}, *a).sample)
+  jaxpr = jax.make_jaxpr(apply)(params, *inputs(config))
+  return str(jaxpr), plan.jaxpr_flops(jaxpr)
+
+
+def test_transformer_blocks_are_traced_once_per_stack():
+  """The program does not grow with the depth of a transformer stack (SDXL: 10), while
+  diffusers' unrolled one does; both ask for the same FLOPs (the scan body counted per step)."""
+  ours = _program(sdxl.unet_from_config, 2), _program(sdxl.unet_from_config, 6)
+  theirs = _program(diffusers_unet, 2), _program(diffusers_unet, 6)
+  dots = lambda program: program[0].count("dot_general")
+  assert dots(ours[0]) == dots(ours[1])
+  assert dots(theirs[1]) > dots(theirs[0]) + 40  # 3 attentions x 4 blocks x (8 dense + 2 attn)
+  assert ours[1][1] == theirs[1][1] > ours[0][1] == theirs[0][1]
+
+
+def test_stack_blocks_round_trip_and_order():
+  params = {"a": {"transformer_blocks_1": {"w": jnp.ones(2)}, "transformer_blocks_0":
+                  {"w": jnp.zeros(2)}, "norm": {"scale": jnp.ones(3)}}}
+  stacked = sdxl_unet.stack_blocks(params)
+  np.testing.assert_array_equal(stacked["a"]["transformer_blocks"]["block"]["w"],
+                                [[0, 0], [1, 1]])
+  back = sdxl_unet.unstack_blocks(stacked)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+  np.testing.assert_array_equal(back["a"]["transformer_blocks_1"]["w"], [1, 1])
+
+
+def test_remat_policies_keep_fewer_activations():
+  """Compiled gradient's temporaries: full < dots < none (the policies are applied)."""
+  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, 3))
+  args = inputs(config, batch=4)
+  temp = {}
+  for remat in ("none", "dots", "full"):
+    model = sdxl.unet_from_config(config, remat=remat)
+    params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+    f = jax.jit(jax.grad(lambda p, m=model: jnp.mean(m.apply({"params": p}, *args).sample ** 2)))
+    temp[remat] = f.lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["dots"] < temp["none"], temp
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("addition_embed_type", None, "addition_embed_type=None"),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "mid_block_type"),
+    ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D"), "up_block_types"),
+    ("norm_num_groups", 16, "norm_num_groups=16"),
+])
+def test_unsupported_configs_are_named(field, value, match):
+  with pytest.raises(UserError, match=match):
+    sdxl.unet_from_config(dict(sdxl.TINY_UNET_CONFIG, **{field: value}))
+
+
+def test_bad_remat_and_attention_are_named():
+  with pytest.raises(UserError, match=r"remat='some'.*allowed: \['dots', 'full', 'none'\]"):
+    sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, remat="some")
+  with pytest.raises(UserError, match=r"attention='flash'.*allowed"):
+    sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, attention="flash")
