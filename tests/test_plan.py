@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import imagenet64_base, imagenet64_cd
+from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
 from configs import sdxl_mlcm as sdxl_mlcm_config
 from mcm_jax import errors, objectives, plan, train
 from mcm_jax.config_validation import ConfigError
@@ -109,6 +109,15 @@ def test_tiny_cd_plan(cd_plan):
   # are of the same program and must agree.
   xla, program = report["flops_per_step_per_chip"], report["program_flops_per_step_per_chip"]
   assert 0.95 < program / xla < 1.05, (program, xla)
+
+
+def test_only_cd_steps_carry_the_teacher():
+  """CT's loss reads no teacher, so its step gets none (frozen None), as base diffusion's."""
+  frozen = {name: plan.step_inputs(module.get_config("tiny"))[2]
+            for name, module in (("cd", imagenet64_cd), ("ct", imagenet64_ct),
+                                 ("base", imagenet64_base))}
+  assert frozen["ct"] is None and frozen["base"] is None
+  assert _count(frozen["cd"]) > 0
 
 
 @needs_libtpu

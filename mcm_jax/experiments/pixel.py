@@ -28,9 +28,10 @@ def build(c, mesh):
 
 
 def frozen_params(c, params):
-  """The train step's ``frozen`` tree: for CT / CD the base run's EMA parameters they start
-  from (CD's teacher), for base diffusion None."""
-  return None if c.objective == "base" else params
+  """The train step's ``frozen`` tree: for CD the base run's EMA parameters (the teacher), for
+  CT and base diffusion None (CT's loss reads no teacher; passing one would hold a parameter
+  copy in every chip's memory for nothing)."""
+  return params if c.objective == "cd" else None
 
 
 def batch_shapes(c):
