@@ -110,18 +110,27 @@ class Transformer2D(nn.Module):
     return x + hidden
 
 
-class DownBlock(nn.Module):
-  """diffusers' ``FlaxDownBlock2D`` (depth 0) / ``FlaxCrossAttnDownBlock2D``."""
-  in_channels: int
-  out_channels: int
-  num_layers: int
+class _Level(nn.Module):
+  """What every block of one UNet level shares: its transformer stacks' heads and depth (0: no
+  attention) and the UNet's options."""
   heads: int
-  depth: int  # 0: no attention
-  add_downsample: bool
+  depth: int
   linear_projection: bool
   remat: str
   chunked: bool
   dtype: jnp.dtype
+
+  def transformers(self, channels, count):
+    return [Transformer2D(channels, self.heads, self.depth, self.linear_projection, self.remat,
+                          self.chunked, self.dtype) for _ in range(count)]
+
+
+class DownBlock(_Level):
+  """diffusers' ``FlaxDownBlock2D`` (depth 0) / ``FlaxCrossAttnDownBlock2D``."""
+  in_channels: int
+  out_channels: int
+  num_layers: int
+  add_downsample: bool
 
   def setup(self):
     _, _, resnet_flax = _leaves()
@@ -129,9 +138,7 @@ class DownBlock(nn.Module):
         in_channels=self.in_channels if i == 0 else self.out_channels,
         out_channels=self.out_channels, dtype=self.dtype) for i in range(self.num_layers)]
     if self.depth:
-      self.attentions = [Transformer2D(self.out_channels, self.heads, self.depth,
-                                       self.linear_projection, self.remat, self.chunked,
-                                       self.dtype) for _ in range(self.num_layers)]
+      self.attentions = self.transformers(self.out_channels, self.num_layers)
     if self.add_downsample:
       self.downsamplers_0 = resnet_flax.FlaxDownsample2D(self.out_channels, dtype=self.dtype)
 
@@ -148,19 +155,13 @@ class DownBlock(nn.Module):
     return hidden, outputs
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Level):
   """diffusers' ``FlaxUpBlock2D`` (depth 0) / ``FlaxCrossAttnUpBlock2D``."""
   in_channels: int
   out_channels: int
   prev_output_channel: int
   num_layers: int
-  heads: int
-  depth: int
   add_upsample: bool
-  linear_projection: bool
-  remat: str
-  chunked: bool
-  dtype: jnp.dtype
 
   def setup(self):
     _, _, resnet_flax = _leaves()
@@ -172,9 +173,7 @@ class UpBlock(nn.Module):
           in_channels=inputs + skip, out_channels=self.out_channels, dtype=self.dtype))
     self.resnets = resnets
     if self.depth:
-      self.attentions = [Transformer2D(self.out_channels, self.heads, self.depth,
-                                       self.linear_projection, self.remat, self.chunked,
-                                       self.dtype) for _ in range(self.num_layers)]
+      self.attentions = self.transformers(self.out_channels, self.num_layers)
     if self.add_upsample:
       self.upsamplers_0 = resnet_flax.FlaxUpsample2D(self.out_channels, dtype=self.dtype)
 
@@ -188,24 +187,16 @@ class UpBlock(nn.Module):
     return hidden
 
 
-class MidBlock(nn.Module):
+class MidBlock(_Level):
   """diffusers' ``FlaxUNetMidBlock2DCrossAttn`` (one attention): resnet, attention, resnet."""
   channels: int
-  heads: int
-  depth: int
-  linear_projection: bool
-  remat: str
-  chunked: bool
-  dtype: jnp.dtype
 
   def setup(self):
     _, _, resnet_flax = _leaves()
     self.resnets = [resnet_flax.FlaxResnetBlock2D(in_channels=self.channels,
                                                   out_channels=self.channels, dtype=self.dtype)
                     for _ in range(2)]
-    self.attentions = [Transformer2D(self.channels, self.heads, self.depth,
-                                     self.linear_projection, self.remat, self.chunked,
-                                     self.dtype)]
+    self.attentions = self.transformers(self.channels, 1)
 
   def __call__(self, hidden, temb, context):
     hidden = self.resnets[0](hidden, temb)
@@ -251,20 +242,23 @@ class ScannedUNet(nn.Module):
         jnp.transpose(sample, (0, 2, 3, 1)))
     skips = (h,)
     for i in range(levels):
-      h, outputs = DownBlock(channels[max(i - 1, 0)], channels[i], layers, heads[i],
-                             depths[i] if cross[i] else 0, i < levels - 1,
-                             name=f"down_blocks_{i}", **common)(h, temb, encoder_hidden_states)
+      h, outputs = DownBlock(
+          heads=heads[i], depth=depths[i] if cross[i] else 0, in_channels=channels[max(i - 1, 0)],
+          out_channels=channels[i], num_layers=layers, add_downsample=i < levels - 1,
+          name=f"down_blocks_{i}", **common)(h, temb, encoder_hidden_states)
       skips += outputs
-    h = MidBlock(channels[-1], heads[-1], depths[-1], name="mid_block", **common)(
-        h, temb, encoder_hidden_states)
-    up_heads, up_depths, up_cross = heads[::-1], depths[::-1], cross[::-1]
+    h = MidBlock(heads=heads[-1], depth=depths[-1], channels=channels[-1], name="mid_block",
+                 **common)(h, temb, encoder_hidden_states)
+    up = channels[::-1]
     for i in range(levels):
-      n = layers + 1
-      skips, level_skips = skips[:-n], skips[-n:]
-      h = UpBlock(channels[::-1][min(i + 1, levels - 1)], channels[::-1][i],
-                  channels[::-1][max(i - 1, 0)], n, up_heads[i],
-                  up_depths[i] if up_cross[i] else 0, i < levels - 1,
-                  name=f"up_blocks_{i}", **common)(h, level_skips, temb, encoder_hidden_states)
+      level = levels - 1 - i
+      skips, level_skips = skips[:-(layers + 1)], skips[-(layers + 1):]
+      h = UpBlock(
+          heads=heads[level], depth=depths[level] if cross[level] else 0,
+          in_channels=up[min(i + 1, levels - 1)], out_channels=up[i],
+          prev_output_channel=up[max(i - 1, 0)], num_layers=layers + 1,
+          add_upsample=i < levels - 1, name=f"up_blocks_{i}", **common)(
+              h, level_skips, temb, encoder_hidden_states)
     h = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="conv_norm_out")(h))
     h = nn.Conv(cfg["out_channels"], (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
                 name="conv_out")(h)
