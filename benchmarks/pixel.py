@@ -51,7 +51,7 @@ def bench(size, resolution, batch, dtype, parts):
   configs = {}
   for objective in ("base", "cd"):
     c = (imagenet64_base if objective == "base" else imagenet64_cd).get_config(size)
-    c.model.update(resolution=resolution, dtype=jnp.dtype(dtype).name, remat=size != "tiny")
+    c.model.update(resolution=resolution, dtype=jnp.dtype(dtype).name, remat="none" if size == "tiny" else "full")
     c.data.update(resolution=resolution, channels=3, num_classes=1000)
     c.schedule.update(image_res=resolution, noise_res_low=32, noise_res_high=resolution)
     configs[objective] = c

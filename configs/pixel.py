@@ -26,7 +26,9 @@ def pixel_config(resolution, objective, size):
                 channels=3, num_classes=1000)
   c.model = dict(resolution=resolution, size=size,
                  dtype="bfloat16",  # compute dtype; params stay float32
-                 remat=True)  # rematerialise blocks in the backward pass (memory)
+                 # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
+                 # its input only (one more forward), 'dots' its matmuls' outputs, 'none'
+                 remat="full")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
   # shifted: at 64 / 32, logsnr(0) = 13.61); True keeps the shifted range inside [-15, 15].
@@ -73,7 +75,7 @@ def pixel_config(resolution, objective, size):
     c.update_from_flattened_dict({
         "data.name": "digits", "data.resolution": 16, "data.channels": 1,
         "data.num_classes": 10,
-        "model.dtype": "float32", "model.remat": False,
+        "model.dtype": "float32", "model.remat": "none",
         "schedule.image_res": 16, "schedule.noise_res_low": 8, "schedule.noise_res_high": 16,
         "train.steps": 30, "train.batch_size": 32, "train.log_every": 10,
         "train.checkpoint_every": 10, "train.ema_decay": 0.9,

@@ -8,7 +8,7 @@ modules are imported here (jax, numpy, flax through the UViT's stage table; no o
 import difflib
 
 from mcm_jax import consistency, fid, mlcm, schedules
-from mcm_jax.models import sdxl_unet
+from mcm_jax.models import remat, sdxl_unet
 from mcm_jax.errors import UserError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import toy as toy_data
@@ -164,6 +164,7 @@ def validate_pixel(c, plan=False):
   """Validates a pixel config (configs/pixel.py); ``plan`` (``--mode=plan``): no data is read,
   so no data directory is needed."""
   check_in(c.objective, "objective", PIXEL_OBJECTIVES)
+  check_in(c.model.remat, "model.remat", tuple(remat.POLICIES))
   if c.data.name != image_data.DIGITS and not c.data.data_dir and not plan:
     raise ConfigError(f"config.data.data_dir='' is invalid for data.name={c.data.name!r}; "
                       "allowed: the local directory holding the prepared tfds dataset")
@@ -222,7 +223,7 @@ def validate_mlcm(c):
   check_in(c.lora.kohya_dtype, "lora.kohya_dtype", ("float16", "float32"))
   _check(_is_int(c.sample.num) and c.sample.num >= 1, "sample.num", c.sample.num,
          "an integer >= 1")
-  check_in(c.unet.remat, "unet.remat", tuple(sdxl_unet.REMAT))
+  check_in(c.unet.remat, "unet.remat", tuple(remat.POLICIES))
   check_in(c.unet.attention, "unet.attention", sdxl_unet.ATTENTION)
   check_in(c.unet.frozen_dtype, "unet.frozen_dtype", ("float32", "bfloat16", "float16"))
   check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))

@@ -110,7 +110,7 @@ def without_remat(c):
   ``model.remat``, the SDXL UNet's ``unet.remat``): the step whose FLOPs are the ideal ones."""
   c = c.copy_and_resolve_references()
   if c.experiment == "pixel":
-    c.model.remat = False
+    c.model.remat = "none"
   else:
     c.unet.remat = "none"
   return c
@@ -266,8 +266,8 @@ def advice(report, c):
     return hint + "they are sharded over every chip already: a topology with more chips or HBM"
   hints = [f"lower the batch per chip (now {r['batch_per_chip']:g}: e.g. "
            f"--config.train.batch_size={max(c.train.batch_size // 2, r['chips'])})"]
-  if c.experiment == "pixel" and not c.model.remat:
-    hints.insert(0, "rematerialise the blocks (--config.model.remat=True)")
+  if c.experiment == "pixel" and c.model.remat != "full":
+    hints.insert(0, "rematerialise more of the blocks (--config.model.remat=full)")
   if c.experiment == "mlcm" and not c.mlcm.bank.dir:
     hints.append("take the teacher out of the step with a trajectory bank "
                  "(--config.mlcm.bank.dir=DIR)")

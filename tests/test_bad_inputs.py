@@ -134,6 +134,7 @@ MAIN_CASES = [
     ([PIX, "--config.sample.every=7"], ["sample.every=7"]),
     ([PIX, "--config.train.ema_decay=1.5"], ["train.ema_decay=1.5"]),
     ([PIX, "--config.data.resolution=10"], ["data.resolution=10"]),
+    ([PIX, "--config.model.remat=some"], ["config.model.remat='some'", "'full'"]),
     # mlcm
     ([MLCM, "--config.lora.rank=0"], ["config.lora.rank=0", "integer >= 1"]),
     ([MLCM, "--config.lora.scale=0.0"], ["config.lora.scale=0.0"]),

@@ -160,10 +160,10 @@ def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_
 
 def test_advice_names_what_dominates():
   config = imagenet64_cd.get_config("small")
-  config.model.remat = False
+  config.model.remat = "none"
   base = dict(chips=64, mesh={"data": 64, "fsdp": 1}, batch_per_chip=32.0)
   temp = plan.advice(dict(base, argument_gib_per_chip=2.0, temp_gib_per_chip=30.0), config)
-  assert "temporaries dominate" in temp and "model.remat=True" in temp
+  assert "temporaries dominate" in temp and "model.remat=full" in temp
   assert "batch_size=1024" in temp and "mesh.fsdp" in temp
   args = plan.advice(dict(base, argument_gib_per_chip=20.0, temp_gib_per_chip=3.0), config)
   assert "arguments dominate" in args and "--config.mesh.fsdp=64" in args

@@ -5,7 +5,7 @@ is 70 copies of the block in XLA's program and an MLCM step (guided teacher, ima
 student target, student forward and backward) is five such UNets: compiling it for a TPU pod
 takes longer than an hour and more than 23 GB of host memory. Here the ``depth`` blocks of each
 ``Transformer2D`` (1, 2 or 10 in SDXL) are one scanned block with stacked weights, and the
-block may be rematerialised under a policy (``REMAT``).
+block may be rematerialised under a policy (``mcm_jax.models.remat``).
 
 The function is diffusers' UNet: the same leaves (``FlaxResnetBlock2D``, ``FlaxDownsample2D``,
 ``FlaxUpsample2D``, ``FlaxTimesteps``, ``FlaxTimestepEmbedding``, ``FlaxBasicTransformerBlock``)
@@ -26,12 +26,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from mcm_jax.errors import UserError
+from mcm_jax.models import remat as remat_lib
 
-# Rematerialisation of the scanned transformer block in the backward pass. 'dots' keeps the
-# outputs of its weight matmuls (projections, feed-forward) and recomputes the rest: attention
-# scores / softmax (O(tokens^2) per head), norms and activations.
-REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 ATTENTION = ("xla", "chunked")  # chunked: diffusers' memory-efficient (query/key chunked) kernel
 _BLOCKS = re.compile(r"transformer_blocks_(\d+)$")
 
@@ -97,9 +93,7 @@ class Transformer2D(nn.Module):
       x = proj("proj_in")(x.reshape(b, h * w, c))
     else:
       x = proj("proj_in")(x).reshape(b, h * w, c)
-    body = _ScannedBlock
-    if REMAT[self.remat] is not None:
-      body = nn.remat(body, policy=REMAT[self.remat], prevent_cse=False)
+    body = remat_lib.wrap(_ScannedBlock, self.remat, prevent_cse=False)  # prevent_cse: not in scan
     blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=nn.broadcast, length=self.depth)
     x, _ = blocks(c, self.heads, self.chunked, self.dtype, name="transformer_blocks")(x, context)
@@ -356,10 +350,9 @@ def check_supported(config):
 
 
 def unet(config, dtype=jnp.float32, remat="none", attention="xla"):
-  """``SDXLUNet`` of a diffusers UNet ``config`` dict; ``remat`` in ``REMAT``, ``attention`` in
-  ``ATTENTION``."""
-  if remat not in REMAT:
-    raise UserError(f"UNet remat={remat!r} is not known; allowed: {sorted(REMAT)}")
+  """``SDXLUNet`` of a diffusers UNet ``config`` dict; ``remat`` a name of ``remat.POLICIES``,
+  ``attention`` in ``ATTENTION``."""
+  remat_lib.check(remat, "UNet remat")
   if attention not in ATTENTION:
     raise UserError(f"UNet attention={attention!r} is not known; allowed: {ATTENTION}")
   check_supported(config)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax.models import remat
+
 
 def logsnr_features(logsnr, dim=256):
   """Sinusoidal features of logsnr / 2 (periods covering the schedule's range [-15, 15])."""
@@ -98,7 +100,7 @@ class UViT(nn.Module):
   num_classes: int = 1000
   out_channels: int = 3
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"  # a policy of mcm_jax.models.remat for every block
 
   @nn.compact
   def __call__(self, z, logsnr, label=None, train=False):
@@ -114,8 +116,7 @@ class UViT(nn.Module):
       """A block with an explicit name, so params are the same with and without remat."""
       cls = ResBlock if kind == "res" else functools.partial(
           TransformerBlock, mlp_ratio=self.mlp_ratio)
-      if self.remat:
-        cls = nn.remat(cls, static_argnums=(3,))
+      cls = remat.wrap(cls, self.remat, static_argnums=(3,))
       return cls(channels, dropout=dropout, dtype=self.dtype, name=name)
 
     h = nn.Conv(self.stages[0][1], (3, 3), dtype=self.dtype)(z.astype(self.dtype))
