@@ -152,13 +152,19 @@ def build(c, devices, where="the devices"):
 
 
 def compile_step(c, devices, where="the devices"):
-  """(compiled executable, its abstract arguments, info with ``compile_s`` and the program's
+  """(compiled executable, or None when the TPU compiler finds it cannot fit the chip's HBM
+  (``info['compile_error']``), its abstract arguments, info with ``compile_s`` and the program's
   FLOPs per chip (``jaxpr_flops``) of the step, ``program_flops``, of the same step without
   rematerialisation, ``ideal_flops``, and of one student forward, ``forward_flops``) of
   ``build``."""
   step, args, info = build(c, devices, where)
   t0 = time.time()
-  compiled = step.lower(*args).compile()
+  try:
+    compiled = step.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler's "does not fit" is an answer
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, info["compile_error"] = None, str(e).strip().splitlines()[0]
   compile_s = time.time() - t0
   forward, forward_args = info.pop("forward")
   program = lambda f, a: jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
@@ -166,6 +172,13 @@ def compile_step(c, devices, where="the devices"):
   return compiled, args, dict(info, compile_s=compile_s, program_flops=program(step, args),
                               forward_flops=program(forward, forward_args),
                               ideal_flops=program(ideal_step, ideal_args))
+
+
+def _exhausted_temp_bytes(message):
+  """Bytes of temporaries the TPU compiler names in its out-of-memory error ('... HLO
+  temporaries (26.79G) exceeds available HBM (15.75G)'), None if it names none."""
+  m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+  return None if m is None else float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10)
 
 
 def jaxpr_flops(jaxpr):
@@ -215,22 +228,31 @@ def _flops(compiled):
 
 
 def summarize(c, topology, devices, spec, hbm, compiled, info):
-  """The plan's JSON-able dict: XLA's memory per chip (GiB), FLOPs per chip, ``fits``."""
-  mem = compiled.memory_analysis()
-  gib = lambda b: round(b / GIB, 4)
-  sizes = dict(argument=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
-               output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes)
+  """The plan's JSON-able dict: XLA's memory per chip (GiB), FLOPs per chip, ``fits``. When
+  the compiler refused the step (``compiled`` None), ``fits`` is False, ``compile_error`` its
+  message, and only the temporaries it named are known."""
+  gib = lambda b: None if b is None else round(b / GIB, 4)
+  if compiled is None:
+    sizes = dict(argument=None, temp=_exhausted_temp_bytes(info["compile_error"]), output=None,
+                 alias=None)
+  else:
+    mem = compiled.memory_analysis()
+    sizes = dict(argument=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
+                 output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes)
   r = dict(topology=topology, libtpu_topology=spec, device_kind=devices[0].device_kind,
            chips=len(devices), mesh=info["mesh"], global_batch=c.train.batch_size,
            batch_per_chip=c.train.batch_size / len(devices), params=info["params"],
            trainable_params=info["trainable_params"], frozen_params=info["frozen_params"],
            hbm_capacity_gib_per_chip=None if hbm is None else round(hbm, 4))
   r.update({f"{k}_gib_per_chip": gib(v) for k, v in sizes.items()})
-  r["peak_gib_per_chip"] = gib(sizes["argument"] + sizes["temp"] + sizes["output"]
-                               - sizes["alias"])
-  r["fits"] = None if hbm is None else bool(
-      r["peak_gib_per_chip"] <= FIT_FRACTION * r["hbm_capacity_gib_per_chip"])
-  r["flops_per_step_per_chip"] = _flops(compiled)  # XLA's: loop bodies once
+  if compiled is None:
+    r.update(peak_gib_per_chip=None, fits=False, compile_error=info["compile_error"])
+  else:
+    r["peak_gib_per_chip"] = gib(sizes["argument"] + sizes["temp"] + sizes["output"]
+                                 - sizes["alias"])
+    r["fits"] = None if hbm is None else bool(
+        r["peak_gib_per_chip"] <= FIT_FRACTION * r["hbm_capacity_gib_per_chip"])
+  r["flops_per_step_per_chip"] = compiled and _flops(compiled)  # XLA's: loop bodies once
   r["program_flops_per_step_per_chip"] = info["program_flops"]  # matmuls / convs, loops unrolled
   r["forward_flops_per_chip"] = info["forward_flops"]
   r["flops_ratio"] = round(info["program_flops"] / info["forward_flops"], 3)
@@ -255,8 +277,10 @@ def plan(c, topology):
 def advice(report, c):
   """What would make a plan that does not fit fit: the larger of arguments / temporaries and
   the settings that shrink it."""
-  r = report
+  r = dict(report)
   chips, fsdp = r["chips"], r["mesh"]["fsdp"]
+  for key in ("argument_gib_per_chip", "temp_gib_per_chip"):  # unknown when compiling failed
+    r[key] = r[key] or 0.0
   if r["argument_gib_per_chip"] >= r["temp_gib_per_chip"]:
     hint = (f"arguments dominate ({r['argument_gib_per_chip']:.2f} GiB per chip: parameters, EMA, "
             "Adam moments and frozen weights): ")
@@ -289,12 +313,16 @@ def table(report):
            "  per chip               GiB"]
   for key, label in (("argument", "arguments"), ("temp", "temporaries"), ("output", "outputs"),
                      ("alias", "- aliased (donated)")):
-    lines.append(f"  {label:<20} {r[key + '_gib_per_chip']:9.3f}")
-  peak = f"  {'peak':<20} {r['peak_gib_per_chip']:9.3f}"
-  if cap is not None:
-    peak += (f" of {cap:g} GiB HBM ({100 * r['peak_gib_per_chip'] / cap:.0f}%): "
-             f"{'fits' if r['fits'] else 'does NOT fit'} (limit {100 * FIT_FRACTION:.0f}%)")
-  lines.append(peak)
+    value = r[key + "_gib_per_chip"]
+    lines.append(f"  {label:<20} " + ("      n/a" if value is None else f"{value:9.3f}"))
+  if r["peak_gib_per_chip"] is None:
+    lines.append(f"  does NOT fit: the TPU compiler refused the step ({r['compile_error']})")
+  else:
+    peak = f"  {'peak':<20} {r['peak_gib_per_chip']:9.3f}"
+    if cap is not None:
+      peak += (f" of {cap:g} GiB HBM ({100 * r['peak_gib_per_chip'] / cap:.0f}%): "
+               f"{'fits' if r['fits'] else 'does NOT fit'} (limit {100 * FIT_FRACTION:.0f}%)")
+    lines.append(peak)
   if r["flops_per_step_per_chip"] is not None:
     lines.append(f"  FLOPs per step: {r['flops_per_step_per_chip'] / 1e12:.4g} T per chip, "
                  f"{r['flops_per_step_per_chip'] * r['chips'] / 1e12:.4g} T in all")

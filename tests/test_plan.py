@@ -7,6 +7,7 @@ are shown to come from the planner's builder: the same ``train.jit_step`` call, 
 """
 import importlib.util
 import json
+import re
 
 import jax
 import numpy as np
@@ -118,6 +119,24 @@ def test_only_cd_steps_carry_the_teacher():
                                  ("base", imagenet64_base))}
   assert frozen["ct"] is None and frozen["base"] is None
   assert _count(frozen["cd"]) > 0
+
+
+@needs_libtpu
+def test_a_step_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit(capsys):
+  """libtpu's "Ran out of memory on HBM" is the answer, not a traceback: fits False, the
+  temporaries it named, the program's FLOPs, and advice."""
+  config = imagenet64_cd.get_config("tiny")
+  config.train.batch_size = 2 ** 18  # 65,536 per chip: ~38 GiB of activations on a 16 GiB chip
+  report = plan.run(config, TOPOLOGY)
+  assert report["fits"] is False and report["peak_gib_per_chip"] is None
+  assert "RESOURCE_EXHAUSTED" in report["compile_error"]
+  named = float(re.search(r"temporaries \(([\d.]+)G\)", report["compile_error"]).group(1))
+  assert report["temp_gib_per_chip"] == pytest.approx(named, abs=1e-3) and named > 16
+  assert report["flops_ratio"] == pytest.approx(5, abs=0.05)
+  out = capsys.readouterr().out
+  assert "does NOT fit: the TPU compiler refused the step" in out
+  assert "to fit: temporaries dominate" in out and "batch_size=131072" in out
+  assert json.loads(out.strip().splitlines()[-1])["fits"] is False
 
 
 @needs_libtpu
