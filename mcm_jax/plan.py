@@ -165,6 +165,9 @@ def compile_step(c, devices, where="the devices"):
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     compiled, info["compile_error"] = None, str(e).strip().splitlines()[0]
+    info["argument_bytes"] = sum(  # each chip's shards, before any layout padding
+        _size(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree_util.tree_leaves(args))
   compile_s = time.time() - t0
   forward, forward_args = info.pop("forward")
   program = lambda f, a: jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
@@ -230,11 +233,11 @@ def _flops(compiled):
 def summarize(c, topology, devices, spec, hbm, compiled, info):
   """The plan's JSON-able dict: XLA's memory per chip (GiB), FLOPs per chip, ``fits``. When
   the compiler refused the step (``compiled`` None), ``fits`` is False, ``compile_error`` its
-  message, and only the temporaries it named are known."""
+  message, the temporaries it named and the arguments counted by hand (unpadded shards)."""
   gib = lambda b: None if b is None else round(b / GIB, 4)
   if compiled is None:
-    sizes = dict(argument=None, temp=_exhausted_temp_bytes(info["compile_error"]), output=None,
-                 alias=None)
+    sizes = dict(argument=info["argument_bytes"], temp=_exhausted_temp_bytes(
+        info["compile_error"]), output=None, alias=None)
   else:
     mem = compiled.memory_analysis()
     sizes = dict(argument=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
@@ -281,9 +284,11 @@ def advice(report, c):
   chips, fsdp = r["chips"], r["mesh"]["fsdp"]
   for key in ("argument_gib_per_chip", "temp_gib_per_chip"):  # unknown when compiling failed
     r[key] = r[key] or 0.0
-  if r["argument_gib_per_chip"] >= r["temp_gib_per_chip"]:
-    hint = (f"arguments dominate ({r['argument_gib_per_chip']:.2f} GiB per chip: parameters, EMA, "
-            "Adam moments and frozen weights): ")
+  args, cap = r["argument_gib_per_chip"], r["hbm_capacity_gib_per_chip"]
+  if args >= r["temp_gib_per_chip"] or (cap and args > FIT_FRACTION * cap):
+    what = "alone exceed the chip's HBM" if cap and args > cap else "dominate"
+    hint = (f"arguments {what} ({args:.2f} GiB per chip: parameters, EMA, Adam moments and "
+            "frozen weights): ")
     if fsdp < chips:
       return hint + (f"shard them over more chips with config.mesh.fsdp (now {fsdp}; e.g. "
                      f"--config.mesh.fsdp={chips} --config.mesh.data=1)")

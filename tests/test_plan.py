@@ -133,6 +133,12 @@ def test_a_step_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit(capsys):
   named = float(re.search(r"temporaries \(([\d.]+)G\)", report["compile_error"]).group(1))
   assert report["temp_gib_per_chip"] == pytest.approx(named, abs=1e-3) and named > 16
   assert report["flops_ratio"] == pytest.approx(5, abs=0.05)
+  params = _count(jax.eval_shape(objectives.uvit_model(config)[0].init, jax.random.PRNGKey(0),
+                                 *objectives.uvit_inputs(config)))
+  # arguments by hand: params, EMA, 2 Adam moments, teacher (float32, replicated) + the batch
+  batch = 2 ** 18 * 16 * 16 * 4 // 4 + 2 ** 18 * 4 // 4  # x and label: each chip's quarter
+  assert report["argument_gib_per_chip"] == pytest.approx((5 * params * 4 + batch) / 2 ** 30,
+                                                         abs=1e-4)
   out = capsys.readouterr().out
   assert "does NOT fit: the TPU compiler refused the step" in out
   assert "to fit: temporaries dominate" in out and "batch_size=131072" in out
@@ -180,12 +186,16 @@ def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_
 def test_advice_names_what_dominates():
   config = imagenet64_cd.get_config("small")
   config.model.remat = "none"
-  base = dict(chips=64, mesh={"data": 64, "fsdp": 1}, batch_per_chip=32.0)
+  base = dict(chips=64, mesh={"data": 64, "fsdp": 1}, batch_per_chip=32.0,
+              hbm_capacity_gib_per_chip=16)
   temp = plan.advice(dict(base, argument_gib_per_chip=2.0, temp_gib_per_chip=30.0), config)
   assert "temporaries dominate" in temp and "model.remat=full" in temp
   assert "batch_size=1024" in temp and "mesh.fsdp" in temp
-  args = plan.advice(dict(base, argument_gib_per_chip=20.0, temp_gib_per_chip=3.0), config)
+  args = plan.advice(dict(base, argument_gib_per_chip=10.0, temp_gib_per_chip=3.0), config)
   assert "arguments dominate" in args and "--config.mesh.fsdp=64" in args
+  # arguments beyond HBM come first even when the temporaries are larger still
+  both = plan.advice(dict(base, argument_gib_per_chip=23.0, temp_gib_per_chip=27.0), config)
+  assert "arguments alone exceed the chip's HBM (23.00 GiB" in both and "mesh.fsdp=64" in both
 
 
 class _Stop(Exception):
