@@ -255,7 +255,7 @@ def summarize(c, topology, devices, spec, hbm, compiled, info):
                                  - sizes["alias"])
     r["fits"] = None if hbm is None else bool(
         r["peak_gib_per_chip"] <= FIT_FRACTION * r["hbm_capacity_gib_per_chip"])
-  r["flops_per_step_per_chip"] = compiled and _flops(compiled)  # XLA's: loop bodies once
+  r["flops_per_step_per_chip"] = None if compiled is None else _flops(compiled)  # loops once
   r["program_flops_per_step_per_chip"] = info["program_flops"]  # matmuls / convs, loops unrolled
   r["forward_flops_per_chip"] = info["forward_flops"]
   r["flops_ratio"] = round(info["program_flops"] / info["forward_flops"], 3)
@@ -295,8 +295,10 @@ def advice(report, c):
     return hint + "they are sharded over every chip already: a topology with more chips or HBM"
   hints = [f"lower the batch per chip (now {r['batch_per_chip']:g}: e.g. "
            f"--config.train.batch_size={max(c.train.batch_size // 2, r['chips'])})"]
-  if c.experiment == "pixel" and c.model.remat != "full":
-    hints.insert(0, "rematerialise more of the blocks (--config.model.remat=full)")
+  field, policy = (("model.remat", c.model.remat) if c.experiment == "pixel"
+                   else ("unet.remat", c.unet.remat))
+  if policy != "full":
+    hints.insert(0, f"rematerialise more of the blocks (--config.{field}=full)")
   if c.experiment == "mlcm" and not c.mlcm.bank.dir:
     hints.append("take the teacher out of the step with a trajectory bank "
                  "(--config.mlcm.bank.dir=DIR)")

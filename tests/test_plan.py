@@ -196,6 +196,10 @@ def test_advice_names_what_dominates():
   # arguments beyond HBM come first even when the temporaries are larger still
   both = plan.advice(dict(base, argument_gib_per_chip=23.0, temp_gib_per_chip=27.0), config)
   assert "arguments alone exceed the chip's HBM (23.00 GiB" in both and "mesh.fsdp=64" in both
+  mlcm_config = sdxl_mlcm_config.get_config("sdxl")
+  mlcm_config.unet.remat = "dots"
+  mlcm = plan.advice(dict(base, argument_gib_per_chip=1.0, temp_gib_per_chip=30.0), mlcm_config)
+  assert "--config.unet.remat=full" in mlcm and "mlcm.bank.dir" in mlcm
 
 
 class _Stop(Exception):
