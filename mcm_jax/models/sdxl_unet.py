@@ -72,16 +72,20 @@ class _ScannedBlock(nn.Module):
     return block(hidden, context), None
 
 
-class Transformer2D(nn.Module):
-  """diffusers' ``FlaxTransformer2DModel`` (linear or 1x1-conv projections) with its ``depth``
-  blocks scanned: ``h + proj_out(blocks(proj_in(norm(h))))``."""
-  channels: int
+class _Stacks(nn.Module):
+  """The transformer stacks' settings at one UNet level: heads, depth (0 at a level without
+  attention) and the UNet's options."""
   heads: int
   depth: int
   linear_projection: bool
   remat: str
   chunked: bool
   dtype: jnp.dtype
+
+
+class Transformer2D(_Stacks):
+  """diffusers' ``FlaxTransformer2DModel`` (linear or 1x1-conv projections) with its ``depth``
+  blocks scanned: ``h + proj_out(blocks(proj_in(norm(h))))``; the width is the input's."""
 
   @nn.compact
   def __call__(self, hidden, context):
@@ -104,18 +108,11 @@ class Transformer2D(nn.Module):
     return x + hidden
 
 
-class _Level(nn.Module):
-  """What every block of one UNet level shares: its transformer stacks' heads and depth (0: no
-  attention) and the UNet's options."""
-  heads: int
-  depth: int
-  linear_projection: bool
-  remat: str
-  chunked: bool
-  dtype: jnp.dtype
+class _Level(_Stacks):
+  """A block of one UNet level: resnets and, where ``depth`` > 0, transformer stacks."""
 
-  def transformers(self, channels, count):
-    return [Transformer2D(channels, self.heads, self.depth, self.linear_projection, self.remat,
+  def transformers(self, count):
+    return [Transformer2D(self.heads, self.depth, self.linear_projection, self.remat,
                           self.chunked, self.dtype) for _ in range(count)]
 
 
@@ -132,7 +129,7 @@ class DownBlock(_Level):
         in_channels=self.in_channels if i == 0 else self.out_channels,
         out_channels=self.out_channels, dtype=self.dtype) for i in range(self.num_layers)]
     if self.depth:
-      self.attentions = self.transformers(self.out_channels, self.num_layers)
+      self.attentions = self.transformers(self.num_layers)
     if self.add_downsample:
       self.downsamplers_0 = resnet_flax.FlaxDownsample2D(self.out_channels, dtype=self.dtype)
 
@@ -167,7 +164,7 @@ class UpBlock(_Level):
           in_channels=inputs + skip, out_channels=self.out_channels, dtype=self.dtype))
     self.resnets = resnets
     if self.depth:
-      self.attentions = self.transformers(self.out_channels, self.num_layers)
+      self.attentions = self.transformers(self.num_layers)
     if self.add_upsample:
       self.upsamplers_0 = resnet_flax.FlaxUpsample2D(self.out_channels, dtype=self.dtype)
 
@@ -190,7 +187,7 @@ class MidBlock(_Level):
     self.resnets = [resnet_flax.FlaxResnetBlock2D(in_channels=self.channels,
                                                   out_channels=self.channels, dtype=self.dtype)
                     for _ in range(2)]
-    self.attentions = self.transformers(self.channels, 1)
+    self.attentions = self.transformers(1)
 
   def __call__(self, hidden, temb, context):
     hidden = self.resnets[0](hidden, temb)
