@@ -36,6 +36,10 @@ def test_param_rules():
   assert sharding.param_spec((128, 256), 4) == jax.sharding.PartitionSpec(None, "fsdp")
   assert sharding.param_spec((128,), 4) == jax.sharding.PartitionSpec()  # too small
   assert sharding.param_spec((129, 257), 4) == jax.sharding.PartitionSpec()  # not divisible
+  assert sharding.param_spec((3, 3, 640, 640), 8) == jax.sharding.PartitionSpec()  # convolution
+  assert sharding.param_spec((1, 1, 640, 1280), 8) == jax.sharding.PartitionSpec()
+  assert sharding.param_spec((512, 3, 8, 64), 8) == jax.sharding.PartitionSpec(  # DenseGeneral
+      "fsdp", None, None, None)
   assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   with pytest.raises(ValueError, match="data=3 x fsdp=2 does not cover the 8 devices"):
     sharding.make_mesh(data=3, fsdp=2)
