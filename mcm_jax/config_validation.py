@@ -223,7 +223,10 @@ def validate_mlcm(c):
   check_in(c.lora.kohya_dtype, "lora.kohya_dtype", ("float16", "float32"))
   _check(_is_int(c.sample.num) and c.sample.num >= 1, "sample.num", c.sample.num,
          "an integer >= 1")
-  check_in(c.unet.remat, "unet.remat", tuple(remat.POLICIES))
+  _check(isinstance(c.unet.remat, str) and all(
+      n.strip() in remat.POLICIES for n in c.unet.remat.split(",")), "unet.remat", c.unet.remat,
+         f"one of {tuple(remat.POLICIES)}, or one per UNet level, comma-separated "
+         "(e.g. 'full,full,dots')")
   check_in(c.unet.attention, "unet.attention", sdxl_unet.ATTENTION)
   check_in(c.unet.frozen_dtype, "unet.frozen_dtype", ("float32", "bfloat16", "float16"))
   check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))

@@ -53,7 +53,8 @@ def _models(remat="none", attention="xla", linear=True):
 
 
 @pytest.mark.parametrize("remat,attention,linear", [
-    ("none", "xla", True), ("full", "chunked", True), ("dots", "xla", False)])
+    ("none", "xla", True), ("full", "chunked", True), ("dots", "xla", False),
+    ("dots,full", "xla", True)])
 def test_scanned_unet_equals_diffusers_flax_unet(remat, attention, linear):
   config, ref, ours = _models(remat, attention, linear)
   shapes = lambda m: {k: v.shape for k, v in flatten_dict(
@@ -115,16 +116,28 @@ def test_stack_blocks_round_trip_and_order():
 
 
 def test_remat_policies_keep_fewer_activations():
-  """Compiled gradient's temporaries: full < dots < none (the policies are applied)."""
-  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, 3))
+  """Compiled gradient's temporaries: full < dots < none (the policies are applied); a policy
+  per level recomputes in between (gradient FLOPs: each level's blocks get their own policy)."""
+  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, 3),  # attention at both
+                down_block_types=("CrossAttnDownBlock2D",) * 2,
+                up_block_types=("CrossAttnUpBlock2D",) * 2)
   args = inputs(config, batch=4)
-  temp = {}
-  for remat in ("none", "dots", "full"):
+  temp, flops = {}, {}
+  for remat in ("none", "dots", "full", "full,dots", "dots,full"):
     model = sdxl.unet_from_config(config, remat=remat)
     params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
-    f = jax.jit(jax.grad(lambda p, m=model: jnp.mean(m.apply({"params": p}, *args).sample ** 2)))
-    temp[remat] = f.lower(params).compile().memory_analysis().temp_size_in_bytes
+    grad = jax.grad(lambda p, m=model: jnp.mean(m.apply({"params": p}, *args).sample ** 2))
+    flops[remat] = plan.jaxpr_flops(jax.make_jaxpr(grad)(params))
+    if "," not in remat:
+      temp[remat] = jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
   assert temp["full"] < temp["dots"] < temp["none"], temp
+  assert flops["full"] > flops["full,dots"] > flops["dots"] > flops["none"], flops
+  assert flops["full"] > flops["dots,full"] > flops["dots"], flops
+  # the finer level has 1-block stacks of 32 channels, the coarser 3-block stacks of 64
+  assert flops["dots,full"] - flops["dots"] > flops["full,dots"] - flops["dots"], flops
+  with pytest.raises(UserError, match=r"remat='full,dots,none' names 3 policies; allowed: one, "
+                     r"or one per level \(2\)"):
+    sdxl.unet_from_config(config, remat="full,dots,none")
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -19,6 +19,21 @@ def check(name, field="remat"):
     raise UserError(f"{field}={name!r} is not known; allowed: {sorted(POLICIES)}")
 
 
+def per_level(spec, levels, field="remat"):
+  """One policy name per network level from ``spec``: a name (every level) or comma-separated
+  names, one per level from the finest (e.g. SDXL 'full,full,dots': keep the matmul outputs
+  only at the 32 x 32 level, where attention is cheap to recompute and most blocks are)."""
+  names = tuple(n.strip() for n in spec.split(","))
+  for name in names:
+    check(name, field)
+  if len(names) == 1:
+    return names * levels
+  if len(names) != levels:
+    raise UserError(f"{field}={spec!r} names {len(names)} policies; allowed: one, or one per "
+                    f"level ({levels})")
+  return names
+
+
 def wrap(cls, name, **kwargs):
   """``cls`` (a Flax module class) under ``nn.remat`` with policy ``name``; 'none': ``cls``."""
   check(name)

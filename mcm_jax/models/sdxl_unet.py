@@ -228,7 +228,8 @@ class ScannedUNet(nn.Module):
                                                         name="add_embedding")(
         jnp.concatenate([text_embeds, time_embeds], axis=-1))
 
-    common = dict(linear_projection=linear, remat=self.remat, chunked=chunked, dtype=dtype)
+    remat = remat_lib.per_level(self.remat, levels, "UNet remat")
+    common = dict(linear_projection=linear, chunked=chunked, dtype=dtype)
     h = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name="conv_in")(
         jnp.transpose(sample, (0, 2, 3, 1)))
     skips = (h,)
@@ -236,10 +237,10 @@ class ScannedUNet(nn.Module):
       h, outputs = DownBlock(
           heads=heads[i], depth=depths[i] if cross[i] else 0, in_channels=channels[max(i - 1, 0)],
           out_channels=channels[i], num_layers=layers, add_downsample=i < levels - 1,
-          name=f"down_blocks_{i}", **common)(h, temb, encoder_hidden_states)
+          remat=remat[i], name=f"down_blocks_{i}", **common)(h, temb, encoder_hidden_states)
       skips += outputs
-    h = MidBlock(heads=heads[-1], depth=depths[-1], channels=channels[-1], name="mid_block",
-                 **common)(h, temb, encoder_hidden_states)
+    h = MidBlock(heads=heads[-1], depth=depths[-1], channels=channels[-1], remat=remat[-1],
+                 name="mid_block", **common)(h, temb, encoder_hidden_states)
     up = channels[::-1]
     for i in range(levels):
       level = levels - 1 - i
@@ -248,7 +249,7 @@ class ScannedUNet(nn.Module):
           heads=heads[level], depth=depths[level] if cross[level] else 0,
           in_channels=up[min(i + 1, levels - 1)], out_channels=up[i],
           prev_output_channel=up[max(i - 1, 0)], num_layers=layers + 1,
-          add_upsample=i < levels - 1, name=f"up_blocks_{i}", **common)(
+          add_upsample=i < levels - 1, remat=remat[level], name=f"up_blocks_{i}", **common)(
               h, level_skips, temb, encoder_hidden_states)
     h = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="conv_norm_out")(h))
     h = nn.Conv(cfg["out_channels"], (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
@@ -347,9 +348,9 @@ def check_supported(config):
 
 
 def unet(config, dtype=jnp.float32, remat="none", attention="xla"):
-  """``SDXLUNet`` of a diffusers UNet ``config`` dict; ``remat`` a name of ``remat.POLICIES``,
-  ``attention`` in ``ATTENTION``."""
-  remat_lib.check(remat, "UNet remat")
+  """``SDXLUNet`` of a diffusers UNet ``config`` dict; ``remat`` a name of ``remat.POLICIES`` or
+  one per level (``remat.per_level``), ``attention`` in ``ATTENTION``."""
+  remat_lib.per_level(remat, len(config["block_out_channels"]), "UNet remat")
   if attention not in ATTENTION:
     raise UserError(f"UNet attention={attention!r} is not known; allowed: {ATTENTION}")
   check_supported(config)
