@@ -15,7 +15,7 @@ import pytest
 
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
 from configs import sdxl_mlcm as sdxl_mlcm_config
-from mcm_jax import errors, objectives, plan, train
+from mcm_jax import errors, objectives, plan, sharding, train
 from mcm_jax.config_validation import ConfigError
 from mcm_jax.experiments import pixel, sdxl_mlcm
 from mcm_jax.models import sdxl
@@ -151,7 +151,11 @@ def test_tiny_mlcm_plan(mlcm_plan):
   _check_report(report, compiled, args, fsdp=2)
   unet = jax.tree_util.tree_leaves(args[1]["unet"])
   sharded = [x for x in unet if x.sharding.shard_shape(x.shape) != x.shape]
-  assert _count(sharded) > _count(unet) / 2  # so the hand count above checks the fsdp split
+  # so the hand count above checks the fsdp split: attention and linear weights are split, the
+  # convolution kernels stay replicated (sharding.param_spec), a third of the tiny UNet's weights
+  assert _count(sharded) > _count(unet) / 4
+  assert not any(sharding.is_conv_kernel(x.shape) for x in sharded)
+  assert any(sharding.is_conv_kernel(x.shape) for x in unet)
   unet = jax.eval_shape(sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG).init_weights,
                         jax.random.PRNGKey(0))
   assert report["params"] == _count(unet)
