@@ -28,12 +28,15 @@ def get_config(size="sdxl"):
   c.latent_resolution = 128  # 1024 px / 8
   c.dtype = "bfloat16"  # UNet compute dtype; the LoRA is float32
   # The UNet (mcm_jax.models.sdxl_unet: diffusers' SDXL UNet with scanned transformer blocks).
-  # remat: what the backward pass keeps of each transformer block: 'full' nothing but its input
-  # (one extra forward of the blocks; the stage-0 step from a bank plans at 12.5 GiB per chip on
-  # v6e-8), 'dots' its matmuls' outputs (XLA then has to rematerialise on its own to squeeze the
-  # step into 29 GiB, 91% of HBM), 'none'; attention: 'xla' or 'chunked' (diffusers'
-  # memory-efficient attention); frozen_dtype: the frozen base / teacher weights in memory.
-  c.unet = dict(remat="full", attention="xla", frozen_dtype="bfloat16")
+  # remat: what the backward pass keeps of each transformer block, one policy or one per level
+  # from the finest: 'full' nothing but its input (one extra forward of the blocks), 'dots' its
+  # matmuls' outputs, 'none'. Default 'full,full,dots': only the 32 x 32 level (60 of the 70
+  # blocks) keeps its matmul outputs. --mode=plan on v6e-8, batch 24 (benchmarks/RESULTS.md):
+  # stage 0 with the teacher inside 19.9 GiB per chip (62%), 1.009x the FLOPs of no remat; from
+  # a bank 26.5 GiB (83%), 1.056x ('full' everywhere: 14.1 GiB, 1.185x; 'dots' everywhere does
+  # not fit). attention: 'xla' or 'chunked' (diffusers' memory-efficient attention);
+  # frozen_dtype: the frozen base / teacher weights in memory.
+  c.unet = dict(remat="full,full,dots", attention="xla", frozen_dtype="bfloat16")
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
   # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports
   # lora/pytorch_lora_weights.safetensors (diffusers) and lora/mlcm_stage<i>_K<K>_kohya.safetensors
@@ -76,6 +79,7 @@ def get_config(size="sdxl"):
     c.update_from_flattened_dict({
         "student_unet": "", "text_encoder": "hashed", "prompts": "",
         "latent_resolution": 8, "dtype": "float32", "unet.frozen_dtype": "float32",
+        "unet.remat": "full",  # the tiny UNet has two levels
         "lora.rank": 4,
         "mlcm.num_segments": 4, "mlcm.num_stages": 2, "mlcm.bank.entries": 64,
         "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,
