@@ -28,10 +28,12 @@ def pixel_config(resolution, objective, size):
                  dtype="bfloat16",  # compute dtype; params stay float32
                  # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
                  # its input only (one more forward), 'dots' its matmuls' outputs, 'none'.
-                 # --mode=plan, batch 2048 on v5e-64: small CD at 64 px fits with 'dots' (14.0
-                 # GiB of 16, 1.05x the FLOPs of no remat; 'full' 11.1 GiB, 1.13x); 128 px
-                 # and large keep 'full' (not planned with 'dots')
-                 remat="dots" if (resolution == 64 and size == "small") else "full")
+                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): small CD64 on v5e-64 fits
+                 # with 'dots' (14.0 GiB of 16, 1.05x the FLOPs of no remat; 'full' 11.1 GiB,
+                 # 1.13x); large CD64 on v5e-256 with 'dots' 8.0 GiB, 1.05x. Small 128 px keeps
+                 # 'full', not planned with 'dots' (CD128 small is 13.3 GiB with 'full'; at 64 px
+                 # 'dots' added 2.8 GiB)
+                 remat="full" if (resolution == 128 and size == "small") else "dots")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
   # shifted: at 64 / 32, logsnr(0) = 13.61); True keeps the shifted range inside [-15, 15].
@@ -44,7 +46,7 @@ def pixel_config(resolution, objective, size):
       checkpoint_every=5_000, keep_checkpoints=3, ema_decay=0.9999, seed=0,
       learning_rate=1e-4 if base else 2e-5, warmup_steps=10_000)
   # large: the state (params, EMA, Adam, teacher: 23 GiB per chip replicated) sharded 16 ways;
-  # --mode=plan, CD64 large at batch 2048 on v5e-256: 4.6 GiB per chip of 16 (fsdp 1: refused)
+  # --mode=plan, CD64 large at batch 2048 on v5e-256: 8.0 GiB per chip of 16 (fsdp 1: refused)
   c.mesh = common.mesh(fsdp=16 if size == "large" else 1)
   c.init_from = "" if base else "runs/base"  # the base run's workdir (CT / CD start from its EMA)
   c.consistency = dict(

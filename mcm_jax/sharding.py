@@ -51,11 +51,13 @@ def is_conv_kernel(shape):
 def param_spec(shape, fsdp_size, min_fsdp_size=2 ** 14):
   """PartitionSpec of one parameter: its largest fsdp-divisible dimension on ``fsdp``.
 
-  Convolution kernels (``[kh, kw, in, out]``, a window of at most 7 x 7) stay replicated. Given a sharded kernel,
-  GSPMD splits the convolution by output channels over the whole gathered batch, and the TPU
-  compiler spends most of an SDXL step's compile on those convolutions (4 convolutions of 640
-  channels at 64 x 64 on v6e-8: 91.5 s sharded, 18.9 s replicated). SDXL's kernels are 0.7 GB
-  in bf16 per chip replicated; a UViT has only its patch embedding.
+  Convolution kernels (``[kh, kw, in, out]``, a window of at most 7 x 7) stay replicated. Given
+  a sharded kernel, GSPMD splits the convolution by output channels over the whole gathered
+  batch, and the TPU compiler spends most of an SDXL step's compile on those convolutions (4
+  convolutions of 640 channels at 64 x 64 on v6e-8: 91.5 s sharded, 18.9 s replicated).
+  Replicated, SDXL's kernels are 0.55 GiB of bf16 per chip; the UViTs' ResBlock kernels cost
+  UViT-large CD64 (fsdp 16 on v5e-256) 0.66 GiB more arguments per chip (parameters, EMA, Adam
+  moments, teacher).
   """
   if (fsdp_size == 1 or is_conv_kernel(shape)
       or int(np.prod(shape, dtype=np.int64)) < min_fsdp_size):
