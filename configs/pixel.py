@@ -28,12 +28,11 @@ def pixel_config(resolution, objective, size):
                  dtype="bfloat16",  # compute dtype; params stay float32
                  # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
                  # its input only (one more forward), 'dots' its matmuls' outputs, 'none'.
-                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): small CD64 on v5e-64 fits
-                 # with 'dots' (14.0 GiB of 16, 1.05x the FLOPs of no remat; 'full' 11.1 GiB,
-                 # 1.13x); large CD64 on v5e-256 with 'dots' 8.0 GiB, 1.05x. Small 128 px keeps
-                 # 'full', not planned with 'dots' (CD128 small is 13.3 GiB with 'full'; at 64 px
-                 # 'dots' added 2.8 GiB)
-                 remat="full" if (resolution == 128 and size == "small") else "dots")
+                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): at 64 px 'dots' fits and
+                 # costs ~1.05x the FLOPs of no remat ('full' ~1.13x): small CD64 on v5e-64
+                 # 14.0 GiB of 16, large CD64 on v5e-256 8.0 GiB. At 128 px 'dots' does not fit
+                 # (large CD128: 19.0 GiB of temporaries), so 128 px keeps 'full'.
+                 remat="dots" if resolution == 64 else "full")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
   # shifted: at 64 / 32, logsnr(0) = 13.61); True keeps the shifted range inside [-15, 15].
