@@ -30,8 +30,9 @@ def pixel_config(resolution, objective, size):
                  # its input only (one more forward), 'dots' its matmuls' outputs, 'none'.
                  # --mode=plan at batch 2048 (benchmarks/RESULTS.md): at 64 px 'dots' fits and
                  # costs ~1.05x the FLOPs of no remat ('full' ~1.13x): small CD64 on v5e-64
-                 # 14.0 GiB of 16, large CD64 on v5e-256 8.0 GiB. At 128 px 'dots' does not fit
-                 # (large CD128: 19.0 GiB of temporaries), so 128 px keeps 'full'.
+                 # 14.0 GiB of 16, large CD64 on v5e-256 8.0 GiB. 128 px keeps 'full' (small
+                 # CD128: 13.3 GiB with it). Large CD128 fits v5e-256 with neither (19.0 GiB of
+                 # temporaries either way: not the saved activations; see RESULTS.md).
                  remat="dots" if resolution == 64 else "full")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
