@@ -28,12 +28,11 @@ def pixel_config(resolution, objective, size):
                  dtype="bfloat16",  # compute dtype; params stay float32
                  # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
                  # its input only (one more forward), 'dots' its matmuls' outputs, 'none'.
-                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): at 64 px 'dots' fits and
-                 # costs ~1.05x the FLOPs of no remat ('full' ~1.13x): small CD64 on v5e-64
-                 # 14.0 GiB of 16, large CD64 on v5e-256 8.0 GiB. 128 px keeps 'full' (small
-                 # CD128: 13.3 GiB with it). Large CD128 fits v5e-256 with neither (19.0 GiB of
-                 # temporaries either way: not the saved activations; see RESULTS.md).
-                 remat="dots" if resolution == 64 else "full")
+                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): 'dots' costs ~1.05x the
+                 # FLOPs of no remat ('full' ~1.11-1.13x) and fits small CD64 on v5e-64 (14.0
+                 # GiB of 16), large CD64 (8.0) and large CD128 (9.9) on v5e-256. Small 128 px
+                 # keeps 'full': small CD128 with 'dots' needs 15.4 GiB, over 90% of 16.
+                 remat="dots" if (resolution == 64 or size == "large") else "full")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
   # shifted: at 64 / 32, logsnr(0) = 13.61); True keeps the shifted range inside [-15, 15].
