@@ -73,13 +73,17 @@ def get_config(size="sdxl"):
   # learning scores the student's one- or two-step sample from noise (the paper's x_0).
   c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
                    threshold=8.0, fl_steps=1)
-  c.mesh = common.mesh()
+  # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8). On v6e-8
+  # the default step planned at 19.9 GiB of 32 this way (before eb01c1a); data parallel it
+  # needs 31.4 (after; --mode=plan, benchmarks/RESULTS.md).
+  c.mesh = common.mesh(data=1, fsdp=-1)
   c.sample = dict(num=8)
   if size == "tiny":  # random tiny UNet, hashed text, built-in prompts
     c.update_from_flattened_dict({
         "student_unet": "", "text_encoder": "hashed", "prompts": "",
         "latent_resolution": 8, "dtype": "float32", "unet.frozen_dtype": "float32",
         "unet.remat": "full",  # the tiny UNet has two levels
+        "mesh.data": -1, "mesh.fsdp": 1,
         "lora.rank": 4,
         "mlcm.num_segments": 4, "mlcm.num_stages": 2, "mlcm.bank.entries": 64,
         "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,
