@@ -83,7 +83,7 @@ def get_config(size="sdxl"):
         "student_unet": "", "text_encoder": "hashed", "prompts": "",
         "latent_resolution": 8, "dtype": "float32", "unet.frozen_dtype": "float32",
         "unet.remat": "full",  # the tiny UNet has two levels
-        "mesh.data": -1, "mesh.fsdp": 1,
+        "mesh.data": -1, "mesh.fsdp": 1,  # data parallel: small enough for every device
         "lora.rank": 4,
         "mlcm.num_segments": 4, "mlcm.num_stages": 2, "mlcm.bank.entries": 64,
         "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,
