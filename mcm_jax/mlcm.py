@@ -93,52 +93,75 @@ def sample_times(rng, batch, num_segments, skip):
   return s, t_m, t_n, ms[s]
 
 
-def denoise_to(f, noise, t_m, num_steps, step_size, max_steps):
+def denoise_to(f, noise, t_m, num_steps, step_size, max_steps, t_n=None, last_step="ddim"):
   """``z_{t_m}`` from ``z_{999} = noise`` by DDIM steps of ``f(z, t)``: per example
   ``num_steps`` [B] steps of ``step_size`` [B] timesteps from 999, the last one clipped at
-  ``t_m``. ``max_steps`` (static) bounds the loop; finished examples stay put."""
+  ``t_m``. ``max_steps`` (static) bounds the loop; finished examples stay put.
+
+  With ``t_n`` [B] the loop runs once more and each example, on reaching ``t_m``, takes one
+  ``teacher_update`` (``last_step``) of the same ``f`` to ``t_n``: returns ``(z_{t_m},
+  z_{t_n})`` with ``f`` traced once, not twice (the same numbers as ``teacher_step`` after it;
+  for SDXL one UNet fewer to compile)."""
   top = T - 1
 
-  def body(i, z):
+  def body(i, carry):
+    z, z_tm, done = carry
     t = jnp.round(top - i * step_size).astype(jnp.int32)
     nxt = jnp.maximum(jnp.round(top - (i + 1) * step_size).astype(jnp.int32), t_m)
-    z_next = ddim(f(z, t), z, t, nxt)
-    return jnp.where(bcast((i < num_steps) & (t > t_m), z), z_next, z)
+    moving = (i < num_steps) & (t > t_m)
+    if t_n is None:
+      return jnp.where(bcast(moving, z), ddim(f(z, t), z, t, nxt), z), z_tm, done
+    at_tm = ~moving & ~done  # z is z_{t_m}: this iteration steps it to t_n
+    frm, to = jnp.where(moving, t, t_m), jnp.where(moving, nxt, t_n)
+    x = f(z, frm)
+    z_next = ddim(x, z, frm, to)
+    if last_step != "ddim":
+      z_next = jnp.where(bcast(moving, z), z_next, teacher_update(x, z, frm, to, last_step))
+    return (jnp.where(bcast(moving | at_tm, z), z_next, z), jnp.where(bcast(at_tm, z), z, z_tm),
+            done | at_tm)
 
-  return jax.lax.fori_loop(0, max_steps, body, noise)
+  carry = (noise, noise, jnp.zeros(t_m.shape, bool))
+  z, z_tm, _ = jax.lax.fori_loop(0, max_steps + (t_n is not None), body, carry)
+  return z if t_n is None else (z_tm, z)
 
 
-def image_free_latents(kind, f, noise, segment, t_m, num_segments):
+def image_free_latents(kind, f, noise, segment, t_m, num_segments, t_n=None, last_step="ddim"):
   """Image-free ``z_{t_m}`` (MLCM 3.3): 'mdi' = App. Alg. 1 (``K - s`` equal guided-teacher
   steps, more for smaller t_m), 'sdi' = one step (the ablation baseline), 'progressive' =
-  App. Alg. 2 (steps of ``T / (2K)`` with the previous stage's MLCM as ``f``)."""
+  App. Alg. 2 (steps of ``T / (2K)`` with the previous stage's MLCM as ``f``). With ``t_n``:
+  ``(z_{t_m}, z_{t_n})``, the second by one more step of ``f`` (``denoise_to``)."""
   top = T - 1
+  more = dict(t_n=t_n, last_step=last_step)
   if kind == "mdi":
     steps = num_segments - segment
-    return denoise_to(f, noise, t_m, steps, (top - t_m) / steps, num_segments)
+    return denoise_to(f, noise, t_m, steps, (top - t_m) / steps, num_segments, **more)
   if kind == "sdi":
-    return denoise_to(f, noise, t_m, jnp.ones_like(t_m), (top - t_m) * 1.0, 1)
+    return denoise_to(f, noise, t_m, jnp.ones_like(t_m), (top - t_m) * 1.0, 1, **more)
   if kind == "progressive":
     size = T / (2 * num_segments)
     steps = jnp.ceil((top - t_m) / size).astype(jnp.int32)
     return denoise_to(f, noise, t_m, steps, jnp.full(t_m.shape, size),
-                      int(np.ceil(top / size)))
+                      int(np.ceil(top / size)), **more)
   raise ValueError(f"image-free data {kind!r} is not known; allowed: {IMAGE_FREE}")
 
 
-def teacher_step(teacher, z_tm, t_m, t_n, sampler="ddim"):
-  """``z_{t_n} = DDIM_{t_m -> t_n}(teacher(z_{t_m}), z_{t_m})`` (eq. 8; no gradient), or with
+def teacher_update(x, z_tm, t_m, t_n, sampler="ddim"):
+  """``z_{t_n}`` from the teacher's ``x = teacher(z_{t_m})``: DDIM (eq. 8), or with
   ``sampler='addim'`` MCM's adjusted DDIM with the analytic ``x_var = 0.1 / (2 + SNR(t_m))``
-  (image-free data has no x to measure it from)."""
+  (image-free data has no x to measure it from). No gradient."""
   if sampler not in TEACHER_STEPS:
     raise ValueError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
-  x = teacher(z_tm, t_m)
   a_m, s_m = alpha_sigma(t_m)
   a_n, s_n = alpha_sigma(t_n)
   if sampler == "ddim":
     return jax.lax.stop_gradient(addim.ddim_step(x, z_tm, a_m, s_m, a_n, s_n))
   return jax.lax.stop_gradient(
       addim.addim_step(x, z_tm, a_m, s_m, a_n, s_n, addim.analytic_x_var(a_m, s_m)))
+
+
+def teacher_step(teacher, z_tm, t_m, t_n, sampler="ddim"):
+  """``z_{t_n} = DDIM_{t_m -> t_n}(teacher(z_{t_m}), z_{t_m})`` (eq. 8; ``teacher_update``)."""
+  return teacher_update(teacher(z_tm, t_m), z_tm, t_m, t_n, sampler)
 
 
 def guided_denoiser(denoise_fn, params, cond, uncond, scale):
@@ -156,9 +179,14 @@ def training_pair(rng, shape, hp, source, teacher, image_free=None):
   k_times, k_noise = jax.random.split(rng)
   s, t_m, t_n, start = sample_times(k_times, shape[0], hp.num_segments, hp.skip)
   noise = jax.random.normal(k_noise, shape)
-  z_tm = image_free_latents(image_free or hp.image_free, source, noise, s, t_m, hp.num_segments)
-  z_tm = jax.lax.stop_gradient(z_tm)
-  z_tn = teacher_step(teacher, z_tm, t_m, t_n, hp.teacher_step)
+  kind = image_free or hp.image_free
+  if source is teacher:  # both latents from one loop: one traced model call, not two
+    z_tm, z_tn = image_free_latents(kind, source, noise, s, t_m, hp.num_segments, t_n,
+                                    hp.teacher_step)
+  else:
+    z_tm = image_free_latents(kind, source, noise, s, t_m, hp.num_segments)
+    z_tn = teacher_step(teacher, jax.lax.stop_gradient(z_tm), t_m, t_n, hp.teacher_step)
+  z_tm, z_tn = jax.lax.stop_gradient(z_tm), jax.lax.stop_gradient(z_tn)
   return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm, z_tn=z_tn)
 
 
