@@ -28,11 +28,11 @@ def pixel_config(resolution, objective, size):
                  dtype="bfloat16",  # compute dtype; params stay float32
                  # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
                  # its input only (one more forward), 'dots' its matmuls' outputs, 'none'.
-                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): 'dots' costs ~1.05x the
-                 # FLOPs of no remat ('full' ~1.11-1.13x) and fits small CD64 on v5e-64 (14.0
-                 # GiB of 16), large CD64 (8.0) and large CD128 (9.9) on v5e-256. Small 128 px
-                 # keeps 'full': small CD128 with 'dots' needs 15.4 GiB, over 90% of 16.
-                 remat="dots" if (resolution == 64 or size == "large") else "full")
+                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): 'dots' costs 1.05-1.12x
+                 # the FLOPs of no remat ('full' 1.11-1.22x) and fits every paper config: small
+                 # on v5e-64 (CD64 14.0 GiB of 16, CT128 13.8, base128 13.8, CD128 13.3 at
+                 # fsdp 4), large on v5e-256 (CD64 8.0, CD128 9.9).
+                 remat="dots")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
   # shifted: at 64 / 32, logsnr(0) = 13.61); True keeps the shifted range inside [-15, 15].
@@ -45,8 +45,10 @@ def pixel_config(resolution, objective, size):
       checkpoint_every=5_000, keep_checkpoints=3, ema_decay=0.9999, seed=0,
       learning_rate=1e-4 if base else 2e-5, warmup_steps=10_000)
   # large: the state (params, EMA, Adam, teacher: 23 GiB per chip replicated) sharded 16 ways;
-  # --mode=plan, CD64 large at batch 2048 on v5e-256: 8.0 GiB per chip of 16 (fsdp 1: refused)
-  c.mesh = common.mesh(fsdp=16 if size == "large" else 1)
+  # --mode=plan, CD64 large at batch 2048 on v5e-256: 8.0 GiB per chip of 16 (fsdp 1: refused).
+  # Small CD128 (guided teacher, 'dots'): 4 ways, 13.3 GiB of 16 (fsdp 1: 15.4, over 90%).
+  small_fsdp = 4 if (resolution == 128 and objective == "cd") else 1
+  c.mesh = common.mesh(fsdp={"large": 16, "small": small_fsdp}.get(size, 1))
   c.init_from = "" if base else "runs/base"  # the base run's workdir (CT / CD start from its EMA)
   c.consistency = dict(
       student_steps=8,   # one student per run (the paper trains 1, 2, 4, 8, 16)
