@@ -74,8 +74,8 @@ def get_config(size="sdxl"):
   c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
                    threshold=8.0, fl_steps=1)
   # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8). On v6e-8
-  # the default step planned at 19.9 GiB of 32 this way (before eb01c1a); data parallel it
-  # needs 31.4 (after; --mode=plan, benchmarks/RESULTS.md).
+  # the default step plans at 19.7 GiB of 32 this way; data parallel it needs 31.4 (--mode=plan,
+  # benchmarks/RESULTS.md).
   c.mesh = common.mesh(data=1, fsdp=-1)
   c.sample = dict(num=8)
   if size == "tiny":  # random tiny UNet, hashed text, built-in prompts
