@@ -159,8 +159,9 @@ def compile_step(c, devices, where="the devices"):
   ``build``."""
   step, args, info = build(c, devices, where)
   t0 = time.time()
+  traced = step.trace(*args)  # its jaxpr is counted below: the step is traced once
   try:
-    compiled = step.lower(*args).compile()
+    compiled = traced.lower().compile()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler's "does not fit" is an answer
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -172,7 +173,8 @@ def compile_step(c, devices, where="the devices"):
   forward, forward_args = info.pop("forward")
   program = lambda f, a: jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
   ideal_step, ideal_args, _ = build(without_remat(c), devices, where)
-  return compiled, args, dict(info, compile_s=compile_s, program_flops=program(step, args),
+  return compiled, args, dict(info, compile_s=compile_s,
+                              program_flops=jaxpr_flops(traced.jaxpr) / len(devices),
                               forward_flops=program(forward, forward_args),
                               ideal_flops=program(ideal_step, ideal_args))
 
