@@ -27,12 +27,15 @@ def pixel_config(resolution, objective, size):
   c.model = dict(resolution=resolution, size=size,
                  dtype="bfloat16",  # compute dtype; params stay float32
                  # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
-                 # its input only (one more forward), 'dots' its matmuls' outputs, 'none'.
-                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): 'dots' costs 1.05-1.12x
+                 # its input only (one more forward), 'dots' its matmuls' outputs,
+                 # 'dots_convs' those and its convolutions' outputs, 'none'.
+                 # --mode=plan at batch 2048 (benchmarks/RESULTS.md): 'dots' costs 1.05-1.09x
                  # the FLOPs of no remat ('full' 1.11-1.22x) and fits every paper config: small
-                 # on v5e-64 (CD64 14.0 GiB of 16, CT128 13.8, base128 13.8, CD128 13.3 at
-                 # fsdp 4), large on v5e-256 (CD64 8.0, CD128 9.9).
-                 remat="dots")
+                 # on v5e-64 (CD64 14.0 GiB of 16, CT128 13.8, CD128 13.3 at fsdp 4), large on
+                 # v5e-256 (CD64 8.0, CD128 9.9). The base128 steps recompute convolutions
+                 # worth 1.11x under 'dots' (a base step's ideal is only 3 forwards), so they
+                 # keep them: small base128 1.018x, 11.7 GiB at fsdp 4.
+                 remat="dots_convs" if (base and resolution == 128) else "dots")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
   # shifted: at 64 / 32, logsnr(0) = 13.61); True keeps the shifted range inside [-15, 15].
@@ -47,7 +50,8 @@ def pixel_config(resolution, objective, size):
   # large: the state (params, EMA, Adam, teacher: 23 GiB per chip replicated) sharded 16 ways;
   # --mode=plan, CD64 large at batch 2048 on v5e-256: 8.0 GiB per chip of 16 (fsdp 1: refused).
   # Small CD128 (guided teacher, 'dots'): 4 ways, 13.3 GiB of 16 (fsdp 1: 15.4, over 90%).
-  small_fsdp = 4 if (resolution == 128 and objective == "cd") else 1
+  # Small base128 ('dots_convs'): 4 ways, 11.7 GiB (the state alone is 6.1 GiB unsharded).
+  small_fsdp = 4 if (resolution == 128 and objective in ("cd", "base")) else 1
   c.mesh = common.mesh(fsdp={"large": 16, "small": small_fsdp}.get(size, 1))
   c.init_from = "" if base else "runs/base"  # the base run's workdir (CT / CD start from its EMA)
   c.consistency = dict(

@@ -62,6 +62,26 @@ def test_remat_and_bf16():
   np.testing.assert_allclose(out, model.apply(params, z, logsnr, label), atol=0.1)
 
 
+def test_remat_policies_save_what_they_name():
+  """The backward pass recomputes matmuls and convolutions under 'full', convolutions and
+  attention scores under 'dots', only attention scores (batched matmuls) under 'dots_convs';
+  the gradients are the same."""
+  from mcm_jax import plan  # pylint: disable=g-import-not-at-top
+  _, params, z, logsnr, label = _tiny()
+  flops, grads = {}, {}
+  for name in ("none", "dots_convs", "dots", "full"):
+    model = UViT(**{**uvit_config(64, "tiny"), "remat": name})
+    grad = jax.grad(lambda p, m=model: jnp.mean(m.apply(p, z, logsnr, label) ** 2))
+    flops[name] = plan.jaxpr_flops(jax.make_jaxpr(grad)(params))
+    grads[name] = jax.jit(grad)(params)
+  assert flops["none"] < flops["dots_convs"] < flops["dots"] < flops["full"], flops
+  # what 'dots_convs' recomputes is small: the attention scores of the tiny model's one block
+  assert flops["dots_convs"] - flops["none"] < 0.2 * (flops["dots"] - flops["none"]), flops
+  for x, y in zip(jax.tree_util.tree_leaves(grads["none"]),
+                  jax.tree_util.tree_leaves(grads["dots_convs"])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_size_names_the_value():
   with pytest.raises(ValueError, match="size='huge'"):
     uvit_config(64, "huge")

@@ -3,15 +3,26 @@
 What a block keeps for the backward pass: 'none' everything (no remat), 'full' only its inputs
 (its forward runs again in the backward pass), 'dots' the outputs of its weight matmuls
 (projections, MLPs; ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), recomputing
-the rest: attention scores and softmax (O(tokens^2) per head), norms and activations.
+the rest: attention scores and softmax (O(tokens^2) per head), norms and activations;
+'dots_convs' those and its convolutions' outputs (a ResBlock's two 3 x 3 convolutions), so the
+backward pass recomputes no matmul or convolution.
 """
 import flax.linen as nn
 import jax
 
 from mcm_jax.errors import UserError
 
+
+def dots_and_convs_saveable(prim, *args, **params):
+  """A ``jax.checkpoint`` policy: save weight-matmul outputs (``dots_with_no_batch_dims``) and
+  convolution outputs."""
+  return prim is jax.lax.conv_general_dilated_p or (
+      jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            "dots_convs": dots_and_convs_saveable}
 
 
 def check(name, field="remat"):
