@@ -34,7 +34,7 @@ def pixel_config(resolution, objective, size):
                  # on v5e-64 (CD64 14.0 GiB of 16, CT128 13.8, CD128 13.3 at fsdp 4), large on
                  # v5e-256 (CD64 8.0, CD128 9.9). The base128 steps recompute convolutions
                  # worth 1.11x under 'dots' (a base step's ideal is only 3 forwards), so they
-                 # keep them: small base128 1.018x, 11.7 GiB at fsdp 4.
+                 # keep them: small base128 1.018x, 11.7 GiB at fsdp 4; large 1.009x, 6.9 GiB.
                  remat="dots_convs" if (base and resolution == 128) else "dots")
   # Interpolated cosine: noise resolution 32 -> image resolution (64 or 128).
   # clip_after_shift=False: simple diffusion's formula (the cosine clipped to [-15, 15], then
