@@ -152,7 +152,8 @@ def test_unsupported_configs_are_named(field, value, match):
 
 
 def test_bad_remat_and_attention_are_named():
-  with pytest.raises(UserError, match=r"remat='some'.*allowed: \['dots', 'dots_convs', 'full', 'none'\]"):
+  with pytest.raises(UserError,
+                     match=r"remat='some'.*allowed: \['dots', 'dots_convs', 'full', 'none'\]"):
     sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, remat="some")
   with pytest.raises(UserError, match=r"attention='flash'.*allowed"):
     sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, attention="flash")

@@ -5,7 +5,7 @@ What a block keeps for the backward pass: 'none' everything (no remat), 'full' o
 (projections, MLPs; ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), recomputing
 the rest: attention scores and softmax (O(tokens^2) per head), norms and activations;
 'dots_convs' those and its convolutions' outputs (a ResBlock's two 3 x 3 convolutions), so the
-backward pass recomputes no matmul or convolution.
+backward pass recomputes no weight matmul or convolution (attention scores still).
 """
 import flax.linen as nn
 import jax
