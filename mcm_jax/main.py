@@ -1,5 +1,5 @@
 """Entry point: ``python -m mcm_jax.main [--config=configs/toy.py] [--workdir=DIR]
-[--mode=train|eval|plan] [--topology=NAME] [--debug]``.
+[--mode=train|eval|plan] [--topology=NAME] [--stage=I] [--debug]``.
 
 Bad input (a config value, an unknown ``--config.<field>``, a missing file) ends in one message
 and exit code 2 before anything is written or compiled; ``mcm_jax/errors.py`` lists the exit
@@ -42,6 +42,9 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
   flags.DEFINE_string("topology", "",
                       "--mode=plan: v4-8, v5e-8/16/64/256, v5p-8, v6e-8/64/256, a libtpu spelling "
                       "such as v5e:8x8, or local (the devices present).", flag_values=flag_values)
+  flags.DEFINE_integer("stage", 0,
+                       "--mode=plan: the MLCM progressive stage whose step is planned (0 .. "
+                       "config.mlcm.num_stages - 1; pixel configs: 0).", flag_values=flag_values)
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU "
                     "pods: it reads the coordinator and process ids from the environment).",
@@ -128,6 +131,13 @@ def checked_config(flag_values=flags.FLAGS):
   if flag_values.mode == "eval" and config.experiment != "pixel":
     raise ConfigError(f"--mode=eval is for the pixel experiment; config.experiment="
                       f"{config.experiment!r} evaluates at the end of training (use --mode=train)")
+  if flag_values.stage != 0 and flag_values.mode != "plan":
+    raise errors.UserError(f"--stage={flag_values.stage} is for --mode=plan; --mode="
+                           f"{flag_values.mode} runs every stage (allowed: leave --stage out)")
+  if flag_values.mode == "plan":
+    from mcm_jax import plan  # pylint: disable=g-import-not-at-top
+    if config.experiment in plan.PLANNED:  # plan.plan names the others
+      plan.check_stage(config, flag_values.stage)
   workdir = flag_values.workdir
   if not workdir or (storage.exists(workdir) and not storage.isdir(workdir)):
     raise errors.UserError(f"--workdir={workdir!r} is invalid; allowed: a directory (created if "
@@ -180,7 +190,7 @@ def main(argv):
   if flag_values.mode == "plan":
     from mcm_jax import plan  # pylint: disable=g-import-not-at-top
     plan.run(config, flag_values.topology,
-             flag_values.workdir if flag_values["workdir"].present else None)
+             flag_values.workdir if flag_values["workdir"].present else None, flag_values.stage)
     return
   write = True
   if flag_values.multihost:

@@ -9,8 +9,11 @@ executable's ``memory_analysis()`` gives the bytes per chip (arguments, temporar
 outputs aliased to donated arguments) and ``cost_analysis()`` the FLOPs per chip of one step.
 ``--topology=local`` compiles for the devices present (e.g. a GPU host) instead.
 
-Pixel configs plan the step of their objective (base / CT / CD). MLCM configs plan stage 0: from
-the trajectory bank when ``mlcm.bank.dir`` is set, else with the guided teacher in the step.
+Pixel configs plan the step of their objective (base / CT / CD). MLCM configs plan progressive
+stage ``--stage`` (default 0). Stage 0 reads the trajectory bank when ``mlcm.bank.dir`` is set,
+else runs the guided teacher in the step; later stages run the previous stage's MLCM (the LoRA
+it trained, here abstract) for the image-free latents and, with ``mlcm.teacher_mode='updated'``,
+as the teacher.
 Steps fused by ``train.fuse_steps`` (the toy) are planned one step at a time.
 """
 import concurrent.futures
@@ -73,10 +76,11 @@ def topology_devices(name):
   return devices, spec, HBM_GIB[generation]
 
 
-def step_inputs(c):
-  """(loss_fn, params, frozen, batch, model params, forward) of ``c``'s train step, all abstract
-  (no mesh yet), built by the runners' own builders; ``forward(params, frozen, batch)`` is one
-  student forward on the batch (the unit of ``flops_ratio``)."""
+def step_inputs(c, stage=0):
+  """(loss_fn, params, frozen, batch, model params, forward) of ``c``'s train step (of MLCM
+  stage ``stage``), all abstract (no mesh yet), built by the runners' own builders;
+  ``forward(params, frozen, batch)`` is one student forward on the batch (the unit of
+  ``flops_ratio``)."""
   if c.experiment == "pixel":
     from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
     _, logsnr_fn, denoise, like = pixel.build(c, None)
@@ -94,6 +98,10 @@ def step_inputs(c):
   encode_batch = sdxl_mlcm.conditioning_fn(c, encode)
   frozen = sdxl_mlcm.frozen_inputs(c, params, teacher, sdxl_mlcm.unconditional(c, encode_batch))
   lora_params = jax.eval_shape(lambda p: sdxl_mlcm.init_lora(c, p), params)
+  if stage > 0:  # as sdxl_mlcm.run: the previous stage's LoRA joins the frozen inputs, no bank
+    frozen = dict(frozen, prev_lora=lora_params)
+    c = c.copy_and_resolve_references()
+    c.mlcm.bank.dir = ""
   denoise = sdxl.make_denoiser(model)
 
   def forward(p, frozen, b):
@@ -102,7 +110,7 @@ def step_inputs(c):
     return denoise(lora.merge(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
                    cond)
 
-  return (objectives.mlcm_loss(c, denoise, 0), lora_params, frozen,
+  return (objectives.mlcm_loss(c, denoise, stage), lora_params, frozen,
           sdxl_mlcm.batch_shapes(c, encode_batch), params, forward)
 
 
@@ -122,9 +130,10 @@ def count(tree):
   return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def build(c, devices, where="the devices"):
+def build(c, devices, where="the devices", stage=0):
   """(jitted step, its abstract arguments (state, frozen, batches), info) of ``c``'s train step
-  on ``devices``: ``train.jit_step`` of what ``train.train`` would make of the same inputs."""
+  (of MLCM stage ``stage``) on ``devices``: ``train.jit_step`` of what ``train.train`` would
+  make of the same inputs."""
   try:
     mesh = sharding.make_mesh(**c.mesh, devices=devices)
   except ValueError as e:
@@ -134,7 +143,7 @@ def build(c, devices, where="the devices"):
         f"data x fsdp = {n} (-1: the rest), e.g. --config.mesh.fsdp="
         f"{'/'.join(str(d) for d in range(1, n + 1) if n % d == 0)}") from e
   validate_batch_split(c.train.batch_size, mesh.shape, where)
-  loss_fn, params, frozen, batch, model_params, forward = step_inputs(c)
+  loss_fn, params, frozen, batch, model_params, forward = step_inputs(c, stage)
   tx = train.make_optimizer(c.train.optim)
   state = sharding.abstract(jax.eval_shape(lambda p: train.init_state(p, tx, c.train.seed),
                                            params), mesh)
@@ -152,19 +161,19 @@ def build(c, devices, where="the devices"):
   return step, (state, frozen, batches), info
 
 
-def compile_step(c, devices, where="the devices"):
+def compile_step(c, devices, where="the devices", stage=0):
   """(compiled executable, or None when the TPU compiler finds it cannot fit the chip's HBM
   (``info['compile_error']``), its abstract arguments, info with ``compile_s`` and the program's
   FLOPs per chip (``jaxpr_flops``) of the step, ``program_flops``, of the same step without
   rematerialisation, ``ideal_flops``, and of one student forward, ``forward_flops``) of
   ``build``. The two reference programs are only traced, on a second thread while the compiler
   (which releases the GIL) works: for SDXL that hides ~25 s of tracing in a 29-minute compile."""
-  step, args, info = build(c, devices, where)
+  step, args, info = build(c, devices, where, stage)
   forward, forward_args = info.pop("forward")
   program = lambda f, a: jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
 
   def reference_flops():
-    ideal_step, ideal_args, _ = build(without_remat(c), devices, where)
+    ideal_step, ideal_args, _ = build(without_remat(c), devices, where, stage)
     return program(forward, forward_args), program(ideal_step, ideal_args)
 
   t0 = time.time()
@@ -241,7 +250,7 @@ def _flops(compiled):
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def summarize(c, topology, devices, spec, hbm, compiled, info):
+def summarize(c, topology, devices, spec, hbm, compiled, info, stage=0):
   """The plan's JSON-able dict: XLA's memory per chip (GiB), FLOPs per chip, ``fits``. When
   the compiler refused the step (``compiled`` None), ``fits`` is False, ``compile_error`` its
   message, the temporaries it named and the arguments counted by hand (unpadded shards)."""
@@ -274,18 +283,32 @@ def summarize(c, topology, devices, spec, hbm, compiled, info):
   r["compile_s"] = round(info["compile_s"], 1)
   r["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
   if c.experiment == "mlcm":
-    r.update(stage=0, from_bank=bool(c.mlcm.bank.dir))
+    r.update(stage=stage, from_bank=stage == 0 and bool(c.mlcm.bank.dir))
   return r
 
 
-def plan(c, topology):
-  """The plan of config ``c`` on ``topology`` (see ``topology_devices``) as a JSON-able dict."""
+def check_stage(c, stage):
+  """Raises UserError unless ``stage`` is a stage of config ``c``: 0 for pixel configs,
+  0 .. ``mlcm.num_stages`` - 1 for MLCM."""
+  stages = c.mlcm.num_stages if c.experiment == "mlcm" else 1
+  if not 0 <= stage < stages:
+    what = (f"config.mlcm.num_stages={stages}" if c.experiment == "mlcm"
+            else f"config.experiment={c.experiment!r} trains one step")
+    raise UserError(f"--stage={stage} is not a stage of this config ({what}); allowed: "
+                    + ", ".join(str(i) for i in range(stages)))
+
+
+def plan(c, topology, stage=0):
+  """The plan of config ``c``'s train step (of MLCM stage ``stage``) on ``topology`` (see
+  ``topology_devices``) as a JSON-able dict."""
   if c.experiment not in PLANNED:
     raise ConfigError(f"config.experiment={c.experiment!r} cannot be planned (the toy trains many "
                       f"small models in one process); allowed: {' or '.join(PLANNED)} configs")
+  check_stage(c, stage)
   devices, spec, hbm = topology_devices(topology)
-  compiled, _, info = compile_step(c, devices, f"--topology={topology} ({len(devices)} chips)")
-  return summarize(c, topology, devices, spec, hbm, compiled, info)
+  compiled, _, info = compile_step(c, devices, f"--topology={topology} ({len(devices)} chips)",
+                                   stage)
+  return summarize(c, topology, devices, spec, hbm, compiled, info, stage)
 
 
 def advice(report, c):
@@ -310,7 +333,7 @@ def advice(report, c):
                    else ("unet.remat", c.unet.remat))
   if policy != "full":
     hints.insert(0, f"rematerialise more of the blocks (--config.{field}=full)")
-  if c.experiment == "mlcm" and not c.mlcm.bank.dir:
+  if c.experiment == "mlcm" and not c.mlcm.bank.dir and not r.get("stage"):
     hints.append("take the teacher out of the step with a trajectory bank "
                  "(--config.mlcm.bank.dir=DIR)")
   if fsdp < chips:
@@ -325,7 +348,9 @@ def table(report):
   cap = r["hbm_capacity_gib_per_chip"]
   lines = [f"plan on {r['topology']} ({r['chips']} x {r['device_kind']}, mesh data="
            f"{r['mesh']['data']} x fsdp={r['mesh']['fsdp']}), global batch {r['global_batch']} "
-           f"({r['batch_per_chip']:g} per chip)",
+           f"({r['batch_per_chip']:g} per chip)"
+           + ("" if "stage" not in r else f", MLCM stage {r['stage']}"
+              + (" from the trajectory bank" if r["from_bank"] else "")),
            f"  parameters {r['params']:,} (trainable {r['trainable_params']:,}, frozen inputs "
            f"{r['frozen_params']:,})",
            "  per chip               GiB"]
@@ -352,18 +377,20 @@ def table(report):
   return "\n".join(lines)
 
 
-def run(config, topology, workdir=None):
+def run(config, topology, workdir=None, stage=0):
   """``--mode=plan``: prints the table, advice when it does not fit, and the JSON line last;
-  with ``workdir``, also writes it to ``workdir/plan_<topology>.json``. Returns the report."""
+  with ``workdir``, also writes it to ``workdir/plan_<topology>[_stage<i>].json`` (MLCM stage
+  ``stage`` > 0 adds the suffix). Returns the report."""
   if not topology:
     raise UserError(f"--mode=plan needs --topology; allowed: {', '.join(TOPOLOGIES)}, a libtpu "
                     "spelling such as v5e:8x8, or local")
-  report = plan(config, topology)
+  report = plan(config, topology, stage)
   print(table(report))
   if report["fits"] is False:
     print("  to fit: " + advice(report, config))
   if workdir:
     storage.makedirs(workdir)
-    storage.write_json(os.path.join(workdir, f"plan_{topology.replace(':', '_')}.json"), report)
+    name = topology.replace(":", "_") + (f"_stage{stage}" if stage else "")
+    storage.write_json(os.path.join(workdir, f"plan_{name}.json"), report)
   print(json.dumps(report), flush=True)
   return report

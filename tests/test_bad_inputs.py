@@ -122,6 +122,10 @@ MAIN_CASES = [
     ([TOY, "--mode=eval"], ["--mode=eval", "pixel"]),
     ([TOY, "--no_such_flag=1"], ["no_such_flag"]),
     ([TOY, "--workdir=README.md"], ["--workdir='README.md'", "directory"]),
+    ([MLCM, "--stage=1"], ["--stage=1 is for --mode=plan", "--mode=train"]),
+    ([MLCM, "--mode=plan", "--topology=v5e:2x2", "--stage=2"],
+     ["--stage=2", "config.mlcm.num_stages=2", "allowed: 0, 1"]),
+    ([PIX, "--mode=plan", "--topology=v5e:2x2", "--stage=1"], ["--stage=1", "allowed: 0"]),
     # pixel
     ([PIX, "--config.objective=pd"], ["objective='pd'", "'base', 'cd', 'ct'"]),
     ([PIX, "--config.init_from="], ["config.init_from is empty"]),

@@ -15,7 +15,7 @@ import pytest
 
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
 from configs import sdxl_mlcm as sdxl_mlcm_config
-from mcm_jax import errors, objectives, plan, sharding, train
+from mcm_jax import errors, mlcm, objectives, plan, sharding, train
 from mcm_jax.config_validation import ConfigError
 from mcm_jax.experiments import pixel, sdxl_mlcm
 from mcm_jax.models import sdxl
@@ -38,10 +38,10 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _compiled(config):
+def _compiled(config, stage=0):
   devices, spec, hbm = plan.topology_devices(TOPOLOGY)
-  compiled, args, info = plan.compile_step(config, devices)
-  report = plan.summarize(config, TOPOLOGY, devices, spec, hbm, compiled, info)
+  compiled, args, info = plan.compile_step(config, devices, stage=stage)
+  report = plan.summarize(config, TOPOLOGY, devices, spec, hbm, compiled, info, stage)
   return config, compiled, args, report
 
 
@@ -50,11 +50,20 @@ def cd_plan():
   return _compiled(imagenet64_cd.get_config("tiny"))
 
 
-@pytest.fixture(scope="module")
-def mlcm_plan():
+def _tiny_mlcm_config():
   config = sdxl_mlcm_config.get_config("tiny")
   config.mesh.fsdp = 2  # the frozen UNet's large kernels sharded over 2 chips
-  return _compiled(config)
+  return config
+
+
+@pytest.fixture(scope="module")
+def mlcm_plan():
+  return _compiled(_tiny_mlcm_config())
+
+
+@pytest.fixture(scope="module")
+def mlcm_stage1_plan():
+  return _compiled(_tiny_mlcm_config(), stage=1)
 
 
 def _padded_bytes(x, fmt):
@@ -169,6 +178,30 @@ def test_tiny_mlcm_plan(mlcm_plan):
 
 
 @needs_libtpu
+def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_plan):
+  """Stage 1 (PDU): the previous stage's LoRA is a frozen input, and the previous MLCM, unguided
+  on the batch, replaces the guided teacher on the doubled batch in the image-free loop."""
+  config, compiled, args, report = mlcm_stage1_plan
+  _check_report(report, compiled, args, fsdp=2)
+  assert report["stage"] == 1 and not report["from_bank"]
+  assert "prev_lora" not in mlcm_plan[2][1] and "prev_lora" in args[1]
+  assert _count(args[1]["prev_lora"]) == report["trainable_params"]
+  assert config.mlcm.teacher_mode == "updated"
+  k0 = config.mlcm.num_segments
+  k1 = k0 // 2
+  loop0 = k0 + 1  # mdi: up to K steps to t_m, one more to t_n (the same loop)
+  loop1 = int(np.ceil((mlcm.T - 1) / (mlcm.T / (2 * k1)))) + 1  # progressive: steps of T / 2K
+  # The student's part is the same in both stages; the loop's forwards differ: 2 x loop0 (the
+  # guided teacher) against loop1. In units of one student forward (which includes its LoRA
+  # merge); stage 1 merges one LoRA more, a small fraction of a forward on the tiny UNet.
+  stage0 = mlcm_plan[3]
+  assert stage0["ideal_ratio"] - report["ideal_ratio"] == pytest.approx(2 * loop0 - loop1,
+                                                                        abs=0.05)
+  assert stage0["flops_ratio"] - report["flops_ratio"] == pytest.approx(2 * loop0 - loop1,
+                                                                        abs=0.05)
+
+
+@needs_libtpu
 def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_path):
   config, compiled, args, report = cd_plan
   info = dict(mesh=report["mesh"], params=report["params"],
@@ -210,18 +243,21 @@ class _Stop(Exception):
   """Raised by the recorded step instead of running it."""
 
 
-def _record_jit_step(monkeypatch):
+def _record_jit_step(monkeypatch, run_first=0):
   """Replaces ``train.jit_step`` by a recorder: each call's jitted step (and, when the training
-  loop calls it, its arguments, after which it stops the run with ``_Stop``)."""
+  loop calls it, its arguments, after which it stops the run with ``_Stop``). The steps of the
+  first ``run_first`` calls run for real (e.g. MLCM's earlier stages)."""
   calls = []
   real = train.jit_step
 
   class Recorded:
     def __init__(self, step):
-      self.step, self.args = step, None
+      self.step, self.args, self.index = step, None, len(calls)
       self.lower = step.lower
 
     def __call__(self, *args):
+      if self.index < run_first:
+        return self.step(*args)
       self.args = args
       raise _Stop
 
@@ -233,20 +269,23 @@ def _record_jit_step(monkeypatch):
   return calls
 
 
-@pytest.mark.parametrize("make_config,run", [
-    (lambda: imagenet64_base.get_config("tiny"), pixel.run),
-    (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run)], ids=["pixel", "mlcm"])
-def test_train_and_plan_build_the_same_step(make_config, run, monkeypatch, tmp_path):
+@pytest.mark.parametrize("make_config,run,stage", [
+    (lambda: imagenet64_base.get_config("tiny"), pixel.run, 0),
+    (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 0),
+    (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 1)],
+                         ids=["pixel", "mlcm", "mlcm-stage1"])
+def test_train_and_plan_build_the_same_step(make_config, run, stage, monkeypatch, tmp_path):
   """The real CPU training run and the planner (for the same 8 CPU devices) both get their step
-  from ``train.jit_step``, and the two lower to the same program."""
+  from ``train.jit_step``, and the two lower to the same program; for MLCM's stage 1 the
+  training run trains stage 0 first and the planner's abstract previous LoRA stands in for it."""
   assert jax.device_count() == 8
-  calls = _record_jit_step(monkeypatch)
+  calls = _record_jit_step(monkeypatch, run_first=stage)
   with pytest.raises(_Stop):
     run(make_config(), str(tmp_path))
-  assert len(calls) == 1 and calls[0].args is not None
-  trained = calls[0].lower(*calls[0].args).as_text()
-  step, args, _ = plan.build(make_config(), jax.devices())
-  assert len(calls) == 2 and step is calls[1]
+  assert len(calls) == stage + 1 and calls[stage].args is not None
+  trained = calls[stage].lower(*calls[stage].args).as_text()
+  step, args, _ = plan.build(make_config(), jax.devices(), stage=stage)
+  assert len(calls) == stage + 2 and step is calls[stage + 1]
   assert step.lower(*args).as_text() == trained
 
 
