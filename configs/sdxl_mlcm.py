@@ -32,9 +32,9 @@ def get_config(size="sdxl"):
   # from the finest: 'full' nothing but its input (one extra forward of the blocks), 'dots' its
   # matmuls' outputs, 'none'. Default 'full,full,dots': only the 32 x 32 level (60 of the 70
   # blocks) keeps its matmul outputs. --mode=plan on v6e-8, batch 24 (benchmarks/RESULTS.md):
-  # stage 0 with the teacher inside 19.9 GiB per chip (62%), 1.009x the FLOPs of no remat; from
+  # stage 0 with the teacher inside 19.7 GiB per chip (62%), 1.009x the FLOPs of no remat; from
   # a bank 26.5 GiB (83%), 1.056x ('full' everywhere: 14.1 GiB, 1.185x; 'dots' everywhere does
-  # not fit). attention: 'xla' or 'chunked' (diffusers' memory-efficient attention);
+  # not fit); stages 1 and 2 (--stage) 26.6 GiB (83%), 1.015x / 1.022x. attention: 'xla' or 'chunked' (diffusers' memory-efficient attention);
   # frozen_dtype: the frozen base / teacher weights in memory.
   c.unet = dict(remat="full,full,dots", attention="xla", frozen_dtype="bfloat16")
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections

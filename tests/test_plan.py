@@ -177,6 +177,7 @@ def test_tiny_mlcm_plan(mlcm_plan):
   assert ideal + 0.2 < ratio < ideal + 1, (ideal, ratio)
 
 
+@pytest.mark.slow  # one more TPU compile (~1 min here)
 @needs_libtpu
 def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_plan):
   """Stage 1 (PDU): the previous stage's LoRA is a frozen input, and the previous MLCM, unguided
@@ -272,7 +273,8 @@ def _record_jit_step(monkeypatch, run_first=0):
 @pytest.mark.parametrize("make_config,run,stage", [
     (lambda: imagenet64_base.get_config("tiny"), pixel.run, 0),
     (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 0),
-    (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 1)],
+    pytest.param(lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 1,
+                 marks=pytest.mark.slow)],  # trains stage 0 first
                          ids=["pixel", "mlcm", "mlcm-stage1"])
 def test_train_and_plan_build_the_same_step(make_config, run, stage, monkeypatch, tmp_path):
   """The real CPU training run and the planner (for the same 8 CPU devices) both get their step
