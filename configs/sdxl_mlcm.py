@@ -34,8 +34,9 @@ def get_config(size="sdxl"):
   # blocks) keeps its matmul outputs. --mode=plan on v6e-8, batch 24 (benchmarks/RESULTS.md):
   # stage 0 with the teacher inside 19.7 GiB per chip (62%), 1.009x the FLOPs of no remat; from
   # a bank 26.5 GiB (83%), 1.056x ('full' everywhere: 14.1 GiB, 1.185x; 'dots' everywhere does
-  # not fit); stages 1 and 2 (--stage) 26.6 GiB (83%), 1.015x / 1.022x. attention: 'xla' or 'chunked' (diffusers' memory-efficient attention);
-  # frozen_dtype: the frozen base / teacher weights in memory.
+  # not fit); stages 1 and 2 (--stage) 26.6 GiB (83%), 1.015x / 1.022x. attention: 'xla' or
+  # 'chunked' (diffusers' memory-efficient attention); frozen_dtype: the frozen base / teacher
+  # weights in memory.
   c.unet = dict(remat="full,full,dots", attention="xla", frozen_dtype="bfloat16")
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
   # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports

@@ -132,6 +132,12 @@ def reward_hparams(config):
                             fl_steps=r.fl_steps)
 
 
+def mlcm_reads_bank(config, stage):
+  """Whether MLCM stage ``stage`` streams its pairs from the trajectory bank: stage 0 only,
+  when ``mlcm.bank.dir`` is set (later stages run the previous stage's MLCM in the step)."""
+  return stage == 0 and bool(config.mlcm.bank.dir)
+
+
 def mlcm_loss(config, denoise, stage, decode=None, score=None):
   """``mlcm.loss`` of one stage: the LoRA is the trainable tree, merged at ``lora.scale``;
   ``denoise(params, z, t, cond)`` is the UNet as a denoiser (``models.sdxl.make_denoiser``)."""

@@ -98,10 +98,8 @@ def step_inputs(c, stage=0):
   encode_batch = sdxl_mlcm.conditioning_fn(c, encode)
   frozen = sdxl_mlcm.frozen_inputs(c, params, teacher, sdxl_mlcm.unconditional(c, encode_batch))
   lora_params = jax.eval_shape(lambda p: sdxl_mlcm.init_lora(c, p), params)
-  if stage > 0:  # as sdxl_mlcm.run: the previous stage's LoRA joins the frozen inputs, no bank
+  if stage > 0:  # as sdxl_mlcm.run: the previous stage's LoRA joins the frozen inputs
     frozen = dict(frozen, prev_lora=lora_params)
-    c = c.copy_and_resolve_references()
-    c.mlcm.bank.dir = ""
   denoise = sdxl.make_denoiser(model)
 
   def forward(p, frozen, b):
@@ -111,7 +109,7 @@ def step_inputs(c, stage=0):
                    cond)
 
   return (objectives.mlcm_loss(c, denoise, stage), lora_params, frozen,
-          sdxl_mlcm.batch_shapes(c, encode_batch), params, forward)
+          sdxl_mlcm.batch_shapes(c, encode_batch, stage), params, forward)
 
 
 def without_remat(c):
@@ -283,7 +281,7 @@ def summarize(c, topology, devices, spec, hbm, compiled, info, stage=0):
   r["compile_s"] = round(info["compile_s"], 1)
   r["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
   if c.experiment == "mlcm":
-    r.update(stage=stage, from_bank=stage == 0 and bool(c.mlcm.bank.dir))
+    r.update(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage))
   return r
 
 

@@ -110,13 +110,13 @@ def init_lora(c, params):
                         tuple(c.lora.targets))
 
 
-def batch_shapes(c, encode_batch):
-  """ShapeDtypeStructs of one global batch of stage 0: the conditioning of ``encode_batch`` and,
-  with a trajectory bank (``mlcm.bank.dir``), the pair it streams (``trajectory_bank.batch_fn``,
-  shapes of ``mlcm.training_pair``)."""
+def batch_shapes(c, encode_batch, stage=0):
+  """ShapeDtypeStructs of one global batch of stage ``stage``: the conditioning of
+  ``encode_batch`` and, when the stage reads the trajectory bank (``objectives.mlcm_reads_bank``),
+  the pair it streams (``trajectory_bank.batch_fn``, shapes of ``mlcm.training_pair``)."""
   b, res = c.train.batch_size, c.latent_resolution
   batch = encode_batch([""] * b)
-  if c.mlcm.bank.dir:
+  if objectives.mlcm_reads_bank(c, stage):
     identity = lambda z, t: z
     pair = jax.eval_shape(lambda rng: mlcm.training_pair(
         rng, (b, res, res, 4), objectives.mlcm_hparams(c, 0), identity, identity),
@@ -224,7 +224,7 @@ def run(config, workdir):
   for stage in range(c.mlcm.num_stages):
     hp = objectives.mlcm_hparams(c, stage)
     stage_dir = os.path.join(workdir, f"stage{stage}")
-    from_bank = stage == 0 and bank_fn is not None
+    from_bank = objectives.mlcm_reads_bank(c, stage)
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
