@@ -51,8 +51,8 @@ def jax_figures(batch, latent, rank):
 
   def loss(lr, batch_, rng_, step, frozen):
     del batch_, rng_, step
-    merged = lora_lib.merge(frozen, lr)
-    student = lambda z, t: denoise(merged, z, t, cond)
+    student_params = lora_lib.attach(frozen, lr)
+    student = lambda z, t: denoise(student_params, z, t, cond)
     guided = mlcm.guided_denoiser(denoise, frozen, cond, uncond, 8.0)
     per_example, _ = mlcm.mlcd_loss(student, guided, z_tm, t_m, t_n, start)
     return jnp.mean(per_example), {}
@@ -62,10 +62,10 @@ def jax_figures(batch, latent, rank):
   step_s = timeit(lambda: jax.block_until_ready(step(state, None, params)))
   teacher = jax.jit(lambda p, z: mlcm.guided_denoiser(denoise, p, cond, uncond, 8.0)(z, t_m))
   teacher_s = timeit(lambda: jax.block_until_ready(teacher(params, z_tm)))
-  student_fwd = jax.jit(lambda lr, p, z: denoise(lora_lib.merge(p, lr), z, t_n, cond))
+  student_fwd = jax.jit(lambda lr, p, z: denoise(lora_lib.attach(p, lr), z, t_n, cond))
   fwd_s = timeit(lambda: jax.block_until_ready(student_fwd(lora, params, z_tm)))
   student_bwd = jax.jit(jax.grad(lambda lr, p, z: jnp.mean(
-      denoise(lora_lib.merge(p, lr), z, t_m, cond) ** 2)))
+      denoise(lora_lib.attach(p, lr), z, t_m, cond) ** 2)))
   bwd_s = timeit(lambda: jax.block_until_ready(student_bwd(lora, params, z_tm)))
   return dict(jax_step_s=step_s, jax_teacher_guided_s=teacher_s, jax_student_fwd_s=fwd_s,
               jax_student_fwd_bwd_s=bwd_s,

@@ -3,8 +3,8 @@
   python -m mcm_jax.generate --sdxl=/models/sdxl-base --lora=runs/mlcm/stage2/lora \\
       --prompt="a red fox in snow" --steps=4 --out=samples/
 
-``--prompts=FILE`` (.txt / .jsonl / .parquet) instead of ``--prompt``. The UNet with the merged
-LoRA runs the K-step MLCM sampler (``mlcm.sample``) and the VAE decodes; the whole
+``--prompts=FILE`` (.txt / .jsonl / .parquet) instead of ``--prompt``. The UNet with the LoRA
+attached runs the K-step MLCM sampler (``mlcm.sample``) and the VAE decodes; the whole
 step is one ``jax.jit`` per (resolution, steps, batch), compiled once. Writes one PNG per prompt
 and ``grid.png``. Bad input (flags, paths, a corrupt or unfitting file) ends in one message and
 exit code 2 (``mcm_jax/errors.py``); ``--debug`` shows the traceback.
@@ -60,14 +60,14 @@ def _slug(text, n=40):
 
 
 def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
-  """UNet (LoRA merged), VAE and text encoders from a local SDXL directory, loaded once. The
+  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory, loaded once. The
   LoRA file is read first (a bad one fails before the models load); one that does not fit the
   UNet is an error naming the file, the module and the shapes."""
   parsed = lora_lib.read(lora_path) if lora_path else None  # a bad file fails before the models
   unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
   if parsed is not None:
     lora = lora_lib.load(lora_path, unet_params, parsed)
-    unet_params = lora_lib.merge(unet_params, lora, lora_scale,
+    unet_params = lora_lib.attach(unet_params, lora, lora_scale,
                                  source=f"LoRA file {lora_path}")
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
   return {"unet": unet, "unet_params": unet_params, "vae": vae, "vae_params": vae_params,

@@ -1,12 +1,13 @@
-"""LoRA for Flax Dense kernels (and, imported from files, convolution kernels), as a separate
-pytree merged into the frozen parameters.
+"""LoRA for the SDXL UNet's Dense kernels (and, imported from files, convolution kernels), as a
+separate pytree applied unmerged beside the frozen parameters.
 
-``W' = W + scale * A @ B`` with ``A [in, r]``, ``B [r, out]`` (B starts at zero, so the merged
-model starts equal to the base); for a convolution kernel ``[kh, kw, in, out]``, ``A`` is
-``[kh, kw, in, r]`` and the product is over the rank axis. The LoRA tree is
-``{'down_blocks_1/.../attn1/to_q': {'a', 'b'}}``: only it is trained and checkpointed; ``merge``
-is a pure, differentiable function, so the student forward is ``apply(merge(base, lora), ...)``
-with no change to the network module.
+``y = x W + scale * (x A) B`` with ``A [in, r]``, ``B [r, out]`` (B starts at zero, so the
+adapted model starts equal to the base); for a convolution kernel ``[kh, kw, in, out]``, ``A``
+is ``[kh, kw, in, r]`` (a convolution to rank ``r``). The LoRA tree is keyed by diffusers'
+module paths, ``{'down_blocks_1/.../transformer_blocks_0/attn1/to_q': {'a', 'b'}}``: only it is
+trained, checkpointed and exported. ``attach(base, lora, scale)`` is pure and differentiable:
+the student is the UNet applied to ``attach(base, lora)`` (``models.sdxl_unet.Adapted``), the
+low-rank term computed in float32 (``sdxl_unet``), so it survives bfloat16 base weights.
 
 Export writes the PEFT layout that diffusers' ``load_lora_weights`` reads for SDXL
 (``pytorch_lora_weights.safetensors``) and the kohya layout that ComfyUI, AUTOMATIC1111 and
@@ -25,19 +26,20 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mcm_jax import lora_formats, storage
 from mcm_jax.errors import UserError
+from mcm_jax.models import sdxl_unet
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")  # the UNet's attention projections
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def target_paths(params, targets=DEFAULT_TARGETS):
-  """'/'-joined paths of the Dense modules named in ``targets`` (their 'kernel' is adapted)."""
-  dense = {k: v for k, v in flatten_dict(params).items()
-           if k[-1] == "kernel" and len(k) > 1 and len(np.shape(v)) == 2}
-  paths = sorted("/".join(k[:-1]) for k in dense if k[-2] in targets)
+  """diffusers' '/'-joined paths of the Dense modules named in ``targets`` (their 'kernel' is
+  adapted) in the UNet ``params``."""
+  dense = [p for p, shape in sdxl_unet.kernel_shapes(params).items() if len(shape) == 2]
+  paths = sorted(p for p in dense if p.rsplit("/", 1)[-1] in targets)
   if not paths:
     raise UserError(f"LoRA targets {tuple(targets)} name no Dense kernel of these parameters; "
-                    f"Dense modules here: {sorted({k[-2] for k in dense})[:20]}")
+                    f"Dense modules here: {sorted({p.rsplit('/', 1)[-1] for p in dense})[:20]}")
   return paths
 
 
@@ -45,10 +47,10 @@ def init_lora(params, rank, rng, targets=DEFAULT_TARGETS):
   """A: N(0, 1/in), B: 0 for every target kernel [in, out]."""
   if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
     raise UserError(f"LoRA rank={rank!r} is invalid; allowed: an integer >= 1")
-  flat = flatten_dict(params)
+  shapes = sdxl_unet.kernel_shapes(params)
   lora = {}
   for i, path in enumerate(target_paths(params, targets)):
-    d_in, d_out = flat[tuple(path.split("/")) + ("kernel",)].shape
+    d_in, d_out = shapes[path]
     a = jax.random.normal(jax.random.fold_in(rng, i), (d_in, rank)) / np.sqrt(d_in)
     lora[path] = {"a": a, "b": jnp.zeros((rank, d_out))}
   return lora
@@ -58,15 +60,14 @@ def check_fits(params, lora, source="LoRA"):
   """A UserError naming ``source`` (e.g. the file), the first module that is not a kernel of
   ``params`` or whose ``a`` / ``b [r, out]`` do not fit its kernel (``a`` is the kernel's shape
   with ``out`` replaced by ``r``), and the shapes."""
-  flat = flatten_dict(params)
+  shapes = sdxl_unet.kernel_shapes(params)
   for path in sorted(lora):
     a_shape, b_shape = tuple(np.shape(lora[path]["a"])), tuple(np.shape(lora[path]["b"]))
     name = lora_formats.torch_module_name(path)
-    key = tuple(path.split("/")) + ("kernel",)
-    if key not in flat:
+    if path not in shapes:
       raise UserError(f"{source}: module {name!r} is not a Dense layer or a convolution of this "
                       "UNet (a LoRA for another architecture?)")
-    kernel = tuple(np.shape(flat[key]))
+    kernel = shapes[path]
     if len(b_shape) != 2 or a_shape[-1:] != b_shape[:1] or a_shape[:-1] + b_shape[1:] != kernel:
       raise UserError(f"{source}: module {name!r} has a {a_shape} and b {b_shape} (as [in, rank] "
                       f"or [kh, kw, in, rank], and [rank, out]), which do not fit this UNet's "
@@ -74,20 +75,35 @@ def check_fits(params, lora, source="LoRA"):
                       "architecture?)")
 
 
-def merge(params, lora, scale=1.0, source="LoRA"):
-  """params with ``kernel += scale * a @ b`` (over the rank axis: ``a`` may be a convolution's
-  ``[kh, kw, in, r]``) at every LoRA path (pure; grads flow to lora). Shapes are checked first
-  (``check_fits``; errors name ``source``)."""
+def attach(params, lora, scale=1.0, source="LoRA"):
+  """``sdxl_unet.Adapted(params, factors)``: the UNet ``params`` (scanned layout) with ``lora``
+  to apply unmerged at ``scale`` (pure; gradients flow to ``lora``). Shapes are checked first
+  (``check_fits``; errors name ``source``). In a scanned stack, blocks without a factor get
+  zeros and factors of lower rank are zero-padded (both exact)."""
   check_fits(params, lora, source)
-  flat = dict(flatten_dict(params))
+  places = sdxl_unet.layout(params)
+  flat, stacks = {}, {}
   for path, ab in lora.items():
-    key = tuple(path.split("/")) + ("kernel",)
-    kernel = flat[key]
+    skey, index, _ = places[tuple(path.split("/")) + ("kernel",)]
     a = ab["a"].astype(jnp.float32)
-    delta = scale * (a.reshape(-1, a.shape[-1]) @ ab["b"].astype(jnp.float32)).reshape(
-        kernel.shape)
-    flat[key] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-  return unflatten_dict(flat)
+    b = scale * ab["b"].astype(jnp.float32)
+    if index is None:
+      flat[skey[:-1]] = {"a": a, "b": b}
+    else:
+      stacks.setdefault(skey, {})[index] = (a, b)
+  shapes = flatten_dict(params)
+  for skey, blocks in stacks.items():
+    depth, rank = np.shape(shapes[skey])[0], max(a.shape[-1] for a, _ in blocks.values())
+    some_a, some_b = next(iter(blocks.values()))
+    pad = lambda x, axis: jnp.pad(x, [(0, rank - x.shape[axis]) if d == axis % x.ndim else (0, 0)
+                                      for d in range(x.ndim)])
+    a = [pad(blocks[i][0], -1) if i in blocks else jnp.zeros(some_a.shape[:-1] + (rank,))
+         for i in range(depth)]
+    b = [pad(blocks[i][1], 0) if i in blocks else jnp.zeros((rank,) + some_b.shape[1:])
+         for i in range(depth)]
+    flat[skey[:-1]] = {"a": jnp.stack(a), "b": jnp.stack(b)}
+  factors = unflatten_dict({m + (k,): v for m, ab in flat.items() for k, v in ab.items()})
+  return sdxl_unet.Adapted(params, factors)
 
 
 def save(directory, lora, scale=1.0, kohya_name="lora", kohya_dtype="float16"):

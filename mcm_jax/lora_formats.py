@@ -1,5 +1,5 @@
-"""The LoRA file layouts users meet, to and from the LoRA tree (``{flax module path: {'a', 'b'}}``,
-``kernel' = kernel + a @ b`` over the rank axis; the scale is folded into ``b``). ``a`` has the
+"""The LoRA file layouts users meet, to and from the LoRA tree (``{flax module path: {'a', 'b'}}``
+in diffusers' layout, the delta ``a @ b`` over the rank axis; the scale is folded into ``b``). ``a`` has the
 kernel's shape with ``out`` replaced by the rank, ``b`` is ``[r, out]``: ``a [in, r]`` for a Dense
 kernel ``[in, out]``, ``a [kh, kw, in, r]`` for a convolution ``[kh, kw, in, out]``.
 
@@ -22,9 +22,9 @@ layout from the keys; kohya's underscored names are resolved against the UNet's 
 import re
 
 import numpy as np
-from flax.traverse_util import flatten_dict
 
 from mcm_jax.errors import UserError
+from mcm_jax.models import sdxl_unet
 
 LAYOUTS = ("peft", "diffusers_old", "kohya")
 _PEFT = re.compile(r"^unet\.(.+)\.lora_([AB])\.weight$")
@@ -196,8 +196,7 @@ def to_tree(layout, parts, params, source="LoRA"):
   ``b``. ``params`` (the UNet's) resolve kohya's underscored module names (diffusers' or the
   original SDXL ones, ``ldm_names``); a module that is not a Dense layer or a convolution there
   is an error naming it."""
-  kernels = {"/".join(k[:-1]) for k, v in flatten_dict(params).items()
-             if k[-1] == "kernel" and len(np.shape(v)) in (2, 4)}
+  kernels = set(sdxl_unet.kernel_shapes(params))
   by_kohya = {kohya_name(p)[len("lora_unet_"):]: p for p in kernels}
   by_kohya.update({name.replace(".", "_"): p for p, name in ldm_names(kernels).items()})
   lora = {}

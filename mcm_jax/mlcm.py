@@ -308,12 +308,12 @@ def sample(f, noise, steps, sampler="ddim", rng=None):
   return addim.renoise_sample_on_grid(lcm_boundary(f), noise, grid, schedules.sdxl_logsnr, fresh)
 
 
-def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, merge, latent_shape,
+def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_shape,
          rewards=None, decode=None, score=None):
   """One MLCM stage's objective ``(loss, metrics)`` for ``train.train`` (pure).
 
-  ``denoise_fn(params, z, t, cond) -> x_hat`` (the UNet as a denoiser), ``merge(base,
-  trainable) -> params`` (LoRA), ``latent_shape = (H, W, C)``. ``frozen``: {'unet': base
+  ``denoise_fn(params, z, t, cond) -> x_hat`` (the UNet as a denoiser), ``adapt(base,
+  trainable) -> params`` (the LoRA attached, ``lora.attach``), ``latent_shape = (H, W, C)``. ``frozen``: {'unet': base
   params, 'teacher': teacher params (the base if absent), 'prev_lora': the previous stage's
   trainable or None, 'uncond': the unconditional conditioning [1, ...], and with rewards 'vae',
   'scorer'}. ``batch``: the conditioning {'context', 'text_embeds', 'time_ids'} and, from a
@@ -327,7 +327,7 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, merge, latent_s
   """
   del step
   cond = {k: batch[k] for k in CONDITIONING}
-  student_params = merge(frozen["unet"], trainable)
+  student_params = adapt(frozen["unet"], trainable)
   student = lambda z, t: denoise_fn(student_params, z, t, cond)
   if "z_tm" in batch:  # a trajectory-bank pair: no teacher call in this step
     pair = {k: batch[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")}
@@ -338,7 +338,7 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, merge, latent_s
     if frozen.get("prev_lora") is None:
       pair = training_pair(rng, shape, hp, guided, guided)
     else:
-      prev_params = merge(frozen["unet"], frozen["prev_lora"])
+      prev_params = adapt(frozen["unet"], frozen["prev_lora"])
       previous = lambda z, t: denoise_fn(prev_params, z, t, cond)
       teacher = previous if hp.teacher_mode == "updated" else guided
       pair = training_pair(rng, shape, hp, previous, teacher, image_free="progressive")

@@ -139,10 +139,10 @@ def mlcm_reads_bank(config, stage):
 
 
 def mlcm_loss(config, denoise, stage, decode=None, score=None):
-  """``mlcm.loss`` of one stage: the LoRA is the trainable tree, merged at ``lora.scale``;
+  """``mlcm.loss`` of one stage: the LoRA is the trainable tree, applied at ``lora.scale``;
   ``denoise(params, z, t, cond)`` is the UNet as a denoiser (``models.sdxl.make_denoiser``)."""
   res = config.latent_resolution
   return functools.partial(
       mlcm.loss, hp=mlcm_hparams(config, stage), denoise_fn=denoise,
-      merge=functools.partial(lora.merge, scale=config.lora.scale), latent_shape=(res, res, 4),
+      adapt=functools.partial(lora.attach, scale=config.lora.scale), latent_shape=(res, res, 4),
       rewards=reward_hparams(config), decode=decode, score=score)

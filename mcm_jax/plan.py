@@ -105,7 +105,7 @@ def step_inputs(c, stage=0):
   def forward(p, frozen, b):
     res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
     z = jnp.zeros((b["context"].shape[0], res, res, 4))
-    return denoise(lora.merge(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
+    return denoise(lora.attach(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
                    cond)
 
   return (objectives.mlcm_loss(c, denoise, stage), lora_params, frozen,

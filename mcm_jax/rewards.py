@@ -83,7 +83,8 @@ def clip_image_embedder(clip_dir):
     raise ValueError(f"{config_path}: model_type={model_type!r}; allowed: 'clip', "
                      "'clip_vision_model'")
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  model, params = load_flax_transformer(FlaxCLIPVisionModel, clip_dir)
+  model, params = load_flax_transformer(FlaxCLIPVisionModel, clip_dir,
+                                        unused=("position_ids", "visual_projection.weight"))
   weights = load_file(os.path.join(clip_dir, "model.safetensors"))
   if "visual_projection.weight" not in weights:
     raise ValueError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "

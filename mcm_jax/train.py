@@ -46,8 +46,8 @@ class LossDivergedError(NonFiniteLossError):
 
 
 # The divergence guard's reference: the median loss of the run's first REFERENCE_STEPS steps.
-# Both are at the initial parameters (the learning-rate warmup starts at 0, so step 0's update
-# is zero), i.e. the loss of the untrained model, measured before anything can diverge: a run
+# With a warmup both are at the initial parameters (the learning rate starts at 0, so step 0's
+# update is zero), i.e. the loss of the untrained model, measured before anything can diverge: a run
 # with learning rate 1e10 is ~1e22 from its third step on, so the first logged chunks cannot be
 # the reference. The guard is therefore armed from the first logged chunk (no warm-up), and a
 # loss that falls from its start never trips it. The reference is saved in every checkpoint,
@@ -56,9 +56,17 @@ class LossDivergedError(NonFiniteLossError):
 REFERENCE_STEPS = 2
 
 
+def learning_rate_schedule(optim):
+  """``lr(step)``: linear from 0 at step 0 to ``optim.learning_rate`` at ``warmup_steps``, then
+  constant; with ``warmup_steps=0`` constant from step 0 (a 1-step run updates)."""
+  if int(optim.warmup_steps) == 0:
+    return optax.constant_schedule(optim.learning_rate)
+  return optax.linear_schedule(0.0, optim.learning_rate, int(optim.warmup_steps))
+
+
 def make_optimizer(optim):
   """Adam with linear warmup, global-norm clipping and optional weight decay (config.optim)."""
-  lr = optax.linear_schedule(0.0, optim.learning_rate, max(int(optim.warmup_steps), 1))
+  lr = learning_rate_schedule(optim)
   chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
   chain.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
   return optax.chain(*chain)

@@ -67,12 +67,12 @@ def test_kohya_export_is_diffusers_converter_output_and_loads_in_pytorch(tiny_sd
   unet = sdxl_fixtures.tiny_torch_unet()
   pipe.load_lora_into_unet(state_dict, alphas, unet)
   inputs = tiny_inputs()
-  got = _jax_eps(model, lora_lib.merge(params, lora, scale), inputs)
+  got = _jax_eps(model, lora_lib.attach(params, lora, scale), inputs)
   assert np.abs(got - _jax_eps(model, params, inputs)).max() > 1e-2  # the adapter matters
   np.testing.assert_allclose(got, torch_eps(unet, inputs), atol=2e-4, rtol=0)
   # Reading it back (alpha / r folded in) gives the same merged UNet.
   back = lora_formats.from_state_dict(kohya, params)
-  np.testing.assert_allclose(_jax_eps(model, lora_lib.merge(params, back), inputs), got,
+  np.testing.assert_allclose(_jax_eps(model, lora_lib.attach(params, back), inputs), got,
                              atol=1e-5)
 
 
@@ -101,7 +101,7 @@ def test_a_pytorch_made_lora_imports_in_every_layout(tiny_sdxl_dir):
     state_dict = {k: v.detach().numpy() for k, v in state_dict.items()}
     assert lora_formats.detect(state_dict) == layout
     lora = lora_formats.from_state_dict(state_dict, params)
-    np.testing.assert_allclose(_jax_eps(model, lora_lib.merge(params, lora), inputs), want,
+    np.testing.assert_allclose(_jax_eps(model, lora_lib.attach(params, lora), inputs), want,
                                atol=2e-4, rtol=0, err_msg=layout)
 
 
@@ -141,7 +141,7 @@ def test_a_pytorch_lora_of_convolutions_imports_with_diffusers_and_sdxl_names(ti
   assert len(lora) == len(modules) and len(convs) > 10
   assert sorted(p for p, ab in lora.items() if np.ndim(ab["a"]) == 4) == sorted(
       map(lora_formats.flax_path, convs))
-  got = _jax_eps(model, lora_lib.merge(params, lora), inputs)
+  got = _jax_eps(model, lora_lib.attach(params, lora), inputs)
   assert np.abs(got - _jax_eps(model, params, inputs)).max() > 1e-2  # the adapter matters
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
   # (b) kohya's SDXL trainer's names: 'lora_unet_input_blocks_1_0_in_layers_2', ...
@@ -151,7 +151,7 @@ def test_a_pytorch_lora_of_convolutions_imports_with_diffusers_and_sdxl_names(ti
   assert any(k.startswith("lora_unet_input_blocks_1_0_in_layers_2.") for k in sgm)
   save_file(sgm, str(tmp_path / "sdxl_names.safetensors"))
   sgm_lora = lora_lib.load(str(tmp_path / "sdxl_names.safetensors"), params)
-  np.testing.assert_allclose(_jax_eps(model, lora_lib.merge(params, sgm_lora), inputs), got,
+  np.testing.assert_allclose(_jax_eps(model, lora_lib.attach(params, sgm_lora), inputs), got,
                              atol=1e-6, rtol=0)
   pipe = diffusers.StableDiffusionXLPipeline
   state_dict, alphas = pipe.lora_state_dict(str(tmp_path), weight_name="sdxl_names.safetensors",
@@ -197,10 +197,10 @@ def test_sdxl_module_names_are_those_of_diffusers_converter():
       lora_formats.torch_module_name(path): i for i, path in enumerate(paths)}
 
 
-def test_conv_lora_merges_as_pytorch_conv_delta():
-  """A kohya LoRA of a 3x3 convolution named as in the original SDXL UNet: the merged Flax kernel
-  [kh, kw, in, out] gets PyTorch's delta W[out, in, kh, kw] = alpha / r * up[:, :, 0, 0] @ down
-  (over r), transposed; merge is differentiable in a [kh, kw, in, r]."""
+def test_conv_lora_reads_as_pytorch_conv_delta():
+  """A kohya LoRA of a 3x3 convolution named as in the original SDXL UNet: its factors' delta
+  [kh, kw, in, out] is PyTorch's W[out, in, kh, kw] = alpha / r * up[:, :, 0, 0] @ down (over
+  r), transposed (applied unmerged as a convolution: test_sdxl_unet's unmerged-LoRA test)."""
   rng = np.random.default_rng(0)
   conv, dense = np.zeros((3, 3, 8, 6), np.float32), np.zeros((6, 6), np.float32)
   params = {"down_blocks_0": {"resnets_0": {"conv1": {"kernel": conv}}},
@@ -214,18 +214,16 @@ def test_conv_lora_merges_as_pytorch_conv_delta():
   assert {p: ab["a"].shape for p, ab in lora.items()} == {
       "down_blocks_0/resnets_0/conv1": (3, 3, 8, 2)}
   want = 0.5 * np.einsum("or,riyx->yxio", up[:, :, 0, 0], down)
-  merged = lora_lib.merge(params, lora)["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
-  np.testing.assert_allclose(merged, want, rtol=1e-6, atol=1e-6)
+  ab = lora["down_blocks_0/resnets_0/conv1"]  # the delta a @ b over r: PyTorch's, transposed
+  np.testing.assert_allclose(np.einsum("yxir,ro->yxio", ab["a"], ab["b"]), want, rtol=1e-6,
+                             atol=1e-6)
+  attached = lora_lib.attach(params, lora, scale=2.0).lora["down_blocks_0"]["resnets_0"]["conv1"]
+  np.testing.assert_allclose(attached["b"], 2.0 * ab["b"], rtol=1e-6)  # scale folded into b
   back = lora_formats.to_kohya(lora)  # written back in diffusers' names, alpha / r folded in
   np.testing.assert_array_equal(back["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"],
                                 down)
   np.testing.assert_array_equal(back["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"],
                                 0.5 * up)
-  grad = jax.grad(lambda l: lora_lib.merge(params, l)["down_blocks_0"]["resnets_0"]["conv1"]
-                  ["kernel"].sum())(jax.tree_util.tree_map(jnp.asarray, lora))
-  ab = lora["down_blocks_0/resnets_0/conv1"]  # d sum(kernel) / d a[y, x, i, r] = sum_o b[r, o]
-  np.testing.assert_allclose(grad["down_blocks_0/resnets_0/conv1"]["a"],
-                             np.broadcast_to(ab["b"].sum(1), ab["a"].shape), rtol=1e-6)
   with pytest.raises(UserError, match=r"lora_up.weight has shape \(6, 2, 3, 3\); allowed"):
     lora_formats.module_parts({f"{stem}.lora_down.weight": down,
                                f"{stem}.lora_up.weight": np.zeros((6, 2, 3, 3))})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sdxl_fixtures  # tests/: torch is imported inside its functions
-from mcm_jax.models import sdxl
+from mcm_jax.models import sdxl, sdxl_unet
 from sdxl_fixtures import tiny_torch_unet, tiny_torch_vae  # pylint: disable=g-bad-import-order
 
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
@@ -53,7 +53,8 @@ def test_flax_unet_equals_pytorch_unet(unet_dir, tmp_path):
   eps = jax.jit(sdxl.make_eps_fn(model))
   got = np.asarray(eps(params, inputs["z"], inputs["t"], inputs["cond"]))
   assert np.abs(want).mean() > 0.05
-  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+  # float32 rounding only (the GELU's exactness: test_sdxl_unet's GEGLU test)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-5
   # The Flax layout (msgpack) loads to the same parameters.
   from flax import serialization  # pylint: disable=g-import-not-at-top
   flax_dir = str(tmp_path / "flax_unet")  # not inside the shared directory
@@ -61,7 +62,7 @@ def test_flax_unet_equals_pytorch_unet(unet_dir, tmp_path):
   with open(os.path.join(unet_dir, "unet", "config.json")) as f:
     json.dump(json.load(f), open(os.path.join(flax_dir, "config.json"), "w"))
   with open(os.path.join(flax_dir, sdxl.FLAX_WEIGHTS), "wb") as f:
-    f.write(serialization.msgpack_serialize(jax.device_get(params)))
+    f.write(serialization.msgpack_serialize(jax.device_get(sdxl_unet.unstack_blocks(params))))
   _, again = sdxl.load_unet(flax_dir)
   assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
       lambda a, b: bool(jnp.array_equal(a, b)), params, again)))
@@ -106,7 +107,7 @@ def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, t
   eps = jax.jit(sdxl.make_eps_fn(model))
   inputs = tiny_inputs()
   base_out = np.asarray(eps(params, inputs["z"], inputs["t"], inputs["cond"]))
-  got = np.asarray(eps(lora_lib.merge(params, lora, scale), inputs["z"], inputs["t"],
+  got = np.asarray(eps(lora_lib.attach(params, lora, scale), inputs["z"], inputs["t"],
                        inputs["cond"]))
   assert np.abs(got - base_out).max() > 1e-2  # the adapter changes the function
 
@@ -120,7 +121,7 @@ def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, t
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
   back = lora_lib.load(directory, params)  # import: scale folded into b
-  again = np.asarray(eps(lora_lib.merge(params, back), inputs["z"], inputs["t"], inputs["cond"]))
+  again = np.asarray(eps(lora_lib.attach(params, back), inputs["z"], inputs["t"], inputs["cond"]))
   np.testing.assert_allclose(again, got, atol=1e-5)
   assert os.path.isfile(tmp_path / "lora" / "lora_kohya.safetensors")  # the second export
 

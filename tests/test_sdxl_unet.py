@@ -1,6 +1,7 @@
-"""The scanned SDXL UNet (mcm_jax.models.sdxl_unet) == diffusers' Flax UNet, values and gradients,
-for every remat policy and attention; its transformer blocks are traced once per stack.
-(Equality with diffusers' PyTorch UNet: tests/test_sdxl.py, through ``sdxl.load_unet``.)"""
+"""The scanned SDXL UNet (mcm_jax.models.sdxl_unet) == diffusers' Flax UNet with PyTorch's exact
+GELU, values and gradients, for every remat policy and attention; its transformer blocks are
+traced once per stack; LoRA applied unmerged. (Equality with diffusers' PyTorch UNet:
+tests/test_sdxl.py, through ``sdxl.load_unet``.)"""
 import warnings
 
 import jax
@@ -16,10 +17,30 @@ from mcm_jax.models import sdxl, sdxl_unet
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 
 
+@pytest.fixture(autouse=True)
+def _exact_gelu(monkeypatch):
+  """diffusers' Flax GEGLU with PyTorch's exact GELU (its own uses the tanh approximation, which
+  ``test_diffusers_flax_geglu_is_the_tanh_approximation`` shows)."""
+  from diffusers.models import attention_flax  # pylint: disable=g-import-not-at-top
+
+  def call(self, hidden_states, deterministic=True):
+    lin, gate = jnp.split(self.proj(hidden_states), 2, axis=2)
+    return self.dropout_layer(lin * jax.nn.gelu(gate, approximate=False),
+                              deterministic=deterministic)
+
+  monkeypatch.setattr(attention_flax.FlaxGEGLU, "__call__", call)
+
+
 def diffusers_unet(config):
   """diffusers' own FlaxUNet2DConditionModel: the independent reference."""
   return sdxl._from_config(sdxl._diffusers_flax_class("FlaxUNet2DConditionModel"), config,  # pylint: disable=protected-access
                            jnp.float32)
+
+
+def scanned(model, params):
+  """diffusers-layout ``params`` -> ``model``'s scanned layout."""
+  del model
+  return sdxl_unet.stack_blocks(params)
 
 
 def inputs(config, batch=2, seed=0):
@@ -57,12 +78,13 @@ def _models(remat="none", attention="xla", linear=True):
     ("dots,full", "xla", True)])
 def test_scanned_unet_equals_diffusers_flax_unet(remat, attention, linear):
   config, ref, ours = _models(remat, attention, linear)
-  shapes = lambda m: {k: v.shape for k, v in flatten_dict(
-      jax.eval_shape(m.init_weights, jax.random.PRNGKey(0))).items()}
-  assert shapes(ours) == shapes(ref)  # diffusers' layout, so its loaders and LoRA names apply
+  shapes = lambda m: jax.eval_shape(m.init_weights, jax.random.PRNGKey(0))
+  ours_in_diffusers_layout = {k: (shape,) for k, (_, _, shape) in
+                              sdxl_unet.layout(shapes(ours)).items()}
+  assert ours_in_diffusers_layout == {k: (v.shape,) for k, v in flatten_dict(shapes(ref)).items()}
   params, args = random_params(ref), inputs(config)
   want = ref.apply({"params": params}, *args[:3], added_cond_kwargs=args[3]).sample
-  got = ours.apply({"params": params}, *args).sample
+  got = ours.apply({"params": scanned(ours, params)}, *args).sample
   assert float(jnp.abs(want).mean()) > 0.1
   np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
 
@@ -73,7 +95,8 @@ def test_scanned_rematerialised_unet_gradients_equal_diffusers():
   params, args = random_params(ref), inputs(config)
   loss_ref, g_ref = loss_and_grad(
       lambda p, *a: ref.apply({"params": p}, *a[:3], added_cond_kwargs=a[3]).sample, params, args)
-  loss, g = loss_and_grad(lambda p, *a: ours.apply({"params": p}, *a).sample, params, args)
+  loss, g = loss_and_grad(lambda p, *a: ours.apply({"params": sdxl_unet.stack_blocks(p)},
+                                                  *a).sample, params, args)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   overall = max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(g_ref))
   for key, want_g in flatten_dict(g_ref).items():  # (biases before a norm get ~0 gradients)
@@ -108,11 +131,64 @@ def test_stack_blocks_round_trip_and_order():
   params = {"a": {"transformer_blocks_1": {"w": jnp.ones(2)}, "transformer_blocks_0":
                   {"w": jnp.zeros(2)}, "norm": {"scale": jnp.ones(3)}}}
   stacked = sdxl_unet.stack_blocks(params)
-  np.testing.assert_array_equal(stacked["a"]["transformer_blocks"]["block"]["w"],
-                                [[0, 0], [1, 1]])
+  np.testing.assert_array_equal(stacked["a"]["transformer_blocks"]["w"], [[0, 0], [1, 1]])
   back = sdxl_unet.unstack_blocks(stacked)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
   np.testing.assert_array_equal(back["a"]["transformer_blocks_1"]["w"], [1, 1])
+  assert sdxl_unet.layout(stacked)[("a", "transformer_blocks_1", "w")] == (
+      ("a", "transformer_blocks", "w"), 1, (2,))
+  assert sdxl_unet.scanned_key(("a", "transformer_blocks_1", "w")) == (
+      ("a", "transformer_blocks", "w"), 1)
+
+
+def test_diffusers_flax_geglu_is_the_tanh_approximation(monkeypatch):
+  """Why the UNet has its own transformer block: diffusers' Flax GEGLU is not PyTorch's exact
+  GELU, x Phi(x) (here in float64; PyTorch's float32 1 + erf loses ~2e-6 to cancellation)."""
+  from scipy.special import ndtr  # pylint: disable=g-import-not-at-top
+  from diffusers.models import attention_flax  # pylint: disable=g-import-not-at-top
+  monkeypatch.undo()
+  x = np.linspace(-4, 4, 101, dtype=np.float32)
+  ones = lambda n: {"proj": {"kernel": jnp.ones((1, n)), "bias": jnp.zeros(n)}}  # u = g = x
+  flax_geglu = attention_flax.FlaxGEGLU(1)  # inner width 4 x dim
+  got = np.asarray(flax_geglu.apply({"params": ones(8)}, jnp.asarray(x)[None, :, None]))[0, :, 0]
+  want = x * (x * ndtr(x.astype(np.float64)))
+  ours = sdxl_unet.GEGLU(1, jnp.float32).apply({"params": ones(2)}, jnp.asarray(x)[:, None])[:, 0]
+  np.testing.assert_allclose(ours, want, atol=1e-6, rtol=0)
+  assert np.abs(got - want).max() > 1e-4
+
+
+def test_lora_applied_unmerged_equals_the_merged_kernel_in_float32():
+  """``lora.attach``: ``x W + s (x a) b`` == the UNet with ``W + s a b`` (float32), for a stack's
+  blocks (zeros for the blocks the LoRA skips, ranks padded) and an unscanned convolution."""
+  from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, 3))
+  model = sdxl.unet_from_config(config)
+  params = model.init_weights(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  shapes = sdxl_unet.kernel_shapes(params)
+  chosen = {"down_blocks_1/attentions_0/transformer_blocks_2/attn1/to_q": 2,
+            "down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k": 3,
+            "down_blocks_1/attentions_0/transformer_blocks_1/attn2/to_k": 1,
+            "mid_block/attentions_0/proj_in": 2, "conv_in": 2}
+  lora = {p: {"a": rng.normal(size=shapes[p][:-1] + (r,)).astype(np.float32) * 0.3,
+              "b": rng.normal(size=(r, shapes[p][-1])).astype(np.float32) * 0.3}
+          for p, r in chosen.items()}
+  merged = sdxl_unet.unstack_blocks(params)
+  flat = flatten_dict(merged)
+  for p, ab in lora.items():
+    key = tuple(p.split("/")) + ("kernel",)
+    flat[key] = flat[key] + 0.5 * (ab["a"].reshape(-1, ab["a"].shape[-1]) @ ab["b"]).reshape(
+        flat[key].shape)
+  from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
+  merged = sdxl_unet.stack_blocks(unflatten_dict(flat))
+  eps = jax.jit(sdxl.make_eps_fn(model))
+  args = inputs(config)
+  z, t, cond = jnp.transpose(args[0], (0, 2, 3, 1)), args[1], {
+      "context": args[2], **args[3]}
+  want, base = eps(merged, z, t, cond), eps(params, z, t, cond)
+  got = eps(lora_lib.attach(params, lora, 0.5), z, t, cond)
+  assert float(jnp.abs(want - base).max()) > 1e-2
+  np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
 
 
 def test_remat_policies_keep_fewer_activations():

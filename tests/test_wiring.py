@@ -114,7 +114,7 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
   """Per-example MLCD of one stage, with every step written out in epsilon form."""
   m = config.mlcm
   K, k = m.num_segments // 2 ** stage, m.skip * 2 ** stage
-  merged = lambda l: lora.merge(params, l, config.lora.scale)
+  merged = lambda l: lora.attach(params, l, config.lora.scale)
   student = merged(lora1 if stage else lora0)
   previous = merged(lora0) if stage else None
 
@@ -216,7 +216,7 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   mlcd, ends = _by_hand(config, params, lora0, lora1, cond, uncond, eps, 0, key, bank)
   s_np = lambda z: 2.0 + np.mean(4.0 * np.tanh(1.5 * z[..., :3]))
   rc = np.mean([(s_np(p) - s_np(t)) ** 2 for p, t in ends])
-  student = lora.merge(params, lora0, config.lora.scale)
+  student = lora.attach(params, lora0, config.lora.scale)
   noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (4, 8, 8, 4)), np.float64)
   x_0 = [(noise[i] - SIGMAS[999] * eps(student, noise[i], 999, i)) / ALPHAS[999]
          for i in range(4)]  # one step from z_999: x_hat

@@ -25,19 +25,20 @@ from mcm_jax.models import sdxl
 
 
 def build_models(c):
-  """(UNet model, student base params, teacher params or None, text encoder)."""
+  """(UNet model, student base params, teacher params or None, text encoder); loaded UNet
+  weights are read straight into ``config.unet.frozen_dtype``."""
   if c.text_encoder == "sdxl" and not c.student_unet:
     raise ConfigError("config.text_encoder='sdxl' needs config.student_unet: the local SDXL "
                       "directory holding text_encoder(_2)/ and tokenizer(_2)/")
   unet = unet_options(c)
   if c.student_unet:
-    model, params = sdxl.load_unet(c.student_unet, **unet)
+    model, params = sdxl.load_unet(c.student_unet, **unet, param_dtype=c.unet.frozen_dtype)
   else:  # tiny: random weights of the tiny SDXL-architecture config
     model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, **unet)
     params = model.init_weights(jax.random.PRNGKey(c.seed))
   teacher = None
   if c.teacher_unet:
-    t_model, teacher = sdxl.load_unet(c.teacher_unet, **unet)
+    t_model, teacher = sdxl.load_unet(c.teacher_unet, **unet, param_dtype=c.unet.frozen_dtype)
     if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
       raise ValueError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
                        "architecture")
@@ -238,8 +239,8 @@ def run(config, workdir):
     if jax.process_index() == 0:
       path = lora.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale,
                        f"mlcm_stage{stage}_K{hp.num_segments}", c.lora.kohya_dtype)
-      _write_stage_grid(c, model, lora.merge(params, lora_params, c.lora.scale), encode_batch,
-                        prompts, hp.num_segments, stage_dir)
+      _write_stage_grid(c, model, lora.attach(frozen["unet"], lora_params, c.lora.scale),
+                        encode_batch, prompts, hp.num_segments, stage_dir)
     stages.append({"num_segments": hp.num_segments, "skip": hp.skip, "lora": path})
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, hp.num_segments, hp.skip, path)
   writer.close()
@@ -248,8 +249,9 @@ def run(config, workdir):
   return {"stages": stages}
 
 
-def _write_stage_grid(c, model, merged, encode_batch, prompts, steps, stage_dir):
-  """K-step samples of the merged student, decoded by the SDXL directory's VAE if it has one."""
+def _write_stage_grid(c, model, student, encode_batch, prompts, steps, stage_dir):
+  """K-step samples of the student (the base with its LoRA attached), decoded by the SDXL
+  directory's VAE if it has one."""
   n = c.sample.num
   cond = jax.tree_util.tree_map(jnp.asarray, encode_batch(prompts[:n]))
   noise = jax.random.normal(jax.random.PRNGKey(c.seed + 99),
@@ -257,4 +259,4 @@ def _write_stage_grid(c, model, merged, encode_batch, prompts, steps, stage_dir)
   vae = vae_params = None
   if c.student_unet and os.path.isdir(os.path.join(c.student_unet, "vae")):
     vae, vae_params = sdxl.load_vae(c.student_unet)
-  generate.write_sample_grid(stage_dir, model, merged, cond, noise, steps, vae, vae_params)
+  generate.write_sample_grid(stage_dir, model, student, cond, noise, steps, vae, vae_params)

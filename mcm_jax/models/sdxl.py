@@ -5,11 +5,14 @@ transformer blocks), its VAE and text encoders: build, load, apply.
 ``unet`` folder itself) holding ``config.json`` and either Flax weights
 (``diffusion_flax_model.msgpack``) or PyTorch safetensors (``diffusion_pytorch_model
 [.fp16].safetensors``, what users have). PyTorch names and layouts are converted with diffusers'
-own renaming rules, against parameter shapes from ``jax.eval_shape`` (no random init in memory);
-a missing, unexpected or mis-shaped weight, and an unreadable (truncated, corrupt) file, is an
-error naming it. Nothing is downloaded.
+own renaming rules, against parameter shapes from ``jax.eval_shape`` (no random init in memory),
+one tensor at a time straight into the dtype the parameters are kept in and the UNet's scanned
+layout (``sdxl_unet.layout``); a missing, unexpected or mis-shaped weight, and an unreadable
+(truncated, corrupt) file, is an error naming it. The text encoders read ``model.safetensors``
+or the fp16 variant ``model.fp16.safetensors`` the same way. Nothing is downloaded.
 
-``make_eps_fn(model)`` gives ``eps(params, z [B, H, W, 4] NHWC, t [B] (0..999), cond)`` and
+``make_eps_fn(model)`` gives ``eps(params, z [B, H, W, 4] NHWC, t [B] (0..999), cond)`` (params
+plain or ``sdxl_unet.Adapted``: with a LoRA) and
 ``make_denoiser(model)`` the same UNet as an x-predicting denoiser (what MLCM and the samplers
 take), with ``cond = {'context': [B, L, D], 'text_embeds': [B, P], 'time_ids': [B, 6]}`` (the
 UNet takes NCHW, as diffusers'; transposes happen here, once).
@@ -82,34 +85,63 @@ def _from_config(cls, config, dtype):
 
 
 def param_shapes(model):
-  """{('down_blocks_1', ..., 'kernel'): ShapeDtypeStruct} without allocating parameters."""
+  """{('down_blocks_1', ..., 'kernel'): ShapeDtypeStruct} without allocating parameters (the
+  UNet's in the scanned layout)."""
   from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
   return flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
 
 
-def params_from_pytorch(state_dict, model, source=""):
-  """Flax params from a PyTorch state dict ({name: array}) of the same diffusers model (UNet,
-  VAE); checks every name and shape (errors name ``source``, the file, if given)."""
+def assemble_params(named_tensors, model, what, dtype=jnp.float32):
+  """The model's parameter tree (scanned layout for the UNet) in ``dtype`` from
+  ``named_tensors``: (diffusers-layout Flax key tuple, numpy array, its name for errors),
+  read one at a time. Each tensor is cast straight into its place (a transformer block's into
+  its slice of the stacked leaf): no second copy of the weights. Every name and shape is
+  checked; errors start with ``what`` (the file)."""
   from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
-  from diffusers.models import modeling_flax_pytorch_utils as conv  # pylint: disable=g-import-not-at-top
   shapes = param_shapes(model)
-  what = (f"{source}: " if source else "") + type(model).__name__.replace("Flax", "")
-  out = {}
-  for pt_key, tensor in state_dict.items():
-    tensor = np.asarray(tensor).astype(np.float32)  # also bf16 / fp16 files
-    key, value = conv.rename_key_and_reshape_tensor(
-        tuple(conv.rename_key(pt_key).split(".")), tensor, shapes)
-    if key not in shapes:
-      raise UserError(f"{what} weight {pt_key!r} has no place in this config (as {key})")
-    if tuple(value.shape) != shapes[key].shape:
-      raise UserError(f"{what} weight {pt_key!r}: shape {tuple(np.shape(tensor))} gives "
-                      f"{tuple(value.shape)} for {'/'.join(key)}, expected {shapes[key].shape}")
-    out[key] = jnp.asarray(value, jnp.float32)
-  missing = sorted("/".join(k) for k in set(shapes) - set(out))
+  places = sdxl_unet.layout(unflatten_dict(shapes))
+  out, filled = {}, set()
+  for key, tensor, name in named_tensors:
+    if key not in places:
+      raise UserError(f"{what}: weight {name} has no place in this config (as "
+                      f"{'/'.join(key)})")
+    skey, index, shape = places[key]
+    if tuple(np.shape(tensor)) != shape:
+      raise UserError(f"{what}: weight {name} gives {tuple(np.shape(tensor))} for "
+                      f"{'/'.join(key)}, expected {shape}")
+    if skey not in out:
+      out[skey] = np.empty(shapes[skey].shape, jnp.dtype(dtype))
+    if index is None:
+      out[skey][...] = tensor
+    else:
+      out[skey][index] = tensor
+    filled.add(key)
+  missing = sorted("/".join(k) for k in set(places) - filled)
   if missing:
-    raise UserError(f"{what} weights lack {len(missing)} parameters of this config, e.g. "
+    raise UserError(f"{what}: the weights lack {len(missing)} parameters of this config, e.g. "
                     f"{missing[:3]}")
-  return unflatten_dict(out)
+  return unflatten_dict({k: jnp.asarray(out.pop(k)) for k in list(out)})  # one leaf at a time
+
+
+def pytorch_to_flax_names(tensors, model):
+  """(Flax key tuple, array, PyTorch name) for each (name, array) of a PyTorch state dict of the
+  same diffusers model, by diffusers' own renaming and reshaping rules."""
+  from diffusers.models import modeling_flax_pytorch_utils as conv  # pylint: disable=g-import-not-at-top
+  from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
+  places = sdxl_unet.layout(unflatten_dict(param_shapes(model)))
+  diffusers_shapes = {k: jax.ShapeDtypeStruct(shape, jnp.float32)
+                      for k, (_, _, shape) in places.items()}
+  for name, tensor in tensors:
+    key, value = conv.rename_key_and_reshape_tensor(
+        tuple(conv.rename_key(name).split(".")), tensor, diffusers_shapes)
+    yield key, value, f"{name!r} of shape {tuple(np.shape(tensor))}"
+
+
+def params_from_pytorch(state_dict, model, source="", dtype=jnp.float32):
+  """Flax params (``assemble_params``) from a PyTorch state dict ({name: array}) of the same
+  diffusers model (UNet, VAE); errors name ``source``, the file, if given."""
+  what = (f"{source}: " if source else "") + type(model).__name__.replace("Flax", "")
+  return assemble_params(pytorch_to_flax_names(state_dict.items(), model), model, what, dtype)
 
 
 def component_dir(path, name):
@@ -131,13 +163,20 @@ def read_json(path):
 
 
 def read_safetensors(path):
-  """{name: jax array} of a safetensors file; a UserError naming the file when it is truncated
+  """{name: numpy array} of a safetensors file; a UserError naming the file when it is truncated
   or not safetensors at all."""
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
+  return dict(iter_safetensors(path))
+
+
+def iter_safetensors(path):
+  """(name, numpy array) of each tensor of a safetensors file, read one at a time from the
+  memory-mapped file; a UserError naming the file when it is truncated or not safetensors."""
+  from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
   try:
-    return load_file(path)
-  except SafetensorError as e:
+    with safe_open(path, framework="numpy") as f:
+      for name in f.keys():
+        yield name, f.get_tensor(name)
+  except (SafetensorError, OSError) as e:
     raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e}); "
                     "download or export it again") from e
 
@@ -156,39 +195,39 @@ def _read_msgpack(path):
   return params
 
 
-def _load_diffusers(path, name, build):
-  """(model, float32 params) of a diffusers-layout model from ``path`` or ``path/<name>``,
+def _load_diffusers(path, name, build, dtype=jnp.float32):
+  """(model, params in ``dtype``) of a diffusers-layout model from ``path`` or ``path/<name>``,
   ``build(config dict)`` making the model; the directory and its config are checked first."""
+  from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
   directory = component_dir(path, name)
-  config = read_json(os.path.join(directory, "config.json"))
+  config_file = os.path.join(directory, "config.json")
+  config = read_json(config_file)
   if not isinstance(config, dict):
-    raise UserError(f"{os.path.join(directory, 'config.json')} is not a diffusers config (a "
-                    f"JSON object)")
-  model = build(config)
+    raise UserError(f"{config_file} is not a diffusers config (a JSON object)")
+  try:
+    model = build(config)
+  except (KeyError, TypeError, UserError) as e:  # another architecture's config
+    raise UserError(f"{config_file}: not an SDXL {name} config ({type(e).__name__}: {e})") from e
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
-    from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
     params = _read_msgpack(flax_file)
-    params = params.get("params", params)
-    shapes, got = param_shapes(model), flatten_dict(params)
-    for key in sorted(set(shapes) | set(got)):
-      if key not in got or key not in shapes or tuple(got[key].shape) != shapes[key].shape:
-        raise UserError(f"{flax_file}: parameter {'/'.join(key)} is "
-                         f"{tuple(got[key].shape) if key in got else 'missing'}, expected "
-                        f"{shapes[key].shape if key in shapes else 'nothing'}")
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    tensors = ((k, v, repr("/".join(k))) for k, v in
+               flatten_dict(params.get("params", params)).items())
+    return model, assemble_params(tensors, model, flax_file, dtype)
   for weights in PT_WEIGHTS:
     pt_file = os.path.join(directory, weights)
     if os.path.isfile(pt_file):
-      return model, params_from_pytorch(read_safetensors(pt_file), model, pt_file)
+      tensors = pytorch_to_flax_names(iter_safetensors(pt_file), model)
+      return model, assemble_params(tensors, model, pt_file, dtype)
   raise FileNotFoundError(f"{directory} has neither {FLAX_WEIGHTS} nor {' / '.join(PT_WEIGHTS)} "
                           "(PyTorch .bin pickles are not read: convert them to safetensors)")
 
 
-def load_unet(path, dtype=jnp.float32, remat="none", attention="xla"):
-  """(model, params) from a local directory (see module docstring); params are float32, the
-  model is ``unet_from_config``'s."""
-  return _load_diffusers(path, "unet", lambda cfg: unet_from_config(cfg, dtype, remat, attention))
+def load_unet(path, dtype=jnp.float32, remat="none", attention="xla", param_dtype=jnp.float32):
+  """(model, params) from a local directory (see module docstring): the model is
+  ``unet_from_config``'s (compute ``dtype``), params in ``param_dtype`` and the scanned layout."""
+  return _load_diffusers(path, "unet", lambda cfg: unet_from_config(cfg, dtype, remat, attention),
+                         param_dtype)
 
 
 def load_vae(path, dtype=jnp.float32):
@@ -221,7 +260,7 @@ def make_eps_fn(model):
 
   def eps(params, z, t, cond, rng=None):
     del rng
-    out = model.apply({"params": params}, jnp.transpose(z, (0, 3, 1, 2)),
+    out = model.apply(sdxl_unet.variables(params), jnp.transpose(z, (0, 3, 1, 2)),
                       jnp.asarray(t, jnp.float32), cond["context"],
                       added_cond_kwargs={"text_embeds": cond["text_embeds"],
                                          "time_ids": cond["time_ids"]}).sample
@@ -238,28 +277,57 @@ def make_denoiser(model):
                                         time_input="t")
 
 
-def load_flax_transformer(cls, directory):
-  """(model, params) of a transformers Flax class from a local dir: flax_model.msgpack (no
-  random init), or PyTorch model.safetensors converted on load (transformers' converter needs
-  an initialised model, so that path briefly holds a random copy in host memory)."""
-  if not os.path.isfile(os.path.join(directory, "config.json")):
+TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors", "model.fp16.safetensors")
+
+
+def load_flax_transformer(cls, directory, dtype=jnp.float32, unused=("position_ids",)):
+  """(model, params in ``dtype``) of a transformers Flax class from a local dir holding
+  config.json and one of ``TRANSFORMERS_WEIGHTS`` (PyTorch safetensors, fp16 variant or not,
+  are renamed by transformers' rules and cast one tensor at a time; no random init). A missing,
+  unexpected (other than names ending in one of ``unused``) or mis-shaped weight and an
+  unreadable file are errors naming the file."""
+  config_file = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{directory!r} has no config.json")
-  from_pt = not os.path.isfile(os.path.join(directory, "flax_model.msgpack"))
-  if from_pt and not os.path.isfile(os.path.join(directory, "model.safetensors")):
-    raise FileNotFoundError(f"{directory} has neither flax_model.msgpack nor model.safetensors")
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  files = [os.path.join(directory, f) for f in TRANSFORMERS_WEIGHTS
+           if os.path.isfile(os.path.join(directory, f))]
+  if not files:
+    raise FileNotFoundError(f"{directory} has none of {' / '.join(TRANSFORMERS_WEIGHTS)}")
+  from flax.traverse_util import flatten_dict, unflatten_dict  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor  # pylint: disable=g-import-not-at-top
+  try:
+    config = cls.config_class.from_pretrained(directory, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{config_file}: not a {cls.config_class.__name__} ({e})") from e
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    try:
-      if from_pt:
-        model = cls.from_pretrained(directory, from_pt=True, local_files_only=True)
-        return model, model.params
-      return cls.from_pretrained(directory, _do_init=False, local_files_only=True)
-    except (SafetensorError, OSError, ValueError) as e:  # transformers: OSError for bad files
-      if isinstance(e, FileNotFoundError):
-        raise
-      raise UserError(f"{directory}: cannot load its {cls.__name__.replace('Flax', '')} "
-                      f"weights ({type(e).__name__}: {e}); download or export them again") from e
+    model = cls(config, _do_init=False, dtype=dtype)
+  shapes = flatten_dict(model.params_shape_tree)
+  weights = files[0]
+  if weights.endswith(".msgpack"):
+    tensors = ((k, v, "/".join(k)) for k, v in flatten_dict(_read_msgpack(weights)).items())
+  else:
+    def renamed(prefix=model.base_model_prefix):
+      for name, tensor in iter_safetensors(weights):
+        key, value = rename_key_and_reshape_tensor(tuple(name.split(".")), tensor, shapes, prefix)
+        if key not in shapes and (prefix,) + key in shapes:
+          key = (prefix,) + key
+        if key in shapes or not name.endswith(tuple(unused)):
+          yield key, value, name
+    tensors = renamed()
+  params, filled = {}, set()
+  for key, tensor, name in tensors:
+    if key not in shapes or tuple(np.shape(tensor)) != shapes[key].shape:
+      raise UserError(f"{weights}: weight {name!r} of shape {tuple(np.shape(tensor))} does not "
+                      f"fit this {config.model_type} config (as {'/'.join(key)}: "
+                      f"{shapes[key].shape if key in shapes else 'no such parameter'})")
+    params[key] = jnp.asarray(tensor, dtype)
+    filled.add(key)
+  missing = sorted("/".join(k) for k in set(shapes) - filled)
+  if missing:
+    raise UserError(f"{weights}: the weights lack {len(missing)} parameters of this "
+                    f"{config.model_type} config, e.g. {missing[:3]}")
+  return model, unflatten_dict(params)
 
 
 def load_text_encoders(path, max_length=None):
@@ -278,7 +346,11 @@ def load_text_encoders(path, max_length=None):
     directory = os.path.join(path, name)
     if not os.path.isdir(directory):
       raise FileNotFoundError(f"SDXL directory {path!r} has no {name}/")
-    tokenizers.append(CLIPTokenizer.from_pretrained(directory, local_files_only=True))
+    try:
+      tokenizers.append(CLIPTokenizer.from_pretrained(directory, local_files_only=True))
+    except (OSError, ValueError, TypeError) as e:
+      raise UserError(f"{directory}: not a readable CLIP tokenizer ({type(e).__name__}: {e})"
+                      ) from e
 
   @jax.jit
   def run(params1, params2, ids1, ids2):

@@ -1,20 +1,27 @@
-"""SDXL's UNet with each transformer stack under ``nn.scan``, optionally rematerialised.
+"""SDXL's UNet with each transformer stack under ``nn.scan``, optionally rematerialised, and
+LoRA applied unmerged.
 
 diffusers' ``FlaxUNet2DConditionModel`` unrolls SDXL's 70 transformer blocks, so one UNet call
 is 70 copies of the block in XLA's program and an MLCM step (guided teacher, image-free latents,
-student target, student forward and backward) is five such UNets: compiling it for a TPU pod
-takes longer than an hour and more than 23 GB of host memory. Here the ``depth`` blocks of each
-``Transformer2D`` (1, 2 or 10 in SDXL) are one scanned block with stacked weights, and the
-block may be rematerialised under a policy (``mcm_jax.models.remat``).
+student target, student forward and backward) is five such UNets. Here the ``depth`` blocks of
+each ``Transformer2D`` (1, 2 or 10 in SDXL) are one scanned block, rematerialised under a policy
+(``mcm_jax.models.remat``).
 
-The function is diffusers' UNet: the same leaves (``FlaxResnetBlock2D``, ``FlaxDownsample2D``,
-``FlaxUpsample2D``, ``FlaxTimesteps``, ``FlaxTimestepEmbedding``, ``FlaxBasicTransformerBlock``)
-wired as ``FlaxUNet2DConditionModel`` wires them, for the configurations SDXL uses (text_time
-added conditioning, ``UNetMidBlock2DCrossAttn``). Parameters are kept in diffusers' layout
-(``.../transformer_blocks_<i>/...``), which the loaders, LoRA and its export read; ``SDXLUNet``
-stacks them into the scanned layout (``.../transformer_blocks/...`` with a leading ``depth``
-axis) inside ``apply``, so callers see diffusers' interface: ``apply({'params': p}, sample NCHW,
-timesteps, encoder_hidden_states, added_cond_kwargs).sample``, ``init_weights``, ``config``.
+The function is diffusers' PyTorch ``UNet2DConditionModel`` for the configurations SDXL uses
+(text_time added conditioning, ``UNetMidBlock2DCrossAttn``): diffusers' Flax leaves
+(``FlaxResnetBlock2D``, ``FlaxDownsample2D``, ``FlaxUpsample2D``, ``FlaxTimesteps``,
+``FlaxTimestepEmbedding``) and this module's transformer block, which is diffusers'
+``FlaxBasicTransformerBlock`` with the exact GELU in its GEGLU feed-forward (PyTorch's; diffusers'
+Flax block uses the tanh approximation).
+
+Parameters are held in the scanned layout: every ``transformer_blocks_<i>`` of diffusers' layout
+is ``transformer_blocks`` with the blocks' leaves stacked on a leading ``depth`` axis. Loaders
+stack once (``layout`` maps each diffusers name to its place); nothing is stacked in the forward.
+
+LoRA (``Adapted``): factors ``a [in, r]`` (a convolution's ``[kh, kw, in, r]``) and ``b [r, out]``
+in a ``lora`` variable collection beside the module they adapt (stacked like the parameters in
+a scanned stack); ``y = x W + (x a) b`` with the low-rank term in float32, added to the layer's
+output, so a small update is not rounded away by low-precision weights.
 """
 import dataclasses
 import re
@@ -23,12 +30,16 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mcm_jax.errors import UserError
 from mcm_jax.models import remat as remat_lib
 
 ATTENTION = ("xla", "chunked")  # chunked: diffusers' memory-efficient (query/key chunked) kernel
+LORA = "lora"  # the variable collection of unmerged LoRA factors
+STACK = "transformer_blocks"  # a scanned stack's name in the scanned layout
 _BLOCKS = re.compile(r"transformer_blocks_(\d+)$")
 
 
@@ -52,12 +63,41 @@ def diffusers():
 def _leaves():
   """diffusers' Flax building blocks (their notice quieted)."""
   diffusers()
-  from diffusers.models import attention_flax, embeddings_flax, resnet_flax  # pylint: disable=g-import-not-at-top
-  return attention_flax, embeddings_flax, resnet_flax
+  from diffusers.models import embeddings_flax, resnet_flax  # pylint: disable=g-import-not-at-top
+  return embeddings_flax, resnet_flax
 
 
-class _ScannedBlock(nn.Module):
-  """One ``FlaxBasicTransformerBlock`` as a scan body: ``(h, context) -> (block(h), None)``."""
+class Attention(nn.Module):
+  """diffusers' ``FlaxAttention``: ``to_out_0(softmax(q k^T / sqrt(d)) v)`` over ``heads`` heads,
+  with q from ``hidden`` and k, v from ``context`` (``hidden`` itself for self-attention)."""
+  dim: int
+  heads: int
+  chunked: bool
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, hidden, context=None):
+    context = hidden if context is None else context
+    dense = lambda name, bias=False: nn.Dense(self.dim, use_bias=bias, dtype=self.dtype, name=name)
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], self.heads, -1)  # [B, L, heads, d]
+    q, k, v = split(dense("to_q")(hidden)), split(dense("to_k")(context)), split(
+        dense("to_v")(context))
+    b, length, _, d = q.shape
+    if self.chunked:  # diffusers' query / key chunked kernel and chunk sizes
+      from diffusers.models.attention_flax import jax_memory_efficient_attention  # pylint: disable=g-import-not-at-top
+      chunks = next((length // n for n in (64, 16, 4) if length % n == 0), length)
+      out = jax_memory_efficient_attention(q, k, v, query_chunk_size=chunks,
+                                           key_chunk_size=4096 * 4)
+    else:
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * d ** -0.5
+      out = jnp.einsum("bhqk,bkhd->bqhd", nn.softmax(scores, axis=-1), v)
+    return dense("to_out_0", bias=True)(out.reshape(b, length, self.dim))
+
+
+class TransformerBlock(nn.Module):
+  """diffusers' ``FlaxBasicTransformerBlock`` as a scan body, ``(h, context) -> (h', None)``:
+  self-attention, cross-attention and a GEGLU feed-forward with the exact GELU, each after a
+  LayerNorm and added to its input."""
   dim: int
   heads: int
   chunked: bool
@@ -65,11 +105,35 @@ class _ScannedBlock(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, context):
-    attention_flax, _, _ = _leaves()
-    block = attention_flax.FlaxBasicTransformerBlock(
-        self.dim, self.heads, self.dim // self.heads, use_memory_efficient_attention=self.chunked,
-        dtype=self.dtype, name="block")
-    return block(hidden, context), None
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+    attention = lambda name: Attention(self.dim, self.heads, self.chunked, self.dtype, name=name)
+    hidden = hidden + attention("attn1")(norm("norm1")(hidden))
+    hidden = hidden + attention("attn2")(norm("norm2")(hidden), context)
+    hidden = hidden + GEGLUFeedForward(self.dim, self.dtype, name="ff")(norm("norm3")(hidden))
+    return hidden, None
+
+
+class GEGLU(nn.Module):
+  """diffusers' ``GEGLU``: ``u * gelu(g)`` with ``[u, g] = proj(x)`` and the exact GELU
+  (``erf``, as PyTorch's ``F.gelu``)."""
+  inner: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    u, g = jnp.split(nn.Dense(self.inner * 2, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+    return u * nn.gelu(g, approximate=False)
+
+
+class GEGLUFeedForward(nn.Module):
+  """diffusers' ``FeedForward`` (GEGLU, 4x width): ``net_2(net_0(x))``."""
+  dim: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    h = GEGLU(self.dim * 4, self.dtype, name="net_0")(x)
+    return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
 
 
 class _Stacks(nn.Module):
@@ -97,10 +161,10 @@ class Transformer2D(_Stacks):
       x = proj("proj_in")(x.reshape(b, h * w, c))
     else:
       x = proj("proj_in")(x).reshape(b, h * w, c)
-    body = remat_lib.wrap(_ScannedBlock, self.remat, prevent_cse=False)  # prevent_cse: not in scan
-    blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+    body = remat_lib.wrap(TransformerBlock, self.remat, prevent_cse=False)  # not needed in scan
+    blocks = nn.scan(body, variable_axes={"params": 0, LORA: 0}, split_rngs={"params": True},
                      in_axes=nn.broadcast, length=self.depth)
-    x, _ = blocks(c, self.heads, self.chunked, self.dtype, name="transformer_blocks")(x, context)
+    x, _ = blocks(c, self.heads, self.chunked, self.dtype, name=STACK)(x, context)
     if self.linear_projection:
       x = proj("proj_out")(x).reshape(b, h, w, c)
     else:
@@ -124,7 +188,7 @@ class DownBlock(_Level):
   add_downsample: bool
 
   def setup(self):
-    _, _, resnet_flax = _leaves()
+    _, resnet_flax = _leaves()
     self.resnets = [resnet_flax.FlaxResnetBlock2D(
         in_channels=self.in_channels if i == 0 else self.out_channels,
         out_channels=self.out_channels, dtype=self.dtype) for i in range(self.num_layers)]
@@ -155,7 +219,7 @@ class UpBlock(_Level):
   add_upsample: bool
 
   def setup(self):
-    _, _, resnet_flax = _leaves()
+    _, resnet_flax = _leaves()
     resnets = []
     for i in range(self.num_layers):
       skip = self.in_channels if i == self.num_layers - 1 else self.out_channels
@@ -183,7 +247,7 @@ class MidBlock(_Level):
   channels: int
 
   def setup(self):
-    _, _, resnet_flax = _leaves()
+    _, resnet_flax = _leaves()
     self.resnets = [resnet_flax.FlaxResnetBlock2D(in_channels=self.channels,
                                                   out_channels=self.channels, dtype=self.dtype)
                     for _ in range(2)]
@@ -204,7 +268,7 @@ class ScannedUNet(nn.Module):
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
-    _, embeddings_flax, _ = _leaves()
+    embeddings_flax, _ = _leaves()
     cfg, dtype, chunked = self.config, self.dtype, self.attention == "chunked"
     channels = tuple(cfg["block_out_channels"])
     levels = len(channels)
@@ -257,39 +321,98 @@ class ScannedUNet(nn.Module):
     return jnp.transpose(h, (0, 3, 1, 2))
 
 
-def stack_blocks(params):
-  """diffusers' layout -> the scanned one: every ``transformer_blocks_<i>`` (i = 0..depth-1)
-  subtree becomes ``transformer_blocks/block`` with the blocks' leaves stacked on axis 0."""
-  if not isinstance(params, dict):
-    return params
-  out, blocks = {}, {}
-  for key, value in params.items():
-    m = _BLOCKS.match(key)
+def scanned_key(key):
+  """(scanned-layout key, block index or None) of a diffusers-layout key tuple:
+  ``(..., 'transformer_blocks_3', 'attn1', ...)`` -> ``((..., 'transformer_blocks', 'attn1',
+  ...), 3)``."""
+  for j, part in enumerate(key):
+    m = _BLOCKS.match(part)
     if m:
-      blocks[int(m.group(1))] = value
-    else:
-      out[key] = stack_blocks(value)
-  if blocks:
-    ordered = [blocks[i] for i in range(len(blocks))]
-    out["transformer_blocks"] = {"block": jax.tree_util.tree_map(
-        lambda *xs: jnp.stack(xs), *ordered)}
+      return key[:j] + (STACK,) + key[j + 1:], int(m.group(1))
+  return tuple(key), None
+
+
+def layout(params):
+  """{diffusers-layout key tuple: (scanned key tuple, block index or None, diffusers shape)} of
+  scanned-layout ``params`` (arrays or ShapeDtypeStructs; nothing is read or copied)."""
+  out = {}
+  for key, leaf in flatten_dict(params).items():
+    shape = tuple(np.shape(leaf))
+    if STACK not in key:
+      out[key] = (key, None, shape)
+      continue
+    j = key.index(STACK)
+    for i in range(shape[0]):
+      out[key[:j] + (f"transformer_blocks_{i}",) + key[j + 1:]] = (key, i, shape[1:])
   return out
+
+
+def kernel_shapes(params):
+  """{'/'-joined diffusers module path: kernel shape} of every Dense ([in, out]) and
+  convolution ([kh, kw, in, out]) kernel of scanned-layout ``params``: what LoRA adapts."""
+  return {"/".join(k[:-1]): shape for k, (_, _, shape) in layout(params).items()
+          if k[-1] == "kernel" and len(shape) in (2, 4)}
 
 
 def unstack_blocks(params):
-  """The scanned layout -> diffusers' (inverse of ``stack_blocks``)."""
-  if not isinstance(params, dict):
-    return params
-  out = {}
-  for key, value in params.items():
-    if key == "transformer_blocks":
-      depth = jax.tree_util.tree_leaves(value)[0].shape[0]
-      for i in range(depth):
-        out[f"transformer_blocks_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i],
-                                                                value["block"])
-    else:
-      out[key] = unstack_blocks(value)
-  return out
+  """The scanned layout -> diffusers' (every stacked leaf split into ``transformer_blocks_<i>``);
+  for writing diffusers-layout files."""
+  flat = flatten_dict(params)
+  return unflatten_dict({key: flat[skey] if i is None else flat[skey][i]
+                         for key, (skey, i, _) in layout(params).items()})
+
+
+def stack_blocks(params):
+  """diffusers' layout -> the scanned one (inverse of ``unstack_blocks``)."""
+  groups = {}
+  for key, value in flatten_dict(params).items():
+    skey, i = scanned_key(key)
+    groups.setdefault(skey, {})[i] = value
+  return unflatten_dict({k: v[None] if None in v else jnp.stack([v[i] for i in range(len(v))])
+                         for k, v in groups.items()})
+
+
+@struct.dataclass
+class Adapted:
+  """UNet parameters with LoRA factors to apply unmerged: ``params`` (scanned layout) and
+  ``lora`` (the ``LORA`` collection: ``{module path...: {'a', 'b'}}``, stacked in scanned stacks,
+  the scale folded into ``b``); made by ``mcm_jax.lora.attach``."""
+  params: dict
+  lora: dict
+
+
+def variables(params):
+  """The UNet's variables for ``apply``: plain parameters or ``Adapted`` ones."""
+  if isinstance(params, Adapted):
+    return {"params": params.params, LORA: params.lora}
+  return {"params": params}
+
+
+def _low_rank(module, x, a, b):
+  """``(x a) b`` in float32 for a Dense (``a [in, r]``) or convolution (``a [kh, kw, in, r]``,
+  the module's strides and padding) ``module``."""
+  x = x.astype(jnp.float32)
+  if a.ndim == 2:
+    return (x @ a.astype(jnp.float32)) @ b.astype(jnp.float32)
+  rank = len(module.kernel_size)
+  strides = module.strides or 1
+  strides = (strides,) * rank if isinstance(strides, int) else tuple(strides)
+  h = jax.lax.conv_general_dilated(
+      x, a.astype(jnp.float32), strides, nn.linear.canonicalize_padding(module.padding, rank),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return h @ b.astype(jnp.float32)
+
+
+def _apply_lora(next_fun, args, kwargs, context):
+  """A Flax method interceptor: a Dense / Conv with ``LORA`` factors returns ``y + (x a) b``."""
+  module = context.module
+  y = next_fun(*args, **kwargs)
+  if (context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv))
+      or not module.has_variable(LORA, "a")):
+    return y
+  delta = _low_rank(module, args[0], module.get_variable(LORA, "a"),
+                    module.get_variable(LORA, "b"))
+  return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
 @struct.dataclass
@@ -300,9 +423,10 @@ class UNetOutput:
 
 @dataclasses.dataclass(frozen=True)
 class SDXLUNet:
-  """The scanned UNet behind diffusers' model interface, on diffusers' parameter layout:
-  ``apply({'params': p}, sample, timesteps, context, added_cond_kwargs).sample``,
-  ``init_weights(rng)``, ``config`` (the diffusers config dict)."""
+  """The scanned UNet behind diffusers' model interface: ``apply(variables, sample, timesteps,
+  context, added_cond_kwargs).sample`` with ``variables = {'params': p}`` or ``{'params': p,
+  'lora': l}`` (``variables``), ``init_weights(rng)`` (scanned layout), ``config`` (the diffusers
+  config dict)."""
   module: ScannedUNet
 
   @property
@@ -314,19 +438,20 @@ class SDXLUNet:
     return self.module.dtype
 
   def apply(self, variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
-    out = self.module.apply({"params": stack_blocks(variables["params"])}, sample, timesteps,
-                            encoder_hidden_states, added_cond_kwargs)
-    return UNetOutput(out)
+    args = (sample, timesteps, encoder_hidden_states, added_cond_kwargs)
+    if LORA not in variables:
+      return UNetOutput(self.module.apply(variables, *args))
+    with nn.intercept_methods(_apply_lora):
+      return UNetOutput(self.module.apply(variables, *args))
 
   def init_weights(self, rng):
     cfg = self.config
     res, width = cfg["sample_size"], cfg["cross_attention_dim"]
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    params = self.module.init(rng, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
-                              jnp.zeros((1, 1, width)),
-                              {"text_embeds": jnp.zeros((1, pooled)),
-                               "time_ids": jnp.zeros((1, 6))})["params"]
-    return unstack_blocks(params)
+    return self.module.init(rng, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
+                            jnp.zeros((1, 1, width)),
+                            {"text_embeds": jnp.zeros((1, pooled)),
+                             "time_ids": jnp.zeros((1, 6))})["params"]
 
 
 def check_supported(config):
