@@ -44,6 +44,33 @@ def tiny_torch_unet(seed=0):
   return unet
 
 
+def sdxl_structure_config():
+  """SDXL base's UNet structure -- three levels, transformer depths 1 / 2 / 10, layers_per_block
+  2, text_time added conditioning, SDXL's module names -- at reduced widths (32 / 64 / 128
+  channels, 32-wide heads, 32-wide text): names, scans, LoRA key maps (560 modules) and export
+  at the real structure in seconds."""
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  return dict(sdxl.SDXL_BASE_UNET_CONFIG, sample_size=16, block_out_channels=(32, 64, 128),
+              attention_head_dim=(1, 2, 4), cross_attention_dim=32, addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=8 * 6 + 32)
+
+
+def structure_torch_unet(seed=0):
+  """A PyTorch UNet of ``sdxl_structure_config`` with weights ~ N(0, 1/fan_in) (so every layer,
+  the GELUs included, works at the scale of a trained network)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  unet = UNet2DConditionModel(**sdxl_structure_config()).eval()
+  with torch.no_grad():
+    for name, p in unet.named_parameters():
+      if p.ndim >= 2:
+        p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+      else:
+        p.copy_(0.05 * torch.randn_like(p) + (1.0 if "norm" in name and "weight" in name else 0))
+  return unet
+
+
 def tiny_torch_vae(seed=0):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top

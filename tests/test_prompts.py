@@ -34,3 +34,21 @@ def test_prompt_batches_are_epochs():
   seen = np.concatenate([batch(s)["ids"] for s in range(3)])  # 12 = two epochs
   assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:]) == list(range(6))
   np.testing.assert_array_equal(batch(2)["ids"], batch(2)["ids"])
+
+
+def test_cached_encoder_equals_the_encoder_and_respects_its_budget():
+  """sdxl_mlcm.cached_encoder: the same embeddings as the encoder for any batch of the prompts
+  (and ""), computed once; past the budget the encoder itself is kept."""
+  from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  encode = sdxl.hashed_text_encoder(16, 8)
+  calls = []
+  counted = lambda texts: (calls.append(len(texts)), encode(texts))[1]
+  prompts = [f"a photo of thing {i}" for i in range(11)]
+  cached = sdxl_mlcm.cached_encoder(counted, prompts, batch=4)
+  assert sum(calls) == 1 + 12  # the size probe, then every prompt and "" once
+  batch = [prompts[3], "", prompts[10], prompts[3]]
+  for key, want in encode(batch).items():
+    np.testing.assert_array_equal(cached(batch)[key], want)
+  assert sum(calls) == 13  # lookups do not encode
+  assert sdxl_mlcm.cached_encoder(counted, prompts, budget=1000) is counted

@@ -156,3 +156,42 @@ def test_vae_decoder_equals_pytorch(tiny_sdxl_dir):
   want = want.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
   assert got.shape == (2, 16, 16, 3) and np.abs(want).mean() > 0.05
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # PyTorch equivalence at SDXL's structure, ~30 s
+def test_sdxl_structure_unet_and_its_lora_equal_pytorch(tmp_path):
+  """At SDXL's exact block structure (sdxl_fixtures.sdxl_structure_config, reduced widths): the
+  loaded UNet equals diffusers' PyTorch UNet (float32, relative L2), the default LoRA has SDXL's
+  560 modules, and diffusers' ``load_lora_into_unet`` wraps all 560 from the export and gives
+  the same eps as the LoRA applied unmerged here."""
+  from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
+  from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  torch_unet = sdxl_fixtures.structure_torch_unet().half()  # fp16 files, as most downloads
+  torch_unet.save_pretrained(str(tmp_path / "unet"), safe_serialization=True, variant="fp16")
+  torch_unet = torch_unet.float()  # the same fp16-rounded weights, computing in float32
+  rng = np.random.default_rng(1)
+  inputs = dict(z=rng.normal(size=(1, 16, 16, 4)).astype(np.float32), t=np.array([621]),
+                cond=dict(context=rng.normal(size=(1, 77, 32)).astype(np.float32),
+                          text_embeds=rng.normal(size=(1, 32)).astype(np.float32),
+                          time_ids=np.array([[128, 128, 0, 0, 128, 128]], np.float32)))
+  want = torch_eps(torch_unet, inputs)
+  model, params = sdxl.load_unet(str(tmp_path))
+  eps = jax.jit(sdxl.make_eps_fn(model))
+  got = np.asarray(eps(params, inputs["z"], inputs["t"], inputs["cond"]))
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+  lora = lora_lib.init_lora(params, rank=4, rng=jax.random.PRNGKey(1))
+  assert len(lora) == 560  # 70 transformer blocks x (attn1, attn2) x (q, k, v, out)
+  lora = {p: {"a": ab["a"], "b": 0.3 * jax.random.normal(jax.random.PRNGKey(i), ab["b"].shape)}
+          for i, (p, ab) in enumerate(sorted(lora.items()))}
+  got_lora = np.asarray(eps(lora_lib.attach(params, lora, 0.7), inputs["z"], inputs["t"],
+                            inputs["cond"]))
+  assert np.linalg.norm(got_lora - got) / np.linalg.norm(got) > 1e-2  # the LoRA matters
+  lora_lib.save(str(tmp_path / "lora"), lora, 0.7)
+  state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(
+      str(tmp_path / "lora"), weight_name=lora_lib.LORA_FILE)
+  StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, torch_unet)
+  assert sum(1 for m in torch_unet.modules() if hasattr(m, "lora_A") and len(m.lora_A)) == 560
+  want_lora = torch_eps(torch_unet, inputs)
+  delta, want_delta = got_lora - got, want_lora - want
+  assert np.linalg.norm(delta - want_delta) / np.linalg.norm(want_delta) < 1e-4

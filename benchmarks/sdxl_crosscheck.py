@@ -1,0 +1,157 @@
+"""JAX against diffusers / PyTorch on a full-size SDXL directory: one JSON line of figures.
+
+  python benchmarks/sdxl_crosscheck.py DIR [--latent=32] [--rank=64] [--repeats=3]
+
+On the same weights (DIR: a real SDXL, or ``benchmarks/make_random_sdxl.py``'s) and inputs
+(batch 1, ``latent`` x ``latent`` latents = 8x that in pixels, 77 text tokens):
+- UNet eps, JAX float32 vs PyTorch float32 (relative L2), and JAX bfloat16 (weights and
+  compute, the training setting) vs PyTorch float32;
+- a random rank-``rank`` LoRA on the attention projections, exported by ``mcm_jax.lora.save``
+  and loaded by diffusers' SDXL ``load_lora_into_unet`` (every module wrapped, counted): the
+  LoRA's effect ``eps(with) - eps(without)`` in JAX float32 and bfloat16 vs PyTorch float32;
+- one UNet forward's time (median of ``repeats``, after a warm-up / compile), JAX and PyTorch
+  on the same threads, and each phase's peak RSS.
+The models are loaded one after the other (PyTorch float32, JAX float32, JAX bfloat16) so the
+peak stays near one float32 UNet.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def median_time(fn, repeats):
+  fn()  # warm-up / compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def rel_l2(got, want):
+  return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+def inputs(latent, seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(z=rng.standard_normal((1, latent, latent, 4), np.float32),
+              t=np.array([621], np.int64),
+              cond=dict(context=rng.standard_normal((1, 77, 2048), np.float32),
+                        text_embeds=rng.standard_normal((1, 1280), np.float32),
+                        time_ids=np.array([[latent * 8] * 2 + [0, 0] + [latent * 8] * 2],
+                                          np.float32)))
+
+
+def torch_figures(directory, x, lora_dir, repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  variant = "fp16" if os.path.isfile(os.path.join(
+      directory, "unet", "diffusion_pytorch_model.fp16.safetensors")) else None
+  unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", variant=variant,
+                                              torch_dtype=torch.float32).eval()
+  cond = x["cond"]
+  args = (torch.from_numpy(x["z"]).permute(0, 3, 1, 2), torch.from_numpy(x["t"]),
+          torch.from_numpy(cond["context"]))
+  added = {"text_embeds": torch.from_numpy(cond["text_embeds"]),
+           "time_ids": torch.from_numpy(cond["time_ids"])}
+
+  def eps():
+    with torch.no_grad():
+      return unet(*args, added_cond_kwargs=added).sample.permute(0, 2, 3, 1).numpy()
+
+  base = eps()
+  seconds = median_time(eps, repeats)
+  state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(lora_dir)
+  StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet)
+  wrapped = sum(1 for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+  with_lora = eps()
+  del unet
+  gc.collect()
+  return base, with_lora, dict(torch_forward_s=seconds, torch_lora_modules=wrapped,
+                               torch_threads=torch.get_num_threads(), torch_peak_rss_gib=rss_gib())
+
+
+def jax_figures(directory, x, lora_tree, dtype, repeats):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  model, params = sdxl.load_unet(directory, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+  load_s = time.perf_counter() - t0
+  eps = jax.jit(sdxl.make_eps_fn(model))
+  run = lambda p: np.asarray(jax.block_until_ready(eps(p, x["z"], x["t"], x["cond"])))
+  t0 = time.perf_counter()
+  base = run(params)
+  compile_s = time.perf_counter() - t0
+  seconds = median_time(lambda: run(params), repeats)
+  with_lora = run(lora_lib.attach(params, lora_tree))
+  param_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+  del params
+  gc.collect()
+  return base, with_lora, {f"jax_{dtype}_forward_s": seconds, f"jax_{dtype}_first_call_s":
+                           compile_s, f"jax_{dtype}_load_s": load_s,
+                           f"jax_{dtype}_param_gib": param_bytes / 2 ** 30,
+                           f"jax_{dtype}_peak_rss_gib": rss_gib()}
+
+
+def random_lora(directory, rank, seed=0):
+  """A rank-``rank`` LoRA on the attention projections with b ~ N(0, 0.5^2 / r) (so its effect
+  on eps is a few percent), exported to a temporary directory: (tree, directory)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  unet_dir = sdxl.component_dir(directory, "unet")
+  model = sdxl.unet_from_config(sdxl.read_json(os.path.join(unet_dir, "config.json")))
+  shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+  tree = lora_lib.init_lora(shapes, rank, jax.random.PRNGKey(seed))
+  rng = np.random.default_rng(seed)
+  tree = {p: {"a": np.asarray(ab["a"]),
+              "b": (0.5 / np.sqrt(rank) * rng.standard_normal(ab["b"].shape)).astype(np.float32)}
+          for p, ab in tree.items()}
+  out = tempfile.mkdtemp(prefix="crosscheck_lora_")
+  lora_lib.save(out, tree)
+  return tree, out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("directory")
+  parser.add_argument("--latent", type=int, default=32)
+  parser.add_argument("--rank", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  x = inputs(args.latent)
+  lora_tree, lora_dir = random_lora(args.directory, args.rank)
+  figures = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", latent=args.latent,
+                 lora_modules=len(lora_tree))
+  want, want_lora, f = torch_figures(args.directory, x, lora_dir, args.repeats)
+  figures.update(f)
+  want_delta = want_lora - want
+  figures["lora_effect_rel"] = float(np.linalg.norm(want_delta) / np.linalg.norm(want))
+  for dtype in ("float32", "bfloat16"):
+    got, got_lora, f = jax_figures(args.directory, x, lora_tree, dtype, args.repeats)
+    figures.update(f)
+    figures[f"eps_{dtype}_rel_l2"] = rel_l2(got, want)
+    figures[f"lora_delta_{dtype}_rel_l2"] = rel_l2(got_lora - got, want_delta)
+  figures["jax_over_torch_forward"] = figures["jax_float32_forward_s"] / figures["torch_forward_s"]
+  print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+  main()

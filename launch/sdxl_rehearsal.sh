@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The full-size SDXL rehearsal on one machine (CPU is enough; 24 GB of memory), at 256 px:
+#
+#   bash launch/sdxl_rehearsal.sh [SDXL_DIR] [WORK]
+#
+# SDXL_DIR: a local SDXL base directory (the hub layout, fp16 variant or not). Without it, a
+# directory of random weights at the real sizes is made once by benchmarks/make_random_sdxl.py
+# into ~/.cache/mcm_jax/sdxl_random (needs the open_clip_torch wheel for CLIP's BPE vocabulary)
+# and reused. Phases (each timed, with its peak RSS, into WORK/phases.jsonl):
+#   mlcm     README's SDXL command: all three progressive stages (K = 8, 4, 2), two steps each,
+#            the guided teacher and the image-free latents inside the step; each stage exports
+#            its LoRA (PEFT + kohya) and a sample grid;
+#   bank     stage 0 from a trajectory bank (built by the guided teacher, then streamed);
+#   generate 2 / 4 / 8-step images with the last stage's LoRA;
+#   crosscheck  JAX vs diffusers / PyTorch on the same directory (benchmarks/sdxl_crosscheck.py):
+#            UNet eps in float32 and bfloat16, the LoRA's effect, one forward's time.
+# Re-running resumes: finished stages and phases' outputs are reused by the training runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:-}
+WORK=${2:-runs/sdxl_rehearsal}
+if [ -z "$DIR" ]; then
+  DIR=$HOME/.cache/mcm_jax/sdxl_random
+  if [ ! -f "$DIR/unet/diffusion_pytorch_model.fp16.safetensors" ]; then
+    python benchmarks/make_random_sdxl.py "$DIR"
+  fi
+fi
+mkdir -p "$WORK"
+PHASES=$WORK/phases.jsonl
+printf '%s\n' "a red fox in the snow" "a lighthouse at dusk, oil painting" \
+  "a bowl of ramen, studio photo" "an astronaut riding a horse" > "$WORK/prompts.txt"
+
+phase() {  # phase NAME COMMAND...: wall time and peak RSS of COMMAND into $PHASES
+  local name=$1
+  shift
+  /usr/bin/time -a -o "$PHASES" -f "{\"phase\": \"$name\", \"wall_s\": %e, \"peak_rss_kib\": %M}" \
+    "$@"
+}
+
+MLCM=(python -m mcm_jax.main --config=configs/sdxl_mlcm.py:sdxl --config.student_unet="$DIR"
+      --config.prompts="$WORK/prompts.txt" --config.latent_resolution=32
+      --config.train.batch_size=1 --config.train.steps=2 --config.train.log_every=1
+      --config.train.checkpoint_every=2 --config.sample.num=1)
+phase mlcm "${MLCM[@]}" --workdir="$WORK/mlcm"
+phase bank "${MLCM[@]}" --config.mlcm.num_stages=1 --config.mlcm.bank.dir="$WORK/bank" \
+  --config.mlcm.bank.entries=2 --workdir="$WORK/mlcm_bank"
+for steps in 2 4 8; do
+  phase "generate_$steps" python -m mcm_jax.generate --sdxl="$DIR" --lora="$WORK/mlcm/stage2/lora" \
+    --prompt="a red fox in the snow" --steps="$steps" --resolution=256 --batch_size=1 \
+    --out="$WORK/generate_$steps"
+done
+phase crosscheck python benchmarks/sdxl_crosscheck.py "$DIR" | tee "$WORK/crosscheck.json"
+cat "$PHASES"
