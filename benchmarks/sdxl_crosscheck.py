@@ -142,6 +142,7 @@ def main():
                  lora_modules=len(lora_tree))
   want, want_lora, f = torch_figures(args.directory, x, lora_dir, args.repeats)
   figures.update(f)
+  print(json.dumps(figures), file=sys.stderr, flush=True)  # so far, in case a phase dies
   want_delta = want_lora - want
   figures["lora_effect_rel"] = float(np.linalg.norm(want_delta) / np.linalg.norm(want))
   for dtype in ("float32", "bfloat16"):
@@ -149,6 +150,7 @@ def main():
     figures.update(f)
     figures[f"eps_{dtype}_rel_l2"] = rel_l2(got, want)
     figures[f"lora_delta_{dtype}_rel_l2"] = rel_l2(got_lora - got, want_delta)
+    print(json.dumps(figures), file=sys.stderr, flush=True)
   figures["jax_over_torch_forward"] = figures["jax_float32_forward_s"] / figures["torch_forward_s"]
   print(json.dumps(figures))
 
