@@ -58,6 +58,11 @@ EXTRAS = {
              "fsspec"],  # tests/fake_gcs.py: a local stand-in for gs:// (fsspec's DirFileSystem)
 }
 
+# The full-size SDXL rehearsal (launch/sdxl_rehearsal.sh): the test stack (PyTorch references)
+# plus open_clip_torch, whose wheel ships CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)
+# that benchmarks/make_random_sdxl.py builds the real tokenizers from; nothing is downloaded.
+EXTRAS["rehearsal"] = EXTRAS["test"] + ["open_clip_torch>=2.20"]
+
 setup(
     name="mcm_jax",
     version="0.1.0",

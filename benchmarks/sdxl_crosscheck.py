@@ -110,9 +110,9 @@ def jax_figures(directory, x, lora_tree, dtype, repeats):
                            f"jax_{dtype}_peak_rss_gib": rss_gib()}
 
 
-def random_lora(directory, rank, seed=0):
-  """A rank-``rank`` LoRA on the attention projections with b ~ N(0, 0.5^2 / r) (so its effect
-  on eps is a few percent), exported to a temporary directory: (tree, directory)."""
+def random_lora(directory, rank, b_std, seed=0):
+  """A rank-``rank`` LoRA on the attention projections, a as ``lora.init_lora`` and
+  b ~ N(0, b_std^2 / r), exported to a temporary directory: (tree, directory)."""
   import jax  # pylint: disable=g-import-not-at-top
   from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
@@ -122,7 +122,8 @@ def random_lora(directory, rank, seed=0):
   tree = lora_lib.init_lora(shapes, rank, jax.random.PRNGKey(seed))
   rng = np.random.default_rng(seed)
   tree = {p: {"a": np.asarray(ab["a"]),
-              "b": (0.5 / np.sqrt(rank) * rng.standard_normal(ab["b"].shape)).astype(np.float32)}
+              "b": (b_std / np.sqrt(rank) * rng.standard_normal(ab["b"].shape)).astype(
+                  np.float32)}
           for p, ab in tree.items()}
   out = tempfile.mkdtemp(prefix="crosscheck_lora_")
   lora_lib.save(out, tree)
@@ -135,11 +136,13 @@ def main():
   parser.add_argument("--latent", type=int, default=32)
   parser.add_argument("--rank", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--lora_std", type=float, default=0.05,
+                      help="the scale of b (the figures report the effect on eps, lora_effect_rel)")
   args = parser.parse_args()
   x = inputs(args.latent)
-  lora_tree, lora_dir = random_lora(args.directory, args.rank)
+  lora_tree, lora_dir = random_lora(args.directory, args.rank, args.lora_std)
   figures = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", latent=args.latent,
-                 lora_modules=len(lora_tree))
+                 lora_modules=len(lora_tree), lora_std=args.lora_std)
   want, want_lora, f = torch_figures(args.directory, x, lora_dir, args.repeats)
   figures.update(f)
   print(json.dumps(figures), file=sys.stderr, flush=True)  # so far, in case a phase dies

@@ -459,8 +459,9 @@ def check_supported(config):
   wanted = {"addition_embed_type": "text_time", "mid_block_type": "UNetMidBlock2DCrossAttn",
             "num_attention_heads": None, "only_cross_attention": False,
             "class_embed_type": None, "encoder_hid_dim": None}
+  defaults = dict(wanted, addition_embed_type=None)  # diffusers' defaults of absent fields
   for field, value in wanted.items():
-    got = config.get(field, value)
+    got = config.get(field, defaults[field])
     if isinstance(got, (list, tuple)) and field == "only_cross_attention":
       got = any(got) or False
     if got != value:
