@@ -27,20 +27,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# benchmarks/mlcm.py's median-of-repeats timer (this script's folder is on sys.path)
+from mlcm import timeit as median_time  # pylint: disable=wrong-import-position
 
 
 def rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def median_time(fn, repeats):
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def rel_l2(got, want):

@@ -37,8 +37,13 @@ phase() {  # phase NAME COMMAND...: wall time and peak RSS of COMMAND into $PHAS
     "$@"
 }
 
+# float32 on CPU: XLA:CPU has no bfloat16 matmul and holds float32 copies of bfloat16 weights
+# in the step's temporaries (--mode=plan --topology=local, stage 1 at 256 px: 12.3 GiB of
+# temporaries in bfloat16, 2.9 GiB in float32), so bfloat16 would need more memory there, not
+# less. TPUs and GPUs run the config's bfloat16 (--mode=plan plans that).
 MLCM=(python -m mcm_jax.main --config=configs/sdxl_mlcm.py:sdxl --config.student_unet="$DIR"
       --config.prompts="$WORK/prompts.txt" --config.latent_resolution=32
+      --config.dtype=float32 --config.unet.frozen_dtype=float32
       --config.train.batch_size=1 --config.train.steps=2 --config.train.log_every=1
       --config.train.checkpoint_every=2 --config.sample.num=1)
 phase mlcm "${MLCM[@]}" --workdir="$WORK/mlcm"
