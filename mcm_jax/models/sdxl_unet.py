@@ -388,19 +388,26 @@ def variables(params):
   return {"params": params}
 
 
+def _expand(low, b):
+  """``low @ b`` as a dot with a batch axis of size 1, which the ``dots`` remat policies do not
+  save: the backward pass keeps ``low`` ([..., r]) and recomputes this full-width product."""
+  out = jax.lax.dot_general(low[None], b[None], (((low.ndim,), (1,)), ((0,), (0,))))
+  return out[0]
+
+
 def _low_rank(module, x, a, b):
   """``(x a) b`` in float32 for a Dense (``a [in, r]``) or convolution (``a [kh, kw, in, r]``,
   the module's strides and padding) ``module``."""
   x = x.astype(jnp.float32)
   if a.ndim == 2:
-    return (x @ a.astype(jnp.float32)) @ b.astype(jnp.float32)
+    return _expand(x @ a.astype(jnp.float32), b.astype(jnp.float32))
   rank = len(module.kernel_size)
   strides = module.strides or 1
   strides = (strides,) * rank if isinstance(strides, int) else tuple(strides)
   h = jax.lax.conv_general_dilated(
       x, a.astype(jnp.float32), strides, nn.linear.canonicalize_padding(module.padding, rank),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return h @ b.astype(jnp.float32)
+  return _expand(h, b.astype(jnp.float32))
 
 
 def _apply_lora(next_fun, args, kwargs, context):
