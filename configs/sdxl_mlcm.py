@@ -32,7 +32,7 @@ def get_config(size="sdxl"):
   # from the finest: 'full' nothing but its input (one extra forward of the blocks), 'dots' its
   # matmuls' outputs, 'none'. Default 'full,full,dots': only the 32 x 32 level (60 of the 70
   # blocks) keeps its matmul outputs. --mode=plan on v6e-8, batch 24 (benchmarks/RESULTS.md):
-  # with the LoRA unmerged (current code) stage 0 with the teacher inside needs 40.8 GiB per
+  # with the LoRA unmerged (current code) stage 0 with the teacher inside needs 33.9 GiB per
   # chip and does NOT fit (not yet diagnosed); with the LoRA merged it planned at 19.7 GiB (62%),
   # 1.009x the FLOPs of no remat; and, also with the LoRA merged, from
   # a bank 26.5 GiB (83%), 1.056x ('full' everywhere: 14.1 GiB, 1.185x; 'dots' everywhere does
