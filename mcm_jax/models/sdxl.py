@@ -137,13 +137,6 @@ def pytorch_to_flax_names(tensors, model):
     yield key, value, f"{name!r} of shape {tuple(np.shape(tensor))}"
 
 
-def params_from_pytorch(state_dict, model, source="", dtype=jnp.float32):
-  """Flax params (``assemble_params``) from a PyTorch state dict ({name: array}) of the same
-  diffusers model (UNet, VAE); errors name ``source``, the file, if given."""
-  what = (f"{source}: " if source else "") + type(model).__name__.replace("Flax", "")
-  return assemble_params(pytorch_to_flax_names(state_dict.items(), model), model, what, dtype)
-
-
 def component_dir(path, name):
   """The folder holding a component's config.json: ``path`` itself or ``path/<name>``."""
   for candidate in (path, os.path.join(path, name)):
@@ -160,12 +153,6 @@ def read_json(path):
       return json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
       raise UserError(f"{path} is not valid JSON: {e}") from e
-
-
-def read_safetensors(path):
-  """{name: numpy array} of a safetensors file; a UserError naming the file when it is truncated
-  or not safetensors at all."""
-  return dict(iter_safetensors(path))
 
 
 def iter_safetensors(path):
