@@ -22,9 +22,37 @@ def test_toy_run_end_to_end_and_resume(tmp_path):
   for name in ("samples.png", "fig1_trajectories.png", "results.json", "results.md"):
     assert os.path.getsize(tmp_path / name) > 1000 or name.endswith(("json", "md"))
   assert json.load(open(tmp_path / "results.json"))["ring8"] == ring
-  # Re-running restores every finished run instead of retraining: same numbers.
+  curves = _logged_steps(tmp_path / "metrics.jsonl")
+  assert curves == _expected_curves(config), curves  # every run's full curve, none erased
+  # Re-running restores every finished run instead of retraining: same numbers and curves.
   again = toy.run(config, str(tmp_path))
   assert again["ring8"] == ring
+  assert _logged_steps(tmp_path / "metrics.jsonl") == curves
+
+
+def _logged_steps(path):
+  """{run: [steps it logged a loss at]} from a metrics.jsonl."""
+  curves = {}
+  for line in open(path):
+    row = json.loads(line)
+    for key in row:
+      if key.endswith("/loss"):
+        curves.setdefault(key[:-len("/loss")], []).append(row["step"])
+  return curves
+
+
+def _expected_curves(config):
+  """The runs of the toy experiment and the steps each logs (every ``log_every``)."""
+  every = lambda n, cfg: list(range(cfg.log_every, n + 1, cfg.log_every))
+  runs = {"teacher": every(config.teacher.steps, config.teacher)}
+  for method in config.sweep.methods:
+    for s in config.sweep.student_steps:
+      runs[toy.student_run_name(method, s)] = every(config.student.steps, config.student)
+  runs[toy.FIG1_RUNS + "teacher"] = every(config.fig1.teacher_steps, config.teacher)
+  for s in config.fig1.student_steps:
+    runs[toy.FIG1_RUNS + toy.student_run_name("cd_addim", s)] = every(
+        config.fig1.student_train_steps, config.student)
+  return runs
 
 
 @pytest.mark.slow  # a tiny toy experiment end to end

@@ -58,16 +58,17 @@ def student_run_name(method, student_steps, seed_index=0):
 
 
 def train_student(config, sampler, teacher_params, method, student_steps, workdir, writer,
-                  steps=None, seed_index=0):
+                  steps=None, seed_index=0, prefix=""):
   """Initialises from the teacher and trains a CT / CD student (MCM Alg. 1) with training seed
-  ``config.student.seed + seed_index``."""
+  ``config.student.seed + seed_index``; its run is ``prefix + student_run_name(...)``."""
   _, logsnr_fn, student = objectives.toy_model(config, student_steps)
   _, _, teacher = objectives.toy_model(config)
   loss = objectives.toy_loss(config, student, logsnr_fn, method, student_steps, teacher)
   cfg = config.student.copy_and_resolve_references()
   cfg.seed += seed_index
   return _train(config, cfg, loss, student_init(config, teacher_params, student_steps),
-                sampler, workdir, writer, student_run_name(method, student_steps, seed_index),
+                sampler, workdir, writer,
+                prefix + student_run_name(method, student_steps, seed_index),
                 frozen=teacher_params, steps=steps)
 
 
@@ -146,12 +147,16 @@ def run_2d(config, workdir, writer, data_source=None):
   return results
 
 
+FIG1_RUNS = "mixture1d/"  # run-name prefix (and checkpoint folder) of the Fig. 1 runs
+
+
 def run_fig1(config, workdir, writer):
-  """MCM Fig. 1 on the 1-D two-Gaussian mixture: 1/2/4-step CD students and the teacher."""
+  """MCM Fig. 1 on the 1-D two-Gaussian mixture: 1/2/4-step CD students and the teacher, as runs
+  ``mixture1d/teacher``, ``mixture1d/cd_addim_<s>`` (their own metric keys and checkpoints)."""
   sampler = toy_data.get_sampler("mixture1d")
   fc, ev = config.fig1, config.eval
-  workdir = os.path.join(workdir, "mixture1d")
-  teacher = train_teacher(config, sampler, 1, workdir, writer, steps=fc.teacher_steps)
+  teacher = train_teacher(config, sampler, 1, workdir, writer, steps=fc.teacher_steps,
+                          name=FIG1_RUNS + "teacher")
   _, logsnr_fn, denoise = objectives.toy_model(config)
   z = jnp.linspace(-2.5, 2.5, 96)[:, None]
   noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 1))
@@ -160,7 +165,7 @@ def run_fig1(config, workdir, writer):
   results, panels = {}, []
   for s in fc.student_steps:
     student = train_student(config, sampler, teacher, "cd_addim", s, workdir, writer,
-                            steps=fc.student_train_steps)
+                            steps=fc.student_train_steps, prefix=FIG1_RUNS)
     results[f"cd_addim_{s}"] = float(energy_distance(
         make_sampler_fn(config, student_steps=s)(student, noise, s), ref))
     student_denoise = objectives.toy_model(config, s)[2]
@@ -169,7 +174,7 @@ def run_fig1(config, workdir, writer):
   f = jax.jit(lambda zz, t: denoise(teacher, zz, t))
   panels.append(("teacher, DDIM 128 steps", *plotting.dense_trajectories(f, z, 128, logsnr_fn, 1)))
   results["teacher_ddim_128"] = float(energy_distance(ddim(teacher, noise, 128), ref))
-  plotting.trajectory_panels(os.path.join(storage.dirname(workdir), "fig1_trajectories.png"),
+  plotting.trajectory_panels(os.path.join(workdir, "fig1_trajectories.png"),
                              panels, data=ref[:, 0])
   return results
 
