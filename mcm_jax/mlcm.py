@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import consistency, guidance, schedules
+from mcm_jax import consistency, guidance, schedules, sharding
 from mcm_jax import rewards as reward_losses
 from mcm_jax.samplers import addim
 from mcm_jax.samplers.addim import bcast
@@ -178,7 +178,7 @@ def training_pair(rng, shape, hp, source, teacher, image_free=None):
   of ``teacher`` from it. Used by the loss and by the trajectory-bank builder alike."""
   k_times, k_noise = jax.random.split(rng)
   s, t_m, t_n, start = sample_times(k_times, shape[0], hp.num_segments, hp.skip)
-  noise = jax.random.normal(k_noise, shape)
+  noise = sharding.constrain_batch(jax.random.normal(k_noise, shape))
   kind = image_free or hp.image_free
   if source is teacher:  # both latents from one loop: one traced model call, not two
     z_tm, z_tn = image_free_latents(kind, source, noise, s, t_m, hp.num_segments, t_n,
@@ -304,7 +304,8 @@ def sample(f, noise, steps, sampler="ddim", rng=None):
     return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
   if sampler != "lcm":
     raise ValueError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
-  fresh = jax.random.normal(rng, (max(len(grid) - 2, 0),) + noise.shape, noise.dtype)
+  fresh = sharding.constrain_batch(
+      jax.random.normal(rng, (max(len(grid) - 2, 0),) + noise.shape, noise.dtype), axis=1)
   return addim.renoise_sample_on_grid(lcm_boundary(f), noise, grid, schedules.sdxl_logsnr, fresh)
 
 
@@ -354,7 +355,8 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
                                               decode(frozen["vae"], terms["target"])))
   # Feedback learning on the student's own 1-2 step sample x_0 from fresh noise (MLCM 3.4),
   # gradients through the sampler.
-  fl_noise = jax.random.normal(jax.random.fold_in(rng, 1), z_tm.shape, z_tm.dtype)
+  fl_noise = sharding.constrain_batch(
+      jax.random.normal(jax.random.fold_in(rng, 1), z_tm.shape, z_tm.dtype))
   x_0 = sample(student, fl_noise, rewards.fl_steps)
   fl = jnp.mean(reward_losses.feedback(s_fn, decode(frozen["vae"], x_0), rewards.threshold))
   metrics.update(mlcd=mlcd, reward_consistency=rc, feedback=fl)

@@ -3,8 +3,8 @@
 Axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallel + parameters sharded).
 The batch is split over both axes; a parameter (and its EMA / optimizer moments, which have its
 shape) is split over ``fsdp`` along its largest dimension divisible by the fsdp size, if it has
-at least ``min_fsdp_size`` elements and is not a convolution kernel; everything else is
-replicated. Steps are ``jax.jit`` with
+at least ``min_fsdp_size`` elements and is neither a convolution kernel nor a low-rank factor
+(``LOW_RANK_FACTORS``); everything else is replicated. Steps are ``jax.jit`` with
 these shardings (GSPMD), so the same code runs on 1 device, a GPU node or a TPU pod.
 """
 import jax
@@ -12,6 +12,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
+# Leaf names of low-rank factors (``mcm_jax.lora``: ``{'a': [..., in, r], 'b': [..., r, out]}``),
+# replicated: ``y + (x a) b`` with ``b`` split by output feature makes GSPMD split the
+# activations it is added to by feature and gather their batch on every chip (the whole UNet's
+# activations at full batch). Replicated, the factors are data parallel like their inputs.
+LOW_RANK_FACTORS = ("a", "b")
 
 
 def make_mesh(data=-1, fsdp=1, devices=None):
@@ -70,11 +75,33 @@ def param_spec(shape, fsdp_size, min_fsdp_size=2 ** 14):
   return P(*spec)
 
 
+def _is_low_rank_factor(path):
+  last = path[-1] if path else None
+  return getattr(last, "key", getattr(last, "name", None)) in LOW_RANK_FACTORS
+
+
 def tree_shardings(tree, mesh, min_fsdp_size=2 ** 14):
-  """NamedShardings for every array leaf of ``tree`` (params, EMA, optimizer state, scalars)."""
+  """NamedShardings for every array leaf of ``tree`` (params, EMA, optimizer state, scalars):
+  ``param_spec`` of its shape, replicated for a low-rank factor (a leaf named in
+  ``LOW_RANK_FACTORS``, also inside optimizer states, which keep the parameters' paths)."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp, min_fsdp_size)), tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, P() if _is_low_rank_factor(path) else param_spec(
+          np.shape(x), fsdp, min_fsdp_size)), tree)
+
+
+def constrain_batch(x, axis=0):
+  """``x`` with dimension ``axis`` (its batch) split over every device of the mesh the step is
+  traced under (``train.make_multi_step`` sets it), like the batch itself. For values a step
+  makes from no input, such as noise: left unconstrained, GSPMD may replicate them and with them
+  every activation computed from them (then split by feature, the batch gathered on every
+  chip). Outside such a mesh ``x`` is returned as is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = MESH_AXES
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def stacked_batch_sharding(mesh):

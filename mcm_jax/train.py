@@ -109,9 +109,11 @@ def make_multi_step(train_step, batch_fn, data_rng, num_steps, mesh=None):
     def body(st, batch):
       if batch is None:
         batch = batch_fn(jax.random.fold_in(data_rng, st.step))
-      if mesh is not None:
-        batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
-      return train_step(st, batch, frozen)
+      if mesh is None:
+        return train_step(st, batch, frozen)
+      batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
+        return train_step(st, batch, frozen)
 
     if num_steps == 1:  # no scan: XLA:CPU runs conv nets much slower inside while loops
       state, metrics = body(state, jax.tree_util.tree_map(lambda x: x[0], batches))

@@ -46,6 +46,44 @@ def test_param_rules():
   assert sharding.make_mesh(data=-1, fsdp=4).shape == {"data": 2, "fsdp": 4}
 
 
+def test_lora_factors_are_replicated_and_frozen_kernels_split():
+  """sharding.LOW_RANK_FACTORS: a LoRA tree, its Adam moments and EMA stay replicated; the
+  kernels it adapts are split over fsdp."""
+  from mcm_jax import lora  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(data=1, fsdp=8)
+  kernel = {"down": {"attn1": {"to_q": {"kernel": np.zeros((640, 640), np.float32)}}}}
+  factors = lora.init_lora(kernel, 64, jax.random.PRNGKey(0), ("to_q",))
+  state = train.init_state(factors, train.make_optimizer(_cfg(1).optim), 0)
+  specs = jax.tree_util.tree_leaves(sharding.tree_shardings(state, mesh))
+  factor_copies = [x for x in jax.tree_util.tree_leaves(state) if np.size(x) >= 640 * 64]
+  assert len(factor_copies) == 4 * 2  # a and b: parameters, EMA, Adam's two moments
+  assert all(s.spec == jax.sharding.PartitionSpec() for s in specs)
+  (spec,) = jax.tree_util.tree_leaves(sharding.tree_shardings(kernel, mesh))
+  assert spec.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_noise_made_inside_a_sharded_step_is_split_by_batch():
+  """sharding.constrain_batch under train.make_multi_step's mesh: noise drawn in the loss has
+  the batch's sharding (GSPMD would otherwise be free to replicate it); outside a step it is a
+  no-op."""
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+
+  def loss(params, batch, rng, step, frozen):
+    del step, frozen
+    noise = sharding.constrain_batch(jax.random.normal(rng, batch["x"].shape))
+    return jax.numpy.mean((noise - params["w"]) ** 2), {}
+
+  tx = train.make_optimizer(_cfg(1).optim)
+  state = jax.device_put(train.init_state({"w": np.zeros((), np.float32)}, tx, 0),
+                         sharding.replicated(mesh))
+  batches = sharding.shard_batch({"x": np.zeros((1, 16, 3), np.float32)}, mesh, stacked=True)
+  step = train.jit_step(loss, tx, _cfg(1), state, None, mesh)
+  per_chip = step.lower(state, None, batches).compile().as_text()  # after SPMD partitioning
+  assert "f32[2,3]" in per_chip and "f32[16,3]" not in per_chip  # unconstrained: f32[16,3]
+  x = np.ones((16, 3), np.float32)
+  assert sharding.constrain_batch(x) is x
+
+
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
 def test_sharded_cd_training_equals_single_device(tmp_path, data, fsdp):
   loss, params, teacher = _cd_problem()

@@ -34,6 +34,7 @@ import numpy as np
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from mcm_jax import sharding
 from mcm_jax.errors import UserError
 from mcm_jax.models import remat as remat_lib
 
@@ -97,7 +98,9 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
   """diffusers' ``FlaxBasicTransformerBlock`` as a scan body, ``(h, context) -> (h', None)``:
   self-attention, cross-attention and a GEGLU feed-forward with the exact GELU, each after a
-  LayerNorm and added to its input."""
+  LayerNorm and added to its input. In a sharded train step ``h`` is kept split by batch
+  (``sharding.constrain_batch``): the scan's weight slices are split by feature, and left to
+  itself GSPMD may split the carried activations the same way and gather their batch."""
   dim: int
   heads: int
   chunked: bool
@@ -107,9 +110,12 @@ class TransformerBlock(nn.Module):
   def __call__(self, hidden, context):
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
     attention = lambda name: Attention(self.dim, self.heads, self.chunked, self.dtype, name=name)
-    hidden = hidden + attention("attn1")(norm("norm1")(hidden))
-    hidden = hidden + attention("attn2")(norm("norm2")(hidden), context)
-    hidden = hidden + GEGLUFeedForward(self.dim, self.dtype, name="ff")(norm("norm3")(hidden))
+    split = sharding.constrain_batch  # in a sharded step, each chip its own examples
+    feed_forward = GEGLUFeedForward(self.dim, self.dtype, name="ff")
+    hidden = split(hidden)
+    hidden = split(hidden + attention("attn1")(norm("norm1")(hidden)))
+    hidden = split(hidden + attention("attn2")(norm("norm2")(hidden), context))
+    hidden = split(hidden + feed_forward(norm("norm3")(hidden)))
     return hidden, None
 
 
