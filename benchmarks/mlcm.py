@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from mcm_jax import lora as lora_lib
-from mcm_jax import errors, mlcm, train
+from mcm_jax import cli, mlcm, train
 from mcm_jax.models import sdxl
 
 
@@ -125,9 +125,9 @@ def sdxl_alphas():
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--batch", type=errors.positive_int, default=8)
-  p.add_argument("--latent", type=errors.positive_int, default=16)
-  p.add_argument("--rank", type=errors.positive_int, default=4)
+  p.add_argument("--batch", type=cli.positive_int, default=8)
+  p.add_argument("--latent", type=cli.positive_int, default=16)
+  p.add_argument("--rank", type=cli.positive_int, default=4)
   p.add_argument("--no_torch", action="store_true")
   args = p.parse_args()
   out = dict(bench="mlcm_step", machine=platform.node(), processor=platform.processor(),

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
 from configs import imagenet64_base, imagenet64_cd  # pylint: disable=g-import-not-at-top
-from mcm_jax import errors, objectives, train
+from mcm_jax import cli, objectives, train
 
 
 def timeit(fn, repeats=3):
@@ -91,11 +91,11 @@ def bench(size, resolution, batch, dtype, parts):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default="tiny,small",
-                      type=errors.comma_list(("tiny", "small", "large")))
+                      type=cli.comma_list(("tiny", "small", "large")))
   parser.add_argument("--resolution", type=int, default=64, choices=(64, 128))
-  parser.add_argument("--batch", type=errors.positive_int, default=2)
+  parser.add_argument("--batch", type=cli.positive_int, default=2)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--parts", default="base,cd", type=errors.comma_list(("base", "cd")),
+  parser.add_argument("--parts", default="base,cd", type=cli.comma_list(("base", "cd")),
                       help="what to time; run 'base' and 'cd' in separate processes when memory "
                            "is short (UViT-small on a 24 GB CPU machine)")
   args = parser.parse_args()

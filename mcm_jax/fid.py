@@ -16,6 +16,7 @@ import numpy as np
 
 from mcm_jax import storage
 from mcm_jax.data.images import subset_indices
+from mcm_jax.errors import UserError
 
 FEATURES = ("inception", "digits_classifier")
 
@@ -26,7 +27,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
-    raise ValueError(f"feature statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
+    raise UserError(f"feature statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
                      f"sigma {s1.shape} vs {s2.shape}")
   w, u = np.linalg.eigh(s1)
   a = (u * np.sqrt(np.clip(w, 0, None))) @ u.T
@@ -38,7 +39,7 @@ def statistics(features):
   """(mu, sigma) of [N, D] features, float64, sigma with ddof = 1."""
   f = np.asarray(features, np.float64)
   if f.ndim != 2 or len(f) < 2:
-    raise ValueError(f"need [N >= 2, D] features, got shape {f.shape}")
+    raise UserError(f"need [N >= 2, D] features, got shape {f.shape}")
   return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -54,7 +55,7 @@ def load_statistics(path):
     raise FileNotFoundError(f"reference statistics {path!r} not found")
   with np.load(io.BytesIO(storage.read_bytes(path))) as f:
     if "mu" not in f or "sigma" not in f:
-      raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma'; found "
+      raise UserError(f"{path}: reference statistics need arrays 'mu' and 'sigma'; found "
                        f"{sorted(f.keys())}")
     return f["mu"], f["sigma"]
 
@@ -76,7 +77,7 @@ def inception_feature_fn(weights_path):
 
   def features(images):
     if images.shape[-1] != 3:
-      raise ValueError(f"FID Inception needs 3-channel images, got shape {images.shape}")
+      raise UserError(f"FID Inception needs 3-channel images, got shape {images.shape}")
     return apply(params, images), None
 
   return features
@@ -99,7 +100,7 @@ def digits_feature_fn(seed=0):
   def features(images):
     n, h, w, c = images.shape
     if c != 1 or h % 8 or h != w:
-      raise ValueError(f"digits features need [N, 8k, 8k, 1] images, got shape {images.shape}")
+      raise UserError(f"digits features need [N, 8k, 8k, 1] images, got shape {images.shape}")
     k = h // 8
     x8 = quantize(images).reshape(n, 8, k, 8, k).mean((2, 4)).reshape(n, 64)
     hidden = jax.nn.relu(x8 @ w1 + b1)
@@ -113,7 +114,7 @@ def make_feature_fn(name, weights_path=""):
     return inception_feature_fn(weights_path)
   if name == "digits_classifier":
     return digits_feature_fn()
-  raise ValueError(f"features={name!r} is not known; allowed: {FEATURES}")
+  raise UserError(f"features={name!r} is not known; allowed: {FEATURES}")
 
 
 def batched_features(feature_fn, images, batch_size):

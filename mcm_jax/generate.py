@@ -7,7 +7,7 @@
 attached runs the K-step MLCM sampler (``mlcm.sample``) and the VAE decodes; the whole
 step is one ``jax.jit`` per (resolution, steps, batch), compiled once. Writes one PNG per prompt
 and ``grid.png``. Bad input (flags, paths, a corrupt or unfitting file) ends in one message and
-exit code 2 (``mcm_jax/errors.py``); ``--debug`` shows the traceback.
+exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
 import re
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import errors, hub
+from mcm_jax import cli, errors, hub
 from mcm_jax import lora as lora_lib
 from mcm_jax import mlcm, plotting, storage
 from mcm_jax.data import prompts as prompt_data
@@ -164,7 +164,7 @@ def define_flags(flag_values=FLAGS):
 def parse_flags(argv, flag_values=FLAGS):
   """Defines and parses this program's flags (absl's flags_parser)."""
   define_flags(flag_values)
-  return errors.parse_flags(argv, flag_values)
+  return cli.parse_flags(argv, flag_values)
 
 
 def main(argv, flag_values=FLAGS):
@@ -193,4 +193,4 @@ def main(argv, flag_values=FLAGS):
 
 
 if __name__ == "__main__":
-  errors.run(main, parse_flags)
+  cli.run(main, parse_flags)

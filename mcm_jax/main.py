@@ -2,7 +2,7 @@
 [--mode=train|eval|plan] [--topology=NAME] [--stage=I] [--debug]``.
 
 Bad input (a config value, an unknown ``--config.<field>``, a missing file) ends in one message
-and exit code 2 before anything is written or compiled; ``mcm_jax/errors.py`` lists the exit
+and exit code 2 before anything is written or compiled; ``mcm_jax/cli.py`` lists the exit
 codes. The run's ``config.json`` is never overwritten by a different config (``write_config``).
 """
 import importlib.machinery
@@ -16,7 +16,7 @@ import warnings
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mcm_jax import errors, storage
+from mcm_jax import cli, errors, storage
 from mcm_jax.config_validation import ConfigError, flat_fields, unknown_field_error, validate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def parse_flags(argv, flag_values=flags.FLAGS):
     raise missing
   try:
     define_flags(flag_values, argv)
-    return errors.parse_flags(argv, flag_values)
+    return cli.parse_flags(argv, flag_values)
   except (AttributeError, KeyError, SyntaxError) as e:
     problem = _config_problem(argv)
     if problem is None:
@@ -216,4 +216,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  errors.run(main, parse_flags)
+  cli.run(main, parse_flags)

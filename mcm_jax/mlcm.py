@@ -22,6 +22,7 @@ import numpy as np
 
 from mcm_jax import consistency, guidance, schedules, sharding
 from mcm_jax import rewards as reward_losses
+from mcm_jax.errors import UserError
 from mcm_jax.samplers import addim
 from mcm_jax.samplers.addim import bcast
 
@@ -142,7 +143,7 @@ def image_free_latents(kind, f, noise, segment, t_m, num_segments, t_n=None, las
     steps = jnp.ceil((top - t_m) / size).astype(jnp.int32)
     return denoise_to(f, noise, t_m, steps, jnp.full(t_m.shape, size),
                       int(np.ceil(top / size)), **more)
-  raise ValueError(f"image-free data {kind!r} is not known; allowed: {IMAGE_FREE}")
+  raise UserError(f"image-free data {kind!r} is not known; allowed: {IMAGE_FREE}")
 
 
 def teacher_update(x, z_tm, t_m, t_n, sampler="ddim"):
@@ -150,7 +151,7 @@ def teacher_update(x, z_tm, t_m, t_n, sampler="ddim"):
   ``sampler='addim'`` MCM's adjusted DDIM with the analytic ``x_var = 0.1 / (2 + SNR(t_m))``
   (image-free data has no x to measure it from). No gradient."""
   if sampler not in TEACHER_STEPS:
-    raise ValueError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
+    raise UserError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
   a_m, s_m = alpha_sigma(t_m)
   a_n, s_n = alpha_sigma(t_n)
   if sampler == "ddim":
@@ -209,7 +210,7 @@ def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
   if target == "eq7":
     return jnp.mean((terms["pred"] - terms["target"]) ** 2, axis=tuple(range(1, z_tm.ndim)))
   if target != "mcm":
-    raise ValueError(f"target {target!r} is not known; allowed: {TARGETS}")
+    raise UserError(f"target {target!r} is not known; allowed: {TARGETS}")
   a_m, s_m = alpha_sigma(t_m)
   a_s, s_s = alpha_sigma(seg_start, seg_start == 0)
   x_target = jax.lax.stop_gradient(addim.inv_ddim(terms["target"], z_tm, a_m, s_m, a_s, s_s))
@@ -243,11 +244,11 @@ def timestep_grid(num_steps, spacing="uniform", original_steps=50):
   elif spacing == "lcm":
     origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
     if not 1 <= num_steps <= original_steps:
-      raise ValueError(f"num_steps={num_steps} is invalid for the 'lcm' grid; allowed: 1.."
+      raise UserError(f"num_steps={num_steps} is invalid for the 'lcm' grid; allowed: 1.."
                        f"{original_steps} (original_steps)")
     steps = origin[np.floor(np.linspace(0, len(origin), num_steps, endpoint=False)).astype(int)]
   else:
-    raise ValueError(f"spacing={spacing!r} is not known; allowed: {SPACINGS}")
+    raise UserError(f"spacing={spacing!r} is not known; allowed: {SPACINGS}")
   return np.append(steps, 0).astype(np.int32)
 
 
@@ -259,10 +260,10 @@ def sampling_grid(steps, timesteps="uniform"):
   try:
     values = [int(v) for v in str(timesteps).split(",")]
   except ValueError as e:
-    raise ValueError(f"timesteps={timesteps!r} is invalid; allowed: one of {SPACINGS} or a "
+    raise UserError(f"timesteps={timesteps!r} is invalid; allowed: one of {SPACINGS} or a "
                      "comma-separated list of timesteps, e.g. 999,749,499,124") from e
   if len(values) != steps:
-    raise ValueError(f"timesteps={timesteps!r} has {len(values)} entries but steps={steps}; "
+    raise UserError(f"timesteps={timesteps!r} has {len(values)} entries but steps={steps}; "
                      "allowed: one timestep per step")
   return explicit_grid(values)
 
@@ -273,7 +274,7 @@ def explicit_grid(timesteps):
   steps = np.asarray(timesteps)
   if (steps.ndim != 1 or not len(steps) or np.any(steps != np.round(steps))
       or np.any(steps < 1) or np.any(steps > T - 1) or np.any(np.diff(steps) >= 0)):
-    raise ValueError(f"timesteps={list(np.asarray(timesteps).tolist())} are invalid; allowed: "
+    raise UserError(f"timesteps={list(np.asarray(timesteps).tolist())} are invalid; allowed: "
                      f"strictly decreasing integers in [1, {T - 1}], e.g. 999,749,499,124")
   return np.append(steps, 0).astype(np.int32)
 
@@ -303,7 +304,7 @@ def sample(f, noise, steps, sampler="ddim", rng=None):
   if sampler == "ddim":
     return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
   if sampler != "lcm":
-    raise ValueError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
+    raise UserError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
   fresh = sharding.constrain_batch(
       jax.random.normal(rng, (max(len(grid) - 2, 0),) + noise.shape, noise.dtype), axis=1)
   return addim.renoise_sample_on_grid(lcm_boundary(f), noise, grid, schedules.sdxl_logsnr, fresh)

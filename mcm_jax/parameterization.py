@@ -5,6 +5,7 @@ For an epsilon model ``x = (z - sigma eps) / alpha``.
 """
 import jax.numpy as jnp
 
+from mcm_jax.errors import UserError
 from mcm_jax.samplers.addim import bcast
 from mcm_jax.schedules import alpha_sigma
 
@@ -20,7 +21,7 @@ def x_from_prediction(prediction, out, z, alpha, sigma):
     return (z - sigma * out) / alpha
   if prediction == "x":
     return out
-  raise ValueError(f"prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
+  raise UserError(f"prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
 
 
 TIME_INPUTS = ("logsnr", "t")
@@ -33,9 +34,9 @@ def make_denoiser(apply_fn, logsnr_fn, prediction="v", time_input="logsnr"):
   ``time_input``: what the network is conditioned on, 'logsnr' (UViT, MLP) or the schedule's
   own time 't' (SDXL's UNet takes the integer timestep)."""
   if prediction not in PREDICTIONS:
-    raise ValueError(f"prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
+    raise UserError(f"prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
   if time_input not in TIME_INPUTS:
-    raise ValueError(f"time_input={time_input!r} is not known; allowed: {TIME_INPUTS}")
+    raise UserError(f"time_input={time_input!r} is not known; allowed: {TIME_INPUTS}")
 
   def denoise(params, z, t, cond=None, rng=None):
     t = jnp.asarray(t, jnp.float32)

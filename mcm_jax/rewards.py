@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax.errors import UserError
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 MLP_LAYERS = (0, 2, 4, 6, 7)
@@ -55,7 +57,7 @@ def load_head(path):
   missing = [f"layers.{i}.{p}" for i in MLP_LAYERS for p in ("weight", "bias")
              if f"layers.{i}.{p}" not in sd]
   if missing:
-    raise ValueError(f"{path}: not an aesthetic head (missing {missing[:3]}; keys "
+    raise UserError(f"{path}: not an aesthetic head (missing {missing[:3]}; keys "
                      f"{sorted(sd)[:6]})")
   return [(np.asarray(sd[f"layers.{i}.weight"], np.float32),
            np.asarray(sd[f"layers.{i}.bias"], np.float32)) for i in MLP_LAYERS]
@@ -80,14 +82,14 @@ def clip_image_embedder(clip_dir):
     embed = lambda p, px: model.get_image_features(pixel_values=px, params=p)
     return embed, params, model.config.vision_config.image_size, model.config.projection_dim
   if model_type != "clip_vision_model":
-    raise ValueError(f"{config_path}: model_type={model_type!r}; allowed: 'clip', "
+    raise UserError(f"{config_path}: model_type={model_type!r}; allowed: 'clip', "
                      "'clip_vision_model'")
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   model, params = load_flax_transformer(FlaxCLIPVisionModel, clip_dir,
                                         unused=("position_ids", "visual_projection.weight"))
   weights = load_file(os.path.join(clip_dir, "model.safetensors"))
   if "visual_projection.weight" not in weights:
-    raise ValueError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "
+    raise UserError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "
                      "projection)")
   proj = jnp.asarray(weights["visual_projection.weight"], jnp.float32)  # [proj, hidden]
   embed = lambda p, px: model(pixel_values=px, params=p["tower"]).pooler_output @ p["proj"].T
@@ -100,7 +102,7 @@ def aesthetic_scorer(clip_dir, head_path):
   embed, clip_params, size, dim = clip_image_embedder(clip_dir)
   head = [(jnp.asarray(w), jnp.asarray(b)) for w, b in load_head(head_path)]
   if head[0][0].shape[1] != dim:
-    raise ValueError(f"aesthetic head takes {head[0][0].shape[1]}-d embeddings; the CLIP model "
+    raise UserError(f"aesthetic head takes {head[0][0].shape[1]}-d embeddings; the CLIP model "
                      f"in {clip_dir} gives {dim}")
 
   def score(params, images):

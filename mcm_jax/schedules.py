@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax.errors import UserError
+
 
 def alpha_sigma(logsnr):
   """``alpha = sqrt(sigmoid(logsnr))``, ``sigma = sqrt(sigmoid(-logsnr))``."""
@@ -107,4 +109,4 @@ def get_logsnr_fn(name, *, image_res=None, noise_res=None, noise_res_low=None,
   if name == "interpolated_cosine":
     return lambda t: interpolated_cosine_logsnr(
         t, image_res, noise_res_low, noise_res_high, logsnr_min, logsnr_max, clip_after_shift)
-  raise ValueError(f"schedule={name!r} is not known; allowed: {SCHEDULES}")
+  raise UserError(f"schedule={name!r} is not known; allowed: {SCHEDULES}")

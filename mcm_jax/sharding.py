@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mcm_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp")
 # Leaf names of low-rank factors (``mcm_jax.lora``: ``{'a': [..., in, r], 'b': [..., r, out]}``),
 # replicated: ``y + (x a) b`` with ``b`` split by output feature makes GSPMD split the
@@ -27,13 +29,13 @@ def make_mesh(data=-1, fsdp=1, devices=None):
   devices = np.asarray(jax.devices() if devices is None else devices)
   n = devices.size
   if data == -1 and fsdp == -1:
-    raise ValueError("mesh: at most one of data / fsdp may be -1")
+    raise UserError("mesh: at most one of data / fsdp may be -1")
   if data == -1:
     data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
   if fsdp == -1:
     fsdp = n // data if data > 0 and n % data == 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices; "
+    raise UserError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices; "
                      f"allowed: positive sizes whose product is {n} (-1 for 'the rest')")
   return Mesh(devices.reshape(data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 

@@ -7,7 +7,7 @@
 CLIP score = ``100 * max(cos(E_image, E_text), 0)`` averaged over prompts (torchmetrics'
 definition; MLCM reports it with ViT-L/14 on 5k MSCOCO-2017 captions). Writes
 ``eval.json`` ({steps: {clip_score, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
-ends in one message and exit code 2 (``mcm_jax/errors.py``); ``--debug`` shows the traceback.
+ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import errors, generate, hub, plotting, rewards, storage
+from mcm_jax import cli, errors, generate, hub, plotting, rewards, storage
 from mcm_jax.data import prompts as prompt_data
 
 
@@ -90,7 +90,7 @@ def define_flags(flag_values=FLAGS):
 def parse_flags(argv, flag_values=FLAGS):
   """Defines and parses this program's flags (absl's flags_parser)."""
   define_flags(flag_values)
-  return errors.parse_flags(argv, flag_values)
+  return cli.parse_flags(argv, flag_values)
 
 
 def parse_steps(values):
@@ -118,4 +118,4 @@ def main(argv, flag_values=FLAGS):
 
 
 if __name__ == "__main__":
-  errors.run(main, parse_flags)
+  cli.run(main, parse_flags)

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from mcm_jax import checkpoint, sharding
+from mcm_jax.errors import LossDivergedError, NonFiniteLossError  # noqa: F401 (train.X too)
 
 
 @flax.struct.dataclass
@@ -34,15 +35,6 @@ class TrainState:
   ema_params: dict
   opt_state: optax.OptState
   rng: jnp.ndarray
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/inf; the bad state is not saved."""
-
-
-class LossDivergedError(NonFiniteLossError):
-  """The loss rose above ``divergence_factor`` x its reference; the bad state is not saved. A
-  NonFiniteLossError, so whatever handles that stop (mcm_jax.errors: exit 3) handles this one."""
 
 
 # The divergence guard's reference: the median loss of the run's first REFERENCE_STEPS steps.

@@ -70,5 +70,5 @@ if __name__ == "__main__":
   assert dashes == "--", sys.argv
   sys.argv = [sys.argv[0]] + flags
   install(os.path.abspath(root))
-  from mcm_jax import errors, main  # pylint: disable=g-import-not-at-top
-  errors.run(main.main, main.parse_flags)
+  from mcm_jax import cli, main  # pylint: disable=g-import-not-at-top
+  cli.run(main.main, main.parse_flags)

@@ -4,7 +4,7 @@
 Most cases run in one subprocess (``_DRIVER``): it parses each case's argv with the program's
 own ``parse_flags`` into fresh flag values and runs the program's checks
 (``main.checked_config``, ``generate.main``, ``t2i_eval.main``; all cases fail before anything
-is compiled) through ``errors.call``, the helper every program's ``errors.run`` uses. A few
+is compiled) through ``cli.call``, the helper every program's ``cli.run`` uses. A few
 cases run the real programs end to end (absl's app.run, ``--debug``), and a refused resume is
 checked to leave the run's config.json as it was.
 """
@@ -21,7 +21,7 @@ ENV = dict(os.environ, XLA_FLAGS="", MCM_JAX_DEBUG="")
 _DRIVER = r"""
 import contextlib, importlib.util, io, json, sys, traceback
 from absl import flags
-from mcm_jax import errors
+from mcm_jax import cli
 
 def run_case(kind, argv):
   fv = flags.FlagValues()
@@ -47,7 +47,7 @@ for kind, argv in json.load(sys.stdin):
   err = io.StringIO()
   with contextlib.redirect_stderr(err):
     try:
-      code = errors.call(run_case, kind, argv)
+      code = cli.call(run_case, kind, argv)
     except SystemExit as e:  # argparse
       code = e.code
     except BaseException:  # pylint: disable=broad-except
@@ -70,7 +70,7 @@ def _check(cases, results):
   failures = []
   for (kind, argv, wanted), (code, stderr) in zip(cases, results):
     problems = []
-    if code != 2:  # errors.EXIT_BAD_INPUT, and argparse's
+    if code != 2:  # cli.EXIT_BAD_INPUT, and argparse's
       problems.append(f"exit code {code}")
     if "Traceback" in stderr:
       problems.append("a traceback")
@@ -394,9 +394,10 @@ def test_refused_resume_leaves_config_json_untouched(tmp_path):
 
 
 def test_what_a_user_error_is(monkeypatch):
-  """errors.describe: bad input -> exit 2, a non-finite loss -> 3, anything else (a bug) -> None,
-  so that its traceback is printed."""
-  from mcm_jax import errors, schedules, train  # pylint: disable=g-import-not-at-top
+  """cli.describe: bad input -> exit 2, a training stop -> 3, anything else (a bug) -> None, so
+  that its traceback is printed. Input checks raise errors.UserError explicitly, also in the
+  pure math modules."""
+  from mcm_jax import cli, errors, schedules, train  # pylint: disable=g-import-not-at-top
 
   def raised(fn):
     try:
@@ -405,13 +406,17 @@ def test_what_a_user_error_is(monkeypatch):
       return e
     raise AssertionError("did not raise")
 
-  assert errors.describe(errors.UserError("u")) == ("u", 2)
-  assert errors.describe(raised(lambda: open("/no/such/file")))[1] == 2
-  assert errors.describe(raised(lambda: schedules.get_logsnr_fn("linear")))[1] == 2
-  assert errors.describe(train.NonFiniteLossError("nan")) == ("training stopped: nan", 3)
-  assert errors.describe(raised(lambda: int("a"))) is None  # not an mcm_jax check
-  assert errors.describe(raised(lambda: [].pop())) is None
-  monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
-  assert errors.debug_requested(["prog", "--debug"]) and not errors.debug_requested(["prog"])
-  monkeypatch.setenv(errors.DEBUG_ENV, "1")
-  assert errors.debug_requested(["prog"])
+  assert cli.describe(errors.UserError("u")) == ("u", 2)
+  assert cli.describe(errors.MissingExtraError("pip install x"))[1] == 2
+  assert cli.describe(raised(lambda: open("/no/such/file")))[1] == 2
+  unknown = raised(lambda: schedules.get_logsnr_fn("linear"))
+  assert isinstance(unknown, errors.UserError) and cli.describe(unknown)[1] == 2
+  assert cli.describe(train.NonFiniteLossError("nan")) == ("training stopped: nan", 3)
+  assert cli.describe(errors.LossDivergedError("up")) == ("training stopped: up", 3)
+  assert cli.describe(raised(lambda: int("a"))) is None  # not an mcm_jax check
+  assert cli.describe(raised(lambda: [].pop())) is None
+  assert cli.describe(ValueError("a ValueError is not an input check")) is None
+  monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+  assert cli.debug_requested(["prog", "--debug"]) and not cli.debug_requested(["prog"])
+  monkeypatch.setenv(cli.DEBUG_ENV, "1")
+  assert cli.debug_requested(["prog"])

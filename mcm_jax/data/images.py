@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from mcm_jax import storage
+from mcm_jax.errors import MissingExtraError, UserError
 
 DIGITS = "digits"
 
@@ -31,12 +32,12 @@ DIGITS = "digits"
 def load_digits(resolution=16):
   """(images [1797, r, r, 1] float32 in [-1, 1], labels [1797] int32); r a multiple of 8."""
   if resolution % 8:
-    raise ValueError(f"data.resolution={resolution} is invalid for digits; allowed: multiples "
+    raise UserError(f"data.resolution={resolution} is invalid for digits; allowed: multiples "
                      "of 8")
   try:
     from sklearn.datasets import load_digits as sk_digits  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("the digits dataset needs scikit-learn: pip install -e '.[demo]'") from e
+    raise MissingExtraError("the digits dataset needs scikit-learn: pip install -e '.[demo]'") from e
   data = sk_digits()
   images = data.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # pixel values 0..16
   k = resolution // 8
@@ -83,7 +84,7 @@ class TfdsSource:
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError(f"data.name={name!r} needs tensorflow-datasets: "
+      raise MissingExtraError(f"data.name={name!r} needs tensorflow-datasets: "
                         "pip install -e '.[imagenet]'") from e
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
@@ -95,7 +96,7 @@ class TfdsSource:
       raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in data_dir={data_dir!r}: "
                               f"{e}") from e
     except NotImplementedError as e:
-      raise ValueError(f"tfds dataset {name!r} in {data_dir!r} is not in a random-access "
+      raise UserError(f"tfds dataset {name!r} in {data_dir!r} is not in a random-access "
                        "format; prepare it with --file_format=array_record (or convert: "
                        f"`tfds convert_format`): {e}") from e
     self.name, self.resolution = name, resolution
@@ -140,7 +141,7 @@ def process_rows(global_batch):
   """(start, stop): this process's rows of a global batch split evenly over the processes."""
   procs, index = jax.process_count(), jax.process_index()
   if global_batch % procs:
-    raise ValueError(f"batch_size={global_batch} is not divisible by the {procs} processes")
+    raise UserError(f"batch_size={global_batch} is not divisible by the {procs} processes")
   local = global_batch // procs
   return index * local, (index + 1) * local
 

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax.errors import UserError
+
 
 def ring8(rng, n):
   """Eight Gaussians (std 0.1) on a circle of radius 1.4 (scaled to about unit variance)."""
@@ -58,7 +60,7 @@ DATASETS = {"ring8": ring8, "checkerboard": checkerboard, "moons": moons,
 
 def get_sampler(name):
   if name not in DATASETS:
-    raise ValueError(f"data.name={name!r} is not known; allowed: {sorted(DATASETS)}")
+    raise UserError(f"data.name={name!r} is not known; allowed: {sorted(DATASETS)}")
   return DATASETS[name]
 
 
@@ -80,5 +82,5 @@ def as_sampler(source, max_points=1 << 20):
     source = np.concatenate(chunks)[:max_points] if chunks else np.zeros((0, 0))
   data = jnp.asarray(source, jnp.float32)
   if data.ndim != 2 or data.shape[0] < 2:
-    raise ValueError(f"a data source must give [N, D] arrays with N >= 2; got shape {data.shape}")
+    raise UserError(f"a data source must give [N, D] arrays with N >= 2; got shape {data.shape}")
   return lambda rng, n: data[jax.random.randint(rng, (n,), 0, data.shape[0])]

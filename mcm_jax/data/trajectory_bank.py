@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from mcm_jax import storage
 from mcm_jax.checkpoint import differing_fields
 from mcm_jax.data.images import local_indices_fn
+from mcm_jax.errors import UserError
 
 FIELDS = ("prompt_index", "segment", "t_m", "t_n", "seg_start", "z_tm", "z_tn")
 
@@ -63,7 +64,7 @@ class Bank:
     for m in metas:
       meta = storage.read_json(os.path.join(directory, m))
       if settings is not None and meta["settings"] != settings:
-        raise ValueError(f"trajectory bank {directory} was made with other settings: "
+        raise UserError(f"trajectory bank {directory} was made with other settings: "
                          f"(bank, now) = {differing_fields(meta['settings'], settings)}; use "
                          "another bank directory")
       for shard in meta["shards"]:

@@ -20,6 +20,7 @@ from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
 from mcm_jax.data.images import local_indices_fn
+from mcm_jax.errors import UserError
 from mcm_jax.metric_writer import create_writer
 from mcm_jax.models import sdxl
 
@@ -40,7 +41,7 @@ def build_models(c):
   if c.teacher_unet:
     t_model, teacher = sdxl.load_unet(c.teacher_unet, **unet, param_dtype=c.unet.frozen_dtype)
     if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
-      raise ValueError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
+      raise UserError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
                        "architecture")
   if c.text_encoder == "sdxl":
     encoder = sdxl.load_text_encoders(c.student_unet)

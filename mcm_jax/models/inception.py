@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax.errors import MissingExtraError, UserError
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -184,7 +186,7 @@ def params_from_torch_state_dict(state_dict):
   missing = sorted(set(expected) - set(given))
   unexpected = sorted(set(given) - set(expected))
   if missing or unexpected:
-    raise ValueError(f"not the FID Inception-v3 state dict: missing {missing[:5]} "
+    raise UserError(f"not the FID Inception-v3 state dict: missing {missing[:5]} "
                      f"({len(missing)} in all), unexpected {unexpected[:5]} "
                      f"({len(unexpected)} in all)")
   params = {}
@@ -193,7 +195,7 @@ def params_from_torch_state_dict(state_dict):
     if value.ndim == 4:  # [O, I, kh, kw] -> [kh, kw, I, O]
       value = value.transpose(2, 3, 1, 0)
     if value.shape != tuple(shape):
-      raise ValueError(f"Inception weight {key}: shape {given[key].shape} does not give the "
+      raise UserError(f"Inception weight {key}: shape {given[key].shape} does not give the "
                        f"expected {tuple(shape)}")
     node = params
     for n in names[:-1]:
@@ -216,7 +218,7 @@ def load_params(path):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"reading {path} needs torch; or convert it to .npz where torch is "
+    raise MissingExtraError(f"reading {path} needs torch; or convert it to .npz where torch is "
                       "installed (see mcm_jax/models/inception.py)") from e
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   return params_from_torch_state_dict({k: v.numpy() for k, v in state_dict.items()})

@@ -406,4 +406,4 @@ def force_zeros_for_empty_prompt(path):
     with open(index) as f:
       return bool(json.load(f).get("force_zeros_for_empty_prompt", True))
   except ValueError as e:
-    raise ValueError(f"{index} is not valid JSON ({e})") from e
+    raise UserError(f"{index} is not valid JSON ({e})") from e

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcm_jax.errors import UserError
 from mcm_jax.models import remat
 
 
@@ -144,7 +145,7 @@ def uvit_config(resolution, size):
   """Constructor kwargs for MCM's UViTs: resolution 64 or 128, size 'small', 'large' or
   'tiny' (tests)."""
   if resolution not in (64, 128) or size not in ("tiny", "small", "large"):
-    raise ValueError(f"UViT resolution={resolution!r}, size={size!r}; allowed: 64 / 128 and "
+    raise UserError(f"UViT resolution={resolution!r}, size={size!r}; allowed: 64 / 128 and "
                      "'tiny' / 'small' / 'large'")
   if size == "tiny":
     stages = [("res", 32, 1, 0.0), ("attn", 64, 1, 0.0)]
