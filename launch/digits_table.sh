@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU digits demo behind the README's table: a tiny UViT base model on scikit-learn's digits
+# The CPU digits demo behind the table in docs/pixel.md: a tiny UViT base model on scikit-learn's digits
 # (16x16), then one CD student per step count (1, 2, 4, 8) from it, each evaluated with
 # --mode=eval (FD in a digits classifier's features, class accuracy of the samples).
 # Needs `pip install -e '.[demo]'`. Re-running resumes / reuses finished runs.

@@ -7,7 +7,7 @@
 # directory of random weights at the real sizes is made once by benchmarks/make_random_sdxl.py
 # into ~/.cache/mcm_jax/sdxl_random (pip install -e '.[rehearsal]': open_clip_torch's wheel
 # holds CLIP's BPE vocabulary) and reused. Phases (each timed, with its peak RSS, into WORK/phases.jsonl):
-#   mlcm     README's SDXL command: all three progressive stages (K = 8, 4, 2), two steps each,
+#   mlcm     the SDXL command of docs/mlcm.md: all three progressive stages (K = 8, 4, 2), two steps each,
 #            the guided teacher and the image-free latents inside the step; each stage exports
 #            its LoRA (PEFT + kohya) and a sample grid;
 #   bank     stage 0 from a trajectory bank (built by the guided teacher, then streamed);

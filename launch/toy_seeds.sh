@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The toy table with training seeds' spread (README): every (method, student steps) student of
+# The toy table with training seeds' spread (docs/toy.md): every (method, student steps) student of
 # the default toy config trained with 3 seeds (student.seed + 0, 1, 2; one teacher per dataset),
 # on each built-in 2-D dataset. The tables show mean ± half the range over the seeds.
 # Re-running resumes / reuses finished runs. About 25 minutes per dataset on 2 CPU cores.
