@@ -7,6 +7,8 @@ at least ``min_fsdp_size`` elements and is neither a convolution kernel nor a lo
 (``LOW_RANK_FACTORS``); everything else is replicated. Steps are ``jax.jit`` with
 these shardings (GSPMD), so the same code runs on 1 device, a GPU node or a TPU pod.
 """
+import contextlib
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -92,9 +94,17 @@ def tree_shardings(tree, mesh, min_fsdp_size=2 ** 14):
           np.shape(x), fsdp, min_fsdp_size)), tree)
 
 
+def tracing_on(mesh):
+  """A context for tracing a jitted function's body: ``constrain_batch`` within it splits over
+  ``mesh`` (``jax.sharding.use_abstract_mesh``); with ``mesh`` None it does nothing."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def constrain_batch(x, axis=0):
   """``x`` with dimension ``axis`` (its batch) split over every device of the mesh the step is
-  traced under (``train.make_multi_step`` sets it), like the batch itself. For values a step
+  traced on (``tracing_on``: the train step, the trajectory bank's builder), like the batch. For values a step
   makes from no input, such as noise: left unconstrained, GSPMD may replicate them and with them
   every activation computed from them (then split by feature, the batch gathered on every
   chip). Outside such a mesh ``x`` is returned as is."""

@@ -104,7 +104,7 @@ def make_multi_step(train_step, batch_fn, data_rng, num_steps, mesh=None):
       if mesh is None:
         return train_step(st, batch, frozen)
       batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
+      with sharding.tracing_on(mesh):
         return train_step(st, batch, frozen)
 
     if num_steps == 1:  # no scan: XLA:CPU runs conv nets much slower inside while loops

@@ -186,7 +186,8 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
   def make_pairs(params, batch, rng):
     cond = {k: batch[k] for k in mlcm.CONDITIONING}
     guided = mlcm.guided_denoiser(denoise, params, cond, frozen["uncond"], hp.guidance_scale)
-    pair = mlcm.training_pair(rng, (cond["context"].shape[0], res, res, 4), hp, guided, guided)
+    with sharding.tracing_on(mesh):  # the noise and the UNet's activations split by batch
+      pair = mlcm.training_pair(rng, (cond["context"].shape[0], res, res, 4), hp, guided, guided)
     return dict(pair, prompt_index=batch["prompt_index"])
 
   indices = local_indices_fn(b, len(prompts), c.seed + 777)
