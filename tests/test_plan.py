@@ -24,6 +24,8 @@ from mcm_jax.models import sdxl
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install -e '.[tpu]'): it compiles for abstract TPUs")
+# A TPU compile takes 30 s to 2 min on 2 cores: every test that compiles is in the slow tier.
+compiles_for_tpu = lambda test: pytest.mark.slow(needs_libtpu(test))
 # The persistent compilation cache stores TPU executables it cannot load back without a TPU.
 pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 TOPOLOGY = "v5e:2x2"
@@ -103,7 +105,7 @@ def _check_report(report, compiled, args, fsdp=1):
   assert unpadded <= hand < 2 * unpadded  # tiny shapes: tile padding, not a missed sharding
 
 
-@needs_libtpu
+@compiles_for_tpu
 def test_tiny_cd_plan(cd_plan):
   config, compiled, args, report = cd_plan
   _check_report(report, compiled, args)
@@ -131,7 +133,7 @@ def test_only_cd_steps_carry_the_teacher():
   assert _count(frozen["cd"]) > 0
 
 
-@needs_libtpu
+@compiles_for_tpu
 def test_a_step_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit(capsys):
   """libtpu's "Ran out of memory on HBM" is the answer, not a traceback: fits False, the
   temporaries it named, the program's FLOPs, and advice."""
@@ -155,7 +157,7 @@ def test_a_step_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit(capsys):
   assert json.loads(out.strip().splitlines()[-1])["fits"] is False
 
 
-@needs_libtpu
+@compiles_for_tpu
 def test_tiny_mlcm_plan(mlcm_plan):
   config, compiled, args, report = mlcm_plan
   _check_report(report, compiled, args, fsdp=2)
@@ -185,8 +187,7 @@ def _batch_gathers_in_transformer_blocks(compiled):
           and "transformer_blocks" in line]
 
 
-@pytest.mark.slow  # one more TPU compile (~1.5 min here)
-@needs_libtpu
+@compiles_for_tpu  # one more TPU compile (~1.5 min here)
 def test_each_chip_runs_the_transformer_blocks_on_its_own_examples():
   """In the sharded step no chip gathers the batch's activations: the hidden states are kept
   split by batch in the transformer blocks (sharding.constrain_batch; without it, 12 gathers
@@ -205,8 +206,7 @@ def test_each_chip_runs_the_transformer_blocks_on_its_own_examples():
   assert not _batch_gathers_in_transformer_blocks(compiled)
 
 
-@pytest.mark.slow  # one more TPU compile (~1 min here)
-@needs_libtpu
+@compiles_for_tpu  # one more TPU compile (~1 min here)
 def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_plan):
   """Stage 1 (PDU): the previous stage's LoRA is a frozen input, and the previous MLCM, unguided
   on the batch, replaces the guided teacher on the doubled batch in the image-free loop."""
@@ -241,7 +241,7 @@ def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_plan):
   assert stage0["flops_ratio"] - report["flops_ratio"] == pytest.approx(expected, abs=0.05)
 
 
-@needs_libtpu
+@compiles_for_tpu
 def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_path):
   config, compiled, args, report = cd_plan
   info = dict(mesh=report["mesh"], params=report["params"],
