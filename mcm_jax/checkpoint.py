@@ -22,15 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-
-class IncompatibleCheckpointError(ValueError):
-  """A readable checkpoint of another model / optimizer / layout / data stream."""
-
-
-class DamagedCheckpointError(ValueError):
-  """A checkpoint step (or, from ``restore_latest``, every step) that cannot be read: bad input
-  (a file's contents), so the command-line programs print its one message (mcm_jax.errors)."""
-
+from mcm_jax.errors import DamagedCheckpointError, IncompatibleCheckpointError
 
 STATE, DATA = "state", "data"
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step as <step>.orbax-checkpoint-tmp-<time>

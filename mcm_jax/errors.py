@@ -14,6 +14,15 @@ class MissingExtraError(UserError, ImportError):
   install (e.g. ``pip install -e '.[demo]'``)."""
 
 
+class IncompatibleCheckpointError(UserError):
+  """A readable checkpoint of another model / optimizer / layout / data stream."""
+
+
+class DamagedCheckpointError(UserError):
+  """A checkpoint step (or, from ``checkpoint.restore_latest``, every step) that cannot be
+  read."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """Training stopped: the loss became NaN/inf; the bad state is not saved."""
 
