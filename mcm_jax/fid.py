@@ -28,7 +28,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
     raise UserError(f"feature statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
-                     f"sigma {s1.shape} vs {s2.shape}")
+                    f"sigma {s1.shape} vs {s2.shape}")
   w, u = np.linalg.eigh(s1)
   a = (u * np.sqrt(np.clip(w, 0, None))) @ u.T
   cross = np.sqrt(np.clip(np.linalg.eigvalsh(a @ s2 @ a), 0, None)).sum()
@@ -56,7 +56,7 @@ def load_statistics(path):
   with np.load(io.BytesIO(storage.read_bytes(path))) as f:
     if "mu" not in f or "sigma" not in f:
       raise UserError(f"{path}: reference statistics need arrays 'mu' and 'sigma'; found "
-                       f"{sorted(f.keys())}")
+                      f"{sorted(f.keys())}")
     return f["mu"], f["sigma"]
 
 

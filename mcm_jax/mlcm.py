@@ -245,7 +245,7 @@ def timestep_grid(num_steps, spacing="uniform", original_steps=50):
     origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
     if not 1 <= num_steps <= original_steps:
       raise UserError(f"num_steps={num_steps} is invalid for the 'lcm' grid; allowed: 1.."
-                       f"{original_steps} (original_steps)")
+                      f"{original_steps} (original_steps)")
     steps = origin[np.floor(np.linspace(0, len(origin), num_steps, endpoint=False)).astype(int)]
   else:
     raise UserError(f"spacing={spacing!r} is not known; allowed: {SPACINGS}")
@@ -261,10 +261,10 @@ def sampling_grid(steps, timesteps="uniform"):
     values = [int(v) for v in str(timesteps).split(",")]
   except ValueError as e:
     raise UserError(f"timesteps={timesteps!r} is invalid; allowed: one of {SPACINGS} or a "
-                     "comma-separated list of timesteps, e.g. 999,749,499,124") from e
+                    "comma-separated list of timesteps, e.g. 999,749,499,124") from e
   if len(values) != steps:
     raise UserError(f"timesteps={timesteps!r} has {len(values)} entries but steps={steps}; "
-                     "allowed: one timestep per step")
+                    "allowed: one timestep per step")
   return explicit_grid(values)
 
 
@@ -275,7 +275,7 @@ def explicit_grid(timesteps):
   if (steps.ndim != 1 or not len(steps) or np.any(steps != np.round(steps))
       or np.any(steps < 1) or np.any(steps > T - 1) or np.any(np.diff(steps) >= 0)):
     raise UserError(f"timesteps={list(np.asarray(timesteps).tolist())} are invalid; allowed: "
-                     f"strictly decreasing integers in [1, {T - 1}], e.g. 999,749,499,124")
+                    f"strictly decreasing integers in [1, {T - 1}], e.g. 999,749,499,124")
   return np.append(steps, 0).astype(np.int32)
 
 

@@ -58,7 +58,7 @@ def load_head(path):
              if f"layers.{i}.{p}" not in sd]
   if missing:
     raise UserError(f"{path}: not an aesthetic head (missing {missing[:3]}; keys "
-                     f"{sorted(sd)[:6]})")
+                    f"{sorted(sd)[:6]})")
   return [(np.asarray(sd[f"layers.{i}.weight"], np.float32),
            np.asarray(sd[f"layers.{i}.bias"], np.float32)) for i in MLP_LAYERS]
 
@@ -83,14 +83,14 @@ def clip_image_embedder(clip_dir):
     return embed, params, model.config.vision_config.image_size, model.config.projection_dim
   if model_type != "clip_vision_model":
     raise UserError(f"{config_path}: model_type={model_type!r}; allowed: 'clip', "
-                     "'clip_vision_model'")
+                    "'clip_vision_model'")
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   model, params = load_flax_transformer(FlaxCLIPVisionModel, clip_dir,
                                         unused=("position_ids", "visual_projection.weight"))
   weights = load_file(os.path.join(clip_dir, "model.safetensors"))
   if "visual_projection.weight" not in weights:
     raise UserError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "
-                     "projection)")
+                    "projection)")
   proj = jnp.asarray(weights["visual_projection.weight"], jnp.float32)  # [proj, hidden]
   embed = lambda p, px: model(pixel_values=px, params=p["tower"]).pooler_output @ p["proj"].T
   return embed, {"tower": params, "proj": proj}, model.config.image_size, proj.shape[0]
@@ -103,7 +103,7 @@ def aesthetic_scorer(clip_dir, head_path):
   head = [(jnp.asarray(w), jnp.asarray(b)) for w, b in load_head(head_path)]
   if head[0][0].shape[1] != dim:
     raise UserError(f"aesthetic head takes {head[0][0].shape[1]}-d embeddings; the CLIP model "
-                     f"in {clip_dir} gives {dim}")
+                    f"in {clip_dir} gives {dim}")
 
   def score(params, images):
     emb = embed(params["clip"], clip_preprocess(images, size))

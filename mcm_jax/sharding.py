@@ -38,7 +38,7 @@ def make_mesh(data=-1, fsdp=1, devices=None):
     fsdp = n // data if data > 0 and n % data == 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != n:
     raise UserError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices; "
-                     f"allowed: positive sizes whose product is {n} (-1 for 'the rest')")
+                    f"allowed: positive sizes whose product is {n} (-1 for 'the rest')")
   return Mesh(devices.reshape(data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
@@ -104,10 +104,10 @@ def tracing_on(mesh):
 
 def constrain_batch(x, axis=0):
   """``x`` with dimension ``axis`` (its batch) split over every device of the mesh the step is
-  traced on (``tracing_on``: the train step, the trajectory bank's builder), like the batch. For values a step
-  makes from no input, such as noise: left unconstrained, GSPMD may replicate them and with them
-  every activation computed from them (then split by feature, the batch gathered on every
-  chip). Outside such a mesh ``x`` is returned as is."""
+  traced on (``tracing_on``: the train step, the trajectory bank's builder), like the batch.
+  For values a step makes from no input, such as noise: left unconstrained, GSPMD may replicate
+  them and with them every activation computed from them (then split by feature, the batch
+  gathered on every chip). Outside such a mesh ``x`` is returned as is."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
     return x

@@ -101,9 +101,8 @@ def make_multi_step(train_step, batch_fn, data_rng, num_steps, mesh=None):
     def body(st, batch):
       if batch is None:
         batch = batch_fn(jax.random.fold_in(data_rng, st.step))
-      if mesh is None:
-        return train_step(st, batch, frozen)
-      batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
+      if mesh is not None:
+        batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
       with sharding.tracing_on(mesh):
         return train_step(st, batch, frozen)
 

@@ -33,11 +33,12 @@ def load_digits(resolution=16):
   """(images [1797, r, r, 1] float32 in [-1, 1], labels [1797] int32); r a multiple of 8."""
   if resolution % 8:
     raise UserError(f"data.resolution={resolution} is invalid for digits; allowed: multiples "
-                     "of 8")
+                    "of 8")
   try:
     from sklearn.datasets import load_digits as sk_digits  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise MissingExtraError("the digits dataset needs scikit-learn: pip install -e '.[demo]'") from e
+    raise MissingExtraError(
+        "the digits dataset needs scikit-learn: pip install -e '.[demo]'") from e
   data = sk_digits()
   images = data.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # pixel values 0..16
   k = resolution // 8
@@ -85,7 +86,7 @@ class TfdsSource:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise MissingExtraError(f"data.name={name!r} needs tensorflow-datasets: "
-                        "pip install -e '.[imagenet]'") from e
+                              "pip install -e '.[imagenet]'") from e
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                      decoders={image_key: tfds.decode.SkipDecoding()})
@@ -97,8 +98,8 @@ class TfdsSource:
                               f"{e}") from e
     except NotImplementedError as e:
       raise UserError(f"tfds dataset {name!r} in {data_dir!r} is not in a random-access "
-                       "format; prepare it with --file_format=array_record (or convert: "
-                       f"`tfds convert_format`): {e}") from e
+                      "format; prepare it with --file_format=array_record (or convert: "
+                      f"`tfds convert_format`): {e}") from e
     self.name, self.resolution = name, resolution
     self.image_key, self.label_key = image_key, label_key
     self.pool = concurrent.futures.ThreadPoolExecutor(num_threads)

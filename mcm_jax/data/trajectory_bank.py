@@ -65,8 +65,8 @@ class Bank:
       meta = storage.read_json(os.path.join(directory, m))
       if settings is not None and meta["settings"] != settings:
         raise UserError(f"trajectory bank {directory} was made with other settings: "
-                         f"(bank, now) = {differing_fields(meta['settings'], settings)}; use "
-                         "another bank directory")
+                        f"(bank, now) = {differing_fields(meta['settings'], settings)}; use "
+                        "another bank directory")
       for shard in meta["shards"]:
         arrays = {k: np.load(storage.local_copy(os.path.join(directory, shard["name"], f"{k}.npy"),
                                                 cache_dir or _default_cache()),

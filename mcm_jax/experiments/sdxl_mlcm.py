@@ -42,7 +42,7 @@ def build_models(c):
     t_model, teacher = sdxl.load_unet(c.teacher_unet, **unet, param_dtype=c.unet.frozen_dtype)
     if sdxl.param_shapes(t_model).keys() != sdxl.param_shapes(model).keys():
       raise UserError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
-                       "architecture")
+                      "architecture")
   if c.text_encoder == "sdxl":
     encoder = sdxl.load_text_encoders(c.student_unet)
   else:

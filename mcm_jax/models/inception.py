@@ -187,8 +187,8 @@ def params_from_torch_state_dict(state_dict):
   unexpected = sorted(set(given) - set(expected))
   if missing or unexpected:
     raise UserError(f"not the FID Inception-v3 state dict: missing {missing[:5]} "
-                     f"({len(missing)} in all), unexpected {unexpected[:5]} "
-                     f"({len(unexpected)} in all)")
+                    f"({len(missing)} in all), unexpected {unexpected[:5]} "
+                    f"({len(unexpected)} in all)")
   params = {}
   for key, (names, shape) in expected.items():
     value = given[key].astype(np.float32)
@@ -196,7 +196,7 @@ def params_from_torch_state_dict(state_dict):
       value = value.transpose(2, 3, 1, 0)
     if value.shape != tuple(shape):
       raise UserError(f"Inception weight {key}: shape {given[key].shape} does not give the "
-                       f"expected {tuple(shape)}")
+                      f"expected {tuple(shape)}")
     node = params
     for n in names[:-1]:
       node = node.setdefault(n, {})
@@ -219,6 +219,6 @@ def load_params(path):
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise MissingExtraError(f"reading {path} needs torch; or convert it to .npz where torch is "
-                      "installed (see mcm_jax/models/inception.py)") from e
+                            "installed (see mcm_jax/models/inception.py)") from e
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   return params_from_torch_state_dict({k: v.numpy() for k, v in state_dict.items()})

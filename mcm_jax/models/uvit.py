@@ -146,7 +146,7 @@ def uvit_config(resolution, size):
   'tiny' (tests)."""
   if resolution not in (64, 128) or size not in ("tiny", "small", "large"):
     raise UserError(f"UViT resolution={resolution!r}, size={size!r}; allowed: 64 / 128 and "
-                     "'tiny' / 'small' / 'large'")
+                    "'tiny' / 'small' / 'large'")
   if size == "tiny":
     stages = [("res", 32, 1, 0.0), ("attn", 64, 1, 0.0)]
     if resolution == 128:
