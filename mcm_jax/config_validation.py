@@ -7,14 +7,14 @@ modules are imported here (jax, numpy, flax through the UViT's stage table; no o
 """
 import difflib
 
-from mcm_jax import consistency, fid, mlcm, schedules
+from mcm_jax import consistency, experiments, fid, mlcm, schedules
 from mcm_jax.models import remat, sdxl_unet
 from mcm_jax.errors import UserError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import toy as toy_data
 from mcm_jax.models.uvit import uvit_config
 
-EXPERIMENTS = ("toy", "pixel", "mlcm")
+EXPERIMENTS = tuple(experiments.MODULES)
 CONSISTENCY_METHODS = ("ct", "cd_addim", "cd_ddim")  # the toy's sweep.methods
 PIXEL_OBJECTIVES = ("base", "cd", "ct")  # config.objective of the pixel experiment
 

@@ -16,7 +16,7 @@ import warnings
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mcm_jax import cli, errors, storage
+from mcm_jax import cli, errors, experiments, storage
 from mcm_jax.config_validation import ConfigError, flat_fields, unknown_field_error, validate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +128,7 @@ def checked_config(flag_values=flags.FLAGS):
   with the other flags checked too: all before anything is written or compiled."""
   config = flag_values.config
   validate(config, plan=flag_values.mode == "plan")
-  if flag_values.mode == "eval" and config.experiment != "pixel":
+  if flag_values.mode == "eval" and not hasattr(experiments.get(config.experiment), "evaluate"):
     raise ConfigError(f"--mode=eval is for the pixel experiment; config.experiment="
                       f"{config.experiment!r} evaluates at the end of training (use --mode=train)")
   if flag_values.stage != 0 and flag_values.mode != "plan":
@@ -136,7 +136,7 @@ def checked_config(flag_values=flags.FLAGS):
                            f"{flag_values.mode} runs every stage (allowed: leave --stage out)")
   if flag_values.mode == "plan":
     from mcm_jax import plan  # pylint: disable=g-import-not-at-top
-    if config.experiment in plan.PLANNED:  # plan.plan names the others
+    if experiments.trains_one_step(config.experiment):  # plan.plan names the others
       plan.check_stage(config, flag_values.stage)
   workdir = flag_values.workdir
   if not workdir or (storage.exists(workdir) and not storage.isdir(workdir)):
@@ -204,15 +204,8 @@ def main(argv):
   if write:
     write_config(workdir, config, mode)
   logging.info("config:\n%s", config)
-  if config.experiment == "toy":
-    from mcm_jax.experiments import toy  # pylint: disable=g-import-not-at-top
-    toy.run(config, workdir)
-  elif config.experiment == "pixel":
-    from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
-    (pixel.evaluate if mode == "eval" else pixel.run)(config, workdir)
-  else:  # "mlcm": validate() admits only config_validation.EXPERIMENTS
-    from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
-    sdxl_mlcm.run(config, workdir)
+  experiment = experiments.get(config.experiment)  # validate() admits only experiments.MODULES
+  (experiment.evaluate if mode == "eval" else experiment.run)(config, workdir)
 
 
 if __name__ == "__main__":

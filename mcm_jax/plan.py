@@ -25,10 +25,9 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import objectives, sharding, storage, train
+from mcm_jax import experiments, sharding, storage, train
 from mcm_jax.config_validation import ConfigError, validate_batch_split
 from mcm_jax.errors import UserError
 
@@ -42,7 +41,6 @@ HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 TOPOLOGIES = {"v4-8": "v4:2x2x1", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8",
               "v5e-256": "v5e:16x16", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4",
               "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16"}
-PLANNED = ("pixel", "mlcm")  # experiments with one train step to plan
 FIT_FRACTION = 0.9  # fits: peak <= 90% of the chip's HBM (headroom for the runtime, fragments)
 
 
@@ -76,50 +74,13 @@ def topology_devices(name):
   return devices, spec, HBM_GIB[generation]
 
 
-def step_inputs(c, stage=0):
-  """(loss_fn, params, frozen, batch, model params, forward) of ``c``'s train step (of MLCM
-  stage ``stage``), all abstract (no mesh yet), built by the runners' own builders;
-  ``forward(params, frozen, batch)`` is one student forward on the batch (the unit of
-  ``flops_ratio``)."""
-  if c.experiment == "pixel":
-    from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
-    _, logsnr_fn, denoise, like = pixel.build(c, None)
-    forward = lambda p, frozen, b: denoise(p, b["x"], jnp.full(b["x"].shape[:1], 0.5),
-                                           b["label"])
-    return (objectives.pixel_loss(c, denoise, logsnr_fn), like, pixel.frozen_params(c, like),
-            pixel.batch_shapes(c), like, forward)
-  from mcm_jax import lora, mlcm  # pylint: disable=g-import-not-at-top
-  from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
-  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
-  if c.rewards.scorer:  # mlcm (plan admits only PLANNED)
-    raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
-                      "the reward models yet; allowed: '' (MLCD only)")
-  model, params, teacher, encode = sdxl_mlcm.abstract_models(c)
-  encode_batch = sdxl_mlcm.conditioning_fn(c, encode)
-  frozen = sdxl_mlcm.frozen_inputs(c, params, teacher, sdxl_mlcm.unconditional(c, encode_batch))
-  lora_params = jax.eval_shape(lambda p: sdxl_mlcm.init_lora(c, p), params)
-  if stage > 0:  # as sdxl_mlcm.run: the previous stage's LoRA joins the frozen inputs
-    frozen = dict(frozen, prev_lora=lora_params)
-  denoise = sdxl.make_denoiser(model)
-
-  def forward(p, frozen, b):
-    res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
-    z = jnp.zeros((b["context"].shape[0], res, res, 4))
-    return denoise(lora.attach(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
-                   cond)
-
-  return (objectives.mlcm_loss(c, denoise, stage), lora_params, frozen,
-          sdxl_mlcm.batch_shapes(c, encode_batch, stage), params, forward)
-
-
 def without_remat(c):
-  """A copy of config ``c`` whose network recomputes nothing in the backward pass (the UViT's
-  ``model.remat``, the SDXL UNet's ``unet.remat``): the step whose FLOPs are the ideal ones."""
+  """A copy of config ``c`` whose network recomputes nothing in the backward pass (the
+  experiment's ``REMAT_FIELD``: the UViT's ``model.remat``, the SDXL UNet's ``unet.remat``): the
+  step whose FLOPs are the ideal ones."""
   c = c.copy_and_resolve_references()
-  if c.experiment == "pixel":
-    c.model.remat = "none"
-  else:
-    c.unet.remat = "none"
+  section, field = experiments.get(c.experiment).REMAT_FIELD.split(".")
+  c[section][field] = "none"
   return c
 
 
@@ -141,21 +102,22 @@ def build(c, devices, where="the devices", stage=0):
         f"data x fsdp = {n} (-1: the rest), e.g. --config.mesh.fsdp="
         f"{'/'.join(str(d) for d in range(1, n + 1) if n % d == 0)}") from e
   validate_batch_split(c.train.batch_size, mesh.shape, where)
-  loss_fn, params, frozen, batch, model_params, forward = step_inputs(c, stage)
+  trained = experiments.get(c.experiment).abstract_step(c, stage)
   tx = train.make_optimizer(c.train.optim)
   state = sharding.abstract(jax.eval_shape(lambda p: train.init_state(p, tx, c.train.seed),
-                                           params), mesh)
-  frozen = sharding.abstract(frozen, mesh)  # None stays None
+                                           trained.params), mesh)
+  frozen = sharding.abstract(trained.frozen, mesh)  # None stays None
   stacked = sharding.stacked_batch_sharding(mesh)
   batches = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype, sharding=stacked), batch)
-  step = train.jit_step(loss_fn, tx, c.train, state, frozen, mesh)
-  info = dict(mesh=dict(mesh.shape), params=count(model_params), trainable_params=count(params),
-              frozen_params=count(frozen))
+      lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype, sharding=stacked), trained.batch)
+  step = train.jit_step(trained.loss, tx, c.train, state, frozen, mesh)
+  info = dict(mesh=dict(mesh.shape), params=count(trained.model_params),
+              trainable_params=count(trained.params), frozen_params=count(frozen),
+              report=trained.report)
   one_batch = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
-      batch)
-  info["forward"] = (jax.jit(forward), (state.params, frozen, one_batch))
+      trained.batch)
+  info["forward"] = (jax.jit(trained.forward), (state.params, frozen, one_batch))
   return step, (state, frozen, batches), info
 
 
@@ -280,15 +242,14 @@ def summarize(c, topology, devices, spec, hbm, compiled, info, stage=0):
   r["ideal_ratio"] = round(info["ideal_flops"] / info["forward_flops"], 3)  # none recomputed
   r["compile_s"] = round(info["compile_s"], 1)
   r["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
-  if c.experiment == "mlcm":
-    r.update(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage))
+  r.update(info["report"])  # the experiment's own fields (MLCM: stage, from_bank)
   return r
 
 
 def check_stage(c, stage):
-  """Raises UserError unless ``stage`` is a stage of config ``c``: 0 for pixel configs,
-  0 .. ``mlcm.num_stages`` - 1 for MLCM."""
-  stages = c.mlcm.num_stages if c.experiment == "mlcm" else 1
+  """Raises UserError unless ``stage`` is a stage of config ``c``: 0 .. the experiment's
+  ``num_stages`` - 1 (1 for pixel configs, ``mlcm.num_stages`` for MLCM)."""
+  stages = experiments.get(c.experiment).num_stages(c)
   if not 0 <= stage < stages:
     what = (f"config.mlcm.num_stages={stages}" if c.experiment == "mlcm"
             else f"config.experiment={c.experiment!r} trains one step")
@@ -299,9 +260,10 @@ def check_stage(c, stage):
 def plan(c, topology, stage=0):
   """The plan of config ``c``'s train step (of MLCM stage ``stage``) on ``topology`` (see
   ``topology_devices``) as a JSON-able dict."""
-  if c.experiment not in PLANNED:
+  if not experiments.trains_one_step(c.experiment):
+    planned = [name for name in experiments.MODULES if experiments.trains_one_step(name)]
     raise ConfigError(f"config.experiment={c.experiment!r} cannot be planned (the toy trains many "
-                      f"small models in one process); allowed: {' or '.join(PLANNED)} configs")
+                      f"small models in one process); allowed: {' or '.join(planned)} configs")
   check_stage(c, stage)
   devices, spec, hbm = topology_devices(topology)
   compiled, _, info = compile_step(c, devices, f"--topology={topology} ({len(devices)} chips)",
@@ -327,11 +289,10 @@ def advice(report, c):
     return hint + "they are sharded over every chip already: a topology with more chips or HBM"
   hints = [f"lower the batch per chip (now {r['batch_per_chip']:g}: e.g. "
            f"--config.train.batch_size={max(c.train.batch_size // 2, r['chips'])})"]
-  field, policy = (("model.remat", c.model.remat) if c.experiment == "pixel"
-                   else ("unet.remat", c.unet.remat))
-  if policy != "full":
+  field = experiments.get(c.experiment).REMAT_FIELD
+  if c[field.split(".")[0]][field.split(".")[1]] != "full":
     hints.insert(0, f"rematerialise more of the blocks (--config.{field}=full)")
-  if c.experiment == "mlcm" and not c.mlcm.bank.dir and not r.get("stage"):
+  if r.get("from_bank") is False and not r["stage"]:  # MLCM stage 0 with the teacher inside
     hints.append("take the teacher out of the step with a trajectory bank "
                  "(--config.mlcm.bank.dir=DIR)")
   if fsdp < chips:

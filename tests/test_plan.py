@@ -126,7 +126,7 @@ def test_tiny_cd_plan(cd_plan):
 
 def test_only_cd_steps_carry_the_teacher():
   """CT's loss reads no teacher, so its step gets none (frozen None), as base diffusion's."""
-  frozen = {name: plan.step_inputs(module.get_config("tiny"))[2]
+  frozen = {name: pixel.abstract_step(module.get_config("tiny")).frozen
             for name, module in (("cd", imagenet64_cd), ("ct", imagenet64_ct),
                                  ("base", imagenet64_base))}
   assert frozen["ct"] is None and frozen["base"] is None
@@ -275,8 +275,11 @@ def test_advice_names_what_dominates():
   assert "arguments alone exceed the chip's HBM (23.00 GiB" in both and "mesh.fsdp=64" in both
   mlcm_config = sdxl_mlcm_config.get_config("sdxl")
   mlcm_config.unet.remat = "dots"
-  mlcm = plan.advice(dict(base, argument_gib_per_chip=1.0, temp_gib_per_chip=30.0), mlcm_config)
-  assert "--config.unet.remat=full" in mlcm and "mlcm.bank.dir" in mlcm
+  mlcm = dict(base, argument_gib_per_chip=1.0, temp_gib_per_chip=30.0, stage=0, from_bank=False)
+  hint = plan.advice(mlcm, mlcm_config)
+  assert "--config.unet.remat=full" in hint and "mlcm.bank.dir" in hint
+  assert "mlcm.bank.dir" not in plan.advice(dict(mlcm, from_bank=True), mlcm_config)
+  assert "mlcm.bank.dir" not in plan.advice(dict(mlcm, stage=1), mlcm_config)
 
 
 class _Stop(Exception):
@@ -309,6 +312,7 @@ def _record_jit_step(monkeypatch, run_first=0):
   return calls
 
 
+@pytest.mark.slow  # a training run's first step and the planner's, each lowered (seconds)
 @pytest.mark.parametrize("make_config,run,stage", [
     (lambda: imagenet64_base.get_config("tiny"), pixel.run, 0),
     (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 0),

@@ -16,7 +16,7 @@ import numpy as np
 from mcm_jax import checkpoint, fid, objectives, plotting, sharding, storage, train
 from mcm_jax.config_validation import validate
 from mcm_jax.data import images as image_data
-from mcm_jax.experiments import pixel_sampling
+from mcm_jax.experiments import Step, pixel_sampling
 from mcm_jax.metric_writer import create_writer
 
 
@@ -42,6 +42,31 @@ def batch_shapes(c):
           "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
 
 
+REMAT_FIELD = "model.remat"
+
+
+def num_stages(c):
+  """Pixel configs train one step (base, CT or CD)."""
+  del c
+  return 1
+
+
+def step(c, denoise, logsnr_fn, params):
+  """The train step of ``run``: ``objectives.pixel_loss`` on ``params`` (the UViT's), with CD's
+  teacher as the frozen input; ``forward`` denoises the batch at t = 0.5."""
+  forward = lambda p, frozen, b: denoise(p, b["x"], jnp.full(b["x"].shape[:1], 0.5), b["label"])
+  return Step(loss=objectives.pixel_loss(c, denoise, logsnr_fn), params=params,
+              frozen=frozen_params(c, params), batch=batch_shapes(c), model_params=params,
+              forward=forward)
+
+
+def abstract_step(c, stage=0):
+  """``step`` on the parameters' shapes (no mesh): what ``--mode=plan`` compiles."""
+  del stage
+  _, logsnr_fn, denoise, like = build(c, None)
+  return step(c, denoise, logsnr_fn, like)
+
+
 def run(config, workdir):
   """Trains (base / CT / CD) and writes sample grids; returns {'samples': [PNG paths]}."""
   validate(config)
@@ -50,8 +75,8 @@ def run(config, workdir):
   source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
   model, logsnr_fn, denoise, like = build(c, mesh)
   if c.objective == "base":
-    params = model.init(jax.random.PRNGKey(c.seed),
-                        *(jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(c)))
+    inputs = [jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(c)]
+    params = jax.jit(model.init)(jax.random.PRNGKey(c.seed), *inputs)  # one compile, not many
   else:  # CT / CD start from the base run's EMA parameters, which CD also uses as its teacher
     params = checkpoint.load_ema_params(c.init_from, like)[0]
   writer = create_writer(workdir)
@@ -61,8 +86,9 @@ def run(config, workdir):
   samplers = pixel_sampling.make_samplers(c, denoise, logsnr_fn)
   grids = lambda step, st: pixel_sampling.write_samples(c, st.ema_params, samplers, workdir,
                                                         step, source, mesh)
-  state = train.train(objectives.pixel_loss(c, denoise, logsnr_fn), params, None, c.train,
-                      workdir, frozen=frozen_params(c, params), writer=writer,
+  trained = step(c, denoise, logsnr_fn, params)
+  state = train.train(trained.loss, trained.params, None, c.train, workdir,
+                      frozen=trained.frozen, writer=writer,
                       name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec,
                       periodic=[(c.sample.every, grids)] if c.sample.every else [])
   paths = grids(int(state.step), state)

@@ -21,6 +21,7 @@ from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
 from mcm_jax.data.images import local_indices_fn
 from mcm_jax.errors import UserError
+from mcm_jax.experiments import Step
 from mcm_jax.metric_writer import create_writer
 from mcm_jax.models import sdxl
 
@@ -136,7 +137,8 @@ def batch_shapes(c, encode_batch, stage=0):
   ``encode_batch`` and, when the stage reads the trajectory bank (``objectives.mlcm_reads_bank``),
   the pair it streams (``trajectory_bank.batch_fn``, shapes of ``mlcm.training_pair``)."""
   b, res = c.train.batch_size, c.latent_resolution
-  batch = encode_batch([""] * b)
+  batch = {k: jax.ShapeDtypeStruct((b,) + np.shape(x)[1:], x.dtype)
+           for k, x in encode_batch([""]).items()}  # one prompt encoded, its rows' shapes kept
   if objectives.mlcm_reads_bank(c, stage):
     identity = lambda z, t: z
     pair = jax.eval_shape(lambda rng: mlcm.training_pair(
@@ -144,7 +146,49 @@ def batch_shapes(c, encode_batch, stage=0):
                           jax.random.PRNGKey(0))
     batch.update({k: pair[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
   return jax.tree_util.tree_map(  # as on device: numpy's float64 is float32 there
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype)), batch)
+      lambda x: jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype)), batch)
+
+
+REMAT_FIELD = "unet.remat"
+
+
+def num_stages(c):
+  """The progressive stages K -> K/2 -> ... (``mlcm.num_stages``)."""
+  return c.mlcm.num_stages
+
+
+def step(c, stage, model, params, frozen, lora_params, encode_batch, decode=None, score=None):
+  """The train step of stage ``stage`` (``objectives.mlcm_loss``): the LoRA ``lora_params`` on
+  the UNet ``params`` is trained; ``frozen`` (``frozen_inputs``, plus the previous stage's LoRA
+  ``prev_lora`` from stage 1) is not. ``forward`` is one student forward on the batch at
+  t = 500; ``decode`` / ``score`` are the reward losses' VAE decoder and scorer."""
+  denoise = sdxl.make_denoiser(model)
+
+  def forward(p, frozen, b):
+    res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
+    z = jnp.zeros((b["context"].shape[0], res, res, 4))
+    return denoise(lora.attach(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
+                   cond)
+
+  return Step(loss=objectives.mlcm_loss(c, denoise, stage, decode, score), params=lora_params,
+              frozen=frozen, batch=batch_shapes(c, encode_batch, stage), model_params=params,
+              forward=forward,
+              report=dict(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage)))
+
+
+def abstract_step(c, stage=0):
+  """``step`` of stage ``stage`` as ``run`` builds it, on shapes (``abstract_models``; the
+  previous stage's LoRA stands in by its shapes): what ``--mode=plan`` compiles."""
+  if c.rewards.scorer:
+    raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
+                      "the reward models yet; allowed: '' (MLCD only)")
+  model, params, teacher, encode = abstract_models(c)
+  encode_batch = conditioning_fn(c, encode)
+  frozen = frozen_inputs(c, params, teacher, unconditional(c, encode_batch))
+  lora_params = jax.eval_shape(lambda p: init_lora(c, p), params)
+  if stage > 0:
+    frozen = dict(frozen, prev_lora=lora_params)
+  return step(c, stage, model, params, frozen, lora_params, encode_batch)
 
 
 def uncond_mode(c):
@@ -252,8 +296,9 @@ def run(config, workdir):
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
-    state = train.train(objectives.mlcm_loss(c, denoise, stage, decode, score), lora_params,
-                        None, c.train, stage_dir, frozen=frozen, writer=writer,
+    trained = step(c, stage, model, params, frozen, lora_params, encode_batch, decode, score)
+    state = train.train(trained.loss, trained.params, None, c.train, stage_dir,
+                        frozen=trained.frozen, writer=writer,
                         name=f"mlcm_stage{stage}_K{hp.num_segments}", mesh=mesh,
                         host_batch_fn=bank_fn if from_bank else batch_fn, data_spec=data_spec)
     lora_params = jax.device_get(state.params)  # no EMA in MLCM: the trained LoRA itself
