@@ -48,7 +48,8 @@ EXTRAS = {
     # ~1 min to install from that local copy). An unpinned torch pulls whatever is newest.
     # The SDXL UNet and LoRA export are checked against diffusers' PyTorch classes (LoRA loading
     # there needs peft).
-    "test": ["pytest>=8", "scikit-learn>=1.3", "scipy",
+    # pytest-xdist: the suite runs one test module per core (pytest.ini).
+    "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.3", "scipy",
              "tensorflow-datasets>=4.9,<5", "array_record",
              "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
              "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",

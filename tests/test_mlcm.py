@@ -184,6 +184,7 @@ def test_mlcd_distills_a_sharp_two_step_sampler():
   assert before > 0.5 and after < 0.3 * before, (before, after)  # seen: 0.66 -> ~0.08-0.14
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_mcm_target_and_addim_teacher_options():
   s, t_m, t_n, start = _times(batch=1024)
   noise = jax.random.normal(jax.random.PRNGKey(4), (1024, 4))

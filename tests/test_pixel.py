@@ -19,6 +19,7 @@ from mcm_jax.data import images as image_data
 def base_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("base"))
   config = imagenet64_base.get_config("tiny")
+  config.sample.x_var_data = 64  # aDDIM's x_var table from 64 images (the config: 256)
   return config, workdir, pixel.run(config, workdir)
 
 
@@ -35,8 +36,8 @@ def _eval_loss(config, params):
 def test_tiny_uvit_base_training_lowers_the_loss(base_run):
   config, workdir, result = base_run
   model, _, _ = objectives.uvit_model(config)
-  init = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)),
-                    jnp.zeros((1,), jnp.int32))
+  init = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, 16, 16, 1)),
+                             jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
   trained, _ = checkpoint.load_ema_params(workdir, init)  # partial restore of ema_params
   assert _eval_loss(config, trained) < 0.75 * _eval_loss(config, init)
   assert all(os.path.getsize(p) > 100 for p in result["samples"])

@@ -424,6 +424,7 @@ def test_a_diverging_run_stops_like_a_nan_does(tmp_path):
   assert _steps(tmp_path / "scratch") == []
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_the_divergence_bound_is_the_factor_times_the_initial_loss(tmp_path):
   loss, params, batch_fn = _problem()
   rising = lambda p, b, r, s, f: (lambda l, m: (l * jax.numpy.where(s >= 20, 50.0, 1.0), m))(

@@ -73,6 +73,7 @@ def _models(remat="none", attention="xla", linear=True):
                                                                attention=attention)
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 @pytest.mark.parametrize("remat,attention,linear", [
     ("none", "xla", True), ("full", "chunked", True), ("dots", "xla", False),
     ("dots,full", "xla", True)])
@@ -116,6 +117,7 @@ def _program(model, depth):
   return str(jaxpr), plan.jaxpr_flops(jaxpr)
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_transformer_blocks_are_traced_once_per_stack():
   """The program does not grow with the depth of a transformer stack (SDXL: 10), while
   diffusers' unrolled one does; both ask for the same FLOPs (the scan body counted per step)."""
@@ -157,6 +159,7 @@ def test_diffusers_flax_geglu_is_the_tanh_approximation(monkeypatch):
   assert np.abs(got - want).max() > 1e-4
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_lora_applied_unmerged_equals_the_merged_kernel_in_float32():
   """``lora.attach``: ``x W + s (x a) b`` == the UNet with ``W + s a b`` (float32), for a stack's
   blocks (zeros for the blocks the LoRA skips, ranks padded) and an unscanned convolution."""
@@ -191,6 +194,7 @@ def test_lora_applied_unmerged_equals_the_merged_kernel_in_float32():
   np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_remat_policies_keep_fewer_activations():
   """Compiled gradient's temporaries: full < dots < none (the policies are applied); a policy
   per level recomputes in between (gradient FLOPs: each level's blocks get their own policy)."""

@@ -84,6 +84,7 @@ def test_noise_made_inside_a_sharded_step_is_split_by_batch():
   assert sharding.constrain_batch(x) is x
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
 def test_sharded_cd_training_equals_single_device(tmp_path, data, fsdp):
   loss, params, teacher = _cd_problem()
@@ -103,6 +104,7 @@ def test_sharded_cd_training_equals_single_device(tmp_path, data, fsdp):
   _close(single.opt_state, sharded.opt_state, atol=2e-5)
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_host_batches_equal_device_batches_and_restore_onto_another_mesh(tmp_path):
   """Host data path == device data path; a checkpoint written on a 2x4 mesh resumes on 8x1 and
   ends where an uninterrupted 2x4 run does."""

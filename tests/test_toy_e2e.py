@@ -69,6 +69,7 @@ def test_toy_run_accepts_a_python_data_source(tmp_path):
   assert "Energy distance to custom data" in open(tmp_path / "results.md").read()
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_a_segment_aware_student_starts_as_its_teacher_and_resolves_the_boundary():
   """model.segment_input: the student's extra embedding starts at zero (the student is the
   teacher at step 0); once trained it can jump at a segment boundary, where t alone cannot."""

@@ -24,13 +24,14 @@ def _tiny(res=16, **kw):
   model = UViT(**{**uvit_config(64, "tiny"), **kw})
   z = jax.random.normal(jax.random.PRNGKey(0), (2, res, res, 3))
   logsnr, label = jnp.array([-3.0, 4.0]), jnp.array([1, 7])
-  params = model.init(jax.random.PRNGKey(1), z, logsnr, label)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), z, logsnr, label)
   # The output convolution starts at zero; perturb all params so the test sees a real function.
   params = jax.tree_util.tree_map(
       lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
   return model, params, z, logsnr, label
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_tiny_forward_shapes_conditioning_and_dropout():
   model, params, z, logsnr, label = _tiny()
   out = model.apply(params, z, logsnr, label)
@@ -62,6 +63,7 @@ def test_remat_and_bf16():
   np.testing.assert_allclose(out, model.apply(params, z, logsnr, label), atol=0.1)
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_remat_policies_save_what_they_name():
   """The backward pass recomputes matmuls and convolutions under 'full', convolutions and
   attention scores under 'dots', only attention scores (batched matmuls) under 'dots_convs';

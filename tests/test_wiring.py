@@ -29,13 +29,14 @@ def pixel_setup():
   config = imagenet64_cd.get_config("tiny")
   model, logsnr_fn, denoise = objectives.uvit_model(config)
   inputs = [jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(config)]
-  student = model.init(jax.random.PRNGKey(0), *inputs)
+  student = jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)
   teacher = _perturbed(student, jax.random.PRNGKey(1))
   x, y = image_data.load_digits(16)
   batch = {"x": jnp.asarray(x[:8]), "label": jnp.asarray(y[:8])}
   return logsnr_fn, denoise, student, teacher, batch
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 @pytest.mark.parametrize("objective,sampler", [("cd", "addim"), ("cd", "ddim"), ("ct", None)])
 def test_pixel_loss_is_algorithm_1_by_hand(pixel_setup, objective, sampler):
   logsnr_fn, denoise, params, teacher, batch = pixel_setup
@@ -175,6 +176,7 @@ def _bank_pair(seed):
           "seg_start": np.array([0, 250, 500, 750], np.int32)}
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 @pytest.mark.parametrize("stage,variant", [(0, "mdi"), (0, "sdi"), (1, "updated"),
                                            (1, "fixed"), (0, "bank")])
 def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
@@ -198,6 +200,7 @@ def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
   assert expected > 0
 
 
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   """Reward consistency on the decoded DDIM endpoints of eq. 7 and feedback learning on the
   student's one-step sample from fresh noise (fold_in(rng, 1)), with a stand-in decoder and

@@ -458,13 +458,16 @@ class SDXLUNet:
       return UNetOutput(self.module.apply(variables, *args))
 
   def init_weights(self, rng):
+    """Random parameters (the module's initializers), made in one jitted call on the smallest
+    input every level accepts (the weights do not depend on the spatial size)."""
     cfg = self.config
-    res, width = cfg["sample_size"], cfg["cross_attention_dim"]
+    res, width = 2 ** (len(cfg["block_out_channels"]) - 1), cfg["cross_attention_dim"]
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    return self.module.init(rng, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
-                            jnp.zeros((1, 1, width)),
-                            {"text_embeds": jnp.zeros((1, pooled)),
-                             "time_ids": jnp.zeros((1, 6))})["params"]
+    init = jax.jit(lambda key: self.module.init(
+        key, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
+        jnp.zeros((1, 1, width)), {"text_embeds": jnp.zeros((1, pooled)),
+                                   "time_ids": jnp.zeros((1, 6))})["params"])
+    return init(rng)
 
 
 def check_supported(config):
