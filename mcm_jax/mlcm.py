@@ -218,15 +218,6 @@ def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
   return weight * consistency.pseudo_huber(terms["x_hat"] - x_target, huber_eps)
 
 
-def mlcd_loss(student, teacher, z_tm, t_m, t_n, seg_start, target="eq7", huber_eps=1.0):
-  """(per-example loss [B], z_{t_n}) of MLCM eq. 7 given ``z_{t_m}``: ``student(z, t)``
-  (differentiated), ``teacher(z, t)`` (e.g. guided; not differentiated). The segment-0
-  endpoint is the clean latent."""
-  z_tn = teacher_step(teacher, z_tm, t_m, t_n)
-  terms = mlcd_terms(student, z_tm, z_tn, t_m, t_n, seg_start)
-  return objective(terms, z_tm, t_m, seg_start, target, huber_eps), z_tn
-
-
 SPACINGS = ("uniform", "trailing", "lcm")  # timestep grids (see ``timestep_grid``)
 SAMPLERS = ("ddim", "lcm")  # deterministic DDIM jumps (MLCM) / re-noised x_hat (LCM)
 

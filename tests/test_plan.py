@@ -249,7 +249,7 @@ def test_run_prints_a_table_and_the_json_last(cd_plan, capsys, monkeypatch, tmp_
               frozen_params=report["frozen_params"], compile_s=report["compile_s"],
               forward_flops=report["forward_flops_per_chip"],
               program_flops=report["program_flops_per_step_per_chip"],
-              ideal_flops=report["ideal_ratio"] * report["forward_flops_per_chip"])
+              ideal_flops=report["ideal_ratio"] * report["forward_flops_per_chip"], report={})
   monkeypatch.setattr(plan, "compile_step", lambda *a: (compiled, args, info))
   plan.run(config, TOPOLOGY, str(tmp_path))
   lines = capsys.readouterr().out.strip().splitlines()
