@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs
 from configs import imagenet64_base, imagenet64_cd  # pylint: disable=g-import-not-at-top
 from mcm_jax import cli, objectives, train
+from mcm_jax.experiments import pixel  # pylint: disable=g-import-not-at-top
 
 
 def timeit(fn, repeats=3):
@@ -47,7 +48,7 @@ def flops(jitted, *args):
 
 
 def bench(size, resolution, batch, dtype, parts):
-  """Model and losses built from the configs (``objectives``), as training builds them."""
+  """The steps training runs (``pixel.step`` of the configs), on real parameters."""
   configs = {}
   for objective in ("base", "cd"):
     c = (imagenet64_base if objective == "base" else imagenet64_cd).get_config(size)
@@ -63,14 +64,13 @@ def bench(size, resolution, batch, dtype, parts):
   tx = train.make_optimizer(configs["cd"].train.optim)
   state = train.init_state(params, tx, 0)
   batch_data = {"x": x, "label": labels}
-  base = objectives.pixel_loss(configs["base"], denoise, logsnr_fn)
-  cd = objectives.pixel_loss(configs["cd"], denoise, logsnr_fn)
+  base, cd = (pixel.step(configs[o], denoise, logsnr_fn, params) for o in ("base", "cd"))
   out = {"size": size, "resolution": resolution, "batch": batch,
          "dtype": jnp.dtype(dtype).name, "params_M": round(n_params / 1e6, 1)}
   if "base" in parts:
-    base_step = jax.jit(train.make_train_step(base, tx, 0.9999))
-    base_t = timeit(lambda: base_step(state, batch_data, None)[1]["loss"])
-    base_flops = flops(base_step, state, batch_data, None)
+    base_step = jax.jit(train.make_train_step(base.loss, tx, 0.9999))
+    base_t = timeit(lambda: base_step(state, batch_data, base.frozen)[1]["loss"])
+    base_flops = flops(base_step, state, batch_data, base.frozen)
     del base_step
     peak = matmul_peak()
     out.update(base_step_s=round(base_t, 4), images_per_s=round(batch / base_t, 2),
@@ -79,10 +79,9 @@ def bench(size, resolution, batch, dtype, parts):
                matmul_peak_gflops=round(peak / 1e9, 1),
                utilisation=round(base_flops / base_t / peak, 3))
   if "cd" in parts:  # CD step and student fwd+bwd, interleaved in this process
-    cd_step = jax.jit(train.make_train_step(cd, tx, 0.9999))
-    t = jnp.full((batch,), 0.5)
-    fwd_bwd = jax.jit(jax.grad(lambda p: jnp.mean(denoise(p, x, t, labels) ** 2)))
-    cd_t = timeit(lambda: cd_step(state, batch_data, params)[1]["loss"])
+    cd_step = jax.jit(train.make_train_step(cd.loss, tx, 0.9999))
+    fwd_bwd = jax.jit(jax.grad(lambda p: jnp.mean(cd.forward(p, cd.frozen, batch_data) ** 2)))
+    cd_t = timeit(lambda: cd_step(state, batch_data, cd.frozen)[1]["loss"])
     fb_t = timeit(lambda: fwd_bwd(params))
     out.update(cd_step_s=round(cd_t, 4), fwd_bwd_s=round(fb_t, 4),
                cd_step_ratio=round(cd_t / fb_t, 3), cd_step_ratio_ideal=round(5 / 3, 3))
