@@ -53,8 +53,8 @@ def inputs(c):
   model, params, _, encode = sdxl_mlcm.build_models(c)
   encode_batch = sdxl_mlcm.conditioning_fn(c, encode)
   frozen = sdxl_mlcm.frozen_inputs(c, params, None, sdxl_mlcm.unconditional(c, encode_batch))
-  trained = sdxl_mlcm.step(c, 0, model, params, frozen, sdxl_mlcm.init_lora(c, params),
-                           encode_batch)
+  trained = sdxl_mlcm.step(c, 0, sdxl.make_denoiser(model), params, frozen,
+                           sdxl_mlcm.init_lora(c, params), encode_batch)
   rng = np.random.default_rng(0)
   batch = {k: jnp.asarray(rng.normal(size=x.shape), x.dtype)
            for k, x in trained.batch.items() if k in ("context", "text_embeds")}

@@ -290,7 +290,8 @@ def advice(report, c):
   hints = [f"lower the batch per chip (now {r['batch_per_chip']:g}: e.g. "
            f"--config.train.batch_size={max(c.train.batch_size // 2, r['chips'])})"]
   field = experiments.get(c.experiment).REMAT_FIELD
-  if c[field.split(".")[0]][field.split(".")[1]] != "full":
+  section, name = field.split(".")
+  if c[section][name] != "full":
     hints.insert(0, f"rematerialise more of the blocks (--config.{field}=full)")
   if r.get("from_bank") is False and not r["stage"]:  # MLCM stage 0 with the teacher inside
     hints.append("take the teacher out of the step with a trajectory bank "

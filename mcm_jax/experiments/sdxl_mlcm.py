@@ -137,7 +137,8 @@ def batch_shapes(c, encode_batch, stage=0):
   ``encode_batch`` and, when the stage reads the trajectory bank (``objectives.mlcm_reads_bank``),
   the pair it streams (``trajectory_bank.batch_fn``, shapes of ``mlcm.training_pair``)."""
   b, res = c.train.batch_size, c.latent_resolution
-  batch = {k: jax.ShapeDtypeStruct((b,) + np.shape(x)[1:], x.dtype)
+  batch = {k: jax.ShapeDtypeStruct((b,) + np.shape(x)[1:],  # as on device: float64 is float32
+                                   jax.dtypes.canonicalize_dtype(x.dtype))
            for k, x in encode_batch([""]).items()}  # one prompt encoded, its rows' shapes kept
   if objectives.mlcm_reads_bank(c, stage):
     identity = lambda z, t: z
@@ -145,8 +146,7 @@ def batch_shapes(c, encode_batch, stage=0):
         rng, (b, res, res, 4), objectives.mlcm_hparams(c, 0), identity, identity),
                           jax.random.PRNGKey(0))
     batch.update({k: pair[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
-  return jax.tree_util.tree_map(  # as on device: numpy's float64 is float32 there
-      lambda x: jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype)), batch)
+  return batch
 
 
 REMAT_FIELD = "unet.remat"
@@ -157,13 +157,12 @@ def num_stages(c):
   return c.mlcm.num_stages
 
 
-def step(c, stage, model, params, frozen, lora_params, encode_batch, decode=None, score=None):
+def step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode=None, score=None):
   """The train step of stage ``stage`` (``objectives.mlcm_loss``): the LoRA ``lora_params`` on
-  the UNet ``params`` is trained; ``frozen`` (``frozen_inputs``, plus the previous stage's LoRA
-  ``prev_lora`` from stage 1) is not. ``forward`` is one student forward on the batch at
-  t = 500; ``decode`` / ``score`` are the reward losses' VAE decoder and scorer."""
-  denoise = sdxl.make_denoiser(model)
-
+  the UNet ``params`` (``denoise``: ``sdxl.make_denoiser``) is trained; ``frozen``
+  (``frozen_inputs``, plus the previous stage's LoRA ``prev_lora`` from stage 1) is not.
+  ``forward`` is one student forward on the batch at t = 500; ``decode`` / ``score`` are the
+  reward losses' VAE decoder and scorer."""
   def forward(p, frozen, b):
     res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
     z = jnp.zeros((b["context"].shape[0], res, res, 4))
@@ -188,7 +187,7 @@ def abstract_step(c, stage=0):
   lora_params = jax.eval_shape(lambda p: init_lora(c, p), params)
   if stage > 0:
     frozen = dict(frozen, prev_lora=lora_params)
-  return step(c, stage, model, params, frozen, lora_params, encode_batch)
+  return step(c, stage, sdxl.make_denoiser(model), params, frozen, lora_params, encode_batch)
 
 
 def uncond_mode(c):
@@ -296,7 +295,7 @@ def run(config, workdir):
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
-    trained = step(c, stage, model, params, frozen, lora_params, encode_batch, decode, score)
+    trained = step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode, score)
     state = train.train(trained.loss, trained.params, None, c.train, stage_dir,
                         frozen=trained.frozen, writer=writer,
                         name=f"mlcm_stage{stage}_K{hp.num_segments}", mesh=mesh,
