@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import storage
+from mcm_jax import seeds, storage
 from mcm_jax.data.images import subset_indices
 from mcm_jax.errors import UserError
 
@@ -140,7 +140,7 @@ def reference_statistics(source, feature_fn, cache_path, num, batch_size, seed):
   if storage.isfile(cache_path):
     return load_statistics(cache_path)
   n = min(num, len(source))
-  subset = subset_indices(len(source), n, seed, 54321)
+  subset = subset_indices(len(source), n, seeds.entropy(seed, "fid_reference"))
   feats = []
   for start in range(0, n, batch_size):
     images, _ = source.get(subset[start:start + batch_size])

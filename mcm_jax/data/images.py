@@ -128,12 +128,13 @@ def load(name, resolution, data_dir="", split="train"):
 
 def epoch_indices(step, global_batch, n, seed):
   """Dataset indices of a step's global batch: without replacement within an epoch (a fresh
-  permutation per epoch from (seed, epoch)); a batch may straddle two epochs."""
+  permutation per epoch from (seed, epoch); ``seed`` an int or ``seeds.entropy(seed, name)``); a
+  batch may straddle two epochs."""
   flat = step * global_batch + np.arange(global_batch)
   epochs, pos = flat // n, flat % n
   idx = np.empty(global_batch, np.int64)
   for e in np.unique(epochs):
-    perm = np.random.default_rng([seed, int(e)]).permutation(n)
+    perm = np.random.default_rng([*np.ravel(seed).tolist(), int(e)]).permutation(n)
     idx[epochs == e] = perm[pos[epochs == e]]
   return idx
 
@@ -153,10 +154,10 @@ def local_indices_fn(global_batch, n, seed):
   return lambda step: epoch_indices(step, global_batch, n, seed)[lo:hi]
 
 
-def subset_indices(n_source, n, seed, salt):
-  """Sorted indices of ``n`` of ``n_source`` examples: a seeded random subset (``salt`` tells
-  uses apart), the same on every host."""
-  return np.sort(np.random.default_rng([seed, salt]).permutation(n_source)[:n])
+def subset_indices(n_source, n, entropy):
+  """Sorted indices of ``n`` of ``n_source`` examples: a random subset from ``entropy`` (an int
+  or ``seeds.entropy(seed, name)``), the same on every host."""
+  return np.sort(np.random.default_rng(entropy).permutation(n_source)[:n])
 
 
 def host_batch_fn(source, global_batch, seed, prefetch=2):

@@ -123,7 +123,7 @@ def evaluate(config, workdir):
                                           tuple(c.eval.steps)):
     name, steps = run_[:2]
     t0 = time.time()
-    x = pixel_sampling.generate(c, samplers, params, c.eval.num, run_, mesh, seed_offset=1000,
+    x = pixel_sampling.generate(c, samplers, params, c.eval.num, run_, mesh, stream="eval_noise",
                                 batch_size=c.eval.batch_size)
     seconds = time.time() - t0
     feats, logits = fid.batched_features(feature_fn, x, c.eval.batch_size)

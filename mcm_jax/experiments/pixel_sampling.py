@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mcm_jax import plotting, sharding, storage
+from mcm_jax import plotting, seeds, sharding, storage
 from mcm_jax.data.images import subset_indices
 from mcm_jax.samplers import addim
 
@@ -57,9 +57,9 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
         and table["eta"] == c.sample.x_var_eta):
       return jnp.asarray(table["t"]), jnp.asarray(table["x_var"])
   n = min(c.sample.x_var_data, len(source))
-  images, labels = source.get(subset_indices(len(source), n, c.seed, 12345))
+  images, labels = source.get(subset_indices(len(source), n, seeds.entropy(c.seed, "x_var_data")))
   t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(labels),
-                                           jax.random.PRNGKey(c.seed + 7))
+                                           seeds.key(c.seed, "x_var_noise"))
   if jax.process_index() == 0:
     storage.write_json(path, {"t": np.asarray(t_grid).tolist(),
                               "x_var": np.asarray(values).tolist(), "eta": c.sample.x_var_eta,
@@ -78,13 +78,13 @@ def sampler_runs(c, params, samplers, source, workdir, ckpt_step, steps=()):
           for s in (steps or (c.consistency.student_steps,))]
 
 
-def generate(c, samplers, params, num, run, mesh, seed_offset=99, batch_size=None):
+def generate(c, samplers, params, num, run, mesh, stream="sample_grid", batch_size=None):
   """``num`` samples [num, r, r, ch] in [-1, 1] (host numpy, on every process) of one
   ``sampler_runs`` entry, balanced over classes; batches split over the mesh's devices."""
   _, steps, x_var, table = run
   batch_size = batch_size or num
   res, ch = c.data.resolution, c.data.channels
-  key = jax.random.PRNGKey(c.seed + seed_offset)
+  key = seeds.key(c.seed, stream)
   out = []
   for b, start in enumerate(range(0, num, batch_size)):
     z = np.asarray(jax.random.normal(jax.random.fold_in(key, b), (batch_size, res, res, ch)))

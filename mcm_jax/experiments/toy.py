@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import objectives, plotting, storage, train
+from mcm_jax import objectives, plotting, seeds, storage, train
 from mcm_jax.config_validation import validate
 from mcm_jax.data import toy as toy_data
 from mcm_jax.evaluation import energy_distance
@@ -88,10 +88,10 @@ def make_sampler_fn(config, x_var_table=None, student_steps=None):
 
 def x_var_table(config, params, sampler):
   _, logsnr_fn, denoise = objectives.toy_model(config)
-  data = sampler(jax.random.PRNGKey(config.eval.seed + 7), 8192)
+  data = sampler(seeds.key(config.eval.seed, "x_var_data"), 8192)
   f = lambda z, t: denoise(params, z, t)
   return jax.jit(addim.estimate_x_var_table, static_argnums=(0, 2, 4))(
-      f, data, logsnr_fn, jax.random.PRNGKey(config.eval.seed + 8),
+      f, data, logsnr_fn, seeds.key(config.eval.seed, "x_var_noise"),
       config.eval.x_var_table_points, config.eval.x_var_eta)
 
 
@@ -101,9 +101,9 @@ def run_2d(config, workdir, writer, data_source=None):
   sampler = toy_data.as_sampler(config.data.name if data_source is None else data_source)
   dim = sampler(jax.random.PRNGKey(0), 1).shape[1]
   ev = config.eval
-  noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, dim))
-  ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
-  fresh = sampler(jax.random.PRNGKey(ev.seed + 2), ev.num_samples)
+  noise = jax.random.normal(seeds.key(ev.seed, "eval_noise"), (ev.num_samples, dim))
+  ref = sampler(seeds.key(ev.seed, "eval_reference"), ev.num_samples)
+  fresh = sampler(seeds.key(ev.seed, "eval_fresh_data"), ev.num_samples)
   results = {"data_vs_fresh_data": float(energy_distance(fresh, ref))}
   samples = {}
 
@@ -159,8 +159,8 @@ def run_fig1(config, workdir, writer):
                           name=FIG1_RUNS + "teacher")
   _, logsnr_fn, denoise = objectives.toy_model(config)
   z = jnp.linspace(-2.5, 2.5, 96)[:, None]
-  noise = jax.random.normal(jax.random.PRNGKey(ev.seed), (ev.num_samples, 1))
-  ref = sampler(jax.random.PRNGKey(ev.seed + 1), ev.num_samples)
+  noise = jax.random.normal(seeds.key(ev.seed, "eval_noise"), (ev.num_samples, 1))
+  ref = sampler(seeds.key(ev.seed, "eval_reference"), ev.num_samples)
   ddim = make_sampler_fn(config)
   results, panels = {}, []
   for s in fc.student_steps:
