@@ -1,115 +1,30 @@
-"""Few-step text-to-image with an MLCM LoRA on SDXL:
+"""Text-to-image on SDXL from the command line: few-step with an MLCM LoRA,
 
   python -m mcm_jax.generate --sdxl=/models/sdxl-base --lora=runs/mlcm/stage2/lora \\
       --prompt="a red fox in snow" --steps=4 --out=samples/
 
-``--prompts=FILE`` (.txt / .jsonl / .parquet) instead of ``--prompt``. The UNet with the LoRA
-attached runs the K-step MLCM sampler (``mlcm.sample``) and the VAE decodes; the whole
-step is one ``jax.jit`` per (resolution, steps, batch), compiled once. Writes one PNG per prompt
-and ``grid.png``. Bad input (flags, paths, a corrupt or unfitting file) ends in one message and
+or the guided teacher (no LoRA; diffusers' default SDXL sampler, Euler on the 'leading' grid):
+
+  python -m mcm_jax.generate --sdxl=/models/sdxl-base --prompt="a red fox in snow" \\
+      --steps=25 --timesteps=leading --guidance_scale=8 --negative_prompt="blurry" --out=teacher/
+
+``--prompts=FILE`` (.txt / .jsonl / .parquet) instead of ``--prompt``. The library behind it is
+``mcm_jax.pipeline`` (one ``jax.jit`` per steps / timesteps / sampler, compiled once). Writes one
+PNG per prompt and ``grid.png``. Bad input (flags, paths, a corrupt or unfitting file) ends in one message and
 exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import cli, errors, hub
-from mcm_jax import lora as lora_lib
-from mcm_jax import mlcm, plotting, storage
+from mcm_jax import cli, errors, hub, mlcm, pipeline, plotting, storage
 from mcm_jax.data import prompts as prompt_data
-from mcm_jax.models import sdxl
-
-
-def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim"):
-  """Jitted ``generate(unet_params, vae_params, cond, noise, rng) -> images NHWC in [-1, 1]``;
-  with ``vae=None`` it returns the latents. ``timesteps`` / ``sampler``: ``mlcm.sampling_grid``
-  and ``mlcm.sample`` (``rng`` draws the 'lcm' sampler's fresh noise)."""
-  grid = mlcm.sampling_grid(steps, timesteps)
-  denoise = sdxl.make_denoiser(unet)
-  decode = sdxl.make_decoder(vae) if vae is not None else lambda params, z: z
-
-  @jax.jit
-  def generate(unet_params, vae_params, cond, noise, rng=None):
-    z = mlcm.sample(lambda zz, t: denoise(unet_params, zz, t, cond), noise, grid, sampler, rng)
-    return decode(vae_params, z)
-
-  return generate
-
-
-def write_sample_grid(directory, unet, unet_params, cond, noise, steps, vae=None,
-                      vae_params=None):
-  """A K-step sample grid: images through the VAE if given (``samples_<K>step.png``), else the
-  latents' first 3 channels scaled to [-1, 1] (``latents_<K>step.png``). Returns its path."""
-  out = np.asarray(make_generator(unet, vae, steps)(unet_params, vae_params, cond, noise))
-  if vae is not None:
-    path = os.path.join(directory, f"samples_{steps}step.png")
-    plotting.image_grid(path, out)
-    return path
-  latents = out[..., :3]
-  path = os.path.join(directory, f"latents_{steps}step.png")
-  plotting.image_grid(path, np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))
-  return path
 
 
 def _slug(text, n=40):
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
-
-
-def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
-  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory, loaded once. The
-  LoRA file is read first (a bad one fails before the models load); one that does not fit the
-  UNet is an error naming the file, the module and the shapes."""
-  parsed = lora_lib.read(lora_path) if lora_path else None  # a bad file fails before the models
-  unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
-  if parsed is not None:
-    lora = lora_lib.load(lora_path, unet_params, parsed)
-    unet_params = lora_lib.attach(unet_params, lora, lora_scale,
-                                 source=f"LoRA file {lora_path}")
-  vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
-  return {"unet": unet, "unet_params": unet_params, "vae": vae, "vae_params": vae_params,
-          "encode": sdxl.load_text_encoders(sdxl_dir), "generators": {}}
-
-
-def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_size=4,
-                    timesteps="uniform", sampler="ddim"):
-  """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches; one
-  compiled generator per (steps, timesteps, sampler), kept in ``pipeline``."""
-  if not 1 <= steps <= 1000:
-    raise errors.UserError(f"steps={steps} is invalid; allowed: 1..1000 (MLCM is trained for "
-                           "1-8)")
-  if batch_size < 1:
-    raise errors.UserError(f"batch_size={batch_size} is invalid; allowed: an integer >= 1")
-  unet, vae = pipeline["unet"], pipeline["vae"]
-  factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
-  multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)
-  if resolution < multiple or resolution % multiple:
-    raise errors.UserError(f"resolution={resolution} is invalid; allowed: a positive multiple of "
-                           f"{multiple}")
-  key = (steps, timesteps, sampler)
-  if key not in pipeline["generators"]:
-    try:
-      pipeline["generators"][key] = make_generator(unet, vae, steps, timesteps, sampler)
-    except ValueError as e:
-      raise errors.UserError(str(e)) from e
-  generate = pipeline["generators"][key]
-  latent = resolution // factor
-  out = []
-  for b, start in enumerate(range(0, len(prompts), batch_size)):
-    chunk = list(prompts[start:start + batch_size])
-    pad = batch_size - len(chunk)
-    cond = pipeline["encode"](chunk + [chunk[-1]] * pad)  # fixed batch: one compilation
-    cond["time_ids"] = sdxl.time_ids(resolution, batch_size)
-    noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), b),
-                              (batch_size, latent, latent, 4))
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), b)
-    images = np.asarray(generate(pipeline["unet_params"], pipeline["vae_params"], cond, noise,
-                                 rng))
-    out.append(images[:len(chunk)])
-  return np.concatenate(out)
 
 
 FLAGS = flags.FLAGS
@@ -149,15 +64,22 @@ def define_flags(flag_values=FLAGS):
   define_pipeline_flags("samples", flag_values)
   flags.DEFINE_float("lora_scale", 1.0, "LoRA scale.", flag_values=flag_values)
   flags.DEFINE_string("prompt", None, "One prompt (or --prompts).", flag_values=flag_values)
-  flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8).",
-                       flag_values=flag_values)
+  flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8; e.g. 25 "
+                       "for the guided teacher).", flag_values=flag_values)
+  flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale w (1 = none, what "
+                     "MLCM LoRAs use: their teacher's guidance is distilled in).",
+                     flag_values=flag_values)
+  flags.DEFINE_string("negative_prompt", None, "The unconditional branch's prompt when "
+                      "--guidance_scale != 1 (unset: zero embeddings, as diffusers' SDXL "
+                      "pipeline).", flag_values=flag_values)
   flags.DEFINE_enum("sampler", "ddim", list(mlcm.SAMPLERS),
                     "ddim: deterministic DDIM jumps between the timesteps (what MLCM LoRAs "
                     "trained here expect); lcm: LCM's sampler, x0 re-noised with fresh noise "
                     "(LCM-LoRA, TLCM).", flag_values=flag_values)
   flags.DEFINE_string("timesteps", "uniform", "uniform (MLCM's segment starts 999, 750, 500, "
-                      "250), trailing (999, 749, 499, 249), lcm (LCMScheduler's 999, 759, 499, "
-                      "259) or an explicit list, e.g. 999,749,499,124 (one per step).",
+                      "250), trailing (999, 749, 499, 249), leading (diffusers' SDXL default: "
+                      "751, 501, 251, 1), lcm (LCMScheduler's 999, 759, 499, 259) or an explicit "
+                      "list, e.g. 999,749,499,124 (one per step).",
                       flag_values=flag_values)
 
 
@@ -173,8 +95,10 @@ def main(argv, flag_values=FLAGS):
   if (f.prompt is None) == (f.prompts is None):
     raise errors.UserError("pass exactly one of --prompt (one prompt) and --prompts (a file)")
   sdxl_dir = check_pipeline_flags(f, ("sdxl",))
-  if not 1 <= f.steps <= 1000:
-    raise errors.UserError(f"--steps={f.steps} is invalid; allowed: 1..1000 (MLCM: 1-8)")
+  try:
+    pipeline.check_generation(f.steps, f.batch_size, f.guidance_scale)
+  except errors.UserError as e:
+    raise errors.UserError(f"--{e}") from e
   if not np.isfinite(f.lora_scale):
     raise errors.UserError(f"--lora_scale={f.lora_scale} is invalid; allowed: a finite number")
   try:  # before any model loads
@@ -182,9 +106,10 @@ def main(argv, flag_values=FLAGS):
   except ValueError as e:
     raise errors.UserError(f"--timesteps / --steps: {e}") from e
   prompts = [f.prompt] if f.prompt is not None else prompt_data.load_prompts(f.prompts)
-  pipeline = load_pipeline(sdxl_dir, f.lora, f.lora_scale)
-  images = generate_images(pipeline, prompts, f.steps, f.resolution, f.seed, f.batch_size,
-                           f.timesteps, f.sampler)
+  models = pipeline.load_pipeline(sdxl_dir, f.lora, f.lora_scale)
+  images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
+                                    f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
+                                    f.negative_prompt)
   storage.makedirs(f.out)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     plotting.save_image(os.path.join(f.out, f"{i:05d}_{_slug(prompt)}.png"), image)

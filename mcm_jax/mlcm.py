@@ -218,7 +218,7 @@ def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
   return weight * consistency.pseudo_huber(terms["x_hat"] - x_target, huber_eps)
 
 
-SPACINGS = ("uniform", "trailing", "lcm")  # timestep grids (see ``timestep_grid``)
+SPACINGS = ("uniform", "trailing", "leading", "lcm")  # timestep grids (see ``timestep_grid``)
 SAMPLERS = ("ddim", "lcm")  # deterministic DDIM jumps (MLCM) / re-noised x_hat (LCM)
 
 
@@ -226,12 +226,16 @@ def timestep_grid(num_steps, spacing="uniform", original_steps=50):
   """The K sampling timesteps (decreasing) followed by 0, the clean end (not evaluated):
   'uniform' = MLCM's segment milestones ``s T / K`` (top capped at 999: 999, 750, 500, 250);
   'trailing' = diffusers' trailing spacing ``round(T - i T / K) - 1`` (999, 749, 499, 249);
+  'leading' = diffusers' leading spacing with SDXL's ``steps_offset`` 1, ``(K - 1 - i) (T // K) +
+  1`` (751, 501, 251, 1; its Euler / DDIM schedulers' default);
   'lcm' = diffusers' LCMScheduler grid: K evenly spaced entries of ``(1..original_steps) T /
   original_steps - 1`` from the top (999, 759, 499, 259)."""
   if spacing == "uniform":
     return sampling_timesteps(num_steps)
   if spacing == "trailing":
     steps = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+  elif spacing == "leading":
+    steps = np.arange(num_steps - 1, -1, -1) * (T // num_steps) + 1
   elif spacing == "lcm":
     origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
     if not 1 <= num_steps <= original_steps:

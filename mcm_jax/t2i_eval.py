@@ -1,12 +1,13 @@
-"""Text-to-image evaluation of an MLCM LoRA per step count: CLIP score and aesthetic score.
+"""Text-to-image evaluation of an MLCM LoRA per step count: CLIP score, PickScore, aesthetic.
 
   python -m mcm_jax.t2i_eval --sdxl=/models/sdxl-base --lora=runs/mlcm/stage2/lora \\
       --prompts=coco2017_captions_5k.txt --steps=1,2,4,8 --clip=/models/clip-vit-large-patch14 \\
       --aesthetic_head=/models/sac+logos+ava1-l14-linearMSE.pth --out=eval/
 
-CLIP score = ``100 * max(cos(E_image, E_text), 0)`` averaged over prompts (torchmetrics'
-definition; MLCM reports it with ViT-L/14 on 5k MSCOCO-2017 captions). Writes
-``eval.json`` ({steps: {clip_score, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
+Scores (``mcm_jax.scorers``) averaged over prompts: CLIP score ``100 max(cos(E_image, E_text), 0)``
+(torchmetrics' definition; MLCM reports it with ViT-g/14 on 5k MSCOCO-2017 captions), PickScore
+with ``--pickscore``, the LAION aesthetic score with ``--aesthetic_head``. Writes ``eval.json``
+({steps: {clip_score, pickscore, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
 ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
@@ -16,59 +17,44 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import cli, errors, generate, hub, plotting, rewards, storage
+from mcm_jax import cli, errors, generate, hub, pipeline, plotting, rewards, scorers, storage
 from mcm_jax.data import prompts as prompt_data
 
 
-def clip_scorer(clip_dir):
-  """(``score(params, images [-1, 1] NHWC, input_ids [B, 77]) -> [B]``, params, tokenize)
-  from a whole local CLIP model directory (model + tokenizer)."""
-  from transformers import CLIPTokenizer, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  from mcm_jax.models.sdxl import load_flax_transformer  # pylint: disable=g-import-not-at-top
-  model, params = load_flax_transformer(FlaxCLIPModel, clip_dir)
-  tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
-  size = model.config.vision_config.image_size
-
-  def score(p, images, input_ids):
-    img = model.get_image_features(pixel_values=rewards.clip_preprocess(images, size), params=p)
-    txt = model.get_text_features(input_ids=input_ids, params=p)
-    cos = jnp.sum(img * txt, -1) / (jnp.linalg.norm(img, axis=-1) * jnp.linalg.norm(txt, axis=-1))
-    return 100.0 * jnp.maximum(cos, 0.0)
-
-  def tokenize(texts):
-    return tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="np",
-                     max_length=tokenizer.model_max_length).input_ids
-
-  return score, params, tokenize
-
-
 def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lora_path="",
-             resolution=1024, batch_size=4, seed=0):
-  """{steps: {'clip_score', 'aesthetic' (if a head is given), 'num'}}; also writes files."""
-  clip_score, clip_params, tokenize = clip_scorer(clip_dir)
-  clip_score = jax.jit(clip_score)
+             resolution=1024, batch_size=4, seed=0, pickscore_dir=""):
+  """{steps: {'clip_score', 'pickscore' (with ``pickscore_dir``), 'aesthetic' (with a head),
+  'num'}}: prompt-averaged scores of each step count's images; also writes files."""
+  text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
+  if pickscore_dir:
+    text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
+  loaded = {}
+  for name, (kind, directory) in text_scores.items():
+    model = scorers.load_clip(directory)
+    loaded[name] = (jax.jit(kind(model)), model.params, model.tokenize)
   aesthetic = None
   if aesthetic_head:
     fn, a_params = rewards.aesthetic_scorer(clip_dir, aesthetic_head)
     aesthetic = jax.jit(lambda x: fn(a_params, x))
   storage.makedirs(out)
-  pipeline = generate.load_pipeline(sdxl_dir, lora_path)
+  models = pipeline.load_pipeline(sdxl_dir, lora_path)
   results = {}
   for steps in steps_list:
-    images = generate.generate_images(pipeline, prompts, steps, resolution, seed, batch_size)
-    scores, aes = [], []
+    images = pipeline.generate_images(models, prompts, steps, resolution, seed, batch_size)
+    scores = {name: [] for name in loaded}
+    if aesthetic is not None:
+      scores["aesthetic"] = []
     for start in range(0, len(prompts), batch_size):
       x = jnp.asarray(images[start:start + batch_size])
-      scores.append(np.asarray(clip_score(clip_params, x,
-                                          tokenize(prompts[start:start + batch_size]))))
+      texts = prompts[start:start + batch_size]
+      for name, (score, params, tokenize) in loaded.items():
+        scores[name].append(np.asarray(score(params, x, tokenize(texts))))
       if aesthetic is not None:
-        aes.append(np.asarray(aesthetic(x)))
-    row = {"clip_score": float(np.mean(np.concatenate(scores))), "num": len(prompts)}
-    if aes:
-      row["aesthetic"] = float(np.mean(np.concatenate(aes)))
-    results[str(steps)] = row
+        scores["aesthetic"].append(np.asarray(aesthetic(x)))
+    row = {name: float(np.mean(np.concatenate(v))) for name, v in scores.items()}
+    results[str(steps)] = dict(row, num=len(prompts))
     plotting.image_grid(os.path.join(out, f"grid_{steps}step.png"), images[:16])
-    logging.info("%d steps: %s", steps, row)
+    logging.info("%d steps: %s", steps, results[str(steps)])
   storage.write_json(os.path.join(out, "eval.json"),
                      {"lora": lora_path, "prompts": len(prompts), "results": results})
   return results
@@ -83,6 +69,9 @@ def define_flags(flag_values=FLAGS):
                     "integers in 1..1000).", flag_values=flag_values)
   flags.DEFINE_string("clip", None, "Local whole CLIP model directory (ViT-L/14 for the paper's "
                       "numbers), with its tokenizer.", flag_values=flag_values)
+  flags.DEFINE_string("pickscore", "", "Local PickScore model directory (a CLIP ViT-H/14 in the "
+                      "transformers layout, e.g. yuvalkirstain/PickScore_v1, with its tokenizer; "
+                      "optional).", flag_values=flag_values)
   flags.DEFINE_string("aesthetic_head", "", "LAION aesthetic predictor head (optional).",
                       flag_values=flag_values)
 
@@ -111,10 +100,11 @@ def main(argv, flag_values=FLAGS):
   sdxl_dir = generate.check_pipeline_flags(f, ("sdxl", "prompts", "clip"))
   steps = parse_steps(f.steps)
   clip_dir = hub.local_path(f.clip, "--clip")  # a local dir or a cached hub name
+  pickscore_dir = hub.local_path(f.pickscore, "--pickscore") if f.pickscore else ""
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
   evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
-           f.lora, f.resolution, f.batch_size, f.seed)
+           f.lora, f.resolution, f.batch_size, f.seed, pickscore_dir)
 
 
 if __name__ == "__main__":

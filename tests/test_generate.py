@@ -1,5 +1,6 @@
-"""Few-step generation on a whole tiny SDXL directory (UNet, VAE, text encoders, tokenizers):
-the CLI writes PNGs; a LoRA changes the images; the jitted step equals its parts composed."""
+"""Generation on a whole tiny SDXL directory (UNet, VAE, text encoders, tokenizers): the CLI
+writes PNGs; a LoRA changes the images; the jitted step equals its parts composed; the guided
+teacher equals diffusers' PyTorch SDXL pipeline."""
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcm_jax import generate, mlcm
+from mcm_jax import mlcm, pipeline, seeds
 from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl
 
@@ -23,17 +24,17 @@ def _sdxl_dir(tiny_sdxl_dir):
 
 
 def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
-  pipeline = generate.load_pipeline(sdxl_dir)
-  base = generate.generate_images(pipeline, PROMPTS, steps=2, resolution=16, batch_size=2)
+  models = pipeline.load_pipeline(sdxl_dir)
+  base = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2)
   assert base.shape == (3, 16, 16, 3) and np.all(np.abs(base) <= 1)
-  again = generate.generate_images(pipeline, PROMPTS, steps=2, resolution=16, batch_size=2)
+  again = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2)
   np.testing.assert_array_equal(base, again)  # deterministic in the seed
 
   unet, params = sdxl.load_unet(sdxl_dir)
   lora = lora_lib.init_lora(params, 4, jax.random.PRNGKey(0))
   lora = {k: {"a": v["a"], "b": 0.5 + 0 * v["b"]} for k, v in lora.items()}
   lora_lib.save(str(tmp_path / "lora"), lora)
-  adapted = generate.generate_images(generate.load_pipeline(sdxl_dir, str(tmp_path / "lora")),
+  adapted = pipeline.generate_images(pipeline.load_pipeline(sdxl_dir, str(tmp_path / "lora")),
                                      PROMPTS, steps=2, resolution=16, batch_size=2)
   assert np.abs(adapted - base).mean() > 1e-3
 
@@ -46,19 +47,66 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
   z = mlcm.sample(lambda zz, t: denoise(params, zz, t, cond), noise, 2)
   by_hand = np.asarray(sdxl.make_decoder(vae)(vae_params, z))
   np.testing.assert_allclose(base[:2], by_hand, atol=1e-4)
-  # LCM's sampler on LCMScheduler's grid: the same composition with its fresh noise (seed + 1).
-  lcm = generate.generate_images(pipeline, PROMPTS, steps=2, resolution=16, batch_size=2,
+  # LCM's sampler on LCMScheduler's grid: the same composition with its fresh noise.
+  lcm = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2,
                                  timesteps="lcm", sampler="lcm")
   z = mlcm.sample(lambda zz, t: denoise(params, zz, t, cond), noise, mlcm.timestep_grid(2, "lcm"),
-                  "lcm", jax.random.fold_in(jax.random.PRNGKey(1), 0))
+                  "lcm", jax.random.fold_in(seeds.key(0, "sampler_noise"), 0))
   np.testing.assert_allclose(lcm[:2], np.asarray(sdxl.make_decoder(vae)(vae_params, z)),
                              atol=1e-4)
   assert np.abs(lcm - base).mean() > 1e-3
   # The kohya export (float16) gives the PEFT export's images.
-  kohya = generate.generate_images(
-      generate.load_pipeline(sdxl_dir, str(tmp_path / "lora" / "lora_kohya.safetensors")),
+  kohya = pipeline.generate_images(
+      pipeline.load_pipeline(sdxl_dir, str(tmp_path / "lora" / "lora_kohya.safetensors")),
       PROMPTS, steps=2, resolution=16, batch_size=2)
   np.testing.assert_allclose(kohya, adapted, atol=5e-3)
+
+
+def _diffusers_sdxl_pipeline(sdxl_dir):
+  """diffusers' PyTorch ``StableDiffusionXLPipeline`` of the directory, with SDXL base's scheduler
+  (EulerDiscreteScheduler, scaled-linear betas, 'leading' spacing, steps_offset 1)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  part = lambda cls, name: cls.from_pretrained(os.path.join(sdxl_dir, name)).eval()
+  scheduler = diffusers.EulerDiscreteScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      timestep_spacing="leading", steps_offset=1)
+  return diffusers.StableDiffusionXLPipeline(
+      vae=part(diffusers.AutoencoderKL, "vae"),
+      text_encoder=part(transformers.CLIPTextModel, "text_encoder"),
+      text_encoder_2=part(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(sdxl_dir, "tokenizer")),
+      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(
+          os.path.join(sdxl_dir, "tokenizer_2")),
+      unet=part(diffusers.UNet2DConditionModel, "unet"), scheduler=scheduler,
+      add_watermarker=False)
+
+
+def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir):
+  """CFG with and without a negative prompt, 6 Euler steps on the 'leading' grid: the images of
+  ``pipeline.generate_images`` are those of diffusers' StableDiffusionXLPipeline from the same
+  initial noise."""
+  torch = pytest.importorskip("torch")
+  reference = _diffusers_sdxl_pipeline(sdxl_dir)
+  models = pipeline.load_pipeline(sdxl_dir)
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
+                                       (2, 16, 16, 4)))
+  images = {}
+  for negative in (None, "wider lowest"):
+    ours = pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, batch_size=2,
+                                    timesteps="leading", guidance_scale=5.0,
+                                    negative_prompt=negative)
+    with torch.no_grad():
+      theirs = reference(prompt=PROMPTS[:2], negative_prompt=negative and [negative] * 2,
+                         num_inference_steps=6, guidance_scale=5.0, height=32, width=32,
+                         latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
+                         output_type="np").images
+    np.testing.assert_allclose((np.clip(ours, -1, 1) + 1) / 2, theirs, atol=1e-4)
+    images[negative] = ours
+  unguided = pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, batch_size=2,
+                                      timesteps="leading")
+  assert np.abs(images[None] - images["wider lowest"]).mean() > 1e-3  # the negative prompt acts
+  assert np.abs(images[None] - unguided).mean() > 1e-3  # and so does the guidance
 
 
 def test_cli_writes_pngs(sdxl_dir, tmp_path):
@@ -80,18 +128,20 @@ def test_cli_writes_pngs(sdxl_dir, tmp_path):
   assert bad.returncode != 0 and "--steps=0 is invalid" in bad.stderr
 
 
-def test_t2i_eval_clip_score_equals_pytorch(sdxl_dir, tiny_clip_model, tmp_path):
+def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, tiny_clip_model, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   torch = pytest.importorskip("torch")
   from mcm_jax import rewards, t2i_eval  # pylint: disable=g-import-not-at-top
   clip, tok = tiny_clip_model.clip, tiny_clip_model.tokenizer
   results = t2i_eval.evaluate(sdxl_dir, PROMPTS, [1, 2], str(tmp_path / "out"),
                               str(tiny_clip_model.dir / "clip"),
-                              str(tiny_clip_model.dir / "head.pth"), resolution=32, batch_size=2)
+                              str(tiny_clip_model.dir / "head.pth"), resolution=32, batch_size=2,
+                              pickscore_dir=str(tiny_clip_model.dir / "clip"))
   saved = json.load(open(tmp_path / "out" / "eval.json"))
   assert set(saved["results"]) == {"1", "2"} and saved["results"]["2"] == results["2"]
-  # The CLIP score of the 2-step images, recomputed in PyTorch.
-  images = generate.generate_images(generate.load_pipeline(sdxl_dir), PROMPTS, 2, 32,
+  # The CLIP score and PickScore (its reference code: exp(logit_scale) x cosine of the
+  # normalised embeddings) of the 2-step images, recomputed in PyTorch.
+  images = pipeline.generate_images(pipeline.load_pipeline(sdxl_dir), PROMPTS, 2, 32,
                                     batch_size=2)
   pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
       torch.from_numpy(rewards.CLIP_STD)
@@ -101,6 +151,9 @@ def test_t2i_eval_clip_score_equals_pytorch(sdxl_dir, tiny_clip_model, tmp_path)
     cos = torch.nn.functional.cosine_similarity(
         clip.get_image_features(pixel_values=pixels.permute(0, 3, 1, 2).float()),
         clip.get_text_features(input_ids=ids))
-  want = float((100 * cos.clamp(min=0)).mean())
-  np.testing.assert_allclose(results["2"]["clip_score"], want, atol=1e-3)
+  np.testing.assert_allclose(results["2"]["clip_score"], float((100 * cos.clamp(min=0)).mean()),
+                             atol=1e-3)
+  np.testing.assert_allclose(results["2"]["pickscore"],
+                             float((clip.logit_scale.exp() * cos).mean()), atol=1e-3)
+  assert results["2"]["pickscore"] != results["2"]["clip_score"]
   assert os.path.isfile(tmp_path / "out" / "grid_1step.png") and "aesthetic" in results["1"]

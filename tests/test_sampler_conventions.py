@@ -26,7 +26,7 @@ def denoiser():
   return lambda z, t: f(None, z, t)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 25])
 def test_grids_equal_diffusers(steps):
   diffusers = pytest.importorskip("diffusers")
   lcm = diffusers.LCMScheduler(**SDXL_SCHEDULE)
@@ -36,6 +36,11 @@ def test_grids_equal_diffusers(steps):
   euler.set_timesteps(steps)
   np.testing.assert_array_equal(mlcm.timestep_grid(steps, "trailing")[:-1],
                                 euler.timesteps.numpy())
+  leading = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE, timestep_spacing="leading",
+                                             steps_offset=1)  # SDXL base's scheduler config
+  leading.set_timesteps(steps)
+  np.testing.assert_array_equal(mlcm.timestep_grid(steps, "leading")[:-1],
+                                leading.timesteps.numpy())
   assert mlcm.timestep_grid(4).tolist() == [999, 750, 500, 250, 0]  # MLCM's segment milestones
 
 
@@ -90,7 +95,7 @@ def test_explicit_grids_are_checked_and_samplers_named():
     with pytest.raises(ValueError, match="strictly decreasing integers"):
       mlcm.explicit_grid(bad)
   with pytest.raises(ValueError, match="allowed: .*'trailing'"):
-    mlcm.timestep_grid(4, "leading")
+    mlcm.timestep_grid(4, "karras")
   noise = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
   with pytest.raises(ValueError, match="sampler='heun' is not known"):
     mlcm.sample(denoiser(), noise, 2, "heun")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import generate, hub, lora, mlcm, objectives, rewards, sharding, storage, train
+from mcm_jax import hub, lora, mlcm, objectives, pipeline, rewards, seeds, sharding, storage, train
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
@@ -128,7 +128,7 @@ def frozen_inputs(c, params, teacher, uncond):
 
 def init_lora(c, params):
   """Stage 0's LoRA (``config.lora``) on the target kernels of ``params``."""
-  return lora.init_lora(params, c.lora.rank, jax.random.PRNGKey(c.seed + 1),
+  return lora.init_lora(params, c.lora.rank, seeds.key(c.seed, "lora_init"),
                         tuple(c.lora.targets))
 
 
@@ -200,11 +200,7 @@ def uncond_mode(c):
 def unconditional(c, encode_batch):
   """The guided teacher's unconditional conditioning [1, ...] (eq. 8): zero prompt embeddings
   or the text encoders' embedding of "" (``uncond_mode``); the size conditioning is kept."""
-  out = encode_batch([""])
-  if uncond_mode(c) == "zeros":
-    out = dict(out, context=np.zeros_like(out["context"]),
-               text_embeds=np.zeros_like(out["text_embeds"]))
-  return out
+  return sdxl.unconditional(encode_batch, uncond_mode(c) == "zeros")
 
 
 def bank_settings(c):
@@ -233,14 +229,14 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
       pair = mlcm.training_pair(rng, (cond["context"].shape[0], res, res, 4), hp, guided, guided)
     return dict(pair, prompt_index=batch["prompt_index"])
 
-  indices = local_indices_fn(b, len(prompts), c.seed + 777)
+  indices = local_indices_fn(b, len(prompts), seeds.entropy(c.seed, "bank_prompts"))
 
   def batches():
     for i in range(-(-c.mlcm.bank.entries // b)):
       idx = indices(i)
       host = dict(encode_batch([prompts[j] for j in idx]), prompt_index=idx.astype(np.int32))
       yield make_pairs(teacher_params, sharding.shard_batch(host, mesh),
-                       jax.random.fold_in(jax.random.PRNGKey(c.seed + 555), i))
+                       jax.random.fold_in(seeds.key(c.seed, "bank_noise"), i))
 
   return trajectory_bank.open_or_build(c.mlcm.bank.dir, bank_settings(c), batches)
 
@@ -321,9 +317,9 @@ def _write_stage_grid(c, model, student, encode_batch, prompts, steps, stage_dir
   directory's VAE if it has one."""
   n = c.sample.num
   cond = jax.tree_util.tree_map(jnp.asarray, encode_batch(prompts[:n]))
-  noise = jax.random.normal(jax.random.PRNGKey(c.seed + 99),
+  noise = jax.random.normal(seeds.key(c.seed, "sample_grid"),
                             (len(prompts[:n]), c.latent_resolution, c.latent_resolution, 4))
   vae = vae_params = None
   if c.student_unet and os.path.isdir(os.path.join(c.student_unet, "vae")):
     vae, vae_params = sdxl.load_vae(c.student_unet)
-  generate.write_sample_grid(stage_dir, model, student, cond, noise, steps, vae, vae_params)
+  pipeline.write_sample_grid(stage_dir, model, student, cond, noise, steps, vae, vae_params)

@@ -395,6 +395,16 @@ def zeros_text_encoder(model, length=CLIP_LENGTH):
       "text_embeds": np.zeros((len(prompts), pooled), np.float32)}
 
 
+def unconditional(encode, zeros, negative_prompt=""):
+  """Classifier-free guidance's unconditional conditioning [1, ...] as diffusers' SDXL pipeline
+  builds it: zero prompt embeddings (``zeros``) or ``encode([negative_prompt])``."""
+  out = encode([negative_prompt])
+  if zeros:
+    out = dict(out, context=np.zeros_like(out["context"]),
+               text_embeds=np.zeros_like(out["text_embeds"]))
+  return out
+
+
 def force_zeros_for_empty_prompt(path):
   """The SDXL pipeline's ``force_zeros_for_empty_prompt`` from ``path/model_index.json`` (its
   default, True, when the file or the key is absent): the unconditional branch is zero prompt

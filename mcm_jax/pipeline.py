@@ -1,0 +1,132 @@
+"""Text-to-image with SDXL (and an MLCM LoRA): models loaded once, one jitted generator per
+(steps, timesteps, sampler, guided), fixed-size batches.
+
+With ``guidance_scale`` w != 1 the UNet is guided, ``x_w = x_u + w (x_c - x_u)`` (diffusers'
+classifier-free guidance; the same on eps or x, ``guidance``), with the unconditional branch of
+diffusers' SDXL pipeline: the encoding of ``negative_prompt``, or zero embeddings when there is
+none and the directory's ``force_zeros_for_empty_prompt`` holds. The 'ddim' sampler on the
+'leading' grid is diffusers' ``EulerDiscreteScheduler`` as SDXL ships it (Euler on the
+probability-flow ODE in sigma = sigma_t / alpha_t is DDIM in z_t), so ``steps=25,
+timesteps='leading', guidance_scale=w`` without a LoRA is the guided-teacher baseline.
+"""
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcm_jax import errors, guidance, mlcm, plotting, seeds
+from mcm_jax import lora as lora_lib
+from mcm_jax.models import sdxl
+
+
+def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim"):
+  """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0) ->
+  images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents. ``timesteps`` / ``sampler``:
+  ``mlcm.sampling_grid`` and ``mlcm.sample`` (``rng`` draws the 'lcm' sampler's fresh noise).
+  ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet (``guidance.guided``)."""
+  grid = mlcm.sampling_grid(steps, timesteps)
+  denoise = sdxl.make_denoiser(unet)
+  decode = sdxl.make_decoder(vae) if vae is not None else lambda params, z: z
+
+  @jax.jit
+  def generate(unet_params, vae_params, cond, noise, rng=None, uncond=None, scale=1.0):
+    f = lambda zz, tt, cc: denoise(unet_params, zz, tt, cc)
+    z = mlcm.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], noise, grid,
+                    sampler, rng)
+    return decode(vae_params, z)
+
+  return generate
+
+
+def write_sample_grid(directory, unet, unet_params, cond, noise, steps, vae=None,
+                      vae_params=None):
+  """A K-step sample grid: images through the VAE if given (``samples_<K>step.png``), else the
+  latents' first 3 channels scaled to [-1, 1] (``latents_<K>step.png``). Returns its path."""
+  out = np.asarray(make_generator(unet, vae, steps)(unet_params, vae_params, cond, noise))
+  if vae is not None:
+    path = os.path.join(directory, f"samples_{steps}step.png")
+    plotting.image_grid(path, out)
+    return path
+  latents = out[..., :3]
+  path = os.path.join(directory, f"latents_{steps}step.png")
+  plotting.image_grid(path, np.clip(latents / (np.abs(latents).max() + 1e-8), -1, 1))
+  return path
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """An SDXL directory's models, loaded once; ``encode(prompts) -> {'context', 'text_embeds'}``;
+  ``generators`` caches the compiled generators by (steps, timesteps, sampler)."""
+  unet: object
+  unet_params: dict
+  vae: object
+  vae_params: dict
+  encode: object
+  zeros_for_empty_prompt: bool = True
+  generators: dict = dataclasses.field(default_factory=dict)
+
+
+def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
+  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory. The LoRA file is
+  read first (a bad one fails before the models load); one that does not fit the UNet is an
+  error naming the file, the module and the shapes. ``lora_path=''``: the base model."""
+  parsed = lora_lib.read(lora_path) if lora_path else None  # a bad file fails before the models
+  unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
+  if parsed is not None:
+    lora = lora_lib.load(lora_path, unet_params, parsed)
+    unet_params = lora_lib.attach(unet_params, lora, lora_scale,
+                                 source=f"LoRA file {lora_path}")
+  vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
+  return Pipeline(unet, unet_params, vae, vae_params, sdxl.load_text_encoders(sdxl_dir),
+                  sdxl.force_zeros_for_empty_prompt(sdxl_dir))
+
+
+def check_generation(steps, batch_size, guidance_scale):
+  """UserError for a step count, batch size or guidance scale that cannot be used."""
+  if not 1 <= steps <= 1000:
+    raise errors.UserError(f"steps={steps} is invalid; allowed: 1..1000 (MLCM LoRAs are trained "
+                           "for 1-8; the guided teacher is sampled with e.g. 25)")
+  if batch_size < 1:
+    raise errors.UserError(f"batch_size={batch_size} is invalid; allowed: an integer >= 1")
+  if not np.isfinite(guidance_scale):
+    raise errors.UserError(f"guidance_scale={guidance_scale} is invalid; allowed: a finite "
+                           "number (1 = no guidance)")
+
+
+def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_size=4,
+                    timesteps="uniform", sampler="ddim", guidance_scale=1.0,
+                    negative_prompt=None):
+  """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches. Batch b's
+  initial noise is ``normal(fold_in(PRNGKey(seed), b))``, z at the grid's first timestep."""
+  check_generation(steps, batch_size, guidance_scale)
+  unet, vae = pipeline.unet, pipeline.vae
+  factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
+  multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)
+  if resolution < multiple or resolution % multiple:
+    raise errors.UserError(f"resolution={resolution} is invalid; allowed: a positive multiple of "
+                           f"{multiple}")
+  key = (steps, timesteps, sampler)
+  if key not in pipeline.generators:
+    pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler)
+  generate = pipeline.generators[key]
+  uncond = None
+  if guidance_scale != 1.0:
+    zeros = negative_prompt is None and pipeline.zeros_for_empty_prompt
+    uncond = dict(sdxl.unconditional(pipeline.encode, zeros, negative_prompt or ""),
+                  time_ids=sdxl.time_ids(resolution, 1))
+  latent = resolution // factor
+  out = []
+  for b, start in enumerate(range(0, len(prompts), batch_size)):
+    chunk = list(prompts[start:start + batch_size])
+    pad = batch_size - len(chunk)
+    cond = pipeline.encode(chunk + [chunk[-1]] * pad)  # fixed batch: one compilation
+    cond["time_ids"] = sdxl.time_ids(resolution, batch_size)
+    noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), b),
+                              (batch_size, latent, latent, 4))
+    rng = jax.random.fold_in(seeds.key(seed, "sampler_noise"), b)
+    images = generate(pipeline.unet_params, pipeline.vae_params, cond, noise, rng, uncond,
+                      jnp.float32(guidance_scale))
+    out.append(np.asarray(images)[:len(chunk)])
+  return np.concatenate(out)
