@@ -8,10 +8,13 @@ or the guided teacher (no LoRA; diffusers' default SDXL sampler, Euler on the 'l
   python -m mcm_jax.generate --sdxl=/models/sdxl-base --prompt="a red fox in snow" \\
       --steps=25 --timesteps=leading --guidance_scale=8 --negative_prompt="blurry" --out=teacher/
 
-``--prompts=FILE`` (.txt / .jsonl / .parquet) instead of ``--prompt``. The library behind it is
-``mcm_jax.pipeline`` (one ``jax.jit`` per steps / timesteps / sampler, compiled once). Writes one
-PNG per prompt and ``grid.png``. Bad input (flags, paths, a corrupt or unfitting file) ends in one message and
-exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
+or image-to-image (``--init_image=photo.png --strength=0.5``). ``--print_schedule`` prints the
+timesteps and sigmas (for ComfyUI / diffusers) and exits. ``--prompts=FILE`` (.txt / .jsonl /
+.parquet) instead of ``--prompt``. The library behind it is ``mcm_jax.pipeline`` (one
+``jax.jit`` per steps / timesteps / sampler / strength, compiled once). Writes one PNG per
+prompt, ``grid.png`` and ``schedule.txt``. Bad input (flags, paths, a corrupt or unfitting
+file) ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the
+traceback.
 """
 import os
 import re
@@ -21,6 +24,30 @@ from absl import flags, logging
 
 from mcm_jax import cli, errors, hub, mlcm, pipeline, plotting, storage
 from mcm_jax.data import prompts as prompt_data
+
+
+def schedule_text(steps, timesteps, sampler, strength=1.0):
+  """The chosen sampler's timesteps and sigmas (image-to-image: the ``strength`` part), and how
+  ComfyUI and diffusers reproduce it."""
+  full = grid = mlcm.sampling_grid(steps, timesteps)
+  if strength != 1.0:
+    grid = pipeline.strength_grid(full, strength)
+  listed = lambda values, fmt: ", ".join(fmt.format(v) for v in values)
+  sigmas = listed(mlcm.grid_sigmas(grid), "{:.6f}")
+  if sampler == "ddim":
+    comfy = ("SamplerCustom with sampler 'euler' (DDIM jumps are Euler steps in these sigmas) "
+             "and a ManualSigmas node holding the sigmas")
+    hf = "EulerDiscreteScheduler"
+  else:
+    comfy = ("SamplerCustom with sampler 'lcm', a ModelSamplingDiscrete node set to 'lcm' (LCM's "
+             "boundary condition) and a ManualSigmas node holding the sigmas")
+    hf = "LCMScheduler"
+  return (f"steps: {steps}  timesteps: {timesteps}  sampler: {sampler}  strength: {strength}\n"
+          f"timesteps (the UNet's t at each step): {listed(grid[:-1], '{}')}\n"
+          f"sigmas (sigma_t / alpha_t at each step, then 0): {sigmas}\n"
+          f"ComfyUI: {comfy}.\n"
+          f"diffusers: {hf} with timesteps=[{listed(full[:-1], '{}')}] (pipeline argument "
+          f"'timesteps'{f', strength={strength}' if strength != 1.0 else ''}).\n")
 
 
 def _slug(text, n=40):
@@ -81,6 +108,15 @@ def define_flags(flag_values=FLAGS):
                       "751, 501, 251, 1), lcm (LCMScheduler's 999, 759, 499, 259) or an explicit "
                       "list, e.g. 999,749,499,124 (one per step).",
                       flag_values=flag_values)
+  flags.DEFINE_string("init_image", None, "Image-to-image: start from this image (resized to "
+                      "--resolution), noised to the --strength part of the grid.",
+                      flag_values=flag_values)
+  flags.DEFINE_float("strength", 0.5, "With --init_image: the fraction of the --steps grid run "
+                     "(diffusers' strength: the last int(steps * strength) timesteps).",
+                     flag_values=flag_values)
+  flags.DEFINE_bool("print_schedule", False, "Print the sampler's timesteps and sigmas (and how "
+                    "to set them in ComfyUI / diffusers), then exit without loading models. "
+                    "Every run also writes them to OUT/schedule.txt.", flag_values=flag_values)
 
 
 def parse_flags(argv, flag_values=FLAGS):
@@ -92,28 +128,31 @@ def parse_flags(argv, flag_values=FLAGS):
 def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
+  try:  # before any model loads
+    pipeline.check_generation(f.steps, f.batch_size, f.guidance_scale)
+    strength = f.strength if f.init_image else 1.0
+    schedule = schedule_text(f.steps, f.timesteps, f.sampler, strength)
+  except errors.UserError as e:
+    raise errors.UserError(f"--{e}") from e
+  if f.print_schedule:
+    print(schedule, end="")
+    return
   if (f.prompt is None) == (f.prompts is None):
     raise errors.UserError("pass exactly one of --prompt (one prompt) and --prompts (a file)")
   sdxl_dir = check_pipeline_flags(f, ("sdxl",))
-  try:
-    pipeline.check_generation(f.steps, f.batch_size, f.guidance_scale)
-  except errors.UserError as e:
-    raise errors.UserError(f"--{e}") from e
   if not np.isfinite(f.lora_scale):
     raise errors.UserError(f"--lora_scale={f.lora_scale} is invalid; allowed: a finite number")
-  try:  # before any model loads
-    mlcm.sampling_grid(f.steps, f.timesteps)
-  except ValueError as e:
-    raise errors.UserError(f"--timesteps / --steps: {e}") from e
+  init = plotting.read_image(f.init_image, f.resolution) if f.init_image else None
   prompts = [f.prompt] if f.prompt is not None else prompt_data.load_prompts(f.prompts)
   models = pipeline.load_pipeline(sdxl_dir, f.lora, f.lora_scale)
   images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
                                     f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
-                                    f.negative_prompt)
+                                    f.negative_prompt, init, strength)
   storage.makedirs(f.out)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     plotting.save_image(os.path.join(f.out, f"{i:05d}_{_slug(prompt)}.png"), image)
   plotting.image_grid(os.path.join(f.out, "grid.png"), images)
+  storage.write_text(os.path.join(f.out, "schedule.txt"), schedule)
   logging.info("%d images (%d steps) -> %s", len(images), f.steps, f.out)
 
 

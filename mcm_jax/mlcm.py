@@ -274,6 +274,14 @@ def explicit_grid(timesteps):
   return np.append(steps, 0).astype(np.int32)
 
 
+def grid_sigmas(grid):
+  """A grid as k-diffusion / ComfyUI / diffusers-Euler sigmas: ``sigma_t / alpha_t =
+  sqrt((1 - alphabar_t) / alphabar_t)`` at each timestep, then 0 for the clean end."""
+  alpha, sigma = (np.asarray(v, np.float64) for v in schedules.sdxl_alphas_sigmas())
+  steps = np.asarray(grid)[:-1]
+  return np.append(sigma[steps] / alpha[steps], 0.0)
+
+
 def lcm_boundary(f, timestep_scaling=10.0, sigma_data=0.5):
   """LCM's consistency parameterisation around a denoiser: ``c_out(t) f(z, t) + c_skip(t) z``
   with ``c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)``, ``c_out = s t / sqrt((s t)^2 +

@@ -8,6 +8,10 @@ none and the directory's ``force_zeros_for_empty_prompt`` holds. The 'ddim' samp
 'leading' grid is diffusers' ``EulerDiscreteScheduler`` as SDXL ships it (Euler on the
 probability-flow ODE in sigma = sigma_t / alpha_t is DDIM in z_t), so ``steps=25,
 timesteps='leading', guidance_scale=w`` without a LoRA is the guided-teacher baseline.
+
+Image-to-image (diffusers' ``strength`` semantics): of the K-step grid the last
+``int(K strength)`` timesteps run, from ``z = alpha_t x0 + sigma_t noise`` at the first of them,
+x0 the VAE posterior sample of the init image.
 """
 import dataclasses
 import os
@@ -21,19 +25,38 @@ from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl
 
 
-def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim"):
-  """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0) ->
-  images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents. ``timesteps`` / ``sampler``:
-  ``mlcm.sampling_grid`` and ``mlcm.sample`` (``rng`` draws the 'lcm' sampler's fresh noise).
-  ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet (``guidance.guided``)."""
+def strength_grid(grid, strength):
+  """The part of a sampling grid (K timesteps, then 0) that image-to-image runs: its last
+  ``int(K strength)`` timesteps and the clean end (diffusers' ``get_timesteps``)."""
+  k = len(grid) - 1
+  if not 0 < strength <= 1 or int(k * strength) < 1:
+    raise errors.UserError(f"strength={strength} is invalid for {k} steps; allowed: 0 < strength "
+                           f"<= 1 with int(steps * strength) >= 1 (here strength >= {1 / k:g})")
+  return np.asarray(grid)[k - int(k * strength):]
+
+
+def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", strength=1.0):
+  """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0,
+  init=None) -> images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents.
+  ``timesteps`` / ``sampler``: ``mlcm.sampling_grid`` and ``mlcm.sample`` (``rng`` draws the 'lcm'
+  sampler's fresh noise). ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet
+  (``guidance.guided``). ``init`` (latents of an init image) starts the ``strength_grid`` part of
+  the grid from ``alpha_t init + sigma_t noise``; without it ``noise`` is z at the grid's top."""
   grid = mlcm.sampling_grid(steps, timesteps)
+  if strength != 1.0:
+    grid = strength_grid(grid, strength)
   denoise = sdxl.make_denoiser(unet)
   decode = sdxl.make_decoder(vae) if vae is not None else lambda params, z: z
 
   @jax.jit
-  def generate(unet_params, vae_params, cond, noise, rng=None, uncond=None, scale=1.0):
+  def generate(unet_params, vae_params, cond, noise, rng=None, uncond=None, scale=1.0,
+               init=None):
     f = lambda zz, tt, cc: denoise(unet_params, zz, tt, cc)
-    z = mlcm.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], noise, grid,
+    z = noise
+    if init is not None:
+      alpha, sigma = mlcm.alpha_sigma(jnp.full(noise.shape[:1], grid[0]))
+      z = alpha[:, None, None, None] * init + sigma[:, None, None, None] * noise
+    z = mlcm.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], z, grid,
                     sampler, rng)
     return decode(vae_params, z)
 
@@ -97,9 +120,11 @@ def check_generation(steps, batch_size, guidance_scale):
 
 def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_size=4,
                     timesteps="uniform", sampler="ddim", guidance_scale=1.0,
-                    negative_prompt=None):
+                    negative_prompt=None, init_images=None, strength=1.0):
   """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches. Batch b's
-  initial noise is ``normal(fold_in(PRNGKey(seed), b))``, z at the grid's first timestep."""
+  initial noise is ``normal(fold_in(PRNGKey(seed), b))``, z at the grid's first timestep.
+  ``init_images`` ([r, r, 3] for every prompt, or [N, r, r, 3]; in [-1, 1]) with ``strength``:
+  image-to-image, the VAE posterior sampled with the 'vae_posterior' stream."""
   check_generation(steps, batch_size, guidance_scale)
   unet, vae = pipeline.unet, pipeline.vae
   factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
@@ -107,9 +132,23 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
   if resolution < multiple or resolution % multiple:
     raise errors.UserError(f"resolution={resolution} is invalid; allowed: a positive multiple of "
                            f"{multiple}")
-  key = (steps, timesteps, sampler)
+  if init_images is not None:
+    init_images = np.asarray(init_images, np.float32)
+    if init_images.ndim == 3:
+      init_images = np.broadcast_to(init_images, (len(prompts),) + init_images.shape)
+    if init_images.shape != (len(prompts), resolution, resolution, 3):
+      raise errors.UserError(f"init images of shape {init_images.shape} do not fit "
+                             f"{len(prompts)} prompts at resolution={resolution}; allowed: "
+                             f"[{resolution}, {resolution}, 3] or [{len(prompts)}, {resolution}, "
+                             f"{resolution}, 3]")
+    strength_grid(mlcm.sampling_grid(steps, timesteps), strength)  # checked before compiling
+  else:
+    strength = 1.0
+  key = (steps, timesteps, sampler, strength)
   if key not in pipeline.generators:
-    pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler)
+    pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler, strength)
+  if init_images is not None and "vae_encoder" not in pipeline.generators:
+    pipeline.generators["vae_encoder"] = jax.jit(sdxl.make_encoder(vae))
   generate = pipeline.generators[key]
   uncond = None
   if guidance_scale != 1.0:
@@ -126,7 +165,14 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), b),
                               (batch_size, latent, latent, 4))
     rng = jax.random.fold_in(seeds.key(seed, "sampler_noise"), b)
+    init = None
+    if init_images is not None:
+      pixels = init_images[start:start + batch_size]
+      pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, 0)])
+      eps = jax.random.normal(jax.random.fold_in(seeds.key(seed, "vae_posterior"), b),
+                              noise.shape)
+      init = pipeline.generators["vae_encoder"](pipeline.vae_params, pixels, eps)
     images = generate(pipeline.unet_params, pipeline.vae_params, cond, noise, rng, uncond,
-                      jnp.float32(guidance_scale))
+                      jnp.float32(guidance_scale), init)
     out.append(np.asarray(images)[:len(chunk)])
   return np.concatenate(out)

@@ -8,6 +8,7 @@ import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
 from mcm_jax import schedules, storage  # noqa: E402  pylint: disable=g-import-not-at-top
+from mcm_jax.errors import UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from mcm_jax.samplers import addim  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -84,6 +85,21 @@ def write_png(path, pixels):
   with storage.open_file(path, "wb") as f:
     Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1
                     else pixels).save(f, format="PNG")
+
+
+def read_image(path, size):
+  """An image file (local or object-store path) as [size, size, 3] float32 in [-1, 1]: RGB,
+  resized with Lanczos as diffusers' image processor does (no crop)."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  if not storage.isfile(path):
+    raise FileNotFoundError(f"image {path!r} not found")
+  try:
+    image = Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB")
+  except (UnidentifiedImageError, OSError) as e:
+    raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+  image = image.resize((size, size), Image.LANCZOS)
+  return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
 def _save_figure(fig, path):

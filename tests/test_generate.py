@@ -109,17 +109,65 @@ def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir):
   assert np.abs(images[None] - unguided).mean() > 1e-3  # and so does the guidance
 
 
+def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, monkeypatch):
+  """Image-to-image, guided, strength 0.5 of 6 'leading' Euler steps: ``generate_images`` equals
+  diffusers' StableDiffusionXLImg2ImgPipeline given the same VAE-posterior and start noise (the
+  two draws diffusers makes with ``randn_tensor`` are replaced by ours)."""
+  torch = pytest.importorskip("torch")
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from diffusers.models.autoencoders import vae as torch_vae  # pylint: disable=g-import-not-at-top
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as i2i  # pylint: disable=g-import-not-at-top
+  reference = diffusers.StableDiffusionXLImg2ImgPipeline(
+      **_diffusers_sdxl_pipeline(sdxl_dir).components)
+  shape = (2, 16, 16, 4)
+  draws = [np.asarray(jax.random.normal(jax.random.fold_in(seeds.key(0, "vae_posterior"), 0),
+                                        shape)),
+           np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0), shape))]
+  queue = [torch.from_numpy(d.transpose(0, 3, 1, 2).copy()) for d in draws]
+  ours_first = lambda shape, **kw: queue.pop(0)
+  monkeypatch.setattr(torch_vae, "randn_tensor", ours_first)
+  monkeypatch.setattr(i2i, "randn_tensor", ours_first)
+  x = np.linspace(-1, 1, 32)
+  image = np.stack([np.sin(3 * x)[:, None] * np.cos(2 * x)[None, :]] * 3, -1).astype(np.float32)
+  with torch.no_grad():
+    pixels = torch.from_numpy((image.transpose(2, 0, 1) + 1) / 2)[None].repeat(2, 1, 1, 1)
+    theirs = reference(prompt=PROMPTS[:2], image=pixels, strength=0.5, num_inference_steps=6, guidance_scale=3.0,
+                       output_type="np").images
+  assert not queue  # both draws were ours
+  models = pipeline.load_pipeline(sdxl_dir)
+  ours = pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, batch_size=2,
+                                  timesteps="leading", guidance_scale=3.0, init_images=image,
+                                  strength=0.5)
+  np.testing.assert_allclose((ours + 1) / 2, theirs, atol=1e-4)
+  full = pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, batch_size=2,
+                                  timesteps="leading", guidance_scale=3.0, init_images=image,
+                                  strength=1.0)
+  assert np.abs(full - ours).mean() > 1e-3  # strength acts
+  with pytest.raises(ValueError, match="strength=0.1 is invalid for 6 steps"):
+    pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, init_images=image,
+                             strength=0.1)
+  small = np.repeat(image[None, ::2, ::2], 2, 0)
+  with pytest.raises(ValueError, match=r"init images of shape \(2, 16, 16, 3\)"):
+    pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, init_images=small)
+
+
 def test_cli_writes_pngs(sdxl_dir, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   out = tmp_path / "out"
   env = dict(os.environ, XLA_FLAGS="")
+  from mcm_jax import plotting  # pylint: disable=g-import-not-at-top
+  plotting.save_image(str(tmp_path / "init.png"), np.random.default_rng(0).uniform(
+      -1, 1, (40, 40, 3)))  # resized to --resolution
   subprocess.run([sys.executable, "-m", "mcm_jax.generate", f"--sdxl={sdxl_dir}",
-                  f"--prompts={prompts}", "--steps=1", "--resolution=32", "--batch_size=4",
-                  f"--out={out}"], check=True, env=env, capture_output=True)
+                  f"--prompts={prompts}", "--steps=2", "--resolution=32", "--batch_size=4",
+                  f"--init_image={tmp_path / 'init.png'}", "--strength=0.5", f"--out={out}"],
+                 check=True, env=env, capture_output=True)
   names = sorted(os.listdir(out))
   assert names == ["00000_lower_newer.png", "00001_wider_lowest.png", "00002_newer.png",
-                   "grid.png"]
+                   "grid.png", "schedule.txt"]
+  # image-to-image: of the 2-step grid (999, 500) strength 0.5 runs the last step
+  assert "timesteps (the UNet's t at each step): 500\n" in (out / "schedule.txt").read_text()
   from PIL import Image  # pylint: disable=g-import-not-at-top
   assert Image.open(out / names[0]).size == (32, 32)
   bad = subprocess.run([sys.executable, "-m", "mcm_jax.generate", f"--sdxl={sdxl_dir}",

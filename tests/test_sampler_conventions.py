@@ -112,3 +112,18 @@ def test_explicit_grids_are_checked_and_samplers_named():
     mlcm.sampling_grid(4, "999,500,100")
   with pytest.raises(ValueError, match="timesteps='999,x' is invalid"):
     mlcm.sampling_grid(2, "999,x")
+
+
+def test_printed_schedule_is_the_sigmas_diffusers_euler_steps_through():
+  """``generate --print_schedule``: the sigmas it prints for a grid are those of diffusers'
+  EulerDiscreteScheduler given the grid's timesteps (the sigmas ComfyUI's ManualSigmas takes)."""
+  diffusers = pytest.importorskip("diffusers")
+  from mcm_jax import generate  # pylint: disable=g-import-not-at-top
+  for grid in (mlcm.timestep_grid(4), mlcm.timestep_grid(25, "leading"),
+               mlcm.timestep_grid(4, "lcm"), mlcm.explicit_grid([999, 500, 1])):
+    euler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE)
+    euler.set_timesteps(timesteps=grid[:-1].tolist())
+    np.testing.assert_allclose(mlcm.grid_sigmas(grid), euler.sigmas.numpy(), rtol=1e-5)
+  text = generate.schedule_text(4, "uniform", "ddim")
+  assert "999, 750, 500, 250\n" in text and "14.614641, 4.099164, 1.618279, 0.695799, 0.0" in text
+  assert "sampler 'lcm'" in generate.schedule_text(2, "lcm", "lcm")

@@ -235,6 +235,21 @@ def make_decoder(vae):
   return decode
 
 
+def make_encoder(vae):
+  """``encode(params, images NHWC in [-1, 1], eps=None) -> latents NHWC`` as the UNet sees them:
+  the VAE posterior's ``mean + std * eps`` (its mean when ``eps`` is None) times the scaling
+  factor (diffusers' ``retrieve_latents`` then ``* scaling_factor``)."""
+  scaling = vae.config.scaling_factor
+
+  def encode(params, images, eps=None):
+    posterior = vae.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)),
+                          method=vae.encode).latent_dist
+    z = posterior.mean if eps is None else posterior.mean + posterior.std * eps
+    return scaling * z.astype(jnp.float32)
+
+  return encode
+
+
 def time_ids(pixels, batch):
   """SDXL's micro-conditioning ``(original h, w, crop top, left, target h, w)`` [B, 6] for
   uncropped square images of ``pixels``."""
