@@ -1,19 +1,27 @@
-"""Text-image agreement scores on a CLIP model in the transformers layout (jit-able):
+"""Text-image scores, jit-able, from the published files in local directories:
 
-  CLIP score = 100 max(cos(E_I, E_T), 0)        torchmetrics' definition; MLCM and LCM report it
-                                                with ViT-g/14 (a ViT-L/14 also loads here)
-  PickScore  = exp(logit_scale) cos(E_I, E_T)    Kirstain et al. 2023: a fine-tuned CLIP ViT-H/14
-                                                (yuvalkirstain/PickScore_v1), logit_scale its own
+  CLIP score  = 100 max(cos(E_I, E_T), 0)       torchmetrics' definition; MLCM and LCM report it
+                                               with ViT-g/14 (any transformers-layout CLIP loads)
+  PickScore   = exp(logit_scale) cos(E_I, E_T)   Kirstain et al. 2023: a fine-tuned CLIP ViT-H/14
+                                               (yuvalkirstain/PickScore_v1), logit_scale its own
+  ImageReward = (MLP(BLIP(image, prompt)) - mean) / std     Xu et al. 2023 (``models.blip``)
 
 E_I is the projected image embedding of the CLIP-preprocessed image (``rewards.clip_preprocess``:
-bicubic short side to the model's size, centre crop, CLIP mean / std), E_T the projected text
-embedding of the prompt padded / truncated to the tokenizer's length.
+bicubic short side to the model's size, centre crop, CLIP mean / std; ImageReward preprocesses
+the same way at 224), E_T the projected text embedding of the prompt padded / truncated to the
+tokenizer's length. Each scorer is ``score(params, images [-1, 1] NHWC, tokenize(prompts))``.
 """
 import dataclasses
+import json
+import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcm_jax import rewards
+from mcm_jax.errors import UserError
+from mcm_jax.models import blip
 
 
 @dataclasses.dataclass
@@ -54,3 +62,69 @@ def clip_score(model):
 def pick_score(model):
   """``score(params, images, input_ids) -> [B]``: exp(logit_scale) cos."""
   return lambda p, images, ids: jnp.exp(p["logit_scale"]) * model.cosine(p, images, ids)
+
+
+@dataclasses.dataclass
+class ImageRewardModel:
+  """``score(params, images [-1, 1] NHWC, tokens) -> [B]`` ImageReward v1.0 scores;
+  ``tokenize(texts) -> (input_ids, attention_mask)`` as ImageReward's BLIP tokenizer (BERT
+  uncased, padded / truncated to 35)."""
+  score: object
+  params: dict
+  tokenize: object
+
+
+IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
+IMAGEREWARD_TEXT_LENGTH = 35
+
+
+def load_imagereward(directory, tokenizer_dir=None):
+  """ImageReward from a local directory holding ``ImageReward.pt`` and ``med_config.json`` (the
+  files THUDM/ImageReward publishes) and, unless ``tokenizer_dir`` is given, the BERT uncased
+  tokenizer files (``vocab.txt``, as in bert-base-uncased)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
+  for name in IMAGEREWARD_FILES:
+    if not os.path.isfile(os.path.join(directory, name)):
+      raise FileNotFoundError(f"ImageReward directory {directory!r} has no {name} (it needs "
+                              f"{' and '.join(IMAGEREWARD_FILES)}, as THUDM/ImageReward ships)")
+  weights_path = os.path.join(directory, "ImageReward.pt")
+  try:
+    sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"{weights_path}: not a readable PyTorch state dict ({type(e).__name__}: "
+                    f"{e})") from e
+  sd = {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "numpy")}
+  try:
+    with open(os.path.join(directory, "med_config.json")) as f:
+      med = json.load(f)
+    config = blip.config_from_state_dict(sd, med)
+    params = blip.params_from_state_dict(sd, config)
+  except (KeyError, ValueError) as e:
+    raise UserError(f"{directory}: not an ImageReward checkpoint ({type(e).__name__}: {e})"
+                    ) from e
+  model = blip.ImageReward(config)
+  size = config.image_size
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 3, size, size)),
+                        jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))["params"]
+  got = jax.tree_util.tree_map(lambda a: a.shape, params)
+  if jax.tree_util.tree_map(lambda a: a.shape, want) != got:
+    raise UserError(f"{weights_path}: weights do not fit the architecture of {directory}/"
+                    "med_config.json (a different BLIP or text encoder size)")
+  tokenizer_dir = tokenizer_dir or directory
+  try:
+    tokenizer = BertTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  except (OSError, ValueError, TypeError) as e:
+    raise UserError(f"{tokenizer_dir}: no BERT tokenizer (ImageReward needs bert-base-uncased's "
+                    f"vocab.txt there) ({type(e).__name__}: {e})") from e
+
+  def score(p, images, tokens):
+    ids, mask = tokens
+    return model.apply({"params": p}, rewards.clip_preprocess(images, size), ids, mask)
+
+  def tokenize(texts):
+    out = tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="np",
+                    max_length=IMAGEREWARD_TEXT_LENGTH)
+    return np.asarray(out.input_ids), np.asarray(out.attention_mask)
+
+  return ImageRewardModel(score, params, tokenize)

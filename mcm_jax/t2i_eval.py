@@ -6,8 +6,9 @@
 
 Scores (``mcm_jax.scorers``) averaged over prompts: CLIP score ``100 max(cos(E_image, E_text), 0)``
 (torchmetrics' definition; MLCM reports it with ViT-g/14 on 5k MSCOCO-2017 captions), PickScore
-with ``--pickscore``, the LAION aesthetic score with ``--aesthetic_head``. Writes ``eval.json``
-({steps: {clip_score, pickscore, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
+with ``--pickscore``, ImageReward with ``--imagereward``, the LAION aesthetic score with
+``--aesthetic_head``. Writes ``eval.json`` ({steps: {clip_score, pickscore, imagereward,
+aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
 ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
@@ -22,9 +23,11 @@ from mcm_jax.data import prompts as prompt_data
 
 
 def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lora_path="",
-             resolution=1024, batch_size=4, seed=0, pickscore_dir=""):
-  """{steps: {'clip_score', 'pickscore' (with ``pickscore_dir``), 'aesthetic' (with a head),
-  'num'}}: prompt-averaged scores of each step count's images; also writes files."""
+             resolution=1024, batch_size=4, seed=0, pickscore_dir="", imagereward_dir="",
+             imagereward_tokenizer=""):
+  """{steps: {'clip_score', 'pickscore' (with ``pickscore_dir``), 'imagereward' (with
+  ``imagereward_dir``), 'aesthetic' (with a head), 'num'}}: prompt-averaged scores of each step
+  count's images; also writes files."""
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
   if pickscore_dir:
     text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
@@ -32,6 +35,9 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   for name, (kind, directory) in text_scores.items():
     model = scorers.load_clip(directory)
     loaded[name] = (jax.jit(kind(model)), model.params, model.tokenize)
+  if imagereward_dir:
+    model = scorers.load_imagereward(imagereward_dir, imagereward_tokenizer or None)
+    loaded["imagereward"] = (jax.jit(model.score), model.params, model.tokenize)
   aesthetic = None
   if aesthetic_head:
     fn, a_params = rewards.aesthetic_scorer(clip_dir, aesthetic_head)
@@ -72,6 +78,13 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_string("pickscore", "", "Local PickScore model directory (a CLIP ViT-H/14 in the "
                       "transformers layout, e.g. yuvalkirstain/PickScore_v1, with its tokenizer; "
                       "optional).", flag_values=flag_values)
+  flags.DEFINE_string("imagereward", "", "Local ImageReward directory: ImageReward.pt and "
+                      "med_config.json (THUDM/ImageReward), with bert-base-uncased's vocab.txt "
+                      "unless --imagereward_tokenizer is given (optional).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("imagereward_tokenizer", "", "Directory (or cached hub name) of the BERT "
+                      "uncased tokenizer ImageReward uses, e.g. bert-base-uncased.",
+                      flag_values=flag_values)
   flags.DEFINE_string("aesthetic_head", "", "LAION aesthetic predictor head (optional).",
                       flag_values=flag_values)
 
@@ -101,10 +114,14 @@ def main(argv, flag_values=FLAGS):
   steps = parse_steps(f.steps)
   clip_dir = hub.local_path(f.clip, "--clip")  # a local dir or a cached hub name
   pickscore_dir = hub.local_path(f.pickscore, "--pickscore") if f.pickscore else ""
+  imagereward_dir = hub.local_path(f.imagereward, "--imagereward") if f.imagereward else ""
+  tokenizer_dir = (hub.local_path(f.imagereward_tokenizer, "--imagereward_tokenizer")
+                   if f.imagereward_tokenizer else "")
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
   evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
-           f.lora, f.resolution, f.batch_size, f.seed, pickscore_dir)
+           f.lora, f.resolution, f.batch_size, f.seed, pickscore_dir, imagereward_dir,
+           tokenizer_dir)
 
 
 if __name__ == "__main__":
