@@ -67,11 +67,13 @@ def get_config(size="sdxl"):
       ema_decay=0.0,  # MLCM uses the stop-gradient student, no EMA
       seed=0, learning_rate=1e-5, warmup_steps=100, b2=0.999)
   # Reward consistency + feedback learning (MLCM 3.4): '' = off, 'aesthetic' = LAION aesthetic
-  # predictor on CLIP ViT-L/14 (local files). Needs the SDXL directory's VAE to decode.
-  # threshold: s0, 8.0 for the aesthetic score (2.0 for ImageReward); fl_steps: feedback
-  # learning scores the student's one- or two-step sample from noise (the paper's x_0).
-  c.rewards = dict(scorer="", clip_dir="", head="", rc_weight=1.0, fl_weight=1e-3,
-                   threshold=8.0, fl_steps=1)
+  # predictor on CLIP ViT-L/14 (clip_dir, head), 'imagereward' = ImageReward v1.0
+  # (imagereward_dir: ImageReward.pt, med_config.json and bert-base-uncased's vocab.txt, or
+  # tokenizer_dir). Local files; needs the SDXL directory's VAE to decode. threshold: s0, None =
+  # the scorer's (8.0 aesthetic, 2.0 ImageReward); fl_steps: feedback learning scores the
+  # student's one- or two-step sample from noise (the paper's x_0).
+  c.rewards = dict(scorer="", clip_dir="", head="", imagereward_dir="", tokenizer_dir="",
+                   rc_weight=1.0, fl_weight=1e-3, threshold=None, fl_steps=1)
   # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8); data
   # parallel, the default step does not fit v6e-8 (benchmarks/RESULTS.md).
   c.mesh = common.mesh(data=1, fsdp=-1)

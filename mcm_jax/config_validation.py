@@ -7,7 +7,7 @@ modules are imported here (jax, numpy, flax through the UViT's stage table; no o
 """
 import difflib
 
-from mcm_jax import consistency, experiments, fid, mlcm, schedules
+from mcm_jax import consistency, experiments, fid, mlcm, rewards, schedules
 from mcm_jax.models import remat, sdxl_unet
 from mcm_jax.errors import UserError
 from mcm_jax.data import images as image_data
@@ -238,17 +238,22 @@ def validate_mlcm(c):
   check_in(m.target, "mlcm.target", mlcm.TARGETS)
   check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)
   r = c.rewards
-  check_in(r.scorer, "rewards.scorer", ("", "aesthetic"))
+  check_in(r.scorer, "rewards.scorer", ("",) + tuple(rewards.THRESHOLDS))
   if r.scorer and not c.student_unet:
     raise ConfigError("config.rewards.scorer needs config.student_unet: rewards score images "
                       "decoded by the SDXL directory's VAE")
-  if r.scorer:
+  if r.scorer == "aesthetic":
     for key in ("clip_dir", "head"):
       _check(bool(r[key]), f"rewards.{key}", r[key],
              "a local path (the CLIP ViT-L/14 directory / the aesthetic head's weights)")
+  if r.scorer == "imagereward":
+    _check(bool(r.imagereward_dir), "rewards.imagereward_dir", r.imagereward_dir,
+           "a local directory with ImageReward.pt and med_config.json")
+  if r.scorer:
     for key in ("rc_weight", "fl_weight"):
       _check(_is_number(r[key]) and r[key] >= 0, f"rewards.{key}", r[key], "a number >= 0")
-    _check(_is_number(r.threshold), "rewards.threshold", r.threshold, "a number")
+    _check(r.threshold is None or _is_number(r.threshold), "rewards.threshold", r.threshold,
+           "a number, or None for the scorer's s0")
     check_in(r.fl_steps, "rewards.fl_steps", (1, 2))
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 

@@ -50,7 +50,7 @@ class RewardHparams(NamedTuple):
   """Reward consistency + feedback learning (MLCM 3.4): ``rc_weight L_RC + fl_weight L_FL``."""
   rc_weight: float = 1.0
   fl_weight: float = 1e-3
-  threshold: float = 8.0  # s0 of the feedback hinge
+  threshold: float = 8.0  # s0 of the feedback hinge (8 for the aesthetic score, 2 ImageReward)
   fl_steps: int = 1  # feedback learning scores the student's fl_steps-step sample from noise
 
 
@@ -327,8 +327,9 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
   Stage 0 (no 'prev_lora'): ``z_{t_m}`` from the guided teacher (App. Alg. 1 'mdi' or 'sdi'),
   ``z_{t_n}`` by its step. Later stages: ``z_{t_m}`` from the previous MLCM (App. Alg. 2) and
   ``z_{t_n}`` from it ('updated', PDU) or from the guided teacher ('fixed', PDF). With
-  ``rewards`` (RewardHparams), ``decode(vae_params, latents)`` and ``score(params, images)``:
-  ``+ rc_weight L_RC + fl_weight L_FL``.
+  ``rewards`` (RewardHparams), ``decode(vae_params, latents)`` and ``score(params, images,
+  tokens)``: ``+ rc_weight L_RC + fl_weight L_FL``; ``tokens`` = the batch's ('reward_ids',
+  'reward_mask') for a prompt-conditioned scorer (ImageReward), else None.
   """
   del step
   cond = {k: batch[k] for k in CONDITIONING}
@@ -353,7 +354,8 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
   metrics = {"t_m": jnp.mean(t_m.astype(jnp.float32))}
   if rewards is None:
     return mlcd, metrics
-  s_fn = lambda images: score(frozen["scorer"], images)
+  tokens = (batch["reward_ids"], batch["reward_mask"]) if "reward_ids" in batch else None
+  s_fn = lambda images: score(frozen["scorer"], images, tokens)
   # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
   rc = jnp.mean(reward_losses.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
                                               decode(frozen["vae"], terms["target"])))

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mcm_jax import consistency, diffusion, lora, mlcm, parameterization, schedules
+from mcm_jax import consistency, diffusion, lora, mlcm, parameterization, rewards, schedules
 
 _SCHEDULE_FIELDS = ("image_res", "noise_res", "noise_res_low", "noise_res_high", "logsnr_min",
                     "logsnr_max", "clip_after_shift")
@@ -124,11 +124,13 @@ def mlcm_hparams(config, stage):
 
 
 def reward_hparams(config):
-  """``mlcm.RewardHparams`` from ``config.rewards``, or None when no scorer is set."""
+  """``mlcm.RewardHparams`` from ``config.rewards``, or None when no scorer is set; threshold
+  None = the scorer's s0 (``rewards.THRESHOLDS``)."""
   r = config.rewards
   if not r.scorer:
     return None
-  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=r.fl_weight, threshold=r.threshold,
+  threshold = r.threshold if r.threshold is not None else rewards.THRESHOLDS[r.scorer]
+  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=r.fl_weight, threshold=threshold,
                             fl_steps=r.fl_steps)
 
 

@@ -23,6 +23,7 @@ from mcm_jax.errors import UserError
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 MLP_LAYERS = (0, 2, 4, 6, 7)
+THRESHOLDS = {"aesthetic": 8.0, "imagereward": 2.0}  # the feedback hinge's s0 (MLCM 3.4)
 
 
 def clip_preprocess(images, size=224):

@@ -84,3 +84,12 @@ def tiny_clip_model(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_clip_model")
   clip, tokenizer, head = sdxl_fixtures.tiny_clip_model_and_head(path)
   return types.SimpleNamespace(dir=path, clip=clip, tokenizer=tokenizer, head=head)
+
+
+@pytest.fixture(scope="session")
+def tiny_imagereward(tmp_path_factory):
+  """A tiny random ImageReward directory (``sdxl_fixtures.write_tiny_imagereward``), written once:
+  namespace(dir, score) with ``score`` its PyTorch reference."""
+  _require("torch", "transformers")
+  path = tmp_path_factory.mktemp("tiny_imagereward")
+  return types.SimpleNamespace(dir=path, score=sdxl_fixtures.write_tiny_imagereward(path))

@@ -158,3 +158,92 @@ def tiny_head(tmp_path):
                              torch.nn.Linear(2, 1)).eval()
   torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
   return head
+
+
+IMAGEREWARD_WORDS = ["a", "red", "fox", "in", "the", "snow", "cat", "photo", "of", "lower",
+                     "newer", "wider", "lowest"]
+IMAGEREWARD_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=2, image_size=32, patch_size=16,
+                          layer_norm_eps=1e-6, hidden_act="gelu")
+IMAGEREWARD_MED = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96, max_position_embeddings=40, layer_norm_eps=1e-12,
+                       encoder_width=128, add_cross_attention=True, hidden_act="gelu")
+
+
+def _randomise(module, torch):
+  """Weights ~ N(0, 1 / fan_in) (biases and norms near their identity) so every layer acts."""
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if p.ndim >= 2:
+        p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+      else:
+        p.copy_(0.1 * torch.randn_like(p) + (1.0 if "norm" in name.lower() and "weight" in name
+                                             else 0.0))
+
+
+def _imagereward_state_dict(vision, text, head):
+  """ImageReward.pt's layout (``blip.visual_encoder.*`` timm-style, ``blip.text_encoder.*``,
+  ``mlp.layers.*``) from transformers' BLIP models: the inverse of transformers' BLIP conversion
+  (``convert_blip_original_pytorch_to_hf.rename_key``)."""
+  inverse = [("embeddings.class_embedding", "cls_token"),
+             ("embeddings.position_embedding", "pos_embed"),
+             ("embeddings.patch_embedding", "patch_embed.proj"), ("post_layernorm", "norm"),
+             ("encoder.layers", "blocks"), ("self_attn.projection", "attn.proj"),
+             ("self_attn", "attn"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2")]
+  sd = {}
+  for key, value in vision.state_dict().items():
+    for old, new in inverse:
+      key = key.replace(old, new)
+    sd["blip.visual_encoder." + key] = value
+  sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
+  sd.update({"mlp.layers." + k: v for k, v in head.state_dict().items()})
+  sd["blip.vision_proj.weight"] = vision.state_dict()["post_layernorm.weight"][:8, None]
+  return sd
+
+
+def write_tiny_imagereward(path, seed=0):
+  """A tiny random ImageReward directory at ``path`` (``ImageReward.pt`` in the published layout,
+  ``med_config.json``, a BERT ``vocab.txt``); returns ``score(images [-1, 1] NHWC at 32 px,
+  prompts) -> [B]`` computed by transformers' PyTorch BLIP models (ImageReward.score_gard)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers.models.blip import modeling_blip, modeling_blip_text  # pylint: disable=g-import-not-at-top
+  from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig  # pylint: disable=g-import-not-at-top
+  (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                            + IMAGEREWARD_WORDS) + "\n")
+  tokenizer = BertTokenizer(str(path / "vocab.txt"))
+  tokenizer.save_pretrained(str(path))
+  # 5 special tokens, the words, and the [DEC] / [ENC] tokens BLIP's tokenizer adds.
+  med = dict(IMAGEREWARD_MED, vocab_size=len(IMAGEREWARD_WORDS) + 7)
+  (path / "med_config.json").write_text(json.dumps(med))
+  torch.manual_seed(seed)
+  vision = modeling_blip.BlipVisionModel(BlipVisionConfig(**IMAGEREWARD_VISION)).eval()
+  text = modeling_blip_text.BlipTextModel(BlipTextConfig(
+      vocab_size=med["vocab_size"], hidden_size=64, encoder_hidden_size=128,
+      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu"),
+      add_pooling_layer=False).eval()
+  sizes = (64, 1024, 128, 64, 16, 1)
+  head = torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.Dropout(0.2),
+                             torch.nn.Linear(sizes[1], sizes[2]), torch.nn.Dropout(0.2),
+                             torch.nn.Linear(sizes[2], sizes[3]), torch.nn.Dropout(0.1),
+                             torch.nn.Linear(sizes[3], sizes[4]),
+                             torch.nn.Linear(sizes[4], sizes[5])).eval()
+  for module in (vision, text, head):
+    _randomise(module, torch)
+  torch.save(_imagereward_state_dict(vision, text, head), str(path / "ImageReward.pt"))
+
+  def torch_score(images, prompts):
+    """ImageReward.score_gard on CLIP-normalised pixels (images at the ViT's size)."""
+    from mcm_jax.rewards import CLIP_MEAN, CLIP_STD  # pylint: disable=g-import-not-at-top
+    pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(CLIP_MEAN)) / \
+        torch.from_numpy(CLIP_STD)
+    tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                       return_tensors="pt")
+    with torch.no_grad():
+      image = vision(pixel_values=pixels.permute(0, 3, 1, 2).float()).last_hidden_state
+      h = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+               encoder_hidden_states=image).last_hidden_state[:, 0]
+      return ((head(h)[:, 0] - 0.16717362830052426) / 1.0333394966054072).numpy()
+
+  return torch_score

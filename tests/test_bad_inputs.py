@@ -161,6 +161,10 @@ MAIN_CASES = [
     ([MLCM, "--config.rewards.scorer=aesthetic", "--config.student_unet=/x",
       "--config.rewards.clip_dir=/c", "--config.rewards.head=/h",
       "--config.rewards.fl_weight=-1.0"], ["config.rewards.fl_weight=-1.0"]),
+    ([MLCM, "--config.rewards.scorer=imagereward", "--config.student_unet=/x"],
+     ["config.rewards.imagereward_dir=''", "ImageReward.pt"]),
+    ([MLCM, "--config.rewards.scorer=hpsv2", "--config.student_unet=/x"],
+     ["rewards.scorer", "'hpsv2'", "'imagereward'"]),
 ]
 
 BENCH_CASES = [

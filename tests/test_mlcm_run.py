@@ -44,10 +44,11 @@ def test_two_stage_progressive_run(tmp_path):
 
 
 @pytest.mark.slow  # a stage end to end with the reward losses
-def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_clip, tmp_path):
+def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_imagereward, tmp_path):
   """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
   directory (tiny, random), a separate teacher UNet, a prompt file, one stage with the reward
-  losses (aesthetic scorer on a tiny CLIP); samples decoded by the VAE."""
+  losses (ImageReward, tiny, scoring each image against its prompt); samples decoded by the
+  VAE."""
   import sdxl_fixtures  # pylint: disable=g-import-not-at-top
   sdxl_dir = tiny_sdxl_dir  # shared, read-only: the run writes only under tmp_path
   prompts = tmp_path / "prompts.jsonl"
@@ -59,8 +60,7 @@ def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_clip, tmp_path):
                                                         safe_serialization=True)
   config.update(student_unet=sdxl_dir, teacher_unet=str(tmp_path / "teacher"),
                 text_encoder="sdxl", prompts=str(prompts))
-  config.rewards.update(scorer="aesthetic", clip_dir=str(tiny_clip.dir / "clip"),
-                        head=str(tiny_clip.dir / "head.pth"))
+  config.rewards.update(scorer="imagereward", imagereward_dir=str(tiny_imagereward.dir))
   config.mlcm.num_stages = 1
   config.train.steps = 2
   result = mlcm_experiment.run(config, str(tmp_path / "run"))
@@ -68,8 +68,8 @@ def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_clip, tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   for key in ("mlcd", "reward_consistency", "feedback"):
     assert np.isfinite(lines[-1][f"mlcm_stage0_K4/{key}"]), key
-  # The feedback hinge is active (a random head scores far below s0 = 8).
-  assert lines[-1]["mlcm_stage0_K4/feedback"] > 1.0
+  # The feedback hinge is active (a random ImageReward scores below its s0 = 2).
+  assert lines[-1]["mlcm_stage0_K4/feedback"] > 0.0
   assert os.path.getsize(tmp_path / "run" / "stage0" / "samples_4step.png") > 100
 
 

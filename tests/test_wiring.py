@@ -203,28 +203,36 @@ def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   """Reward consistency on the decoded DDIM endpoints of eq. 7 and feedback learning on the
-  student's one-step sample from fresh noise (fold_in(rng, 1)), with a stand-in decoder and
-  scorer whose parameters come through ``frozen`` as the VAE's and the scorer's do."""
+  student's one-step sample from fresh noise (fold_in(rng, 1)), with a stand-in decoder and a
+  prompt-conditioned scorer whose parameters come through ``frozen`` as the VAE's and the
+  scorer's do and whose tokens come per example from the batch ('reward_ids', 'reward_mask')."""
   config, model, params, lora0, lora1, cond, uncond, eps = mlcm_setup
   config = config.copy_and_resolve_references()
-  config.rewards.update(scorer="aesthetic", rc_weight=0.5, fl_weight=0.25, threshold=3.0,
+  config.rewards.update(scorer="imagereward", rc_weight=0.5, fl_weight=0.25, threshold=3.0,
                         fl_steps=1)
   decode = lambda p, z: jnp.tanh(p * z[..., :3])
-  score = lambda p, x: 2.0 + jnp.mean(p * x, axis=(1, 2, 3))
+  # A prompt-conditioned stand-in (as ImageReward): the example's tokens shift its score.
+  score = lambda p, x, tokens: 2.0 + jnp.mean(p * x, axis=(1, 2, 3)) + 0.5 * jnp.sum(
+      tokens[0] * tokens[1], axis=1)
   frozen = {"unet": params, "uncond": uncond, "prev_lora": None, "vae": 1.5, "scorer": 4.0}
   bank = _bank_pair(seed=1)
+  ids = np.array([[3, 1, 0], [2, 2, 0], [0, 0, 0], [5, 0, 0]], np.int32)
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]], np.int32)
   key = jax.random.PRNGKey(3)
   loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, score)
-  loss, metrics = jax.jit(loss_fn)(lora0, dict(cond, **bank), key, 0, frozen)
+  loss, metrics = jax.jit(loss_fn)(lora0, dict(cond, reward_ids=ids, reward_mask=mask, **bank),
+                                   key, 0, frozen)
   mlcd, ends = _by_hand(config, params, lora0, lora1, cond, uncond, eps, 0, key, bank)
-  s_np = lambda z: 2.0 + np.mean(4.0 * np.tanh(1.5 * z[..., :3]))
-  rc = np.mean([(s_np(p) - s_np(t)) ** 2 for p, t in ends])
+  prompt_term = 0.5 * np.sum(ids * mask, axis=1)  # [2, 1, 0, 2.5]: some hinges close
+  s_np = lambda z, i: 2.0 + np.mean(4.0 * np.tanh(1.5 * z[..., :3])) + prompt_term[i]
+  rc = np.mean([(s_np(p, i) - s_np(t, i)) ** 2 for i, (p, t) in enumerate(ends)])
   student = lora.attach(params, lora0, config.lora.scale)
   noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (4, 8, 8, 4)), np.float64)
   x_0 = [(noise[i] - SIGMAS[999] * eps(student, noise[i], 999, i)) / ALPHAS[999]
          for i in range(4)]  # one step from z_999: x_hat
-  fl = np.mean([max(3.0 - s_np(x), 0.0) for x in x_0])
-  assert rc > 0 and fl > 0
+  hinges = [max(3.0 - s_np(x, i), 0.0) for i, x in enumerate(x_0)]
+  fl = np.mean(hinges)
+  assert rc > 0 and fl > 0 and min(hinges) == 0.0  # per-example tokens decide which are open
   np.testing.assert_allclose(float(metrics["reward_consistency"]), rc, rtol=2e-4)
   np.testing.assert_allclose(float(metrics["feedback"]), fl, rtol=2e-4)
   np.testing.assert_allclose(float(loss), mlcd + 0.5 * rc + 0.25 * fl, rtol=2e-4)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import hub, lora, mlcm, objectives, pipeline, rewards, seeds, sharding, storage, train
+from mcm_jax import (hub, lora, mlcm, objectives, pipeline, rewards, scorers, seeds, sharding,
+                     storage, train)
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
@@ -103,14 +104,28 @@ def cached_encoder(encode, prompts, budget=EMBEDDING_CACHE_BYTES, batch=8):
   return lambda batch_texts: {k: v[[row[t] for t in batch_texts]] for k, v in table.items()}
 
 
-def conditioning_fn(c, encode):
+def conditioning_fn(c, encode, reward_tokenize=None):
   """``encode_batch(texts)``: ``encode``'s prompt embeddings plus SDXL's size conditioning
-  ``time_ids`` at ``c.latent_resolution`` (what every batch holds)."""
+  ``time_ids`` at ``c.latent_resolution`` (what every batch holds), and with
+  ``reward_tokenize`` (a prompt-conditioned reward scorer's) 'reward_ids' / 'reward_mask'."""
   def encode_batch(texts):
     out = encode(texts)
     out["time_ids"] = sdxl.time_ids(c.latent_resolution * 8, len(texts))
+    if reward_tokenize is not None:
+      out["reward_ids"], out["reward_mask"] = reward_tokenize(texts)
     return out
   return encode_batch
+
+
+def reward_scorer(c):
+  """(``score(params, images, tokens)``, its params, ``tokenize`` or None) of
+  ``config.rewards.scorer``: the LAION aesthetic predictor (no prompt) or ImageReward."""
+  r = c.rewards
+  if r.scorer == "imagereward":
+    model = scorers.load_imagereward(r.imagereward_dir, r.tokenizer_dir or None)
+    return model.score, model.params, model.tokenize
+  score, params = rewards.aesthetic_scorer(r.clip_dir, r.head)
+  return (lambda p, images, tokens: score(p, images)), params, None
 
 
 def frozen_inputs(c, params, teacher, uncond):
@@ -200,7 +215,8 @@ def uncond_mode(c):
 def unconditional(c, encode_batch):
   """The guided teacher's unconditional conditioning [1, ...] (eq. 8): zero prompt embeddings
   or the text encoders' embedding of "" (``uncond_mode``); the size conditioning is kept."""
-  return sdxl.unconditional(encode_batch, uncond_mode(c) == "zeros")
+  out = sdxl.unconditional(encode_batch, uncond_mode(c) == "zeros")
+  return {k: out[k] for k in mlcm.CONDITIONING}
 
 
 def bank_settings(c):
@@ -242,10 +258,11 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
 
 
 def resolve_model_paths(config):
-  """A copy of ``config`` whose model fields (student / teacher UNet, reward CLIP) are local
+  """A copy of ``config`` whose model fields (student / teacher UNet, reward models) are local
   directories: hub names (org/name) resolved from the local Hugging Face cache (``hub``)."""
   c = config.copy_and_resolve_references()
-  for section, field in ((c, "student_unet"), (c, "teacher_unet"), (c.rewards, "clip_dir")):
+  for section, field in ((c, "student_unet"), (c, "teacher_unet"), (c.rewards, "clip_dir"),
+                         (c.rewards, "imagereward_dir"), (c.rewards, "tokenizer_dir")):
     if section[field]:
       section[field] = hub.local_path(section[field], f"config.{field}" if section is c
                                       else f"config.rewards.{field}")
@@ -268,14 +285,16 @@ def run(config, workdir):
 
   if c.text_encoder == "sdxl":
     encode = cached_encoder(encode, prompts)  # frees the CLIP weights when the prompts are few
-  encode_batch = conditioning_fn(c, encode)
+  decode = score = reward_tokenize = scorer_params = None
+  if c.rewards.scorer:
+    score, scorer_params, reward_tokenize = reward_scorer(c)
+  encode_batch = conditioning_fn(c, encode, reward_tokenize)
   frozen = frozen_inputs(c, params, teacher, jax.device_put(unconditional(c, encode_batch),
                                                          sharding.replicated(mesh)))
-  decode = score = None
   if c.rewards.scorer:
     vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
     decode = sdxl.make_decoder(vae)
-    score, frozen["scorer"] = rewards.aesthetic_scorer(c.rewards.clip_dir, c.rewards.head)
+    frozen["scorer"] = scorer_params
   writer = create_writer(workdir)
   batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
   bank_fn = None
