@@ -48,21 +48,23 @@ EXTRAS = {
     # ~1 min to install from that local copy). An unpinned torch pulls whatever is newest.
     # The SDXL UNet and LoRA export are checked against diffusers' PyTorch classes (LoRA loading
     # there needs peft).
-    # pytest-xdist: the suite runs one test module per core (pytest.ini).
+    # pytest-xdist: the suite runs one test module per core (pytest.ini). open_clip_torch: the
+    # reference for the open_clip -> transformers CLIP conversion (HPSv2), and its wheel ships
+    # CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); nothing is downloaded.
     "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.3", "scipy",
              "tensorflow-datasets>=4.9,<5", "array_record",
              "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
              "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",
-             "pyarrow",
+             "pyarrow", "open_clip_torch>=2.20",
              # tests/test_plan.py compiles for abstract TPUs ("tpu"; Linux wheels only)
              "libtpu==0.0.42.*; sys_platform == 'linux'",
              "fsspec"],  # tests/fake_gcs.py: a local stand-in for gs:// (fsspec's DirFileSystem)
 }
 
-# The full-size SDXL rehearsal (launch/sdxl_rehearsal.sh): the test stack (PyTorch references)
-# plus open_clip_torch, whose wheel ships CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)
-# that benchmarks/make_random_sdxl.py builds the real tokenizers from; nothing is downloaded.
-EXTRAS["rehearsal"] = EXTRAS["test"] + ["open_clip_torch>=2.20"]
+# The full-size SDXL rehearsal (launch/sdxl_rehearsal.sh): the test stack (PyTorch references,
+# and open_clip_torch, whose wheel's BPE vocabulary benchmarks/make_random_sdxl.py builds the
+# real tokenizers from).
+EXTRAS["rehearsal"] = EXTRAS["test"]
 
 setup(
     name="mcm_jax",

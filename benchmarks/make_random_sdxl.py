@@ -14,8 +14,6 @@ downloaded. The UNet is built on PyTorch's meta device and filled tensor by tens
 N(0, 0.02^2), so activations keep their scale through the network.
 """
 import argparse
-import gzip
-import importlib.util
 import json
 import os
 import sys
@@ -23,6 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mcm_jax import convert_open_clip  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -86,36 +85,11 @@ def write_small_models(directory, seed):
       os.path.join(directory, "text_encoder_2"), variant="fp16")
 
 
-def clip_bpe_vocabulary():
-  """The path of open_clip_torch's ``bpe_simple_vocab_16e6.txt.gz`` (the package is located,
-  not imported)."""
-  spec = importlib.util.find_spec("open_clip")
-  if spec is None or not spec.submodule_search_locations:
-    sys.exit("error: the CLIP BPE vocabulary comes from the open_clip_torch wheel: "
-             "pip install open_clip_torch")
-  return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
-
-
 def write_tokenizers(directory):
   """tokenizer/ (pad '<|endoftext|>') and tokenizer_2/ (pad '!'), as SDXL base ships them: CLIP's
-  49,408-token byte-level BPE (OpenAI CLIP's ``SimpleTokenizer`` vocabulary construction)."""
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode  # pylint: disable=g-import-not-at-top
-  with gzip.open(clip_bpe_vocabulary()) as f:
-    merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-  vocab = list(bytes_to_unicode().values())
-  vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  staging = os.path.join(directory, ".bpe")
-  os.makedirs(staging, exist_ok=True)
-  vocab_file, merges_file = os.path.join(staging, "vocab.json"), os.path.join(staging, "m.txt")
-  with open(vocab_file, "w", encoding="utf-8") as f:
-    json.dump({v: i for i, v in enumerate(vocab)}, f)
-  with open(merges_file, "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  49,408-token byte-level BPE (``convert_open_clip.write_clip_tokenizer``)."""
   for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-    CLIPTokenizer(vocab_file, merges_file, pad_token=pad, model_max_length=77).save_pretrained(
-        os.path.join(directory, name))
+    convert_open_clip.write_clip_tokenizer(os.path.join(directory, name), pad)
 
 
 def main():

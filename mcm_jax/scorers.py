@@ -5,6 +5,8 @@
   PickScore   = exp(logit_scale) cos(E_I, E_T)   Kirstain et al. 2023: a fine-tuned CLIP ViT-H/14
                                                (yuvalkirstain/PickScore_v1), logit_scale its own
   ImageReward = (MLP(BLIP(image, prompt)) - mean) / std     Xu et al. 2023 (``models.blip``)
+  HPSv2       = cos(E_I, E_T)                   Wu et al. 2023: an open_clip ViT-H/14 fine-tune,
+                                               converted by ``convert_open_clip``
 
 E_I is the projected image embedding of the CLIP-preprocessed image (``rewards.clip_preprocess``:
 bicubic short side to the model's size, centre crop, CLIP mean / std; ImageReward preprocesses
@@ -128,3 +130,9 @@ def load_imagereward(directory, tokenizer_dir=None):
     return np.asarray(out.input_ids), np.asarray(out.attention_mask)
 
   return ImageRewardModel(score, params, tokenize)
+
+
+def hps_score(model):
+  """``score(params, images, input_ids) -> [B]``: HPSv2's cos (an open_clip checkpoint converted
+  by ``convert_open_clip``)."""
+  return model.cosine

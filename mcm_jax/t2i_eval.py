@@ -6,9 +6,9 @@
 
 Scores (``mcm_jax.scorers``) averaged over prompts: CLIP score ``100 max(cos(E_image, E_text), 0)``
 (torchmetrics' definition; MLCM reports it with ViT-g/14 on 5k MSCOCO-2017 captions), PickScore
-with ``--pickscore``, ImageReward with ``--imagereward``, the LAION aesthetic score with
+with ``--pickscore``, ImageReward with ``--imagereward``, HPSv2 with ``--hpsv2``, the LAION aesthetic score with
 ``--aesthetic_head``. Writes ``eval.json`` ({steps: {clip_score, pickscore, imagereward,
-aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
+hpsv2, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
 ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
@@ -24,13 +24,15 @@ from mcm_jax.data import prompts as prompt_data
 
 def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lora_path="",
              resolution=1024, batch_size=4, seed=0, pickscore_dir="", imagereward_dir="",
-             imagereward_tokenizer=""):
+             imagereward_tokenizer="", hpsv2_dir=""):
   """{steps: {'clip_score', 'pickscore' (with ``pickscore_dir``), 'imagereward' (with
-  ``imagereward_dir``), 'aesthetic' (with a head), 'num'}}: prompt-averaged scores of each step
-  count's images; also writes files."""
+  ``imagereward_dir``), 'hpsv2' (with ``hpsv2_dir``), 'aesthetic' (with a head), 'num'}}:
+  prompt-averaged scores of each step count's images; also writes files."""
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
   if pickscore_dir:
     text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
+  if hpsv2_dir:
+    text_scores["hpsv2"] = (scorers.hps_score, hpsv2_dir)
   loaded = {}
   for name, (kind, directory) in text_scores.items():
     model = scorers.load_clip(directory)
@@ -78,6 +80,9 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_string("pickscore", "", "Local PickScore model directory (a CLIP ViT-H/14 in the "
                       "transformers layout, e.g. yuvalkirstain/PickScore_v1, with its tokenizer; "
                       "optional).", flag_values=flag_values)
+  flags.DEFINE_string("hpsv2", "", "HPSv2 / v2.1 as a transformers-layout CLIP directory "
+                      "(python -m mcm_jax.convert_open_clip --checkpoint=HPS_v2.1_compressed.pt "
+                      "--model=ViT-H-14 --out=DIR; optional).", flag_values=flag_values)
   flags.DEFINE_string("imagereward", "", "Local ImageReward directory: ImageReward.pt and "
                       "med_config.json (THUDM/ImageReward), with bert-base-uncased's vocab.txt "
                       "unless --imagereward_tokenizer is given (optional).",
@@ -115,13 +120,14 @@ def main(argv, flag_values=FLAGS):
   clip_dir = hub.local_path(f.clip, "--clip")  # a local dir or a cached hub name
   pickscore_dir = hub.local_path(f.pickscore, "--pickscore") if f.pickscore else ""
   imagereward_dir = hub.local_path(f.imagereward, "--imagereward") if f.imagereward else ""
+  hpsv2_dir = hub.local_path(f.hpsv2, "--hpsv2") if f.hpsv2 else ""
   tokenizer_dir = (hub.local_path(f.imagereward_tokenizer, "--imagereward_tokenizer")
                    if f.imagereward_tokenizer else "")
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
   evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
            f.lora, f.resolution, f.batch_size, f.seed, pickscore_dir, imagereward_dir,
-           tokenizer_dir)
+           tokenizer_dir, hpsv2_dir)
 
 
 if __name__ == "__main__":

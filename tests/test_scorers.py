@@ -59,3 +59,44 @@ def test_t2i_eval_reports_imagereward(tiny_imagereward, tiny_sdxl_dir, tiny_clip
                                     batch_size=2)
   np.testing.assert_allclose(results["2"]["imagereward"],
                              float(np.mean(torch_score(images, prompts))), rtol=1e-4, atol=1e-4)
+
+
+def test_open_clip_checkpoint_converts_to_an_equal_clip(tmp_path):
+  """An open_clip CLIP (HPSv2's architecture family: exact GELU, fused in_proj, argmax pooling)
+  written as HPSv2 ships it ({'state_dict': ...}) and converted: ``scorers.load_clip``'s
+  cosine (HPSv2's score) equals open_clip's normalised ``encode_image . encode_text`` with
+  open_clip's own tokenizer."""
+  torch = pytest.importorskip("torch")
+  open_clip = pytest.importorskip("open_clip")
+  import jax  # pylint: disable=g-import-not-at-top
+  from mcm_jax import convert_open_clip  # pylint: disable=g-import-not-at-top
+  from mcm_jax import rewards  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = open_clip.model.CLIP(
+      embed_dim=16, vision_cfg=open_clip.model.CLIPVisionCfg(
+          layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+      text_cfg=open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=32,
+                                           heads=2, layers=2)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.add_(0.05 * torch.randn_like(p) * (1.0 if p.ndim < 2 else p[0].numel() ** -0.5 * 20))
+  torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
+             tmp_path / "hps.pt")
+  out = convert_open_clip.convert(str(tmp_path / "hps.pt"), str(tmp_path / "hf"), heads=(2, 2))
+  clip = scorers.load_clip(out)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  prompts = ["a red fox in the snow", "a photo of a cat"]
+  got = np.asarray(jax.jit(scorers.hps_score(clip))(clip.params, images, clip.tokenize(prompts)))
+  pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
+      torch.from_numpy(rewards.CLIP_STD)
+  with torch.no_grad():
+    img = model.encode_image(pixels.permute(0, 3, 1, 2).float(), normalize=True)
+    txt = model.encode_text(open_clip.tokenize(prompts), normalize=True)
+  want = (img * txt).sum(-1).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert np.ptp(want) > 1e-3
+  with pytest.raises(ValueError, match="not an open_clip CLIP checkpoint"):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    convert_open_clip.convert(str(tmp_path / "other.pt"), str(tmp_path / "x"), "ViT-H-14")
+  with pytest.raises(ValueError, match="model='ViT-Q' is not known"):
+    convert_open_clip.convert(str(tmp_path / "hps.pt"), str(tmp_path / "x"), "ViT-Q")
