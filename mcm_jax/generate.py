@@ -50,6 +50,19 @@ def schedule_text(steps, timesteps, sampler, strength=1.0):
           f"'timesteps'{f', strength={strength}' if strength != 1.0 else ''}).\n")
 
 
+def parse_scales(values):
+  """``--lora_scale`` (strings) -> finite floats; UserError naming the value otherwise."""
+  text = ",".join(values)
+  try:
+    scales = [float(v) for v in values]
+  except ValueError:
+    scales = [float("nan")]
+  if not scales or not np.all(np.isfinite(scales)):
+    raise errors.UserError(f"--lora_scale={text} is invalid; allowed: a finite number, or one "
+                           "per --lora file (comma-separated)")
+  return scales
+
+
 def _slug(text, n=40):
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
@@ -64,7 +77,8 @@ def define_pipeline_flags(out_default, flag_values=FLAGS):
   flags.DEFINE_string("sdxl", None, "Local diffusers-layout SDXL directory (unet/, vae/, "
                       "text_encoder(_2)/, tokenizer(_2)/).", **fv)
   flags.DEFINE_string("lora", "", "MLCM LoRA: a .safetensors file or a directory holding "
-                      "pytorch_lora_weights.safetensors ('' = the base model).", **fv)
+                      "pytorch_lora_weights.safetensors ('' = the base model); several, "
+                      "comma-separated, are stacked (e.g. the MLCM LoRA and a style LoRA).", **fv)
   flags.DEFINE_string("prompts", None, "A prompt file (.txt / .jsonl / .parquet).", **fv)
   flags.DEFINE_integer("resolution", 1024, "Image size in pixels (a multiple of 32 for SDXL).",
                        lower_bound=1, **fv)
@@ -89,7 +103,8 @@ def check_pipeline_flags(flag_values, required):
 
 def define_flags(flag_values=FLAGS):
   define_pipeline_flags("samples", flag_values)
-  flags.DEFINE_float("lora_scale", 1.0, "LoRA scale.", flag_values=flag_values)
+  flags.DEFINE_list("lora_scale", ["1.0"], "LoRA scale, or one per --lora file "
+                    "(comma-separated).", flag_values=flag_values)
   flags.DEFINE_string("prompt", None, "One prompt (or --prompts).", flag_values=flag_values)
   flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8; e.g. 25 "
                        "for the guided teacher).", flag_values=flag_values)
@@ -140,11 +155,11 @@ def main(argv, flag_values=FLAGS):
   if (f.prompt is None) == (f.prompts is None):
     raise errors.UserError("pass exactly one of --prompt (one prompt) and --prompts (a file)")
   sdxl_dir = check_pipeline_flags(f, ("sdxl",))
-  if not np.isfinite(f.lora_scale):
-    raise errors.UserError(f"--lora_scale={f.lora_scale} is invalid; allowed: a finite number")
+  scales = parse_scales(f.lora_scale)
   init = plotting.read_image(f.init_image, f.resolution) if f.init_image else None
   prompts = [f.prompt] if f.prompt is not None else prompt_data.load_prompts(f.prompts)
-  models = pipeline.load_pipeline(sdxl_dir, f.lora, f.lora_scale)
+  models = pipeline.load_pipeline(sdxl_dir, [p for p in f.lora.split(",") if p],
+                                  scales[0] if len(scales) == 1 else scales)
   images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
                                     f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
                                     f.negative_prompt, init, strength)

@@ -106,6 +106,21 @@ def attach(params, lora, scale=1.0, source="LoRA"):
   return sdxl_unet.Adapted(params, factors)
 
 
+def combine(loras_and_scales):
+  """Several LoRAs as one: ``sum_i s_i A_i B_i = [A_1 ... A_n] [s_1 B_1; ...; s_n B_n]`` per module
+  (ranks concatenated; a module in only some of the LoRAs gets only theirs). Exact, so stacked
+  LoRAs (an MLCM LoRA and a style LoRA) attach at scale 1."""
+  out = {}
+  for lora, scale in loras_and_scales:
+    for path, ab in lora.items():
+      a, b = jnp.asarray(ab["a"], jnp.float32), scale * jnp.asarray(ab["b"], jnp.float32)
+      if path in out:
+        a = jnp.concatenate([out[path]["a"], a], -1)
+        b = jnp.concatenate([out[path]["b"], b], 0)
+      out[path] = {"a": a, "b": b}
+  return out
+
+
 def save(directory, lora, scale=1.0, kohya_name="lora", kohya_dtype="float16"):
   """Writes ``directory/pytorch_lora_weights.safetensors`` (diffusers' PEFT layout, float32) and
   ``directory/<kohya_name>_kohya.safetensors`` (ComfyUI / A1111 / kohya, ``kohya_dtype``);

@@ -92,15 +92,23 @@ class Pipeline:
 
 
 def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
-  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory. The LoRA file is
-  read first (a bad one fails before the models load); one that does not fit the UNet is an
-  error naming the file, the module and the shapes. ``lora_path=''``: the base model."""
-  parsed = lora_lib.read(lora_path) if lora_path else None  # a bad file fails before the models
+  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory. ``lora_path``: a
+  LoRA file or directory, or a list of them with ``lora_scale`` a list of the same length
+  (stacked, ``lora.combine``); '' or [] = the base model. The files are read first (a bad one
+  fails before the models load); one that does not fit the UNet is an error naming the file, the
+  module and the shapes."""
+  paths = [lora_path] if isinstance(lora_path, str) else list(lora_path)
+  paths = [p for p in paths if p]
+  scales = [lora_scale] * len(paths) if np.ndim(lora_scale) == 0 else list(lora_scale)
+  if len(scales) != len(paths):
+    raise errors.UserError(f"{len(paths)} LoRA files but {len(scales)} scales ({scales}); "
+                           "allowed: one scale per LoRA, or one scale for all")
+  parsed = [lora_lib.read(p) for p in paths]  # a bad file fails before the models load
   unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
-  if parsed is not None:
-    lora = lora_lib.load(lora_path, unet_params, parsed)
-    unet_params = lora_lib.attach(unet_params, lora, lora_scale,
-                                 source=f"LoRA file {lora_path}")
+  if paths:
+    loras = [(lora_lib.load(p, unet_params, r), s) for p, r, s in zip(paths, parsed, scales)]
+    unet_params = lora_lib.attach(unet_params, lora_lib.combine(loras), 1.0,
+                                 source=f"LoRA file(s) {', '.join(paths)}")
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
   return Pipeline(unet, unet_params, vae, vae_params, sdxl.load_text_encoders(sdxl_dir),
                   sdxl.force_zeros_for_empty_prompt(sdxl_dir))

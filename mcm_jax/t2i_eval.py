@@ -126,8 +126,8 @@ def main(argv, flag_values=FLAGS):
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
   evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
-           f.lora, f.resolution, f.batch_size, f.seed, pickscore_dir, imagereward_dir,
-           tokenizer_dir, hpsv2_dir)
+           [p for p in f.lora.split(",") if p], f.resolution, f.batch_size, f.seed,
+           pickscore_dir, imagereward_dir, tokenizer_dir, hpsv2_dir)
 
 
 if __name__ == "__main__":

@@ -181,9 +181,10 @@ def _randomise(module, torch):
                                              else 0.0))
 
 
-def _imagereward_state_dict(vision, text, head):
+def imagereward_state_dict(vision, text, head):
   """ImageReward.pt's layout (``blip.visual_encoder.*`` timm-style, ``blip.text_encoder.*``,
-  ``mlp.layers.*``) from transformers' BLIP models: the inverse of transformers' BLIP conversion
+  ``mlp.layers.*``) from the state dicts of transformers' BLIP vision and text models and the
+  MLP head: the inverse of transformers' BLIP conversion
   (``convert_blip_original_pytorch_to_hf.rename_key``)."""
   inverse = [("embeddings.class_embedding", "cls_token"),
              ("embeddings.position_embedding", "pos_embed"),
@@ -191,13 +192,13 @@ def _imagereward_state_dict(vision, text, head):
              ("encoder.layers", "blocks"), ("self_attn.projection", "attn.proj"),
              ("self_attn", "attn"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2")]
   sd = {}
-  for key, value in vision.state_dict().items():
+  for key, value in vision.items():
     for old, new in inverse:
       key = key.replace(old, new)
     sd["blip.visual_encoder." + key] = value
-  sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
-  sd.update({"mlp.layers." + k: v for k, v in head.state_dict().items()})
-  sd["blip.vision_proj.weight"] = vision.state_dict()["post_layernorm.weight"][:8, None]
+  sd.update({"blip.text_encoder." + k: v for k, v in text.items()})
+  sd.update({"mlp.layers." + k: v for k, v in head.items()})
+  sd["blip.vision_proj.weight"] = vision["post_layernorm.weight"][:8, None]  # unused by scoring
   return sd
 
 
@@ -231,7 +232,8 @@ def write_tiny_imagereward(path, seed=0):
                              torch.nn.Linear(sizes[4], sizes[5])).eval()
   for module in (vision, text, head):
     _randomise(module, torch)
-  torch.save(_imagereward_state_dict(vision, text, head), str(path / "ImageReward.pt"))
+  torch.save(imagereward_state_dict(vision.state_dict(), text.state_dict(), head.state_dict()),
+             str(path / "ImageReward.pt"))
 
   def torch_score(images, prompts):
     """ImageReward.score_gard on CLIP-normalised pixels (images at the ViT's size)."""

@@ -109,6 +109,40 @@ def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir):
   assert np.abs(images[None] - unguided).mean() > 1e-3  # and so does the guidance
 
 
+def test_stacked_loras_equal_diffusers_adapters(sdxl_dir, tmp_path):
+  """Two LoRAs at scales 0.7 and -0.4 (``lora.combine``): the images equal diffusers' pipeline
+  with both files loaded as adapters and ``set_adapters`` at those weights."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  _, params = sdxl.load_unet(sdxl_dir)
+  files = []
+  for seed, rank in ((0, 4), (1, 2)):
+    lora = lora_lib.init_lora(params, rank, jax.random.PRNGKey(seed))
+    lora = {k: {"a": v["a"], "b": 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 5),
+                                                           v["b"].shape)}
+            for k, v in lora.items()}
+    files.append(lora_lib.save(str(tmp_path / f"lora{seed}"), lora))
+  models = pipeline.load_pipeline(sdxl_dir, files, [0.7, -0.4])
+  ours = pipeline.generate_images(models, PROMPTS[:2], 3, resolution=32, batch_size=2,
+                                  timesteps="leading")
+  reference = _diffusers_sdxl_pipeline(sdxl_dir)
+  for name, path in zip(("one", "two"), files):
+    reference.load_lora_weights(path, adapter_name=name)
+  reference.set_adapters(["one", "two"], adapter_weights=[0.7, -0.4])
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
+                                       (2, 16, 16, 4)))
+  with torch.no_grad():
+    theirs = reference(prompt=PROMPTS[:2], num_inference_steps=3, guidance_scale=1.0,
+                       height=32, width=32, output_type="np",
+                       latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())).images
+  np.testing.assert_allclose((ours + 1) / 2, theirs, atol=1e-4)
+  single = pipeline.generate_images(pipeline.load_pipeline(sdxl_dir, files[0], 0.7), PROMPTS[:2],
+                                    3, resolution=32, batch_size=2, timesteps="leading")
+  assert np.abs(single - ours).mean() > 1e-3  # the second LoRA acts
+  with pytest.raises(ValueError, match="2 LoRA files but 3 scales"):
+    pipeline.load_pipeline(sdxl_dir, files, [1.0, 1.0, 1.0])
+
+
 def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, monkeypatch):
   """Image-to-image, guided, strength 0.5 of 6 'leading' Euler steps: ``generate_images`` equals
   diffusers' StableDiffusionXLImg2ImgPipeline given the same VAE-posterior and start noise (the
