@@ -150,3 +150,43 @@ def reference_statistics(source, feature_fn, cache_path, num, batch_size, seed):
     save_statistics(cache_path, mu, sigma, n)
   logging.info("reference statistics of %d images -> %s", n, cache_path)
   return mu, sigma
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+INCEPTION_SIZE = 299
+
+
+def to_inception_size(images):
+  """[N, H, W, 3] in [-1, 1] -> [N, 299, 299, 3] in [-1, 1]: quantised to 8 bits, then PIL's
+  bicubic resize per image (clean-fid's filter; clean-fid resizes float32 channels, this the
+  8-bit image), so generated and reference images meet the network the same way."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+  size = (INCEPTION_SIZE, INCEPTION_SIZE)
+  return np.stack([np.asarray(Image.fromarray(p).resize(size, Image.BICUBIC), np.float32)
+                   for p in pixels]) / 127.5 - 1.0
+
+
+def folder_statistics(directory, feature_fn, batch_size=32, limit=None):
+  """(mu, sigma, n) of the Inception features of the images in ``directory`` (sorted names,
+  ``IMAGE_SUFFIXES``; RGB; each resized as ``to_inception_size``), read one batch at a time."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not storage.isdir(directory):
+    raise FileNotFoundError(f"FID reference folder {directory!r} not found")
+  names = sorted(n for n in storage.listdir(directory) if n.lower().endswith(IMAGE_SUFFIXES))
+  names = names[:limit] if limit else names
+  if len(names) < 2:
+    raise UserError(f"FID reference folder {directory!r} holds {len(names)} images "
+                    f"({'/'.join(IMAGE_SUFFIXES)}); allowed: at least 2 (thousands for a "
+                    "meaningful FID)")
+  feats = []
+  for start in range(0, len(names), batch_size):
+    batch = []
+    for name in names[start:start + batch_size]:
+      with storage.open_file(f"{directory}/{name}", "rb") as f:
+        image = Image.open(io.BytesIO(f.read())).convert("RGB")
+      batch.append(np.asarray(image.resize((INCEPTION_SIZE,) * 2, Image.BICUBIC), np.float32))
+    feats.append(batched_features(feature_fn, np.stack(batch) / 127.5 - 1.0, batch_size)[0])
+  mu, sigma = statistics(np.concatenate(feats))
+  return mu, sigma, len(names)
+

@@ -6,9 +6,10 @@
 
 Scores (``mcm_jax.scorers``) averaged over prompts: CLIP score ``100 max(cos(E_image, E_text), 0)``
 (torchmetrics' definition; MLCM reports it with ViT-g/14 on 5k MSCOCO-2017 captions), PickScore
-with ``--pickscore``, ImageReward with ``--imagereward``, HPSv2 with ``--hpsv2``, the LAION aesthetic score with
+with ``--pickscore``, ImageReward with ``--imagereward``, HPSv2 with ``--hpsv2``, FID against
+``--fid_reference`` (both sets 8-bit, PIL bicubic to 299 px, pytorch-fid's Inception), the LAION aesthetic score with
 ``--aesthetic_head``. Writes ``eval.json`` ({steps: {clip_score, pickscore, imagereward,
-hpsv2, aesthetic, num}}) and ``grid_<steps>step.png``. Bad input
+hpsv2, aesthetic, fid, num}}) and ``grid_<steps>step.png``. Bad input
 ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
@@ -18,16 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import cli, errors, generate, hub, pipeline, plotting, rewards, scorers, storage
+from mcm_jax import (cli, errors, fid, generate, hub, pipeline, plotting, rewards, scorers,
+                     storage)
 from mcm_jax.data import prompts as prompt_data
 
 
 def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lora_path="",
              resolution=1024, batch_size=4, seed=0, pickscore_dir="", imagereward_dir="",
-             imagereward_tokenizer="", hpsv2_dir=""):
+             imagereward_tokenizer="", hpsv2_dir="", fid_reference="", inception_weights=""):
   """{steps: {'clip_score', 'pickscore' (with ``pickscore_dir``), 'imagereward' (with
-  ``imagereward_dir``), 'hpsv2' (with ``hpsv2_dir``), 'aesthetic' (with a head), 'num'}}:
-  prompt-averaged scores of each step count's images; also writes files."""
+  ``imagereward_dir``), 'hpsv2' (with ``hpsv2_dir``), 'aesthetic' (with a head), 'fid' (with
+  ``fid_reference``, a folder of images, and ``inception_weights``), 'num'}}: prompt-averaged
+  scores of each step count's images (FID: of the whole set); also writes files."""
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
   if pickscore_dir:
     text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
@@ -45,6 +48,10 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
     fn, a_params = rewards.aesthetic_scorer(clip_dir, aesthetic_head)
     aesthetic = jax.jit(lambda x: fn(a_params, x))
   storage.makedirs(out)
+  if fid_reference:
+    inception = fid.inception_feature_fn(inception_weights)
+    mu_ref, sigma_ref, n_ref = fid.folder_statistics(fid_reference, inception, batch_size)
+    logging.info("FID reference: %d images of %s", n_ref, fid_reference)
   models = pipeline.load_pipeline(sdxl_dir, lora_path)
   results = {}
   for steps in steps_list:
@@ -60,6 +67,9 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
       if aesthetic is not None:
         scores["aesthetic"].append(np.asarray(aesthetic(x)))
     row = {name: float(np.mean(np.concatenate(v))) for name, v in scores.items()}
+    if fid_reference:
+      feats, _ = fid.batched_features(inception, fid.to_inception_size(images), batch_size)
+      row["fid"] = float(fid.frechet_distance(*fid.statistics(feats), mu_ref, sigma_ref))
     results[str(steps)] = dict(row, num=len(prompts))
     plotting.image_grid(os.path.join(out, f"grid_{steps}step.png"), images[:16])
     logging.info("%d steps: %s", steps, results[str(steps)])
@@ -90,6 +100,11 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_string("imagereward_tokenizer", "", "Directory (or cached hub name) of the BERT "
                       "uncased tokenizer ImageReward uses, e.g. bert-base-uncased.",
                       flag_values=flag_values)
+  flags.DEFINE_string("fid_reference", "", "A folder of reference images (e.g. COCO-2017 val) "
+                      "for FID of each step count's images (needs --inception_weights; "
+                      "optional).", flag_values=flag_values)
+  flags.DEFINE_string("inception_weights", "", "pytorch-fid's pt_inception-2015-12-05-*.pth (or "
+                      ".npz of it), a local file.", flag_values=flag_values)
   flags.DEFINE_string("aesthetic_head", "", "LAION aesthetic predictor head (optional).",
                       flag_values=flag_values)
 
@@ -123,11 +138,15 @@ def main(argv, flag_values=FLAGS):
   hpsv2_dir = hub.local_path(f.hpsv2, "--hpsv2") if f.hpsv2 else ""
   tokenizer_dir = (hub.local_path(f.imagereward_tokenizer, "--imagereward_tokenizer")
                    if f.imagereward_tokenizer else "")
+  if f.fid_reference and not f.inception_weights:
+    raise errors.UserError("--fid_reference needs --inception_weights (a local copy of "
+                           "pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
   evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
            [p for p in f.lora.split(",") if p], f.resolution, f.batch_size, f.seed,
-           pickscore_dir, imagereward_dir, tokenizer_dir, hpsv2_dir)
+           pickscore_dir, imagereward_dir, tokenizer_dir, hpsv2_dir, f.fid_reference,
+           f.inception_weights)
 
 
 if __name__ == "__main__":

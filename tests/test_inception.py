@@ -85,3 +85,23 @@ def test_npz_weights_and_bad_state_dicts(weights, tmp_path):
   bad_shape["Conv2d_1a_3x3.conv.weight"] = np.zeros((32, 3, 5, 5), np.float32)
   with pytest.raises(ValueError, match="Conv2d_1a_3x3.conv.weight"):
     inception.params_from_torch_state_dict(bad_shape)
+
+
+@pytest.mark.slow  # the tiny SDXL pipeline and the Inception at 299 px (seconds)
+def test_t2i_eval_fid_of_a_set_with_itself_is_zero(weights, tiny_sdxl_dir, tiny_clip_model,
+                                                   tmp_path):
+  """``t2i_eval``'s FID: the reference folder holding the very images a step count generates
+  (written as PNGs, read back) gives ~0; another step count's images give more."""
+  from mcm_jax import pipeline, plotting, t2i_eval  # pylint: disable=g-import-not-at-top
+  prompts = ["lower newer", "wider lowest", "newer", "lowest", "wider newer"]
+  images = pipeline.generate_images(pipeline.load_pipeline(tiny_sdxl_dir), prompts, 2, 32,
+                                    batch_size=2)
+  (tmp_path / "ref").mkdir()
+  for i, image in enumerate(images):
+    plotting.save_image(str(tmp_path / "ref" / f"{i}.png"), image)
+  (tmp_path / "ref" / "notes.txt").write_text("not an image")
+  results = t2i_eval.evaluate(tiny_sdxl_dir, prompts, [2, 1], str(tmp_path / "out"),
+                              str(tiny_clip_model.dir / "clip"), resolution=32, batch_size=2,
+                              fid_reference=str(tmp_path / "ref"), inception_weights=weights[1])
+  assert abs(results["2"]["fid"]) < 1e-3 * results["1"]["fid"]
+  assert results["1"]["fid"] > 0
