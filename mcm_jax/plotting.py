@@ -102,6 +102,24 @@ def read_image(path, size):
   return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
+def metric_curves(path, curves, references=None):
+  """One panel per metric: ``curves`` ({steps (str): {metric: value}}) against steps (log2 axis),
+  each of ``references`` ({name: {metric: value}}, e.g. the guided teacher) a dashed line."""
+  steps = sorted(curves, key=int)
+  metrics = [m for m in curves[steps[0]] if m != "num"]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    ax.plot([int(s) for s in steps], [curves[s][metric] for s in steps], "o-", label="LoRA")
+    for name, row in (references or {}).items():
+      if metric in row:
+        ax.axhline(row[metric], ls="--", color="gray", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("steps")
+    ax.set_title(metric)
+  axes[0][0].legend(fontsize=7)
+  _save_figure(fig, path)
+
+
 def _save_figure(fig, path):
   fig.tight_layout()
   with storage.open_file(path, "wb") as f:

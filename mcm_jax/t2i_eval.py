@@ -12,6 +12,7 @@ with ``--pickscore``, ImageReward with ``--imagereward``, HPSv2 with ``--hpsv2``
 hpsv2, aesthetic, fid, num}}) and ``grid_<steps>step.png``. Bad input
 ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
+import dataclasses
 import os
 
 import jax
@@ -26,11 +27,16 @@ from mcm_jax.data import prompts as prompt_data
 
 def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lora_path="",
              resolution=1024, batch_size=4, seed=0, pickscore_dir="", imagereward_dir="",
-             imagereward_tokenizer="", hpsv2_dir="", fid_reference="", inception_weights=""):
+             imagereward_tokenizer="", hpsv2_dir="", fid_reference="", inception_weights="",
+             teacher=None):
   """{steps: {'clip_score', 'pickscore' (with ``pickscore_dir``), 'imagereward' (with
   ``imagereward_dir``), 'hpsv2' (with ``hpsv2_dir``), 'aesthetic' (with a head), 'fid' (with
   ``fid_reference``, a folder of images, and ``inception_weights``), 'num'}}: prompt-averaged
-  scores of each step count's images (FID: of the whole set); also writes files."""
+  scores of each step count's images (FID: of the whole set), and with ``teacher`` ({'steps',
+  'guidance_scale', 'negative_prompt'}) a row 'teacher_<steps>' for the base model guided (Euler
+  on the 'leading' grid). Writes eval.json, eval.md (the table), metrics.png (each metric
+  against steps, the teacher as a line), grid.png (a row per run, the same prompts and noise)
+  and grid_<run>.png."""
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
   if pickscore_dir:
     text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
@@ -53,9 +59,17 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
     mu_ref, sigma_ref, n_ref = fid.folder_statistics(fid_reference, inception, batch_size)
     logging.info("FID reference: %d images of %s", n_ref, fid_reference)
   models = pipeline.load_pipeline(sdxl_dir, lora_path)
-  results = {}
-  for steps in steps_list:
-    images = pipeline.generate_images(models, prompts, steps, resolution, seed, batch_size)
+  runs = [(str(steps), models, steps, {}) for steps in steps_list]
+  if teacher is not None:  # the base model (the LoRA's frozen weights), guided
+    base = models.unet_params
+    base = dataclasses.replace(models, unet_params=getattr(base, "params", base))
+    runs.append((f"teacher_{teacher['steps']}", base, teacher["steps"],
+                 dict(timesteps="leading", guidance_scale=teacher["guidance_scale"],
+                      negative_prompt=teacher.get("negative_prompt"))))
+  results, grids = {}, []
+  for run, run_models, steps, options in runs:
+    images = pipeline.generate_images(run_models, prompts, steps, resolution, seed, batch_size,
+                                      **options)
     scores = {name: [] for name in loaded}
     if aesthetic is not None:
       scores["aesthetic"] = []
@@ -70,12 +84,34 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
     if fid_reference:
       feats, _ = fid.batched_features(inception, fid.to_inception_size(images), batch_size)
       row["fid"] = float(fid.frechet_distance(*fid.statistics(feats), mu_ref, sigma_ref))
-    results[str(steps)] = dict(row, num=len(prompts))
-    plotting.image_grid(os.path.join(out, f"grid_{steps}step.png"), images[:16])
-    logging.info("%d steps: %s", steps, results[str(steps)])
+    results[run] = dict(row, num=len(prompts))
+    plotting.image_grid(os.path.join(out, f"grid_{run}.png"), images[:16])
+    grids.append(images[:GRID_COLUMNS])
+    logging.info("%s: %s", run, results[run])
   storage.write_json(os.path.join(out, "eval.json"),
                      {"lora": lora_path, "prompts": len(prompts), "results": results})
+  storage.write_text(os.path.join(out, "eval.md"), markdown_table(results))
+  plotting.image_grid(os.path.join(out, "grid.png"), np.concatenate(grids),
+                      ncols=len(grids[0]))  # one row per run: the same prompts and noise
+  curves = {run: row for run, row in results.items() if run.isdigit()}
+  if len(curves) > 1:
+    plotting.metric_curves(os.path.join(out, "metrics.png"), curves,
+                           {r: row for r, row in results.items() if not r.isdigit()})
   return results
+
+
+GRID_COLUMNS = 8
+
+
+def markdown_table(results):
+  """Runs as rows, metrics as columns (the order of the first run's metrics)."""
+  metrics = [m for m in next(iter(results.values())) if m != "num"] + ["num"]
+  lines = ["| run | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+  for run, row in results.items():
+    cells = [f"{row[m]:.4g}" if isinstance(row.get(m), float) else str(row.get(m, ""))
+             for m in metrics]
+    lines.append(f"| {run} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 FLAGS = flags.FLAGS
@@ -99,6 +135,18 @@ def define_flags(flag_values=FLAGS):
                       flag_values=flag_values)
   flags.DEFINE_string("imagereward_tokenizer", "", "Directory (or cached hub name) of the BERT "
                       "uncased tokenizer ImageReward uses, e.g. bert-base-uncased.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("coco_captions", "", "COCO's captions_val2017.json instead of --prompts: "
+                      "one caption each of --num_prompts images picked with --seed (MLCM's "
+                      "MSCOCO-2017 5k protocol).", flag_values=flag_values)
+  flags.DEFINE_integer("num_prompts", 5000, "With --coco_captions: how many.", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("teacher_steps", 0, "Add a row for the base model guided (no LoRA), "
+                       "sampled with this many Euler steps on the 'leading' grid, e.g. 25 (0 = "
+                       "none).", flag_values=flag_values)
+  flags.DEFINE_float("teacher_guidance_scale", 8.0, "The teacher row's guidance scale.",
+                     flag_values=flag_values)
+  flags.DEFINE_string("teacher_negative_prompt", None, "The teacher row's negative prompt.",
                       flag_values=flag_values)
   flags.DEFINE_string("fid_reference", "", "A folder of reference images (e.g. COCO-2017 val) "
                       "for FID of each step count's images (needs --inception_weights; "
@@ -130,8 +178,18 @@ def parse_steps(values):
 def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
-  sdxl_dir = generate.check_pipeline_flags(f, ("sdxl", "prompts", "clip"))
+  if bool(f.prompts) == bool(f.coco_captions):
+    raise errors.UserError("pass exactly one of --prompts (a prompt file) and --coco_captions "
+                           "(COCO's captions_*.json)")
+  sdxl_dir = generate.check_pipeline_flags(f, ("sdxl", "clip"))
   steps = parse_steps(f.steps)
+  teacher = None
+  if f.teacher_steps:
+    if not 1 <= f.teacher_steps <= 1000:
+      raise errors.UserError(f"--teacher_steps={f.teacher_steps} is invalid; allowed: 0 (no "
+                             "teacher row) or 1..1000, e.g. 25")
+    teacher = dict(steps=f.teacher_steps, guidance_scale=f.teacher_guidance_scale,
+                   negative_prompt=f.teacher_negative_prompt)
   clip_dir = hub.local_path(f.clip, "--clip")  # a local dir or a cached hub name
   pickscore_dir = hub.local_path(f.pickscore, "--pickscore") if f.pickscore else ""
   imagereward_dir = hub.local_path(f.imagereward, "--imagereward") if f.imagereward else ""
@@ -143,10 +201,12 @@ def main(argv, flag_values=FLAGS):
                            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
   if f.aesthetic_head and not os.path.isfile(f.aesthetic_head):
     raise FileNotFoundError(f"--aesthetic_head={f.aesthetic_head!r} not found")
-  evaluate(sdxl_dir, prompt_data.load_prompts(f.prompts), steps, f.out, clip_dir, f.aesthetic_head,
+  prompts = (prompt_data.load_prompts(f.prompts) if f.prompts else
+             prompt_data.coco_captions(f.coco_captions, f.num_prompts, f.seed))
+  evaluate(sdxl_dir, prompts, steps, f.out, clip_dir, f.aesthetic_head,
            [p for p in f.lora.split(",") if p], f.resolution, f.batch_size, f.seed,
            pickscore_dir, imagereward_dir, tokenizer_dir, hpsv2_dir, f.fid_reference,
-           f.inception_weights)
+           f.inception_weights, teacher)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,11 @@ def test_bad_inputs_of_every_program(tmp_path):
       ([sd, good, clip, "--steps=1,0"], ["--steps=1,0", "'0'"]),
       ([sd, good, clip, "--steps="], ["--steps=''", "empty"]),
       ([sd, good], ["--clip is required"]),
-      ([sd, clip], ["--prompts is required"]),
+      ([sd, clip], ["exactly one of --prompts", "--coco_captions"]),
+      ([sd, good, clip, f"--coco_captions={t}/p.txt"], ["exactly one of --prompts"]),
+      ([sd, clip, f"--coco_captions={t}/p.txt"], [f"{t}/p.txt", "not a COCO captions file"]),
+      ([sd, good, clip, "--teacher_steps=-2"], ["--teacher_steps=-2", "e.g. 25"]),
+      ([sd, good, clip, f"--fid_reference={t}"], ["--fid_reference needs --inception_weights"]),
       ([sd, good, "--clip=/no/such/clip"], ["/no/such/clip"]),
       ([sd, good, clip, f"--aesthetic_head={t}/head.pth"], [f"{t}/head.pth"]),
   ]

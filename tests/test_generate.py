@@ -218,9 +218,21 @@ def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, tiny_clip_mod
   results = t2i_eval.evaluate(sdxl_dir, PROMPTS, [1, 2], str(tmp_path / "out"),
                               str(tiny_clip_model.dir / "clip"),
                               str(tiny_clip_model.dir / "head.pth"), resolution=32, batch_size=2,
-                              pickscore_dir=str(tiny_clip_model.dir / "clip"))
+                              pickscore_dir=str(tiny_clip_model.dir / "clip"),
+                              teacher=dict(steps=3, guidance_scale=5.0, negative_prompt="wider"))
   saved = json.load(open(tmp_path / "out" / "eval.json"))
-  assert set(saved["results"]) == {"1", "2"} and saved["results"]["2"] == results["2"]
+  assert set(saved["results"]) == {"1", "2", "teacher_3"}
+  assert saved["results"]["2"] == results["2"]
+  table = (tmp_path / "out" / "eval.md").read_text().splitlines()
+  assert table[0].startswith("| run | clip_score | pickscore | aesthetic | num |")
+  assert [line.split(" | ")[0] for line in table[2:]] == ["| 1", "| 2", "| teacher_3"]
+  for name in ("metrics.png", "grid.png", "grid_teacher_3.png"):
+    assert os.path.getsize(tmp_path / "out" / name) > 100, name
+  # The teacher row is the base model guided: pipeline.generate_images' images, scored.
+  base = pipeline.load_pipeline(sdxl_dir)
+  teacher_images = pipeline.generate_images(base, PROMPTS, 3, 32, batch_size=2,
+                                            timesteps="leading", guidance_scale=5.0,
+                                            negative_prompt="wider")
   # The CLIP score and PickScore (its reference code: exp(logit_scale) x cosine of the
   # normalised embeddings) of the 2-step images, recomputed in PyTorch.
   images = pipeline.generate_images(pipeline.load_pipeline(sdxl_dir), PROMPTS, 2, 32,
@@ -238,4 +250,12 @@ def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, tiny_clip_mod
   np.testing.assert_allclose(results["2"]["pickscore"],
                              float((clip.logit_scale.exp() * cos).mean()), atol=1e-3)
   assert results["2"]["pickscore"] != results["2"]["clip_score"]
-  assert os.path.isfile(tmp_path / "out" / "grid_1step.png") and "aesthetic" in results["1"]
+  assert "aesthetic" in results["1"]
+  teacher_pixels = (torch.from_numpy((teacher_images + 1) / 2) - torch.from_numpy(
+      rewards.CLIP_MEAN)) / torch.from_numpy(rewards.CLIP_STD)
+  with torch.no_grad():
+    cos = torch.nn.functional.cosine_similarity(
+        clip.get_image_features(pixel_values=teacher_pixels.permute(0, 3, 1, 2).float()),
+        clip.get_text_features(input_ids=ids))
+  np.testing.assert_allclose(results["teacher_3"]["pickscore"],
+                             float((clip.logit_scale.exp() * cos).mean()), atol=1e-3)

@@ -52,3 +52,21 @@ def test_cached_encoder_equals_the_encoder_and_respects_its_budget():
     np.testing.assert_array_equal(cached(batch)[key], want)
   assert sum(calls) == 13  # lookups do not encode
   assert sdxl_mlcm.cached_encoder(counted, prompts, budget=1000) is counted
+
+
+def test_coco_captions_pick_one_caption_per_chosen_image(tmp_path):
+  annotations = [{"image_id": i // 5, "id": i, "caption": f"image {i // 5} caption {i % 5} "}
+                 for i in range(50)]  # 10 images, 5 captions each
+  path = tmp_path / "captions_val2017.json"
+  path.write_text(json.dumps({"images": [], "annotations": annotations}))
+  picked = prompts.coco_captions(str(path), 4, seed=3)
+  assert len(picked) == 4 and picked == prompts.coco_captions(str(path), 4, seed=3)
+  images = [int(p.split()[1]) for p in picked]
+  assert images == sorted(set(images))  # 4 distinct images, in image-id order
+  assert picked != prompts.coco_captions(str(path), 4, seed=4)
+  assert all(p == p.strip() for p in picked)
+  with pytest.raises(ValueError, match="num_prompts=11 is more than the 10 images"):
+    prompts.coco_captions(str(path), 11)
+  (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+  with pytest.raises(ValueError, match="not a COCO captions file"):
+    prompts.coco_captions(str(tmp_path / "bad.json"))

@@ -42,6 +42,29 @@ def load_prompts(path):
   return prompts
 
 
+def coco_captions(path, num=5000, seed=0):
+  """``num`` captions of COCO's ``captions_*.json`` (a local or object-store path): ``num``
+  images picked with ``seed``, then one of each image's captions picked with it (the
+  MSCOCO-2017 5k prompts MLCM / LCM evaluate on), in image-id order."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not path or not storage.isfile(path):
+    raise FileNotFoundError(f"COCO captions file {path!r} not found (captions_val2017.json)")
+  try:
+    annotations = json.loads(storage.read_text(path))["annotations"]
+    by_image = {}
+    for a in annotations:
+      by_image.setdefault(int(a["image_id"]), []).append(str(a["caption"]).strip())
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: not a COCO captions file (an 'annotations' list of "
+                    f"{{'image_id', 'caption'}}; {type(e).__name__}: {e})") from e
+  images = sorted(by_image)
+  if num > len(images):
+    raise UserError(f"num_prompts={num} is more than the {len(images)} images of {path}")
+  rng = np.random.default_rng(seed)
+  chosen = np.sort(rng.permutation(len(images))[:num])
+  return [by_image[images[i]][rng.integers(len(by_image[images[i]]))] for i in chosen]
+
+
 def _jsonl_prompt(line, where):
   """The prompt of one .jsonl line ('' for a blank line); ``where`` is 'file:line'."""
   if not line.strip():
