@@ -12,6 +12,10 @@
 #            its LoRA (PEFT + kohya) and a sample grid;
 #   bank     stage 0 from a trajectory bank (built by the guided teacher, then streamed);
 #   generate 2 / 4 / 8-step images with the last stage's LoRA;
+#   teacher  the base model guided (w = 8, a negative prompt), 25 Euler steps on the 'leading' grid;
+#   img2img  the 4-step LoRA from the 4-step image, strength 0.5;
+#   pipeline_crosscheck  the guided teacher and img2img against diffusers' PyTorch SDXL pipelines
+#            (benchmarks/sdxl_pipeline_crosscheck.py, 4 steps);
 #   crosscheck  JAX vs diffusers / PyTorch on the same directory (benchmarks/sdxl_crosscheck.py):
 #            UNet eps in float32 and bfloat16, the LoRA's effect, one forward's time.
 # Re-running resumes: finished stages and phases' outputs are reused by the training runs.
@@ -54,5 +58,13 @@ for steps in 2 4 8; do
     --prompt="a red fox in the snow" --steps="$steps" --resolution=256 --batch_size=1 \
     --out="$WORK/generate_$steps"
 done
+phase teacher python -m mcm_jax.generate --sdxl="$DIR" --prompt="a red fox in the snow" \
+  --steps=25 --timesteps=leading --guidance_scale=8 --negative_prompt="blurry, low quality" \
+  --resolution=256 --batch_size=1 --out="$WORK/teacher"
+phase img2img python -m mcm_jax.generate --sdxl="$DIR" --lora="$WORK/mlcm/stage2/lora" \
+  --prompt="an oil painting of a red fox" --steps=4 --init_image="$WORK/generate_4/grid.png" \
+  --strength=0.5 --resolution=256 --batch_size=1 --out="$WORK/img2img"
+phase pipeline_crosscheck python benchmarks/sdxl_pipeline_crosscheck.py "$DIR" \
+  | tee "$WORK/pipeline_crosscheck.json"
 phase crosscheck python benchmarks/sdxl_crosscheck.py "$DIR" | tee "$WORK/crosscheck.json"
 cat "$PHASES"

@@ -38,6 +38,10 @@ def schedule_text(steps, timesteps, sampler, strength=1.0):
     comfy = ("SamplerCustom with sampler 'euler' (DDIM jumps are Euler steps in these sigmas) "
              "and a ManualSigmas node holding the sigmas")
     hf = "EulerDiscreteScheduler"
+  elif sampler == "tcd":
+    comfy = ("no core sampler: the ComfyUI-TCD custom node's TCD sampler (its gamma = "
+             "--gamma) with the sigmas above")
+    hf = "TCDScheduler (eta = --gamma)"
   else:
     comfy = ("SamplerCustom with sampler 'lcm', a ModelSamplingDiscrete node set to 'lcm' (LCM's "
              "boundary condition) and a ManualSigmas node holding the sigmas")
@@ -117,7 +121,10 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_enum("sampler", "ddim", list(mlcm.SAMPLERS),
                     "ddim: deterministic DDIM jumps between the timesteps (what MLCM LoRAs "
                     "trained here expect); lcm: LCM's sampler, x0 re-noised with fresh noise "
-                    "(LCM-LoRA, TLCM).", flag_values=flag_values)
+                    "(LCM-LoRA, TLCM); tcd: TCD's sampler with --gamma (TCD-LoRA, Hyper-SD).",
+                    flag_values=flag_values)
+  flags.DEFINE_float("gamma", 0.3, "TCD's stochasticity (diffusers' eta): 0 deterministic, 1 "
+                     "fully re-noised.", flag_values=flag_values)
   flags.DEFINE_string("timesteps", "uniform", "uniform (MLCM's segment starts 999, 750, 500, "
                       "250), trailing (999, 749, 499, 249), leading (diffusers' SDXL default: "
                       "751, 501, 251, 1), lcm (LCMScheduler's 999, 759, 499, 259) or an explicit "
@@ -144,7 +151,7 @@ def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
   try:  # before any model loads
-    pipeline.check_generation(f.steps, f.batch_size, f.guidance_scale)
+    pipeline.check_generation(f.steps, f.batch_size, f.guidance_scale, f.gamma)
     strength = f.strength if f.init_image else 1.0
     schedule = schedule_text(f.steps, f.timesteps, f.sampler, strength)
   except errors.UserError as e:
@@ -162,7 +169,7 @@ def main(argv, flag_values=FLAGS):
                                   scales[0] if len(scales) == 1 else scales)
   images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
                                     f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
-                                    f.negative_prompt, init, strength)
+                                    f.negative_prompt, init, strength, f.gamma)
   storage.makedirs(f.out)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     plotting.save_image(os.path.join(f.out, f"{i:05d}_{_slug(prompt)}.png"), image)

@@ -219,7 +219,7 @@ def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
 
 
 SPACINGS = ("uniform", "trailing", "leading", "lcm")  # timestep grids (see ``timestep_grid``)
-SAMPLERS = ("ddim", "lcm")  # deterministic DDIM jumps (MLCM) / re-noised x_hat (LCM)
+SAMPLERS = ("ddim", "lcm", "tcd")  # DDIM jumps (MLCM) / re-noised x_hat (LCM) / TCD's gamma
 
 
 def timestep_grid(num_steps, spacing="uniform", original_steps=50):
@@ -294,7 +294,31 @@ def lcm_boundary(f, timestep_scaling=10.0, sigma_data=0.5):
   return g
 
 
-def sample(f, noise, steps, sampler="ddim", rng=None):
+def tcd_sample_on_grid(f, z_init, grid, gamma, noise):
+  """TCD's multistep sampler (Zheng et al. 2024; diffusers' ``TCDScheduler``) on SDXL timesteps:
+  at t_i, ``x_hat = f(z, t_i)`` and ``eps_hat = (z - alpha_i x_hat) / sigma_i``; with
+  ``s = floor((1 - gamma) t_{i+1})``, ``z_s = alpha_s x_hat + sigma_s eps_hat``, then
+  ``z_{t_{i+1}} = sqrt(abar_{i+1} / abar_s) z_s + sqrt(1 - abar_{i+1} / abar_s) noise[i]``.
+  ``grid``: K timesteps then 0, which TCD reads as timestep 0 (abar_0), not the clean end: the
+  last step returns ``z_s`` at s = 0. gamma = 0 is deterministic (DDIM to t_{i+1}); ``noise``
+  [K - 1, B, ...]."""
+  grid = np.asarray(grid)
+  batch, z = z_init.shape[0], z_init
+  full = lambda t: jnp.full((batch,), t, jnp.float32)
+  for i in range(len(grid) - 1):
+    t, s = int(grid[i]), int(np.floor((1 - gamma) * grid[i + 1]))
+    x_hat = f(z, full(t))
+    a_t, s_t = alpha_sigma(full(t))
+    eps_hat = (z - bcast(a_t, z) * x_hat) / bcast(s_t, z)
+    a_s, s_s = alpha_sigma(full(s))
+    z = bcast(a_s, z) * x_hat + bcast(s_s, z) * eps_hat
+    if i < len(grid) - 2 and gamma > 0:
+      keep = (alpha_sigma(full(grid[i + 1]))[0] / a_s) ** 2  # abar_{i+1} / abar_s
+      z = bcast(jnp.sqrt(keep), z) * z + bcast(jnp.sqrt(1 - keep), z) * noise[i]
+  return z
+
+
+def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   """Few-step sampling of a denoiser ``f(z, t)`` from ``noise`` (= z_999).
 
   ``steps``: an int K (MLCM's K segments: ``timestep_grid(K)``) or a grid from
@@ -302,14 +326,19 @@ def sample(f, noise, steps, sampler="ddim", rng=None):
   deterministic DDIM jumps between the grid's timesteps (``addim.sample_on_grid``, what MLCM
   trains for); 'lcm' = LCM's multistep sampling as diffusers' LCMScheduler: ``lcm_boundary(f)``'s
   x_hat re-noised with fresh noise drawn from ``rng`` to the next timestep, the last x_hat
-  returned (``addim.renoise_sample_on_grid``)."""
+  returned (``addim.renoise_sample_on_grid``); 'tcd' = TCD's sampler with stochasticity
+  ``gamma`` (``tcd_sample_on_grid``, fresh noise from ``rng``)."""
   grid = timestep_grid(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps)
   if sampler == "ddim":
     return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
-  if sampler != "lcm":
+  if sampler not in SAMPLERS:
     raise UserError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
   fresh = sharding.constrain_batch(
       jax.random.normal(rng, (max(len(grid) - 2, 0),) + noise.shape, noise.dtype), axis=1)
+  if sampler == "tcd":
+    if not 0 <= gamma <= 1:
+      raise UserError(f"gamma={gamma} is invalid; allowed: 0 <= gamma <= 1 (TCD's eta)")
+    return tcd_sample_on_grid(f, noise, grid, gamma, fresh)
   return addim.renoise_sample_on_grid(lcm_boundary(f), noise, grid, schedules.sdxl_logsnr, fresh)
 
 

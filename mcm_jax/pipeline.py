@@ -35,11 +35,12 @@ def strength_grid(grid, strength):
   return np.asarray(grid)[k - int(k * strength):]
 
 
-def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", strength=1.0):
+def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", strength=1.0,
+                   gamma=0.3):
   """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0,
   init=None) -> images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents.
   ``timesteps`` / ``sampler``: ``mlcm.sampling_grid`` and ``mlcm.sample`` (``rng`` draws the 'lcm'
-  sampler's fresh noise). ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet
+  / 'tcd' sampler's fresh noise; ``gamma``: TCD's stochasticity). ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet
   (``guidance.guided``). ``init`` (latents of an init image) starts the ``strength_grid`` part of
   the grid from ``alpha_t init + sigma_t noise``; without it ``noise`` is z at the grid's top."""
   grid = mlcm.sampling_grid(steps, timesteps)
@@ -57,7 +58,7 @@ def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", streng
       alpha, sigma = mlcm.alpha_sigma(jnp.full(noise.shape[:1], grid[0]))
       z = alpha[:, None, None, None] * init + sigma[:, None, None, None] * noise
     z = mlcm.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], z, grid,
-                    sampler, rng)
+                    sampler, rng, gamma)
     return decode(vae_params, z)
 
   return generate
@@ -114,8 +115,8 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
                   sdxl.force_zeros_for_empty_prompt(sdxl_dir))
 
 
-def check_generation(steps, batch_size, guidance_scale):
-  """UserError for a step count, batch size or guidance scale that cannot be used."""
+def check_generation(steps, batch_size, guidance_scale, gamma=0.3):
+  """UserError for a step count, batch size, guidance scale or TCD gamma that cannot be used."""
   if not 1 <= steps <= 1000:
     raise errors.UserError(f"steps={steps} is invalid; allowed: 1..1000 (MLCM LoRAs are trained "
                            "for 1-8; the guided teacher is sampled with e.g. 25)")
@@ -124,16 +125,18 @@ def check_generation(steps, batch_size, guidance_scale):
   if not np.isfinite(guidance_scale):
     raise errors.UserError(f"guidance_scale={guidance_scale} is invalid; allowed: a finite "
                            "number (1 = no guidance)")
+  if not 0 <= gamma <= 1:
+    raise errors.UserError(f"gamma={gamma} is invalid; allowed: 0 <= gamma <= 1 (TCD's eta)")
 
 
 def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_size=4,
                     timesteps="uniform", sampler="ddim", guidance_scale=1.0,
-                    negative_prompt=None, init_images=None, strength=1.0):
+                    negative_prompt=None, init_images=None, strength=1.0, gamma=0.3):
   """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches. Batch b's
   initial noise is ``normal(fold_in(PRNGKey(seed), b))``, z at the grid's first timestep.
   ``init_images`` ([r, r, 3] for every prompt, or [N, r, r, 3]; in [-1, 1]) with ``strength``:
   image-to-image, the VAE posterior sampled with the 'vae_posterior' stream."""
-  check_generation(steps, batch_size, guidance_scale)
+  check_generation(steps, batch_size, guidance_scale, gamma)
   unet, vae = pipeline.unet, pipeline.vae
   factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
   multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)
@@ -152,9 +155,10 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     strength_grid(mlcm.sampling_grid(steps, timesteps), strength)  # checked before compiling
   else:
     strength = 1.0
-  key = (steps, timesteps, sampler, strength)
+  key = (steps, timesteps, sampler, strength, gamma)
   if key not in pipeline.generators:
-    pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler, strength)
+    pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler, strength,
+                                              gamma)
   if init_images is not None and "vae_encoder" not in pipeline.generators:
     pipeline.generators["vae_encoder"] = jax.jit(sdxl.make_encoder(vae))
   generate = pipeline.generators[key]

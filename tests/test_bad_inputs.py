@@ -234,6 +234,7 @@ def test_bad_inputs_of_every_program(tmp_path):
       ([sd, "--prompt=x", "--resolution=-8"], ["--resolution=-8"]),
       ([sd, "--prompt=x", "--lora_scale=nan"], ["--lora_scale=nan"]),
       ([sd, "--prompt=x", "--guidance_scale=nan"], ["--guidance_scale=nan"]),
+      ([sd, "--prompt=x", "--sampler=tcd", "--gamma=1.5"], ["--gamma=1.5", "TCD's eta"]),
       ([sd, "--prompt=x", "--init_image=a.png", "--strength=0.1"],
        ["--strength=0.1 is invalid for 4 steps", "strength >= 0.25"]),
       ([sd, "--prompt=x", f"--init_image={t}/missing.png"], [f"{t}/missing.png", "not found"]),

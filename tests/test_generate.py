@@ -55,6 +55,14 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
   np.testing.assert_allclose(lcm[:2], np.asarray(sdxl.make_decoder(vae)(vae_params, z)),
                              atol=1e-4)
   assert np.abs(lcm - base).mean() > 1e-3
+  # TCD's sampler (gamma 0.5): the same composition with its own fresh-noise stream.
+  tcd = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2,
+                                 timesteps="lcm", sampler="tcd", gamma=0.5)
+  fresh = jax.random.normal(jax.random.fold_in(seeds.key(0, "sampler_noise"), 0), (1, 2, 8, 8, 4))
+  z = mlcm.tcd_sample_on_grid(lambda zz, t: denoise(params, zz, t, cond), noise,
+                              mlcm.timestep_grid(2, "lcm"), 0.5, fresh)
+  np.testing.assert_allclose(tcd[:2], np.asarray(sdxl.make_decoder(vae)(vae_params, z)),
+                             atol=1e-4)
   # The kohya export (float16) gives the PEFT export's images.
   kohya = pipeline.generate_images(
       pipeline.load_pipeline(sdxl_dir, str(tmp_path / "lora" / "lora_kohya.safetensors")),

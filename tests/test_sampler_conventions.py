@@ -127,3 +127,29 @@ def test_printed_schedule_is_the_sigmas_diffusers_euler_steps_through():
   text = generate.schedule_text(4, "uniform", "ddim")
   assert "999, 750, 500, 250\n" in text and "14.614641, 4.099164, 1.618279, 0.695799, 0.0" in text
   assert "sampler 'lcm'" in generate.schedule_text(2, "lcm", "lcm")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_sampler_equals_diffusers_tcd_scheduler(gamma):
+  """``--sampler=tcd``: TCDScheduler (eta = gamma) on the same epsilon function, start noise and
+  fresh noise (its draws replayed from the same torch generator), 4 steps on its own grid."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  scheduler = diffusers.TCDScheduler(**SDXL_SCHEDULE)
+  scheduler.set_timesteps(4)
+  grid = mlcm.timestep_grid(4, "lcm")
+  np.testing.assert_array_equal(grid[:-1], scheduler.timesteps.numpy())  # TCD's grid is LCM's
+  z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+  gen = torch.Generator().manual_seed(1)
+  z = z0.clone()
+  for t in scheduler.timesteps:
+    eps = torch.from_numpy(eps_np(z.numpy(), float(t)).astype(np.float32))
+    z = scheduler.step(eps, t, z, eta=gamma, generator=gen).prev_sample
+  gen = torch.Generator().manual_seed(1)
+  noise = np.stack([torch.randn(SHAPE, generator=gen).numpy() for _ in range(3)])
+  got = mlcm.tcd_sample_on_grid(denoiser(), jnp.asarray(z0.numpy()), grid, gamma,
+                                jnp.asarray(noise))
+  np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=2e-4)
+  if gamma == 0.0:  # deterministic: DDIM jumps to the grid's timesteps, ending at timestep 0
+    ddim = addim.sample_on_grid(denoiser(), jnp.asarray(z0.numpy()), grid, schedules.sdxl_logsnr)
+    assert float(jnp.abs(ddim - got).max()) < 0.1  # x_hat vs z at abar_0: close, not equal
