@@ -144,3 +144,10 @@ def comma_list(allowed):
     return items
 
   return parse
+
+
+def require_flags(flag_values, names):
+  """UserError naming the first flag of ``names`` left unset, with its help text."""
+  for name in names:
+    if not flag_values[name].value:
+      raise UserError(f"--{name} is required ({flag_values[name].help})")

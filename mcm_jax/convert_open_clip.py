@@ -177,6 +177,7 @@ def define_flags(flag_values=FLAGS):
 
 
 def parse_flags(argv, flag_values=FLAGS):
+  """Defines and parses this program's flags (absl's flags_parser)."""
   define_flags(flag_values)
   return cli.parse_flags(argv, flag_values)
 
@@ -184,9 +185,7 @@ def parse_flags(argv, flag_values=FLAGS):
 def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
-  for name in ("checkpoint", "out"):
-    if not f[name].value:
-      raise errors.UserError(f"--{name} is required ({f[name].help})")
+  cli.require_flags(f, ("checkpoint", "out"))
   convert(f.checkpoint, f.out, f.model, quick_gelu=f.quick_gelu, tokenizer=f.tokenizer)
 
 

@@ -95,9 +95,7 @@ def check_pipeline_flags(flag_values, required):
   """UserError unless each flag of ``required`` is set and --sdxl / --out are usable; returns
   --sdxl as a local directory (a hub name such as stabilityai/stable-diffusion-xl-base-1.0 is
   resolved from the local Hugging Face cache, ``mcm_jax.hub``)."""
-  for name in required:
-    if not flag_values[name].value:
-      raise errors.UserError(f"--{name} is required ({flag_values[name].help})")
+  cli.require_flags(flag_values, required)
   sdxl_dir = hub.local_path(flag_values.sdxl, "--sdxl")
   if storage.exists(flag_values.out) and not storage.isdir(flag_values.out):
     raise errors.UserError(f"--out={flag_values.out!r} is a file; allowed: a directory (created "
