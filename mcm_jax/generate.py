@@ -22,18 +22,19 @@ import re
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import cli, errors, hub, mlcm, pipeline, plotting, storage
+from mcm_jax import cli, errors, hub, pipeline, plotting, storage
 from mcm_jax.data import prompts as prompt_data
+from mcm_jax.samplers import discrete
 
 
 def schedule_text(steps, timesteps, sampler, strength=1.0):
   """The chosen sampler's timesteps and sigmas (image-to-image: the ``strength`` part), and how
   ComfyUI and diffusers reproduce it."""
-  full = grid = mlcm.sampling_grid(steps, timesteps)
+  full = grid = discrete.sampling_grid(steps, timesteps)
   if strength != 1.0:
     grid = pipeline.strength_grid(full, strength)
   listed = lambda values, fmt: ", ".join(fmt.format(v) for v in values)
-  sigmas = listed(mlcm.grid_sigmas(grid), "{:.6f}")
+  sigmas = listed(discrete.grid_sigmas(grid), "{:.6f}")
   if sampler == "ddim":
     comfy = ("SamplerCustom with sampler 'euler' (DDIM jumps are Euler steps in these sigmas) "
              "and a ManualSigmas node holding the sigmas")
@@ -116,7 +117,7 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_string("negative_prompt", None, "The unconditional branch's prompt when "
                       "--guidance_scale != 1 (unset: zero embeddings, as diffusers' SDXL "
                       "pipeline).", flag_values=flag_values)
-  flags.DEFINE_enum("sampler", "ddim", list(mlcm.SAMPLERS),
+  flags.DEFINE_enum("sampler", "ddim", list(discrete.SAMPLERS),
                     "ddim: deterministic DDIM jumps between the timesteps (what MLCM LoRAs "
                     "trained here expect); lcm: LCM's sampler, x0 re-noised with fresh noise "
                     "(LCM-LoRA, TLCM); tcd: TCD's sampler with --gamma (TCD-LoRA, Hyper-SD).",

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import errors, guidance, mlcm, plotting, seeds
+from mcm_jax import errors, guidance, plotting, seeds
 from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl
+from mcm_jax.samplers import discrete
 
 
 def strength_grid(grid, strength):
@@ -39,11 +40,11 @@ def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", streng
                    gamma=0.3):
   """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0,
   init=None) -> images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents.
-  ``timesteps`` / ``sampler``: ``mlcm.sampling_grid`` and ``mlcm.sample`` (``rng`` draws the 'lcm'
+  ``timesteps`` / ``sampler``: ``discrete.sampling_grid`` and ``discrete.sample`` (``rng`` draws the 'lcm'
   / 'tcd' sampler's fresh noise; ``gamma``: TCD's stochasticity). ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet
   (``guidance.guided``). ``init`` (latents of an init image) starts the ``strength_grid`` part of
   the grid from ``alpha_t init + sigma_t noise``; without it ``noise`` is z at the grid's top."""
-  grid = mlcm.sampling_grid(steps, timesteps)
+  grid = discrete.sampling_grid(steps, timesteps)
   if strength != 1.0:
     grid = strength_grid(grid, strength)
   denoise = sdxl.make_denoiser(unet)
@@ -55,9 +56,9 @@ def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", streng
     f = lambda zz, tt, cc: denoise(unet_params, zz, tt, cc)
     z = noise
     if init is not None:
-      alpha, sigma = mlcm.alpha_sigma(jnp.full(noise.shape[:1], grid[0]))
+      alpha, sigma = discrete.alpha_sigma(jnp.full(noise.shape[:1], grid[0]))
       z = alpha[:, None, None, None] * init + sigma[:, None, None, None] * noise
-    z = mlcm.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], z, grid,
+    z = discrete.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], z, grid,
                     sampler, rng, gamma)
     return decode(vae_params, z)
 
@@ -152,7 +153,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
                              f"{len(prompts)} prompts at resolution={resolution}; allowed: "
                              f"[{resolution}, {resolution}, 3] or [{len(prompts)}, {resolution}, "
                              f"{resolution}, 3]")
-    strength_grid(mlcm.sampling_grid(steps, timesteps), strength)  # checked before compiling
+    strength_grid(discrete.sampling_grid(steps, timesteps), strength)  # checked before compiling
   else:
     strength = 1.0
   key = (steps, timesteps, sampler, strength, gamma)

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from mcm_jax import mlcm, pipeline, seeds
+from mcm_jax import pipeline, seeds
 from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl
+from mcm_jax.samplers import discrete
 
 PROMPTS = ["lower newer", "wider lowest", "newer"]
 # Every test here runs the whole tiny SDXL pipeline (seconds to tens of seconds each).
@@ -44,13 +45,13 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
   cond["time_ids"] = sdxl.time_ids(16, 2)
   noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0), (2, 8, 8, 4))
   denoise = sdxl.make_denoiser(unet)
-  z = mlcm.sample(lambda zz, t: denoise(params, zz, t, cond), noise, 2)
+  z = discrete.sample(lambda zz, t: denoise(params, zz, t, cond), noise, 2)
   by_hand = np.asarray(sdxl.make_decoder(vae)(vae_params, z))
   np.testing.assert_allclose(base[:2], by_hand, atol=1e-4)
   # LCM's sampler on LCMScheduler's grid: the same composition with its fresh noise.
   lcm = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2,
                                  timesteps="lcm", sampler="lcm")
-  z = mlcm.sample(lambda zz, t: denoise(params, zz, t, cond), noise, mlcm.timestep_grid(2, "lcm"),
+  z = discrete.sample(lambda zz, t: denoise(params, zz, t, cond), noise, discrete.timestep_grid(2, "lcm"),
                   "lcm", jax.random.fold_in(seeds.key(0, "sampler_noise"), 0))
   np.testing.assert_allclose(lcm[:2], np.asarray(sdxl.make_decoder(vae)(vae_params, z)),
                              atol=1e-4)
@@ -59,8 +60,8 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
   tcd = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2,
                                  timesteps="lcm", sampler="tcd", gamma=0.5)
   fresh = jax.random.normal(jax.random.fold_in(seeds.key(0, "sampler_noise"), 0), (1, 2, 8, 8, 4))
-  z = mlcm.tcd_sample_on_grid(lambda zz, t: denoise(params, zz, t, cond), noise,
-                              mlcm.timestep_grid(2, "lcm"), 0.5, fresh)
+  z = discrete.tcd_sample_on_grid(lambda zz, t: denoise(params, zz, t, cond), noise,
+                              discrete.timestep_grid(2, "lcm"), 0.5, fresh)
   np.testing.assert_allclose(tcd[:2], np.asarray(sdxl.make_decoder(vae)(vae_params, z)),
                              atol=1e-4)
   # The kohya export (float16) gives the PEFT export's images.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mcm_jax import mlcm, parameterization, schedules
+from mcm_jax.samplers import discrete
 
 X0 = jnp.array([0.7, -1.2, 0.3, 2.0])  # data = one point: DDIM with the exact eps is exact
 
@@ -121,12 +122,12 @@ def test_training_pair_traces_the_model_once_and_equals_two_calls(kind, step):
 def test_few_step_sampling_lands_on_the_data_and_uses_the_milestones():
   noise = jax.random.normal(jax.random.PRNGKey(3), (5, 4))
   for steps in (1, 2, 4, 8):
-    np.testing.assert_allclose(mlcm.sample(exact, noise, steps),
+    np.testing.assert_allclose(discrete.sample(exact, noise, steps),
                                jnp.broadcast_to(X0, (5, 4)), atol=1e-4)
-  np.testing.assert_array_equal(mlcm.sampling_timesteps(4), [999, 750, 500, 250, 0])
+  np.testing.assert_array_equal(discrete.sampling_timesteps(4), [999, 750, 500, 250, 0])
   seen = []
   record = lambda z, t: (seen.append(t), exact(z, t))[1]
-  mlcm.sample(record, noise, 4)
+  discrete.sample(record, noise, 4)
   assert [int(t[0]) for t in seen] == [999, 750, 500, 250]
 
 
@@ -182,7 +183,7 @@ def test_mlcd_distills_a_sharp_two_step_sampler():
     return jax.lax.scan(body, (p, opt_state), jax.random.split(jax.random.PRNGKey(1), 1000))[0]
 
   def distance_to_modes(p):
-    x = mlcm.sample(student(p), jax.random.normal(jax.random.PRNGKey(9), (4096, 2)), 2)
+    x = discrete.sample(student(p), jax.random.normal(jax.random.PRNGKey(9), (4096, 2)), 2)
     return float(jnp.mean(jnp.minimum(jnp.linalg.norm(x - m, axis=1),
                                       jnp.linalg.norm(x + m, axis=1))))
 

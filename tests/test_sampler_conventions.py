@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcm_jax import mlcm, parameterization, schedules
-from mcm_jax.samplers import addim
+from mcm_jax import parameterization, schedules
+from mcm_jax.samplers import addim, discrete
 
 SDXL_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 4, 8, 8)
@@ -31,17 +31,17 @@ def test_grids_equal_diffusers(steps):
   diffusers = pytest.importorskip("diffusers")
   lcm = diffusers.LCMScheduler(**SDXL_SCHEDULE)
   lcm.set_timesteps(steps)
-  np.testing.assert_array_equal(mlcm.timestep_grid(steps, "lcm")[:-1], lcm.timesteps.numpy())
+  np.testing.assert_array_equal(discrete.timestep_grid(steps, "lcm")[:-1], lcm.timesteps.numpy())
   euler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE, timestep_spacing="trailing")
   euler.set_timesteps(steps)
-  np.testing.assert_array_equal(mlcm.timestep_grid(steps, "trailing")[:-1],
+  np.testing.assert_array_equal(discrete.timestep_grid(steps, "trailing")[:-1],
                                 euler.timesteps.numpy())
   leading = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE, timestep_spacing="leading",
                                              steps_offset=1)  # SDXL base's scheduler config
   leading.set_timesteps(steps)
-  np.testing.assert_array_equal(mlcm.timestep_grid(steps, "leading")[:-1],
+  np.testing.assert_array_equal(discrete.timestep_grid(steps, "leading")[:-1],
                                 leading.timesteps.numpy())
-  assert mlcm.timestep_grid(4).tolist() == [999, 750, 500, 250, 0]  # MLCM's segment milestones
+  assert discrete.timestep_grid(4).tolist() == [999, 750, 500, 250, 0]  # MLCM's segment milestones
 
 
 @pytest.mark.slow
@@ -60,8 +60,8 @@ def test_lcm_sampler_equals_diffusers_lcm_scheduler():
   # The same fresh noise diffusers drew (randn_tensor -> torch.randn with that generator).
   gen = torch.Generator().manual_seed(1)
   noise = np.stack([torch.randn(SHAPE, generator=gen).numpy() for _ in range(3)])
-  f = mlcm.lcm_boundary(denoiser())
-  grid = mlcm.timestep_grid(4, "lcm")
+  f = discrete.lcm_boundary(denoiser())
+  grid = discrete.timestep_grid(4, "lcm")
   for k in range(1, 5):  # step by step: the first k steps' denoised output
     out = addim.renoise_sample_on_grid(f, jnp.asarray(z0.numpy()), np.append(grid[:k], 0),
                                        schedules.sdxl_logsnr, jnp.asarray(noise))
@@ -85,33 +85,33 @@ def test_ddim_jumps_equal_diffusers_euler_with_custom_timesteps():
   # diffusers scales its first latents by init_noise_sigma (= sigma_max for 'linspace'), so the
   # first model input is noise * sigma_max / sqrt(sigma_max^2 + 1): start from that same z_999.
   z_999 = noise * scheduler.init_noise_sigma / (scheduler.sigmas[0] ** 2 + 1) ** 0.5
-  ours = mlcm.sample(denoiser(), jnp.asarray(z_999.numpy()), mlcm.explicit_grid(timesteps))
+  ours = discrete.sample(denoiser(), jnp.asarray(z_999.numpy()), discrete.explicit_grid(timesteps))
   np.testing.assert_allclose(ours, latents.numpy(), rtol=1e-4, atol=2e-4)
 
 
 def test_explicit_grids_are_checked_and_samplers_named():
-  assert mlcm.explicit_grid([999, 749, 499, 124]).tolist() == [999, 749, 499, 124, 0]
+  assert discrete.explicit_grid([999, 749, 499, 124]).tolist() == [999, 749, 499, 124, 0]
   for bad in ([999, 999, 10], [1000, 500], [500, 0], [], [10.5]):
     with pytest.raises(ValueError, match="strictly decreasing integers"):
-      mlcm.explicit_grid(bad)
+      discrete.explicit_grid(bad)
   with pytest.raises(ValueError, match="allowed: .*'trailing'"):
-    mlcm.timestep_grid(4, "karras")
+    discrete.timestep_grid(4, "karras")
   noise = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
   with pytest.raises(ValueError, match="sampler='heun' is not known"):
-    mlcm.sample(denoiser(), noise, 2, "heun")
+    discrete.sample(denoiser(), noise, 2, "heun")
   # LCM sampling is stochastic between steps, the same for the same rng, and one step is DDIM.
   f = denoiser()
-  a, b = (mlcm.sample(f, noise, 4, "lcm", jax.random.PRNGKey(k)) for k in (1, 2))
+  a, b = (discrete.sample(f, noise, 4, "lcm", jax.random.PRNGKey(k)) for k in (1, 2))
   assert float(jnp.abs(a - b).max()) > 1e-3
-  np.testing.assert_array_equal(a, mlcm.sample(f, noise, 4, "lcm", jax.random.PRNGKey(1)))
-  np.testing.assert_allclose(mlcm.sample(f, noise, 1, "lcm", jax.random.PRNGKey(1)),
-                             mlcm.sample(f, noise, 1), rtol=1e-5, atol=1e-6)
-  assert mlcm.sampling_grid(4, "999,749,499,124").tolist() == [999, 749, 499, 124, 0]
-  assert mlcm.sampling_grid(4, "trailing").tolist() == [999, 749, 499, 249, 0]
+  np.testing.assert_array_equal(a, discrete.sample(f, noise, 4, "lcm", jax.random.PRNGKey(1)))
+  np.testing.assert_allclose(discrete.sample(f, noise, 1, "lcm", jax.random.PRNGKey(1)),
+                             discrete.sample(f, noise, 1), rtol=1e-5, atol=1e-6)
+  assert discrete.sampling_grid(4, "999,749,499,124").tolist() == [999, 749, 499, 124, 0]
+  assert discrete.sampling_grid(4, "trailing").tolist() == [999, 749, 499, 249, 0]
   with pytest.raises(ValueError, match="has 3 entries but steps=4"):
-    mlcm.sampling_grid(4, "999,500,100")
+    discrete.sampling_grid(4, "999,500,100")
   with pytest.raises(ValueError, match="timesteps='999,x' is invalid"):
-    mlcm.sampling_grid(2, "999,x")
+    discrete.sampling_grid(2, "999,x")
 
 
 def test_printed_schedule_is_the_sigmas_diffusers_euler_steps_through():
@@ -119,11 +119,11 @@ def test_printed_schedule_is_the_sigmas_diffusers_euler_steps_through():
   EulerDiscreteScheduler given the grid's timesteps (the sigmas ComfyUI's ManualSigmas takes)."""
   diffusers = pytest.importorskip("diffusers")
   from mcm_jax import generate  # pylint: disable=g-import-not-at-top
-  for grid in (mlcm.timestep_grid(4), mlcm.timestep_grid(25, "leading"),
-               mlcm.timestep_grid(4, "lcm"), mlcm.explicit_grid([999, 500, 1])):
+  for grid in (discrete.timestep_grid(4), discrete.timestep_grid(25, "leading"),
+               discrete.timestep_grid(4, "lcm"), discrete.explicit_grid([999, 500, 1])):
     euler = diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULE)
     euler.set_timesteps(timesteps=grid[:-1].tolist())
-    np.testing.assert_allclose(mlcm.grid_sigmas(grid), euler.sigmas.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(discrete.grid_sigmas(grid), euler.sigmas.numpy(), rtol=1e-5)
   text = generate.schedule_text(4, "uniform", "ddim")
   assert "999, 750, 500, 250\n" in text and "14.614641, 4.099164, 1.618279, 0.695799, 0.0" in text
   assert "sampler 'lcm'" in generate.schedule_text(2, "lcm", "lcm")
@@ -137,7 +137,7 @@ def test_tcd_sampler_equals_diffusers_tcd_scheduler(gamma):
   diffusers = pytest.importorskip("diffusers")
   scheduler = diffusers.TCDScheduler(**SDXL_SCHEDULE)
   scheduler.set_timesteps(4)
-  grid = mlcm.timestep_grid(4, "lcm")
+  grid = discrete.timestep_grid(4, "lcm")
   np.testing.assert_array_equal(grid[:-1], scheduler.timesteps.numpy())  # TCD's grid is LCM's
   z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
   gen = torch.Generator().manual_seed(1)
@@ -147,7 +147,7 @@ def test_tcd_sampler_equals_diffusers_tcd_scheduler(gamma):
     z = scheduler.step(eps, t, z, eta=gamma, generator=gen).prev_sample
   gen = torch.Generator().manual_seed(1)
   noise = np.stack([torch.randn(SHAPE, generator=gen).numpy() for _ in range(3)])
-  got = mlcm.tcd_sample_on_grid(denoiser(), jnp.asarray(z0.numpy()), grid, gamma,
+  got = discrete.tcd_sample_on_grid(denoiser(), jnp.asarray(z0.numpy()), grid, gamma,
                                 jnp.asarray(noise))
   np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=2e-4)
   if gamma == 0.0:  # deterministic: DDIM jumps to the grid's timesteps, ending at timestep 0
