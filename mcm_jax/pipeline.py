@@ -22,7 +22,7 @@ import numpy as np
 
 from mcm_jax import errors, guidance, plotting, seeds
 from mcm_jax import lora as lora_lib
-from mcm_jax.models import sdxl
+from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import discrete
 
 
@@ -112,8 +112,8 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
     unet_params = lora_lib.attach(unet_params, lora_lib.combine(loras), 1.0,
                                  source=f"LoRA file(s) {', '.join(paths)}")
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
-  return Pipeline(unet, unet_params, vae, vae_params, sdxl.load_text_encoders(sdxl_dir),
-                  sdxl.force_zeros_for_empty_prompt(sdxl_dir))
+  return Pipeline(unet, unet_params, vae, vae_params, sdxl_text.load_text_encoders(sdxl_dir),
+                  sdxl_text.force_zeros_for_empty_prompt(sdxl_dir))
 
 
 def check_generation(steps, batch_size, guidance_scale, gamma=0.3):
@@ -166,7 +166,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
   uncond = None
   if guidance_scale != 1.0:
     zeros = negative_prompt is None and pipeline.zeros_for_empty_prompt
-    uncond = dict(sdxl.unconditional(pipeline.encode, zeros, negative_prompt or ""),
+    uncond = dict(sdxl_text.unconditional(pipeline.encode, zeros, negative_prompt or ""),
                   time_ids=sdxl.time_ids(resolution, 1))
   latent = resolution // factor
   out = []

@@ -11,7 +11,7 @@ import pytest
 
 from mcm_jax import pipeline, seeds
 from mcm_jax import lora as lora_lib
-from mcm_jax.models import sdxl
+from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import discrete
 
 PROMPTS = ["lower newer", "wider lowest", "newer"]
@@ -41,7 +41,7 @@ def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
 
   # The jitted generator == text encoding + K-step MLCM sampling + VAE decoding, done by hand.
   vae, vae_params = sdxl.load_vae(sdxl_dir)
-  cond = sdxl.load_text_encoders(sdxl_dir)(PROMPTS[:2])
+  cond = sdxl_text.load_text_encoders(sdxl_dir)(PROMPTS[:2])
   cond["time_ids"] = sdxl.time_ids(16, 2)
   noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0), (2, 8, 8, 4))
   denoise = sdxl.make_denoiser(unet)

@@ -40,8 +40,8 @@ def test_cached_encoder_equals_the_encoder_and_respects_its_budget():
   """sdxl_mlcm.cached_encoder: the same embeddings as the encoder for any batch of the prompts
   (and ""), computed once; past the budget the encoder itself is kept."""
   from mcm_jax.experiments import sdxl_mlcm  # pylint: disable=g-import-not-at-top
-  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
-  encode = sdxl.hashed_text_encoder(16, 8)
+  from mcm_jax.models import sdxl_text  # pylint: disable=g-import-not-at-top
+  encode = sdxl_text.hashed_text_encoder(16, 8)
   calls = []
   counted = lambda texts: (calls.append(len(texts)), encode(texts))[1]
   prompts = [f"a photo of thing {i}" for i in range(11)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sdxl_fixtures  # tests/: torch is imported inside its functions
-from mcm_jax.models import sdxl, sdxl_unet
+from mcm_jax.models import sdxl, sdxl_text, sdxl_unet
 from sdxl_fixtures import tiny_torch_unet, tiny_torch_vae  # pylint: disable=g-bad-import-order
 
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
@@ -139,7 +139,7 @@ def test_text_encoders_equal_pytorch_transformers(tmp_path):
   pytest.importorskip("transformers")
   # Its own encoders, wider than the shared directory's (32 + 48, so the two widths differ).
   one, two = sdxl_fixtures.write_text_components(str(tmp_path))
-  encode = sdxl.load_text_encoders(str(tmp_path))
+  encode = sdxl_text.load_text_encoders(str(tmp_path))
   prompts = ["lower newer", "", "wider lowest lowest"]
   got = encode(prompts)
   tok = sdxl_fixtures.write_tokenizer(str(tmp_path / "tok_copy"))
@@ -149,7 +149,7 @@ def test_text_encoders_equal_pytorch_transformers(tmp_path):
   np.testing.assert_allclose(got["text_embeds"], pooled, atol=1e-4, rtol=0)
   assert np.abs(got["text_embeds"][0] - got["text_embeds"][2]).max() > 1e-3
   with pytest.raises(FileNotFoundError, match="text_encoder"):
-    sdxl.load_text_encoders(str(tmp_path / "nowhere"))
+    sdxl_text.load_text_encoders(str(tmp_path / "nowhere"))
 
 
 def test_vae_decoder_equals_pytorch(tiny_sdxl_dir):
@@ -219,10 +219,10 @@ def test_text_encoders_read_the_fp16_variant_and_name_a_missing_tokenizer(tmp_pa
   for name in ("tokenizer", "tokenizer_2"):
     tok = sdxl_fixtures.write_tokenizer(str(tmp_path / name))
   prompts = ["lower newer", "", "wider lowest lowest"]
-  got = sdxl.load_text_encoders(str(tmp_path))(prompts)
+  got = sdxl_text.load_text_encoders(str(tmp_path))(prompts)
   context, pooled = sdxl_fixtures.torch_text_embeddings(one.float(), two.float(), tok, prompts)
   np.testing.assert_allclose(got["context"], context, atol=1e-4, rtol=0)
   np.testing.assert_allclose(got["text_embeds"], pooled, atol=1e-4, rtol=0)
   shutil.rmtree(tmp_path / "tokenizer_2")
   with pytest.raises(FileNotFoundError, match="has no tokenizer_2/"):
-    sdxl.load_text_encoders(str(tmp_path))
+    sdxl_text.load_text_encoders(str(tmp_path))

@@ -13,7 +13,7 @@ import pytest
 from configs import imagenet64_cd, imagenet64_ct, sdxl_mlcm
 from mcm_jax import consistency, lora, mlcm, objectives, schedules
 from mcm_jax.data import images as image_data
-from mcm_jax.models import sdxl
+from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import addim
 
 
@@ -95,7 +95,7 @@ def mlcm_setup():
   params = model.init_weights(jax.random.PRNGKey(0))
   lora0 = _perturbed(lora.init_lora(params, 2, jax.random.PRNGKey(1)), jax.random.PRNGKey(2), 0.3)
   lora1 = _perturbed(lora0, jax.random.PRNGKey(3), 0.3)
-  encode = sdxl.hashed_text_encoder_for(model)
+  encode = sdxl_text.hashed_text_encoder_for(model)
   prompts = ["a red cat", "a blue tree", "small dog", "a large house"]
   cond = encode(prompts)
   cond["time_ids"] = sdxl.time_ids(64, 4)

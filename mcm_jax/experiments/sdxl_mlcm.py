@@ -24,7 +24,7 @@ from mcm_jax.data.images import local_indices_fn
 from mcm_jax.errors import UserError
 from mcm_jax.experiments import Step
 from mcm_jax.metric_writer import create_writer
-from mcm_jax.models import sdxl
+from mcm_jax.models import sdxl, sdxl_text
 
 
 def build_models(c):
@@ -46,9 +46,9 @@ def build_models(c):
       raise UserError(f"config.teacher_unet={c.teacher_unet!r} is not the student's "
                       "architecture")
   if c.text_encoder == "sdxl":
-    encoder = sdxl.load_text_encoders(c.student_unet)
+    encoder = sdxl_text.load_text_encoders(c.student_unet)
   else:
-    encoder = sdxl.hashed_text_encoder_for(model, seed=c.seed)
+    encoder = sdxl_text.hashed_text_encoder_for(model, seed=c.seed)
   return model, params, teacher, encoder
 
 
@@ -79,9 +79,9 @@ def abstract_models(c):
   params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(c.seed))
   teacher = params if c.teacher_unet else None
   if c.text_encoder == "sdxl":
-    encoder = sdxl.zeros_text_encoder(model)
+    encoder = sdxl_text.zeros_text_encoder(model)
   else:
-    encoder = sdxl.hashed_text_encoder_for(model, seed=c.seed)
+    encoder = sdxl_text.hashed_text_encoder_for(model, seed=c.seed)
   return model, params, teacher, encoder
 
 
@@ -209,13 +209,13 @@ def uncond_mode(c):
   """'zeros' or 'empty_prompt': ``mlcm.uncond``, with 'auto' read from the SDXL directory."""
   if c.mlcm.uncond != "auto":
     return c.mlcm.uncond
-  return "zeros" if sdxl.force_zeros_for_empty_prompt(c.student_unet) else "empty_prompt"
+  return "zeros" if sdxl_text.force_zeros_for_empty_prompt(c.student_unet) else "empty_prompt"
 
 
 def unconditional(c, encode_batch):
   """The guided teacher's unconditional conditioning [1, ...] (eq. 8): zero prompt embeddings
   or the text encoders' embedding of "" (``uncond_mode``); the size conditioning is kept."""
-  out = sdxl.unconditional(encode_batch, uncond_mode(c) == "zeros")
+  out = sdxl_text.unconditional(encode_batch, uncond_mode(c) == "zeros")
   return {k: out[k] for k in mlcm.CONDITIONING}
 
 
