@@ -17,7 +17,6 @@ as the teacher.
 Steps fused by ``train.fuse_steps`` (the toy) are planned one step at a time.
 """
 import concurrent.futures
-import importlib.util
 import json
 import os
 import re
@@ -27,51 +26,12 @@ import time
 import jax
 import numpy as np
 
-from mcm_jax import experiments, sharding, storage, train
+from mcm_jax import experiments, flops, sharding, storage, topologies, train
 from mcm_jax.config_validation import ConfigError, validate_batch_split
 from mcm_jax.errors import UserError
 
-GIB = 2 ** 30
-# HBM per chip in GiB: Google Cloud TPU documentation, system architecture pages
-# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-# Cloud TPU names -> libtpu topologies (chips along each axis). v5e / v6e names count chips; v4 /
-# v5p names count TensorCores, two per chip, which JAX drives as one ('megacore') device per
-# chip: v4-8 and v5p-8 are 4 chips.
-TOPOLOGIES = {"v4-8": "v4:2x2x1", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8",
-              "v5e-256": "v5e:16x16", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4",
-              "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16"}
+GIB = topologies.GIB
 FIT_FRACTION = 0.9  # fits: peak <= 90% of the chip's HBM (headroom for the runtime, fragments)
-
-
-def topology_devices(name):
-  """(devices, libtpu topology or 'local', HBM GiB per chip or None) of ``--topology=NAME``: a
-  Cloud TPU name of ``TOPOLOGIES``, a libtpu spelling like 'v5e:8x8', or 'local' (the devices
-  present; HBM from the backend's memory stats, None on CPU)."""
-  if name == "local":
-    devices = jax.devices()
-    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
-    return devices, "local", limit / GIB if limit else None
-  spec = TOPOLOGIES.get(name, name)
-  m = re.fullmatch(r"(v4|v5e|v5p|v6e):\d+(x\d+){1,2}", spec)
-  if m is None:
-    raise UserError(f"--topology={name!r} is not known; allowed: {', '.join(TOPOLOGIES)}, a "
-                    "libtpu spelling such as v5e:8x8 or v5p:2x2x1, or local")
-  if importlib.util.find_spec("libtpu") is None:
-    raise UserError(f"--topology={name} compiles for TPU with libtpu, which is not installed: "
-                    "pip install -e '.[tpu]' (or plan for the devices present: --topology=local)")
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  generation = m.group(1)
-  # Only compiling: no TPU is claimed, so libtpu need not lock out other processes using it.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:  # the host grouping (chips_per_host_bounds) does not change a one-slice compile
-    devices = topologies.get_topology_desc(
-        platform="tpu", topology_name=spec,
-        chip_config_name="megacore" if generation in ("v4", "v5p") else "default",
-        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False)).devices
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"--topology={name}: libtpu cannot make the topology {spec!r} ({e})") from e
-  return devices, spec, HBM_GIB[generation]
 
 
 def without_remat(c):
@@ -130,7 +90,7 @@ def compile_step(c, devices, where="the devices", stage=0):
   (which releases the GIL) works: for SDXL that hides ~25 s of tracing in a 29-minute compile."""
   step, args, info = build(c, devices, where, stage)
   forward, forward_args = info.pop("forward")
-  program = lambda f, a: jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
+  program = lambda f, a: flops.jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
 
   def reference_flops():
     ideal_step, ideal_args, _ = build(without_remat(c), devices, where, stage)
@@ -153,7 +113,7 @@ def compile_step(c, devices, where="the devices", stage=0):
     compile_s = time.time() - t0
     forward_flops, ideal_flops = references.result()
   return compiled, args, dict(info, compile_s=compile_s,
-                              program_flops=jaxpr_flops(traced.jaxpr) / len(devices),
+                              program_flops=flops.jaxpr_flops(traced.jaxpr) / len(devices),
                               forward_flops=forward_flops, ideal_flops=ideal_flops)
 
 
@@ -162,52 +122,6 @@ def _exhausted_temp_bytes(message):
   temporaries (26.79G) exceeds available HBM (15.75G)'), None if it names none."""
   m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
   return None if m is None else float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10)
-
-
-def jaxpr_flops(jaxpr):
-  """FLOPs of the matrix products and convolutions of a (closed) jaxpr, 2 per multiply-add:
-  ``dot_general`` 2 x |out| x |contracted|, ``conv_general_dilated`` 2 x |out| x |kernel| /
-  out-features; a ``scan`` body counts ``length`` times, a ``cond`` its largest branch, every
-  other sub-program (jit, remat, custom derivatives, a while body) once. XLA's own
-  ``cost_analysis`` counts a loop body once whatever its trip count, so it undercounts scanned
-  models; this counts what the program asks for, including rematerialisation by ``jax.checkpoint``
-  (not what XLA adds on its own to fit memory)."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2 * _size(eqn.outvars[0].aval.shape) * _size([lhs[d] for d in contract])
-    elif name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape
-      out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-      total += 2 * _size(eqn.outvars[0].aval.shape) * _size(rhs) // out_features
-    subs = [v for v in eqn.params.values() if _is_jaxpr(v)]
-    branches = [b for v in eqn.params.values() if isinstance(v, (tuple, list))
-                for b in v if _is_jaxpr(b)]
-    if name == "cond":
-      total += max(jaxpr_flops(b) for b in branches)
-    else:
-      inner = sum(jaxpr_flops(j) for j in subs + branches)
-      total += inner * (eqn.params["length"] if name == "scan" else 1)
-  return total
-
-
-def _is_jaxpr(v):
-  return isinstance(v, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr))
-
-
-def _size(shape):
-  return int(np.prod(shape, dtype=np.int64))
-
-
-def _flops(compiled):
-  """XLA's FLOPs per device of a compiled executable (None when the backend gives none)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
-  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def summarize(c, topology, devices, spec, hbm, compiled, info, stage=0):
@@ -235,7 +149,8 @@ def summarize(c, topology, devices, spec, hbm, compiled, info, stage=0):
                                  - sizes["alias"])
     r["fits"] = None if hbm is None else bool(
         r["peak_gib_per_chip"] <= FIT_FRACTION * r["hbm_capacity_gib_per_chip"])
-  r["flops_per_step_per_chip"] = None if compiled is None else _flops(compiled)  # loops once
+  # XLA's count runs a loop body once (jaxpr_flops counts scans in full)
+  r["flops_per_step_per_chip"] = None if compiled is None else flops.compiled_flops(compiled)
   r["program_flops_per_step_per_chip"] = info["program_flops"]  # matmuls / convs, loops unrolled
   r["forward_flops_per_chip"] = info["forward_flops"]
   r["flops_ratio"] = round(info["program_flops"] / info["forward_flops"], 3)
@@ -265,7 +180,7 @@ def plan(c, topology, stage=0):
     raise ConfigError(f"config.experiment={c.experiment!r} cannot be planned (the toy trains many "
                       f"small models in one process); allowed: {' or '.join(planned)} configs")
   check_stage(c, stage)
-  devices, spec, hbm = topology_devices(topology)
+  devices, spec, hbm = topologies.topology_devices(topology)
   compiled, _, info = compile_step(c, devices, f"--topology={topology} ({len(devices)} chips)",
                                    stage)
   return summarize(c, topology, devices, spec, hbm, compiled, info, stage)
@@ -342,7 +257,7 @@ def run(config, topology, workdir=None, stage=0):
   with ``workdir``, also writes it to ``workdir/plan_<topology>[_stage<i>].json`` (MLCM stage
   ``stage`` > 0 adds the suffix). Returns the report."""
   if not topology:
-    raise UserError(f"--mode=plan needs --topology; allowed: {', '.join(TOPOLOGIES)}, a libtpu "
+    raise UserError(f"--mode=plan needs --topology; allowed: {', '.join(topologies.TOPOLOGIES)}, a libtpu "
                     "spelling such as v5e:8x8, or local")
   report = plan(config, topology, stage)
   print(table(report))

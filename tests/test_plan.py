@@ -16,7 +16,8 @@ import pytest
 
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
 from configs import sdxl_mlcm as sdxl_mlcm_config
-from mcm_jax import errors, lora, mlcm, objectives, plan, sharding, train
+from mcm_jax import errors, lora, mlcm, objectives, plan, sharding, topologies, train
+from mcm_jax.flops import jaxpr_flops
 from mcm_jax.config_validation import ConfigError
 from mcm_jax.experiments import pixel, sdxl_mlcm
 from mcm_jax.models import sdxl
@@ -42,7 +43,7 @@ def _count(tree):
 
 
 def _compiled(config, stage=0):
-  devices, spec, hbm = plan.topology_devices(TOPOLOGY)
+  devices, spec, hbm = topologies.topology_devices(TOPOLOGY)
   compiled, args, info = plan.compile_step(config, devices, stage=stage)
   report = plan.summarize(config, TOPOLOGY, devices, spec, hbm, compiled, info, stage)
   return config, compiled, args, report
@@ -231,8 +232,8 @@ def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_plan):
     z = jnp.zeros((b["context"].shape[0], res, res, 4))
     return denoise(p, z, jnp.full(z.shape[:1], 500.), {k: b[k] for k in mlcm.CONDITIONING})
 
-  plain = plan.jaxpr_flops(jax.make_jaxpr(forward)(params, batch))
-  adapted = plan.jaxpr_flops(jax.make_jaxpr(lambda p, l, b: forward(
+  plain = jaxpr_flops(jax.make_jaxpr(forward)(params, batch))
+  adapted = jaxpr_flops(jax.make_jaxpr(lambda p, l, b: forward(
       lora.attach(p, l, config.lora.scale), b))(params, args[1]["prev_lora"], batch))
   expected = 2 * loop0 * plain / adapted - loop1
   assert 0.9 < plain / adapted < 1  # the LoRA's share of a tiny forward
@@ -355,7 +356,7 @@ def test_errors_name_the_value_and_what_is_allowed(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
   with pytest.raises(errors.UserError, match=r"pip install -e '\.\[tpu\]'"):
-    plan.topology_devices("v5e-8")
+    topologies.topology_devices("v5e-8")
 
 
 @needs_libtpu
@@ -363,5 +364,5 @@ def test_errors_name_the_value_and_what_is_allowed(monkeypatch):
                                              ("v5e-64", 64, "TPU v5 lite"),
                                              ("v6e:2x4", 8, "TPU v6 lite")])
 def test_topology_names(name, chips, kind):
-  devices, _, hbm = plan.topology_devices(name)
+  devices, _, hbm = topologies.topology_devices(name)
   assert len(devices) == chips and devices[0].device_kind == kind and hbm > 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from mcm_jax import plan
+from mcm_jax.flops import jaxpr_flops
 from mcm_jax.errors import UserError
 from mcm_jax.models import sdxl, sdxl_unet
 
@@ -107,14 +107,14 @@ def test_scanned_rematerialised_unet_gradients_equal_diffusers():
 
 
 def _program(model, depth):
-  """(jaxpr, its plan.jaxpr_flops) of one forward of ``model(config)`` at stack depth ``depth``."""
+  """(jaxpr, its flops.jaxpr_flops) of one forward of ``model(config)`` at stack depth ``depth``."""
   config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, depth))
   m = model(config)
   params = jax.eval_shape(m.init_weights, jax.random.PRNGKey(0))
   apply = (lambda p, *a: m.apply({"params": p}, *a[:3], added_cond_kwargs=a[3]).sample) if (
       model is diffusers_unet) else (lambda p, *a: m.apply({"params": p}, *a).sample)
   jaxpr = jax.make_jaxpr(apply)(params, *inputs(config))
-  return str(jaxpr), plan.jaxpr_flops(jaxpr)
+  return str(jaxpr), jaxpr_flops(jaxpr)
 
 
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
@@ -207,7 +207,7 @@ def test_remat_policies_keep_fewer_activations():
     model = sdxl.unet_from_config(config, remat=remat)
     params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
     grad = jax.grad(lambda p, m=model: jnp.mean(m.apply({"params": p}, *args).sample ** 2))
-    flops[remat] = plan.jaxpr_flops(jax.make_jaxpr(grad)(params))
+    flops[remat] = jaxpr_flops(jax.make_jaxpr(grad)(params))
     if "," not in remat:
       temp[remat] = jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
   assert temp["full"] < temp["dots"] < temp["none"], temp

@@ -68,13 +68,13 @@ def test_remat_policies_save_what_they_name():
   """The backward pass recomputes matmuls and convolutions under 'full', convolutions and
   attention scores under 'dots', only attention scores (batched matmuls) under 'dots_convs';
   the gradients are the same."""
-  from mcm_jax import plan  # pylint: disable=g-import-not-at-top
+  from mcm_jax.flops import jaxpr_flops  # pylint: disable=g-import-not-at-top
   _, params, z, logsnr, label = _tiny()
   flops, grads = {}, {}
   for name in ("none", "dots_convs", "dots", "full"):
     model = UViT(**{**uvit_config(64, "tiny"), "remat": name})
     grad = jax.grad(lambda p, m=model: jnp.mean(m.apply(p, z, logsnr, label) ** 2))
-    flops[name] = plan.jaxpr_flops(jax.make_jaxpr(grad)(params))
+    flops[name] = jaxpr_flops(jax.make_jaxpr(grad)(params))
     grads[name] = jax.jit(grad)(params)
   assert flops["none"] < flops["dots_convs"] < flops["dots"] < flops["full"], flops
   # what 'dots_convs' recomputes is small: the attention scores of the tiny model's one block
