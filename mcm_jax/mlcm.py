@@ -185,7 +185,7 @@ def mlcd_terms(student, z_tm, z_tn, t_m, t_n, seg_start):
   return {"pred": pred, "target": target, "x_hat": x_hat}
 
 
-def objective(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
+def mlcd_distance(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
   """Per-example loss from ``mlcd_terms``: 'eq7' = ``mean (pred - target)^2`` (MLCM), or 'mcm' =
   MCM Alg. 1 in latent space: ``x_target = invDDIM_{t_m -> t_step}(target, z_{t_m})`` and
   ``(SNR(t_m) + 1) * pseudo_huber(x_hat - x_target, huber_eps)``."""
@@ -237,7 +237,7 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
       pair = training_pair(rng, shape, hp, previous, teacher, image_free="progressive")
   z_tm, t_m, start = pair["z_tm"], pair["t_m"], pair["seg_start"]
   terms = mlcd_terms(student, z_tm, pair["z_tn"], t_m, pair["t_n"], start)
-  mlcd = jnp.mean(objective(terms, z_tm, t_m, start, hp.target, hp.huber_eps))
+  mlcd = jnp.mean(mlcd_distance(terms, z_tm, t_m, start, hp.target, hp.huber_eps))
   metrics = {"t_m": jnp.mean(t_m.astype(jnp.float32))}
   if rewards is None:
     return mlcd, metrics

@@ -15,10 +15,10 @@ X0 = jnp.array([0.7, -1.2, 0.3, 2.0])  # data = one point: DDIM with the exact e
 
 def _mlcd_loss(student, teacher, z_tm, t_m, t_n, seg_start, target="eq7", huber_eps=1.0):
   """(per-example loss [B], z_{t_n}) of MLCM eq. 7 given ``z_{t_m}``, as ``mlcm.loss`` composes
-  it: the teacher's DDIM step to t_n, then ``mlcd_terms`` and ``objective``."""
+  it: the teacher's DDIM step to t_n, then ``mlcd_terms`` and ``mlcd_distance``."""
   z_tn = mlcm.teacher_step(teacher, z_tm, t_m, t_n)
   terms = mlcm.mlcd_terms(student, z_tm, z_tn, t_m, t_n, seg_start)
-  return mlcm.objective(terms, z_tm, t_m, seg_start, target, huber_eps), z_tn
+  return mlcm.mlcd_distance(terms, z_tm, t_m, seg_start, target, huber_eps), z_tn
 
 
 def from_eps(eps_fn):
@@ -202,14 +202,14 @@ def test_mcm_target_and_addim_teacher_options():
   z_tn = mlcm.teacher_step(exact, z_tm, t_m, t_n)
   terms = mlcm.mlcd_terms(exact, z_tm, z_tn, t_m, t_n, start)
   # The invDDIM target of a consistent student is its own x_hat (= x0 here): zero loss.
-  np.testing.assert_allclose(mlcm.objective(terms, z_tm, t_m, start, "mcm", 1e-4), 0.0,
+  np.testing.assert_allclose(mlcm.mlcd_distance(terms, z_tm, t_m, start, "mcm", 1e-4), 0.0,
                              atol=1e-4)
   np.testing.assert_allclose(terms["x_hat"], jnp.broadcast_to(X0, (1024, 4)), atol=1e-3)
   wrong = mlcm.mlcd_terms(lambda z, t: exact(z, t, 1.1), z_tm, z_tn, t_m, t_n, start)
   # DDIM is affine in x, so eq. 7 = (alpha_s - alpha_t sigma_s / sigma_t)^2 * mean (x_hat -
   # x_target)^2; with huber eps -> 0 the mcm form is (SNR + 1) * rms(x_hat - x_target).
-  eq7 = mlcm.objective(wrong, z_tm, t_m, start, "eq7")
-  rms = mlcm.objective(wrong, z_tm, t_m, start, "mcm", 1e-12) / (a ** 2 / sg ** 2 + 1)
+  eq7 = mlcm.mlcd_distance(wrong, z_tm, t_m, start, "eq7")
+  rms = mlcm.mlcd_distance(wrong, z_tm, t_m, start, "mcm", 1e-12) / (a ** 2 / sg ** 2 + 1)
   a_s, s_s = mlcm.alpha_sigma(start, start == 0)
   coef = (a_s - a * s_s / sg) ** 2
   np.testing.assert_allclose(eq7, coef * rms ** 2, rtol=5e-3, atol=1e-10)
