@@ -19,11 +19,11 @@ def jaxpr_flops(jaxpr):
     if name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
-      total += 2 * _size(eqn.outvars[0].aval.shape) * _size([lhs[d] for d in contract])
+      total += 2 * size(eqn.outvars[0].aval.shape) * size([lhs[d] for d in contract])
     elif name == "conv_general_dilated":
       rhs = eqn.invars[1].aval.shape
       out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-      total += 2 * _size(eqn.outvars[0].aval.shape) * _size(rhs) // out_features
+      total += 2 * size(eqn.outvars[0].aval.shape) * size(rhs) // out_features
     subs = [v for v in eqn.params.values() if _is_jaxpr(v)]
     branches = [b for v in eqn.params.values() if isinstance(v, (tuple, list))
                 for b in v if _is_jaxpr(b)]
@@ -39,7 +39,7 @@ def _is_jaxpr(v):
   return isinstance(v, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr))
 
 
-def _size(shape):
+def size(shape):
   return int(np.prod(shape, dtype=np.int64))
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import consistency, guidance, schedules, sharding
+from mcm_jax import consistency, guidance, sharding
 from mcm_jax import rewards as reward_losses
 from mcm_jax.errors import UserError
 from mcm_jax.samplers import addim

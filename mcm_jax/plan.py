@@ -108,7 +108,7 @@ def compile_step(c, devices, where="the devices", stage=0):
         raise
       compiled, info["compile_error"] = None, str(e).strip().splitlines()[0]
       info["argument_bytes"] = sum(  # each chip's shards, before any layout padding
-          _size(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+          flops.size(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
           for x in jax.tree_util.tree_leaves(args))
     compile_s = time.time() - t0
     forward_flops, ideal_flops = references.result()

@@ -130,7 +130,7 @@ def test_unconditional_branch_follows_the_pipeline_config(tiny_sdxl_dir, tmp_pat
   teacher's unconditional branch zero prompt embeddings; false, or mlcm.uncond='empty_prompt',
   makes it the text encoders' embedding of ""."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from mcm_jax.models import sdxl_text  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl, sdxl_text  # pylint: disable=g-import-not-at-top
   encode = sdxl_text.load_text_encoders(tiny_sdxl_dir)
   empty = encode([""])
   assert np.abs(empty["context"]).max() > 1e-3  # CLIP("") is not zeros
