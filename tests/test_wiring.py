@@ -3,7 +3,6 @@ computed by hand: MCM Alg. 1 (pixel CT / CD with a guided teacher) and MLCM eq. 
 the paper's epsilon form (stage 0 MDI / SDI, later stages with the PDU and PDF teacher, and a
 trajectory-bank batch). Every config field the loss reads is set to a non-default value, so a
 field mapped to the wrong argument shows."""
-import functools
 
 import jax
 import jax.numpy as jnp

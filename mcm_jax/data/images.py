@@ -18,7 +18,6 @@ Sources (``load(name, ...)``), each ``len(source)`` and ``source.get(indices) ->
 """
 import concurrent.futures
 import io
-import os
 
 import jax
 import numpy as np
