@@ -39,6 +39,9 @@ def schedule_text(steps, timesteps, sampler, strength=1.0):
     comfy = ("SamplerCustom with sampler 'euler' (DDIM jumps are Euler steps in these sigmas) "
              "and a ManualSigmas node holding the sigmas")
     hf = "EulerDiscreteScheduler"
+  elif sampler == "dpmpp_2m":
+    comfy = ("SamplerCustom with sampler 'dpmpp_2m' and a ManualSigmas node holding the sigmas")
+    hf = "DPMSolverMultistepScheduler"
   elif sampler == "tcd":
     comfy = ("no core sampler: the ComfyUI-TCD custom node's TCD sampler (its gamma = "
              "--gamma) with the sigmas above")
@@ -120,7 +123,8 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_enum("sampler", "ddim", list(discrete.SAMPLERS),
                     "ddim: deterministic DDIM jumps between the timesteps (what MLCM LoRAs "
                     "trained here expect); lcm: LCM's sampler, x0 re-noised with fresh noise "
-                    "(LCM-LoRA, TLCM); tcd: TCD's sampler with --gamma (TCD-LoRA, Hyper-SD).",
+                    "(LCM-LoRA, TLCM); tcd: TCD's sampler with --gamma (TCD-LoRA, Hyper-SD); "
+                    "dpmpp_2m: DPM-Solver++(2M), for the base model at e.g. 25 steps.",
                     flag_values=flag_values)
   flags.DEFINE_float("gamma", 0.3, "TCD's stochasticity (diffusers' eta): 0 deterministic, 1 "
                      "fully re-noised.", flag_values=flag_values)

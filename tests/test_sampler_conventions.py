@@ -153,3 +153,24 @@ def test_tcd_sampler_equals_diffusers_tcd_scheduler(gamma):
   if gamma == 0.0:  # deterministic: DDIM jumps to the grid's timesteps, ending at timestep 0
     ddim = addim.sample_on_grid(denoiser(), jnp.asarray(z0.numpy()), grid, schedules.sdxl_logsnr)
     assert float(jnp.abs(ddim - got).max()) < 0.1  # x_hat vs z at abar_0: close, not equal
+
+
+@pytest.mark.parametrize("timesteps", [[999, 750, 500, 250], list(range(981, 0, -40))])
+def test_dpm_solver_2m_equals_diffusers_dpm_solver_multistep(timesteps):
+  """``--sampler=dpmpp_2m``: diffusers' DPMSolverMultistepScheduler (its defaults: dpmsolver++,
+  order 2, midpoint, final sigma 0, last step first order) on the same epsilon function, start
+  noise and timesteps (4, and 25 as a teacher baseline would use)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  scheduler = diffusers.DPMSolverMultistepScheduler(**SDXL_SCHEDULE)
+  scheduler.set_timesteps(timesteps=timesteps)
+  z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+  z = z0.clone()
+  for t in scheduler.timesteps:
+    eps = torch.from_numpy(eps_np(z.numpy(), float(t)).astype(np.float32))
+    z = scheduler.step(eps, t, z).prev_sample
+  got = discrete.sample(denoiser(), jnp.asarray(z0.numpy()), discrete.explicit_grid(timesteps),
+                        "dpmpp_2m")
+  np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=2e-4)
+  ddim = discrete.sample(denoiser(), jnp.asarray(z0.numpy()), discrete.explicit_grid(timesteps))
+  assert float(jnp.abs(ddim - got).max()) > 1e-3  # second order differs from DDIM

@@ -5,7 +5,8 @@ and the LoRAs users bring from elsewhere:
   'trailing' and 'leading' spacings, LCMScheduler's ('lcm'), or a user's list
   (``explicit_grid``); each is K decreasing timesteps then 0;
 - ``sample``: DDIM jumps between the grid's timesteps (MLCM; diffusers' Euler on the same
-  timesteps), LCM's re-noising multistep sampler (``lcm_boundary``), TCD's (``tcd_sample_on_grid``);
+  timesteps), LCM's re-noising multistep sampler (``lcm_boundary``), TCD's (``tcd_sample_on_grid``),
+  DPM-Solver++(2M) for many-step sampling of the base model;
 - ``grid_sigmas``: a grid as the sigmas ComfyUI / k-diffusion / diffusers' Euler step through.
 """
 import jax
@@ -39,7 +40,8 @@ def sampling_timesteps(num_steps):
 
 
 SPACINGS = ("uniform", "trailing", "leading", "lcm")  # timestep grids (see ``timestep_grid``)
-SAMPLERS = ("ddim", "lcm", "tcd")  # DDIM jumps (MLCM) / re-noised x_hat (LCM) / TCD's gamma
+# DDIM jumps (MLCM) / re-noised x_hat (LCM) / TCD's gamma / DPM-Solver++(2M) (many-step teacher)
+SAMPLERS = ("ddim", "lcm", "tcd", "dpmpp_2m")
 
 
 def timestep_grid(num_steps, spacing="uniform", original_steps=50):
@@ -138,6 +140,33 @@ def tcd_sample_on_grid(f, z_init, grid, gamma, noise):
   return z
 
 
+def dpm_solver_2m_sample_on_grid(f, z_init, grid):
+  """DPM-Solver++(2M) (Lu et al. 2022; diffusers' ``DPMSolverMultistepScheduler``: dpmsolver++,
+  order 2, midpoint, the last step first order) over ``grid`` (K timesteps, then 0 = the clean
+  end). With ``lambda = log(alpha / sigma)``, ``h_i = lambda_{i+1} - lambda_i`` and ``x_i =
+  f(z_i, t_i)``: ``z_{i+1} = (sigma_{i+1} / sigma_i) z_i - alpha_{i+1} (e^{-h_i} - 1) D_i``,
+  ``D_i = x_i`` on the first and last steps, else ``x_i + (x_i - x_{i-1}) h_i / (2 h_{i-1})``."""
+  grid = np.asarray(grid)
+  batch, z = z_init.shape[0], z_init
+  full = lambda t: jnp.full((batch,), t, jnp.float32)
+  ends = [alpha_sigma(full(t), clean=(t == 0) and (i == len(grid) - 1))
+          for i, t in enumerate(grid)]
+  lam = [jnp.log(a) - jnp.log(s) for a, s in ends]  # +inf at the clean end
+  previous = x_hat = None
+  for i in range(len(grid) - 1):
+    x_hat = f(z, full(grid[i]))
+    (a_s, s_s), (a_t, s_t) = ends[i], ends[i + 1]
+    h = lam[i + 1] - lam[i]
+    d = x_hat
+    if previous is not None and i < len(grid) - 2:
+      r = (lam[i] - lam[i - 1]) / h
+      d = x_hat + bcast(0.5 / r, z) * (x_hat - previous)
+    ratio = jnp.where(s_t > 0, s_t / s_s, 0.0)
+    z = bcast(ratio, z) * z - bcast(a_t * jnp.expm1(-h), z) * d
+    previous = x_hat
+  return z
+
+
 def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   """Few-step sampling of a denoiser ``f(z, t)`` from ``noise`` (= z_999).
 
@@ -147,10 +176,13 @@ def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   trains for); 'lcm' = LCM's multistep sampling as diffusers' LCMScheduler: ``lcm_boundary(f)``'s
   x_hat re-noised with fresh noise drawn from ``rng`` to the next timestep, the last x_hat
   returned (``addim.renoise_sample_on_grid``); 'tcd' = TCD's sampler with stochasticity
-  ``gamma`` (``tcd_sample_on_grid``, fresh noise from ``rng``)."""
+  ``gamma`` (``tcd_sample_on_grid``, fresh noise from ``rng``); 'dpmpp_2m' = DPM-Solver++(2M)
+  (``dpm_solver_2m_sample_on_grid``, deterministic)."""
   grid = timestep_grid(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps)
   if sampler == "ddim":
     return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
+  if sampler == "dpmpp_2m":
+    return dpm_solver_2m_sample_on_grid(f, noise, grid)
   if sampler not in SAMPLERS:
     raise UserError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
   fresh = sharding.constrain_batch(
