@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mcm_jax.config_diff import differing_fields
 from mcm_jax.errors import DamagedCheckpointError, IncompatibleCheckpointError
 
 STATE, DATA = "state", "data"
@@ -128,13 +129,6 @@ def check_stored(manager, step, like, subtree=None):
   if subtree is not None:
     stored, where = stored[subtree], f"{where} ({subtree})"
   check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
-
-
-def differing_fields(old, new):
-  """{key: (old value, new value)} for the keys where two JSON-like dicts (or None) differ."""
-  old, new = old or {}, new or {}
-  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k)}
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import difflib
 
 from mcm_jax import consistency, experiments, fid, mlcm, rewards, schedules
 from mcm_jax.models import remat, sdxl_unet
+from mcm_jax.config_diff import flat_fields
 from mcm_jax.errors import UserError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import toy as toy_data
@@ -39,18 +40,6 @@ def _is_int(v):
 
 def _is_number(v):
   return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
-
-
-def flat_fields(tree, prefix=""):
-  """{'teacher.optim.learning_rate': value} for a ConfigDict or a JSON-like dict (sections that
-  are empty count as a field)."""
-  out = {}
-  for key, value in tree.items():
-    if hasattr(value, "items") and len(value):
-      out.update(flat_fields(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def unknown_field_error(config, field, source="this config"):

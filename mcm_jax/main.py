@@ -17,7 +17,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mcm_jax import cli, errors, experiments, storage
-from mcm_jax.config_validation import ConfigError, flat_fields, unknown_field_error, validate
+from mcm_jax.config_diff import differing_fields, flat_fields
+from mcm_jax.config_validation import ConfigError, unknown_field_error, validate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # config files import their siblings as configs.<name>
@@ -169,8 +170,7 @@ def write_config(workdir, config, mode="train"):
     for candidate in [path] + [os.path.join(workdir, name) for _, name in numbered]:
       if _read_json(candidate) == new:
         return candidate
-    from mcm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    diff = checkpoint.differing_fields(flat_fields(old or {}), flat_fields(new))
+    diff = differing_fields(flat_fields(old or {}), flat_fields(new))
     path = os.path.join(workdir, f"config_{numbered[-1][0] + 1 if numbered else 1}.json")
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:12])
     logging.warning("%s is kept: this run's config differs from it in %d setting(s) (%s%s); "

@@ -33,8 +33,8 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   ``imagereward_dir``), 'hpsv2' (with ``hpsv2_dir``), 'aesthetic' (with a head), 'fid' (with
   ``fid_reference``, a folder of images, and ``inception_weights``), 'num'}}: prompt-averaged
   scores of each step count's images (FID: of the whole set), and with ``teacher`` ({'steps',
-  'guidance_scale', 'negative_prompt'}) a row 'teacher_<steps>' for the base model guided (Euler
-  on the 'leading' grid). Writes eval.json, eval.md (the table), metrics.png (each metric
+  'guidance_scale', 'negative_prompt', 'sampler'}) a row 'teacher_<steps>' for the base model
+  guided on the 'leading' grid (sampler 'ddim' = diffusers' Euler, or 'dpmpp_2m'). Writes eval.json, eval.md (the table), metrics.png (each metric
   against steps, the teacher as a line), grid.png (a row per run, the same prompts and noise)
   and grid_<run>.png."""
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
@@ -65,7 +65,8 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
     base = dataclasses.replace(models, unet_params=getattr(base, "params", base))
     runs.append((f"teacher_{teacher['steps']}", base, teacher["steps"],
                  dict(timesteps="leading", guidance_scale=teacher["guidance_scale"],
-                      negative_prompt=teacher.get("negative_prompt"))))
+                      negative_prompt=teacher.get("negative_prompt"),
+                      sampler=teacher.get("sampler", "ddim"))))
   results, grids = {}, []
   for run, run_models, steps, options in runs:
     images = pipeline.generate_images(run_models, prompts, steps, resolution, seed, batch_size,
@@ -146,6 +147,9 @@ def define_flags(flag_values=FLAGS):
                        "none).", flag_values=flag_values)
   flags.DEFINE_float("teacher_guidance_scale", 8.0, "The teacher row's guidance scale.",
                      flag_values=flag_values)
+  flags.DEFINE_enum("teacher_sampler", "ddim", ["ddim", "dpmpp_2m"], "The teacher row's sampler: "
+                    "ddim (= diffusers' Euler on these timesteps) or dpmpp_2m (DPM-Solver++(2M)).",
+                    flag_values=flag_values)
   flags.DEFINE_string("teacher_negative_prompt", None, "The teacher row's negative prompt.",
                       flag_values=flag_values)
   flags.DEFINE_string("fid_reference", "", "A folder of reference images (e.g. COCO-2017 val) "
@@ -189,7 +193,7 @@ def main(argv, flag_values=FLAGS):
       raise errors.UserError(f"--teacher_steps={f.teacher_steps} is invalid; allowed: 0 (no "
                              "teacher row) or 1..1000, e.g. 25")
     teacher = dict(steps=f.teacher_steps, guidance_scale=f.teacher_guidance_scale,
-                   negative_prompt=f.teacher_negative_prompt)
+                   negative_prompt=f.teacher_negative_prompt, sampler=f.teacher_sampler)
   clip_dir = hub.local_path(f.clip, "--clip")  # a local dir or a cached hub name
   pickscore_dir = hub.local_path(f.pickscore, "--pickscore") if f.pickscore else ""
   imagereward_dir = hub.local_path(f.imagereward, "--imagereward") if f.imagereward else ""

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mcm_jax import storage
-from mcm_jax.checkpoint import differing_fields
+from mcm_jax.config_diff import differing_fields
 from mcm_jax.data.images import local_indices_fn
 from mcm_jax.errors import UserError
 

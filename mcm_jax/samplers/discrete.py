@@ -155,7 +155,7 @@ def dpm_solver_2m_sample_on_grid(f, z_init, grid):
   previous = x_hat = None
   for i in range(len(grid) - 1):
     x_hat = f(z, full(grid[i]))
-    (a_s, s_s), (a_t, s_t) = ends[i], ends[i + 1]
+    (_, s_s), (a_t, s_t) = ends[i], ends[i + 1]
     h = lam[i + 1] - lam[i]
     d = x_hat
     if previous is not None and i < len(grid) - 2:
