@@ -24,8 +24,15 @@ def _sdxl_dir(tiny_sdxl_dir):
   return tiny_sdxl_dir  # conftest's session-wide directory, read-only here
 
 
-def test_generation_with_and_without_lora(sdxl_dir, tmp_path):
-  models = pipeline.load_pipeline(sdxl_dir)
+@pytest.fixture(name="base_models", scope="module")
+def _base_models(tiny_sdxl_dir):
+  """The tiny directory's pipeline without a LoRA, loaded once for the module (its compiled
+  generators are kept in it and reused across tests)."""
+  return pipeline.load_pipeline(tiny_sdxl_dir)
+
+
+def test_generation_with_and_without_lora(sdxl_dir, base_models, tmp_path):
+  models = base_models
   base = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2)
   assert base.shape == (3, 16, 16, 3) and np.all(np.abs(base) <= 1)
   again = pipeline.generate_images(models, PROMPTS, steps=2, resolution=16, batch_size=2)
@@ -91,13 +98,13 @@ def _diffusers_sdxl_pipeline(sdxl_dir):
       add_watermarker=False)
 
 
-def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir):
+def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir, base_models):
   """CFG with and without a negative prompt, 6 Euler steps on the 'leading' grid: the images of
   ``pipeline.generate_images`` are those of diffusers' StableDiffusionXLPipeline from the same
   initial noise."""
   torch = pytest.importorskip("torch")
   reference = _diffusers_sdxl_pipeline(sdxl_dir)
-  models = pipeline.load_pipeline(sdxl_dir)
+  models = base_models
   noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
                                        (2, 16, 16, 4)))
   images = {}
@@ -152,7 +159,7 @@ def test_stacked_loras_equal_diffusers_adapters(sdxl_dir, tmp_path):
     pipeline.load_pipeline(sdxl_dir, files, [1.0, 1.0, 1.0])
 
 
-def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, monkeypatch):
+def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, base_models, monkeypatch):
   """Image-to-image, guided, strength 0.5 of 6 'leading' Euler steps: ``generate_images`` equals
   diffusers' StableDiffusionXLImg2ImgPipeline given the same VAE-posterior and start noise (the
   two draws diffusers makes with ``randn_tensor`` are replaced by ours)."""
@@ -177,7 +184,7 @@ def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, monkeypatch):
     theirs = reference(prompt=PROMPTS[:2], image=pixels, strength=0.5, num_inference_steps=6, guidance_scale=3.0,
                        output_type="np").images
   assert not queue  # both draws were ours
-  models = pipeline.load_pipeline(sdxl_dir)
+  models = base_models
   ours = pipeline.generate_images(models, PROMPTS[:2], 6, resolution=32, batch_size=2,
                                   timesteps="leading", guidance_scale=3.0, init_images=image,
                                   strength=0.5)
@@ -219,7 +226,8 @@ def test_cli_writes_pngs(sdxl_dir, tmp_path):
   assert bad.returncode != 0 and "--steps=0 is invalid" in bad.stderr
 
 
-def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, tiny_clip_model, tmp_path):
+def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, base_models, tiny_clip_model,
+                                                         tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   torch = pytest.importorskip("torch")
   from mcm_jax import rewards, t2i_eval  # pylint: disable=g-import-not-at-top
@@ -238,13 +246,13 @@ def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, tiny_clip_mod
   for name in ("metrics.png", "grid.png", "grid_teacher_3.png"):
     assert os.path.getsize(tmp_path / "out" / name) > 100, name
   # The teacher row is the base model guided: pipeline.generate_images' images, scored.
-  base = pipeline.load_pipeline(sdxl_dir)
+  base = base_models
   teacher_images = pipeline.generate_images(base, PROMPTS, 3, 32, batch_size=2,
                                             timesteps="leading", guidance_scale=5.0,
                                             negative_prompt="wider")
   # The CLIP score and PickScore (its reference code: exp(logit_scale) x cosine of the
   # normalised embeddings) of the 2-step images, recomputed in PyTorch.
-  images = pipeline.generate_images(pipeline.load_pipeline(sdxl_dir), PROMPTS, 2, 32,
+  images = pipeline.generate_images(base_models, PROMPTS, 2, 32,
                                     batch_size=2)
   pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
       torch.from_numpy(rewards.CLIP_STD)
