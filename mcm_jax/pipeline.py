@@ -15,10 +15,12 @@ x0 the VAE posterior sample of the init image.
 """
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from mcm_jax import errors, guidance, plotting, seeds
 from mcm_jax import lora as lora_lib
@@ -169,7 +171,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     uncond = dict(sdxl_text.unconditional(pipeline.encode, zeros, negative_prompt or ""),
                   time_ids=sdxl.time_ids(resolution, 1))
   latent = resolution // factor
-  out = []
+  out, started, reported = [], time.time(), time.time()
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = list(prompts[start:start + batch_size])
     pad = batch_size - len(chunk)
@@ -188,4 +190,13 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     images = generate(pipeline.unet_params, pipeline.vae_params, cond, noise, rng, uncond,
                       jnp.float32(guidance_scale), init)
     out.append(np.asarray(images)[:len(chunk)])
+    done = start + len(chunk)
+    if time.time() - reported > PROGRESS_EVERY_S and done < len(prompts):
+      reported = time.time()
+      per_image = (reported - started) / done
+      logging.info("%d / %d images (%d steps): %.2f s per image, about %.0f s left", done,
+                   len(prompts), steps, per_image, per_image * (len(prompts) - done))
   return np.concatenate(out)
+
+
+PROGRESS_EVERY_S = 30  # generate_images logs its progress at most this often
