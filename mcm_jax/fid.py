@@ -160,11 +160,15 @@ def to_inception_size(images):
   """[N, H, W, 3] in [-1, 1] -> [N, 299, 299, 3] in [-1, 1]: quantised to 8 bits, then PIL's
   bicubic resize per image (clean-fid's filter; clean-fid resizes float32 channels, this the
   8-bit image), so generated and reference images meet the network the same way."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   pixels = np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+  return np.stack([_resize_8bit(p) for p in pixels])
+
+
+def _resize_8bit(pixels):
+  """One [H, W, 3] uint8 image -> [299, 299, 3] in [-1, 1] by PIL's bicubic filter."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   size = (INCEPTION_SIZE, INCEPTION_SIZE)
-  return np.stack([np.asarray(Image.fromarray(p).resize(size, Image.BICUBIC), np.float32)
-                   for p in pixels]) / 127.5 - 1.0
+  return np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC), np.float32) / 127.5 - 1
 
 
 def folder_statistics(directory, feature_fn, batch_size=32, limit=None):
@@ -185,8 +189,8 @@ def folder_statistics(directory, feature_fn, batch_size=32, limit=None):
     for name in names[start:start + batch_size]:
       with storage.open_file(f"{directory}/{name}", "rb") as f:
         image = Image.open(io.BytesIO(f.read())).convert("RGB")
-      batch.append(np.asarray(image.resize((INCEPTION_SIZE,) * 2, Image.BICUBIC), np.float32))
-    feats.append(batched_features(feature_fn, np.stack(batch) / 127.5 - 1.0, batch_size)[0])
+      batch.append(_resize_8bit(np.asarray(image)))
+    feats.append(batched_features(feature_fn, np.stack(batch), batch_size)[0])
   mu, sigma = statistics(np.concatenate(feats))
   return mu, sigma, len(names)
 

@@ -26,6 +26,9 @@ from mcm_jax import errors, guidance, plotting, seeds
 from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import discrete
+from mcm_jax.samplers.addim import bcast
+
+PROGRESS_EVERY_S = 30  # generate_images logs its progress at most this often
 
 
 def strength_grid(grid, strength):
@@ -42,10 +45,11 @@ def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", streng
                    gamma=0.3):
   """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0,
   init=None) -> images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents.
-  ``timesteps`` / ``sampler``: ``discrete.sampling_grid`` and ``discrete.sample`` (``rng`` draws the 'lcm'
-  / 'tcd' sampler's fresh noise; ``gamma``: TCD's stochasticity). ``uncond`` ([1, ...] conditioning) and ``scale`` guide the UNet
-  (``guidance.guided``). ``init`` (latents of an init image) starts the ``strength_grid`` part of
-  the grid from ``alpha_t init + sigma_t noise``; without it ``noise`` is z at the grid's top."""
+  ``timesteps`` / ``sampler``: ``discrete.sampling_grid`` and ``discrete.sample`` (``rng`` draws
+  the 'lcm' / 'tcd' sampler's fresh noise; ``gamma``: TCD's stochasticity). ``uncond`` ([1, ...]
+  conditioning) and ``scale`` guide the UNet (``guidance.guided``). ``init`` (latents of an init
+  image) starts the ``strength_grid`` part of the grid from ``alpha_t init + sigma_t noise``;
+  without it ``noise`` is z at the grid's top."""
   grid = discrete.sampling_grid(steps, timesteps)
   if strength != 1.0:
     grid = strength_grid(grid, strength)
@@ -59,9 +63,9 @@ def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", streng
     z = noise
     if init is not None:
       alpha, sigma = discrete.alpha_sigma(jnp.full(noise.shape[:1], grid[0]))
-      z = alpha[:, None, None, None] * init + sigma[:, None, None, None] * noise
+      z = bcast(alpha, init) * init + bcast(sigma, noise) * noise
     z = discrete.sample(lambda zz, t: guidance.guided(f, zz, t, cond, uncond, scale)[0], z, grid,
-                    sampler, rng, gamma)
+                        sampler, rng, gamma)
     return decode(vae_params, z)
 
   return generate
@@ -85,12 +89,15 @@ def write_sample_grid(directory, unet, unet_params, cond, noise, steps, vae=None
 @dataclasses.dataclass
 class Pipeline:
   """An SDXL directory's models, loaded once; ``encode(prompts) -> {'context', 'text_embeds'}``;
-  ``generators`` caches the compiled generators by (steps, timesteps, sampler)."""
+  ``encode_image(vae_params, images, eps) -> latents`` (jitted ``sdxl.make_encoder``);
+  ``generators`` caches the compiled generators by (steps, timesteps, sampler, strength,
+  gamma)."""
   unet: object
   unet_params: dict
   vae: object
   vae_params: dict
   encode: object
+  encode_image: object
   zeros_for_empty_prompt: bool = True
   generators: dict = dataclasses.field(default_factory=dict)
 
@@ -115,6 +122,7 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
                                  source=f"LoRA file(s) {', '.join(paths)}")
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
   return Pipeline(unet, unet_params, vae, vae_params, sdxl_text.load_text_encoders(sdxl_dir),
+                  jax.jit(sdxl.make_encoder(vae)),
                   sdxl_text.force_zeros_for_empty_prompt(sdxl_dir))
 
 
@@ -155,15 +163,12 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
                              f"{len(prompts)} prompts at resolution={resolution}; allowed: "
                              f"[{resolution}, {resolution}, 3] or [{len(prompts)}, {resolution}, "
                              f"{resolution}, 3]")
-    strength_grid(discrete.sampling_grid(steps, timesteps), strength)  # checked before compiling
   else:
     strength = 1.0
   key = (steps, timesteps, sampler, strength, gamma)
-  if key not in pipeline.generators:
+  if key not in pipeline.generators:  # checks the grid and strength before compiling anything
     pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler, strength,
                                               gamma)
-  if init_images is not None and "vae_encoder" not in pipeline.generators:
-    pipeline.generators["vae_encoder"] = jax.jit(sdxl.make_encoder(vae))
   generate = pipeline.generators[key]
   uncond = None
   if guidance_scale != 1.0:
@@ -186,7 +191,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
       pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, 0)])
       eps = jax.random.normal(jax.random.fold_in(seeds.key(seed, "vae_posterior"), b),
                               noise.shape)
-      init = pipeline.generators["vae_encoder"](pipeline.vae_params, pixels, eps)
+      init = pipeline.encode_image(pipeline.vae_params, pixels, eps)
     images = generate(pipeline.unet_params, pipeline.vae_params, cond, noise, rng, uncond,
                       jnp.float32(guidance_scale), init)
     out.append(np.asarray(images)[:len(chunk)])
@@ -197,6 +202,3 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
       logging.info("%d / %d images (%d steps): %.2f s per image, about %.0f s left", done,
                    len(prompts), steps, per_image, per_image * (len(prompts) - done))
   return np.concatenate(out)
-
-
-PROGRESS_EVERY_S = 30  # generate_images logs its progress at most this often

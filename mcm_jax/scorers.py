@@ -67,13 +67,18 @@ def pick_score(model):
 
 
 @dataclasses.dataclass
-class ImageRewardModel:
-  """``score(params, images [-1, 1] NHWC, tokens) -> [B]`` ImageReward v1.0 scores;
-  ``tokenize(texts) -> (input_ids, attention_mask)`` as ImageReward's BLIP tokenizer (BERT
-  uncased, padded / truncated to 35)."""
+class Scorer:
+  """``score(params, images [-1, 1] NHWC, tokens) -> [B]``; ``tokenize(texts) -> tokens`` for a
+  prompt-conditioned scorer, None for one that ignores the prompt (``tokens`` is then None)."""
   score: object
   params: dict
-  tokenize: object
+  tokenize: object = None
+
+
+def load_aesthetic(clip_dir, head_path):
+  """The LAION aesthetic predictor (``rewards.aesthetic_scorer``) as a prompt-free ``Scorer``."""
+  score, params = rewards.aesthetic_scorer(clip_dir, head_path)
+  return Scorer(lambda p, images, tokens: score(p, images), params)
 
 
 IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
@@ -81,9 +86,10 @@ IMAGEREWARD_TEXT_LENGTH = 35
 
 
 def load_imagereward(directory, tokenizer_dir=None):
-  """ImageReward from a local directory holding ``ImageReward.pt`` and ``med_config.json`` (the
-  files THUDM/ImageReward publishes) and, unless ``tokenizer_dir`` is given, the BERT uncased
-  tokenizer files (``vocab.txt``, as in bert-base-uncased)."""
+  """ImageReward v1.0 as a ``Scorer`` from a local directory holding ``ImageReward.pt`` and
+  ``med_config.json`` (the files THUDM/ImageReward publishes) and, unless ``tokenizer_dir`` is
+  given, the BERT uncased tokenizer files (``vocab.txt``, as in bert-base-uncased); its tokens are
+  ``(input_ids, attention_mask)`` padded / truncated to 35, as ImageReward's BLIP tokenizer."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
   for name in IMAGEREWARD_FILES:
@@ -129,7 +135,7 @@ def load_imagereward(directory, tokenizer_dir=None):
                     max_length=IMAGEREWARD_TEXT_LENGTH)
     return np.asarray(out.input_ids), np.asarray(out.attention_mask)
 
-  return ImageRewardModel(score, params, tokenize)
+  return Scorer(score, params, tokenize)
 
 
 def hps_score(model):

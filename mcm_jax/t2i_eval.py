@@ -1,4 +1,4 @@
-"""Text-to-image evaluation of an MLCM LoRA per step count: CLIP score, PickScore, aesthetic.
+"""Text-to-image evaluation of an MLCM LoRA per step count, and of its guided teacher.
 
   python -m mcm_jax.t2i_eval --sdxl=/models/sdxl-base --lora=runs/mlcm/stage2/lora \\
       --prompts=coco2017_captions_5k.txt --steps=1,2,4,8 --clip=/models/clip-vit-large-patch14 \\
@@ -7,10 +7,11 @@
 Scores (``mcm_jax.scorers``) averaged over prompts: CLIP score ``100 max(cos(E_image, E_text), 0)``
 (torchmetrics' definition; MLCM reports it with ViT-g/14 on 5k MSCOCO-2017 captions), PickScore
 with ``--pickscore``, ImageReward with ``--imagereward``, HPSv2 with ``--hpsv2``, FID against
-``--fid_reference`` (both sets 8-bit, PIL bicubic to 299 px, pytorch-fid's Inception), the LAION aesthetic score with
-``--aesthetic_head``. Writes ``eval.json`` ({steps: {clip_score, pickscore, imagereward,
-hpsv2, aesthetic, fid, num}}) and ``grid_<steps>step.png``. Bad input
-ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
+``--fid_reference`` (both sets 8-bit, PIL bicubic to 299 px, pytorch-fid's Inception), the
+LAION aesthetic score with ``--aesthetic_head``; ``--teacher_steps`` adds the guided base model.
+Writes ``eval.json`` ({run: {clip_score, pickscore, imagereward, hpsv2, aesthetic, fid, num}}),
+``eval.md``, ``metrics.png``, ``grid.png`` and ``grid_<run>.png``. Bad input ends in one message
+and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import dataclasses
 import os
@@ -20,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from mcm_jax import (cli, errors, fid, generate, hub, pipeline, plotting, rewards, scorers,
-                     storage)
+from mcm_jax import cli, errors, fid, generate, hub, pipeline, plotting, scorers, storage
 from mcm_jax.data import prompts as prompt_data
 
 
@@ -34,25 +34,24 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   ``fid_reference``, a folder of images, and ``inception_weights``), 'num'}}: prompt-averaged
   scores of each step count's images (FID: of the whole set), and with ``teacher`` ({'steps',
   'guidance_scale', 'negative_prompt', 'sampler'}) a row 'teacher_<steps>' for the base model
-  guided on the 'leading' grid (sampler 'ddim' = diffusers' Euler, or 'dpmpp_2m'). Writes eval.json, eval.md (the table), metrics.png (each metric
-  against steps, the teacher as a line), grid.png (a row per run, the same prompts and noise)
-  and grid_<run>.png."""
+  guided on the 'leading' grid (sampler 'ddim' = diffusers' Euler, or 'dpmpp_2m'). Writes
+  eval.json, eval.md (the table), metrics.png (each metric against steps, the teacher as a
+  line), grid.png (a row per run, the same prompts and noise) and grid_<run>.png."""
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
   if pickscore_dir:
     text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
   if hpsv2_dir:
     text_scores["hpsv2"] = (scorers.hps_score, hpsv2_dir)
-  loaded = {}
+  loaded = {}  # name -> scorers.Scorer
   for name, (kind, directory) in text_scores.items():
     model = scorers.load_clip(directory)
-    loaded[name] = (jax.jit(kind(model)), model.params, model.tokenize)
+    loaded[name] = scorers.Scorer(kind(model), model.params, model.tokenize)
   if imagereward_dir:
-    model = scorers.load_imagereward(imagereward_dir, imagereward_tokenizer or None)
-    loaded["imagereward"] = (jax.jit(model.score), model.params, model.tokenize)
-  aesthetic = None
+    loaded["imagereward"] = scorers.load_imagereward(imagereward_dir,
+                                                     imagereward_tokenizer or None)
   if aesthetic_head:
-    fn, a_params = rewards.aesthetic_scorer(clip_dir, aesthetic_head)
-    aesthetic = jax.jit(lambda x: fn(a_params, x))
+    loaded["aesthetic"] = scorers.load_aesthetic(clip_dir, aesthetic_head)
+  jitted = {name: jax.jit(s.score) for name, s in loaded.items()}
   storage.makedirs(out)
   if fid_reference:
     inception = fid.inception_feature_fn(inception_weights)
@@ -72,15 +71,12 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
     images = pipeline.generate_images(run_models, prompts, steps, resolution, seed, batch_size,
                                       **options)
     scores = {name: [] for name in loaded}
-    if aesthetic is not None:
-      scores["aesthetic"] = []
     for start in range(0, len(prompts), batch_size):
       x = jnp.asarray(images[start:start + batch_size])
       texts = prompts[start:start + batch_size]
-      for name, (score, params, tokenize) in loaded.items():
-        scores[name].append(np.asarray(score(params, x, tokenize(texts))))
-      if aesthetic is not None:
-        scores["aesthetic"].append(np.asarray(aesthetic(x)))
+      for name, s in loaded.items():
+        tokens = s.tokenize(texts) if s.tokenize else None
+        scores[name].append(np.asarray(jitted[name](s.params, x, tokens)))
     row = {name: float(np.mean(np.concatenate(v))) for name, v in scores.items()}
     if fid_reference:
       feats, _ = fid.batched_features(inception, fid.to_inception_size(images), batch_size)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import (hub, lora, mlcm, objectives, pipeline, rewards, scorers, seeds, sharding,
-                     storage, train)
+from mcm_jax import (hub, lora, mlcm, objectives, pipeline, scorers, seeds, sharding, storage,
+                     train)
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data import trajectory_bank
@@ -118,14 +118,12 @@ def conditioning_fn(c, encode, reward_tokenize=None):
 
 
 def reward_scorer(c):
-  """(``score(params, images, tokens)``, its params, ``tokenize`` or None) of
-  ``config.rewards.scorer``: the LAION aesthetic predictor (no prompt) or ImageReward."""
+  """The ``scorers.Scorer`` of ``config.rewards.scorer``: the LAION aesthetic predictor (no
+  prompt) or ImageReward."""
   r = c.rewards
   if r.scorer == "imagereward":
-    model = scorers.load_imagereward(r.imagereward_dir, r.tokenizer_dir or None)
-    return model.score, model.params, model.tokenize
-  score, params = rewards.aesthetic_scorer(r.clip_dir, r.head)
-  return (lambda p, images, tokens: score(p, images)), params, None
+    return scorers.load_imagereward(r.imagereward_dir, r.tokenizer_dir or None)
+  return scorers.load_aesthetic(r.clip_dir, r.head)
 
 
 def frozen_inputs(c, params, teacher, uncond):
@@ -285,16 +283,17 @@ def run(config, workdir):
 
   if c.text_encoder == "sdxl":
     encode = cached_encoder(encode, prompts)  # frees the CLIP weights when the prompts are few
-  decode = score = reward_tokenize = scorer_params = None
+  decode = score = scorer = None
   if c.rewards.scorer:
-    score, scorer_params, reward_tokenize = reward_scorer(c)
-  encode_batch = conditioning_fn(c, encode, reward_tokenize)
+    scorer = reward_scorer(c)
+    score = scorer.score
+  encode_batch = conditioning_fn(c, encode, scorer and scorer.tokenize)
   frozen = frozen_inputs(c, params, teacher, jax.device_put(unconditional(c, encode_batch),
                                                          sharding.replicated(mesh)))
   if c.rewards.scorer:
     vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
     decode = sdxl.make_decoder(vae)
-    frozen["scorer"] = scorer_params
+    frozen["scorer"] = scorer.params
   writer = create_writer(workdir)
   batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
   bank_fn = None

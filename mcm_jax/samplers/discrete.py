@@ -152,7 +152,7 @@ def dpm_solver_2m_sample_on_grid(f, z_init, grid):
   ends = [alpha_sigma(full(t), clean=(t == 0) and (i == len(grid) - 1))
           for i, t in enumerate(grid)]
   lam = [jnp.log(a) - jnp.log(s) for a, s in ends]  # +inf at the clean end
-  previous = x_hat = None
+  previous = None
   for i in range(len(grid) - 1):
     x_hat = f(z, full(grid[i]))
     (_, s_s), (a_t, s_t) = ends[i], ends[i + 1]
@@ -161,8 +161,7 @@ def dpm_solver_2m_sample_on_grid(f, z_init, grid):
     if previous is not None and i < len(grid) - 2:
       r = (lam[i] - lam[i - 1]) / h
       d = x_hat + bcast(0.5 / r, z) * (x_hat - previous)
-    ratio = jnp.where(s_t > 0, s_t / s_s, 0.0)
-    z = bcast(ratio, z) * z - bcast(a_t * jnp.expm1(-h), z) * d
+    z = bcast(s_t / s_s, z) * z - bcast(a_t * jnp.expm1(-h), z) * d
     previous = x_hat
   return z
 
