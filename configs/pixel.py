@@ -43,6 +43,12 @@ def pixel_config(resolution, objective, size):
                     noise_res_high=resolution, logsnr_min=-15.0, logsnr_max=15.0,
                     clip_after_shift=False)
   c.multiscale_levels = 1 if resolution == 128 else 0  # base loss: one 2x2 average pool at 128
+  # Base training replaces a label by the null label (num_classes) with this probability, so the
+  # unconditional branch that classifier-free guidance calls is trained. MCM §5.1 guides only
+  # the ImageNet128 base model (its samples and CD teacher); the paper gives no rate, 0.1 is Ho &
+  # Salimans' (2022) choice for ImageNet 128 (0.1 and 0.2 scored alike there). ImageNet64 runs
+  # are unguided, so their base keeps every label.
+  c.p_uncond = 0.1 if resolution == 128 else 0.0
   c.train = common.train_config(
       steps=1_000_000 if base else 200_000, batch_size=2048, log_every=100,
       checkpoint_every=5_000, keep_checkpoints=3, ema_decay=0.9999, seed=0,
@@ -60,11 +66,18 @@ def pixel_config(resolution, objective, size):
       teacher_steps_start=64, teacher_steps_end=1280, teacher_steps_horizon=100_000,
       xvar_frac=0.75, huber_eps=1e-4, loss_weight="snr_plus_one",
       teacher_sampler="addim",
-      # Guided teacher for ImageNet128 CD (SPEC: CFG only for the 128 base); the scale is not in
-      # the paper. w = 1 means no guidance. The null label is num_classes.
+      # Guided teacher for ImageNet128 CD (MCM §5.1: guidance only for the 128 base); the scale
+      # is not in the paper. w = 1 means no guidance. The null label is num_classes, which the
+      # base run (init_from) must have trained (p_uncond > 0; checked when CD starts).
       guidance_scale=1.5 if (resolution == 128 and objective == "cd") else 1.0,
   )
   c.sample = dict(num=64, teacher_steps=(64, 256),
+                  # classifier-free guidance of the base model's samples (grids, --mode=eval);
+                  # needs p_uncond > 0. Students sample unguided (CD's teacher carries it).
+                  guidance_scale=1.5 if (resolution == 128 and base) else 1.0,
+                  # the base model's sampler: 'addim' (MCM Alg. 2 with x_var below) or
+                  # 'dpmpp_2m' (DPM-Solver++(2M), the many-step baseline of LCM §4.3)
+                  sampler="addim",
                   every=10_000,  # PNG grids every N steps (0: at the end only)
                   # aDDIM x_var for the base model's samples: 'table' = eta mean||x - x_hat||^2/d
                   # measured on data over a t grid (MCM Alg. 3; saved as x_var_table.json),

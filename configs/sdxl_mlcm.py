@@ -54,8 +54,11 @@ def get_config(size="sdxl"):
       uncond="auto",
       image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
       teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
-      # Beyond the paper, as options: MCM's aDDIM teacher step and MCM's invDDIM x-target with
-      # (SNR + 1) pseudo-Huber weighting (huber_eps 1 as MCM for text-to-image).
+      # The teacher's solver over the skip k: 'ddim' (MLCM eq. 8); as options, LCM §4.3's
+      # singlestep second-order 'dpm_solver_2' / 'dpmpp_2s' (two teacher calls per pair; LCM
+      # pairs them with larger skips, k = 50 in its Fig. 3) and MCM's 'addim'. target: 'eq7',
+      # or MCM's invDDIM x-target with (SNR + 1) pseudo-Huber weighting ('mcm'; huber_eps 1 as
+      # MCM for text-to-image).
       teacher_step="ddim", target="eq7", huber_eps=1.0,
       # Stage 0 from a trajectory bank: (z_tm, z_tn) pairs made once by the guided teacher and
       # streamed (no teacher call in the step). dir '' = the teacher runs inside every step.

@@ -135,7 +135,7 @@ def validate_toy(config):
     _check(len(steps) > 0 and all(_is_int(s) and 1 <= s <= config.consistency
                                   .teacher_steps_start for s in steps),
            "fig1.student_steps", steps,
-           f"integers in [1, consistency.teacher_steps_start]")
+           "integers in [1, consistency.teacher_steps_start]")
     for key in ("teacher_steps", "student_train_steps"):
       _check(_is_int(config.fig1[key]) and config.fig1[key] >= 1, f"fig1.{key}",
              config.fig1[key], "an integer >= 1")
@@ -163,9 +163,22 @@ def validate_pixel(c, plan=False):
     validate_consistency(cc)
     check_in(cc.teacher_sampler, "consistency.teacher_sampler", consistency.TEACHER_SAMPLERS)
     if not c.init_from:
-      raise ConfigError(f"config.init_from is empty; CT / CD start from a base run's workdir "
+      raise ConfigError("config.init_from is empty; CT / CD start from a base run's workdir "
                         f"(train one with objective='base' first)")
   check_in(c.sample.x_var, "sample.x_var", ("table", "analytic"))
+  check_in(c.sample.sampler, "sample.sampler", ("addim", "dpmpp_2m"))
+  _check(_is_number(c.p_uncond) and 0 <= c.p_uncond < 1, "p_uncond", c.p_uncond,
+         "a number in [0, 1) (the probability of dropping a label in base training)")
+  w = c.sample.guidance_scale
+  _check(_is_number(w) and w >= 0, "sample.guidance_scale", w, "a number >= 0 (1 = no guidance)")
+  if w != 1 and c.objective != "base":
+    raise ConfigError(f"config.sample.guidance_scale={w!r} is invalid for objective="
+                      f"{c.objective!r}; allowed: 1 (students sample unguided; CD's teacher is "
+                      "guided by consistency.guidance_scale)")
+  if w != 1 and c.objective == "base" and not c.p_uncond:
+    raise ConfigError(f"config.sample.guidance_scale={w!r} needs a trained unconditional branch, "
+                      f"but config.p_uncond={c.p_uncond!r}; allowed: guidance_scale=1, or "
+                      "p_uncond > 0 (e.g. 0.1) from the start of base training")
   check_in(c.eval.features, "eval.features", fid.FEATURES)
   for key in ("num", "batch_size", "reference_num"):
     if not isinstance(c.eval[key], int) or c.eval[key] < 2:

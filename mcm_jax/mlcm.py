@@ -24,11 +24,13 @@ from mcm_jax import consistency, guidance, sharding
 from mcm_jax import rewards as reward_losses
 from mcm_jax.errors import UserError
 from mcm_jax.samplers import addim
-from mcm_jax.samplers.discrete import T, alpha_sigma, milestones, sample
+from mcm_jax.samplers.discrete import DPM_SOLVER_2, T, alpha_sigma, dpm_solver_2_step, milestones, sample
 from mcm_jax.samplers.addim import bcast
 
 IMAGE_FREE = ("mdi", "sdi", "progressive")  # App. Alg. 1, one-step baseline, App. Alg. 2
-TEACHER_STEPS = ("ddim", "addim")  # MLCM's DDIM; MCM's adjusted DDIM (an option here)
+# the teacher's solver over the skip k (Psi of LCM eq. 8): MLCM's DDIM; MCM's adjusted DDIM;
+# the singlestep second-order DPM-Solvers of LCM §4.3 (two teacher calls per step)
+TEACHER_STEPS = ("ddim", "addim") + tuple(DPM_SOLVER_2)
 TARGETS = ("eq7", "mcm")  # MLCM eq. 7 (latent L2); MCM Alg. 1's invDDIM x-target (an option)
 TEACHER_MODES = ("updated", "fixed")  # later stages' teacher: the previous MLCM (PDU) or CFG
 CONDITIONING = ("context", "text_embeds", "time_ids")  # SDXL's, in a batch
@@ -132,8 +134,9 @@ def teacher_update(x, z_tm, t_m, t_n, sampler="ddim"):
   """``z_{t_n}`` from the teacher's ``x = teacher(z_{t_m})``: DDIM (eq. 8), or with
   ``sampler='addim'`` MCM's adjusted DDIM with the analytic ``x_var = 0.1 / (2 + SNR(t_m))``
   (image-free data has no x to measure it from). No gradient."""
-  if sampler not in TEACHER_STEPS:
-    raise UserError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
+  if sampler not in ("ddim", "addim"):
+    raise UserError(f"teacher step {sampler!r} is not a one-call update; allowed: 'ddim', "
+                    f"'addim' (all teacher steps, {TEACHER_STEPS}, through ``teacher_step``)")
   a_m, s_m = alpha_sigma(t_m)
   a_n, s_n = alpha_sigma(t_n)
   if sampler == "ddim":
@@ -143,7 +146,13 @@ def teacher_update(x, z_tm, t_m, t_n, sampler="ddim"):
 
 
 def teacher_step(teacher, z_tm, t_m, t_n, sampler="ddim"):
-  """``z_{t_n} = DDIM_{t_m -> t_n}(teacher(z_{t_m}), z_{t_m})`` (eq. 8; ``teacher_update``)."""
+  """``z_{t_n} = Psi_{t_m -> t_n}(teacher, z_{t_m})``: 'ddim' / 'addim' from one teacher call
+  (eq. 8; ``teacher_update``), 'dpm_solver_2' / 'dpmpp_2s' from two (``dpm_solver_2_step``).
+  No gradient."""
+  if sampler not in TEACHER_STEPS:
+    raise UserError(f"teacher step {sampler!r} is not known; allowed: {TEACHER_STEPS}")
+  if sampler in DPM_SOLVER_2:
+    return jax.lax.stop_gradient(dpm_solver_2_step(teacher, z_tm, t_m, t_n, sampler))
   return teacher_update(teacher(z_tm, t_m), z_tm, t_m, t_n, sampler)
 
 
@@ -163,7 +172,8 @@ def training_pair(rng, shape, hp, source, teacher, image_free=None):
   s, t_m, t_n, start = sample_times(k_times, shape[0], hp.num_segments, hp.skip)
   noise = sharding.constrain_batch(jax.random.normal(k_noise, shape))
   kind = image_free or hp.image_free
-  if source is teacher:  # both latents from one loop: one traced model call, not two
+  # Both latents from one loop (one traced model call, not two) when the teacher step is one call.
+  if source is teacher and hp.teacher_step not in DPM_SOLVER_2:
     z_tm, z_tn = image_free_latents(kind, source, noise, s, t_m, hp.num_segments, t_n,
                                     hp.teacher_step)
   else:

@@ -69,10 +69,12 @@ def uvit_inputs(config):
           jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
-def diffusion_loss(denoise, fn, multiscale_levels=0):
-  """v-prediction, SNR + 1 weighted diffusion loss (pre-training)."""
+def diffusion_loss(denoise, fn, multiscale_levels=0, p_uncond=0.0, null_cond=None):
+  """v-prediction, SNR + 1 weighted diffusion loss (pre-training), labels dropped to
+  ``null_cond`` with probability ``p_uncond``."""
   return functools.partial(diffusion.diffusion_loss, denoise_fn=denoise, logsnr_fn=fn,
-                           multiscale_levels=multiscale_levels)
+                           multiscale_levels=multiscale_levels, p_uncond=p_uncond,
+                           null_cond=null_cond)
 
 
 def consistency_loss(cc, denoise, fn, *, student_steps, teacher_sampler=None,
@@ -92,12 +94,13 @@ def consistency_loss(cc, denoise, fn, *, student_steps, teacher_sampler=None,
 
 
 def pixel_loss(config, denoise, fn):
-  """The loss of a pixel config's ``objective``: 'base' diffusion, or CD / CT of
-  ``consistency.student_steps`` (CD guided by ``consistency.guidance_scale``, label
-  ``num_classes`` as the unconditional input)."""
+  """The loss of a pixel config's ``objective``: 'base' diffusion (labels dropped to the null
+  label ``num_classes`` with probability ``p_uncond``), or CD / CT of
+  ``consistency.student_steps`` (CD guided by ``consistency.guidance_scale``, the null label as
+  the unconditional input)."""
   c = config
   if c.objective == "base":
-    return diffusion_loss(denoise, fn, c.multiscale_levels)
+    return diffusion_loss(denoise, fn, c.multiscale_levels, c.p_uncond, c.data.num_classes)
   cc = c.consistency
   return consistency_loss(cc, denoise, fn, student_steps=cc.student_steps,
                           teacher_sampler=cc.teacher_sampler if c.objective == "cd" else None,

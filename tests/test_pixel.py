@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_cd
+from configs import imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_base, imagenet128_cd
 from mcm_jax import checkpoint, diffusion, fid, objectives
-from mcm_jax.experiments import pixel
+from mcm_jax.experiments import pixel, pixel_sampling
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import images as image_data
 
@@ -20,6 +20,7 @@ def base_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("base"))
   config = imagenet64_base.get_config("tiny")
   config.sample.x_var_data = 64  # aDDIM's x_var table from 64 images (the config: 256)
+  config.p_uncond = 0.2  # labels dropped: the null label's branch is trained for guidance
   return config, workdir, pixel.run(config, workdir)
 
 
@@ -47,6 +48,89 @@ def test_tiny_uvit_base_training_lowers_the_loss(base_run):
   x, _ = image_data.load_digits(16)
   assert table["x_var"][0] < 0.05 * table["x_var"][-1]
   assert table["x_var"][-1] <= 0.75 * float(np.var(x)) * 1.5
+
+
+def _null_row(params, num_classes=10):
+  return np.asarray(params["params"]["Embed_0"]["embedding"][num_classes])
+
+
+@pytest.mark.slow  # two compiles of the tiny UViT's gradient (about 25 s on 2 cores)
+def test_label_dropout_trains_the_null_label_and_only_it():
+  config = imagenet64_base.get_config("tiny")
+  model, logsnr_fn, denoise = objectives.uvit_model(config)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)),
+                               jnp.zeros((1,), jnp.int32))
+  leaves, tree = jax.tree_util.tree_flatten(params)  # off the zero-initialised output layer,
+  keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))  # which blocks every other gradient
+  params = tree.unflatten([p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  x, y = image_data.load_digits(16)
+  batch = {"x": jnp.asarray(x[:64]), "label": jnp.asarray(y[:64])}
+  grads = {}
+  for p in (0.0, 0.5):
+    config.p_uncond = p
+    loss = objectives.pixel_loss(config, denoise, logsnr_fn)
+    grads[p] = jax.jit(jax.grad(lambda q: loss(q, batch, jax.random.PRNGKey(1), 0)[0]))(params)
+  assert not np.any(_null_row(grads[0.0]))  # no dropout: the null embedding gets no gradient
+  assert np.linalg.norm(_null_row(grads[0.5])) > 1e-3
+  dropped = diffusion.drop_labels(jnp.zeros(20_000, jnp.int32), jax.random.PRNGKey(2), 0.1, 10)
+  assert set(np.unique(dropped)) == {0, 10} and abs(np.mean(dropped == 10) - 0.1) < 0.01
+
+
+def test_guidance_needs_a_trained_null_label(tmp_path):
+  config = imagenet64_base.get_config("tiny")
+  config.sample.guidance_scale = 2.0
+  with pytest.raises(ConfigError, match=r"guidance_scale=2.0 needs a trained unconditional.*"
+                     r"config.p_uncond=0.0"):
+    validate(config)
+  config.p_uncond = 1.0
+  with pytest.raises(ConfigError, match=r"config.p_uncond=1.0 is invalid; allowed: .*\[0, 1\)"):
+    validate(config)
+  config = imagenet64_cd.get_config("tiny")
+  config.init_from, config.sample.guidance_scale = "runs/base", 2.0
+  with pytest.raises(ConfigError, match=r"guidance_scale=2.0 is invalid for objective='cd'"):
+    validate(config)
+  base128 = imagenet128_base.get_config("tiny")  # ImageNet128's base trains the null label
+  assert base128.p_uncond == 0.1 and base128.sample.guidance_scale == 1.5
+  validate(base128)
+  teacher = tmp_path / "teacher"  # a base run trained without dropout cannot guide CD
+  teacher.mkdir()
+  (teacher / "config.json").write_text(json.dumps({"objective": "base", "p_uncond": 0.0}))
+  config = imagenet128_cd.get_config("tiny")
+  config.data.resolution, config.init_from = 16, str(teacher)
+  assert config.consistency.guidance_scale == 1.5
+  with pytest.raises(ConfigError, match=r"consistency.guidance_scale=1.5 is invalid for the "
+                     r"teacher.*p_uncond=0.0.*untrained"):
+    pixel.run(config, str(tmp_path / "cd"))
+
+
+@pytest.mark.slow  # base_run, then guided and unguided samples
+def test_guided_sampling_is_cfg_on_the_trained_null_branch(base_run):
+  config, workdir, _ = base_run
+  _, logsnr_fn, denoise, like = pixel.build(config, None)
+  trained, _ = checkpoint.load_ema_params(workdir, like)
+  model, _, _ = objectives.uvit_model(config)
+  init = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, 16, 16, 1)),
+                             jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  assert np.linalg.norm(_null_row(trained) - _null_row(init)) > 1e-3  # p_uncond trained it
+  z = jax.random.normal(jax.random.PRNGKey(3), (8, 16, 16, 1))
+  labels = jnp.arange(8) % 10
+  samples = {}
+  for w in (1.0, 3.0):
+    guided = config.copy_and_resolve_references()
+    guided.sample.guidance_scale = w
+    samplers = pixel_sampling.make_samplers(guided, denoise, logsnr_fn)
+    samples[w] = samplers.sample(trained, z, labels, 1, "analytic")  # one step: x_hat(z_1)
+  t = jnp.ones(8)
+  x_c = denoise(trained, z, t, labels)
+  x_u = denoise(trained, z, t, jnp.full(8, 10))
+  np.testing.assert_allclose(samples[1.0], x_c, atol=1e-5)
+  np.testing.assert_allclose(samples[3.0], x_u + 3.0 * (x_c - x_u), atol=1e-4)
+  assert float(jnp.mean(jnp.abs(samples[3.0] - samples[1.0]))) > 1e-2
+  evaluated = config.copy_and_resolve_references()
+  evaluated.sample.guidance_scale, evaluated.sample.sampler = 3.0, "dpmpp_2m"
+  evaluated.eval.num, evaluated.eval.batch_size, evaluated.eval.steps = 128, 128, (2,)
+  row = pixel.evaluate(evaluated, workdir)["results"][0]
+  assert row["sampler"] == "dpmpp_2m_2_w3" and row["guidance_scale"] == 3.0
 
 
 @pytest.mark.slow  # base_run, then a CD / CT run end to end

@@ -80,7 +80,7 @@ def _warnings(caplog, text):
 
 _SCRIPT = textwrap.dedent("""
     import functools, sys
-    sys.path.insert(0, {tests_dir!r})
+    sys.path[:0] = [{tests_dir!r}, {tests_dir!r} + "/.."]  # helpers, and this checkout's mcm_jax
     import jax, numpy as np
     from helpers import LOGSNR, mlp_denoiser, train_config
     from mcm_jax import diffusion, train

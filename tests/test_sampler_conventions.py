@@ -174,3 +174,33 @@ def test_dpm_solver_2m_equals_diffusers_dpm_solver_multistep(timesteps):
   np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=2e-4)
   ddim = discrete.sample(denoiser(), jnp.asarray(z0.numpy()), discrete.explicit_grid(timesteps))
   assert float(jnp.abs(ddim - got).max()) > 1e-3  # second order differs from DDIM
+
+
+@pytest.mark.parametrize("algorithm", list(discrete.DPM_SOLVER_2))
+def test_dpm_solver_2_teacher_step_equals_diffusers_dpm_solver_singlestep(algorithm):
+  """The DPM-Solver teacher steps of MLCM / LCM distillation (LCM §4.3): one singlestep
+  second-order step from t_m to t_n per example is diffusers' DPMSolverSinglestepScheduler (order
+  2, midpoint, the given ``algorithm_type``) stepping the grid ``t_m, (t_m + t_n) // 2, t_n``
+  on the same epsilon function (the top of the schedule, a skip of 20, a long skip, the end)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  pairs = [(999, 979), (500, 450), (61, 1), (12, 9)]
+  z0 = torch.randn((len(pairs),) + SHAPE[1:], generator=torch.Generator().manual_seed(1))
+  want = []
+  for i, (t_m, t_n) in enumerate(pairs):
+    scheduler = diffusers.DPMSolverSinglestepScheduler(
+        **SDXL_SCHEDULE, solver_order=2, algorithm_type=discrete.DPM_SOLVER_2[algorithm],
+        final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(timesteps=[t_m, (t_m + t_n) // 2, t_n, t_n - 1])
+    assert scheduler.get_order_list(4)[:2] == [1, 2]  # a first-order step, then the second-order
+    z = z0[i:i + 1].double()
+    for t in scheduler.timesteps[:2]:
+      eps = torch.from_numpy(eps_np(z.numpy(), float(t)))
+      z = scheduler.step(eps, t, z).prev_sample
+    want.append(z[0].numpy())
+  t_m, t_n = (jnp.array(p, jnp.int32) for p in zip(*pairs))
+  got = discrete.dpm_solver_2_step(denoiser(), jnp.asarray(z0.numpy()), t_m, t_n, algorithm)
+  np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=2e-5)
+  ddim = addim.ddim_step(denoiser()(jnp.asarray(z0.numpy()), t_m), jnp.asarray(z0.numpy()),
+                         *discrete.alpha_sigma(t_m), *discrete.alpha_sigma(t_n))
+  assert float(jnp.abs(ddim - got).max()) > 1e-3  # second order differs from DDIM

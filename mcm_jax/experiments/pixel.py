@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax import checkpoint, fid, objectives, plotting, sharding, storage, train
-from mcm_jax.config_validation import validate
+from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import images as image_data
 from mcm_jax.experiments import Step, pixel_sampling
 from mcm_jax.metric_writer import create_writer
@@ -32,6 +32,25 @@ def frozen_params(c, params):
   CT and base diffusion None (CT's loss reads no teacher; passing one would hold a parameter
   copy in every chip's memory for nothing)."""
   return params if c.objective == "cd" else None
+
+
+def check_teacher_trained_unconditional(c):
+  """ConfigError when CD is guided (``consistency.guidance_scale != 1``) by a base run whose
+  ``config.json`` shows no label dropout (``p_uncond`` 0 or absent): its null label was never
+  trained. A base run without ``config.json`` is trusted, with a warning."""
+  path = os.path.join(c.init_from, "config.json")
+  if not storage.isfile(path):
+    logging.warning("%s is missing: cannot check that the teacher trained its null label "
+                    "(p_uncond > 0), which consistency.guidance_scale=%s relies on", path,
+                    c.consistency.guidance_scale)
+    return
+  p_uncond = storage.read_json(path).get("p_uncond", 0.0)
+  if not p_uncond:
+    raise ConfigError(
+        f"config.consistency.guidance_scale={c.consistency.guidance_scale!r} is invalid for the "
+        f"teacher in config.init_from={c.init_from!r}: it was trained with p_uncond="
+        f"{p_uncond!r} ({path}), so its unconditional branch is untrained; allowed: "
+        "guidance_scale=1, or a base run trained with p_uncond > 0")
 
 
 def batch_shapes(c):
@@ -78,6 +97,8 @@ def run(config, workdir):
     inputs = [jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(c)]
     params = jax.jit(model.init)(jax.random.PRNGKey(c.seed), *inputs)  # one compile, not many
   else:  # CT / CD start from the base run's EMA parameters, which CD also uses as its teacher
+    if c.objective == "cd" and c.consistency.guidance_scale != 1:
+      check_teacher_trained_unconditional(c)
     params = checkpoint.load_ema_params(c.init_from, like)[0]
   writer = create_writer(workdir)
   batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
@@ -128,6 +149,7 @@ def evaluate(config, workdir):
     seconds = time.time() - t0
     feats, logits = fid.batched_features(feature_fn, x, c.eval.batch_size)
     row = {"sampler": name, "steps": steps, "num": len(x), "sampling_seconds": round(seconds, 1),
+           "guidance_scale": c.sample.guidance_scale if c.objective == "base" else 1.0,
            "fd": fid.frechet_distance(*fid.statistics(feats), ref_mu, ref_sigma)}
     if logits is not None:
       labels = np.arange(len(x)) % c.data.num_classes

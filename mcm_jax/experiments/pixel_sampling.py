@@ -10,17 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mcm_jax import plotting, seeds, sharding, storage
+from mcm_jax import guidance, plotting, seeds, sharding, storage
 from mcm_jax.data.images import subset_indices
-from mcm_jax.samplers import addim
+from mcm_jax.samplers import addim, dpm_solver
 
 
 class Samplers(NamedTuple):
   """The jitted sampling functions of a run, built once (repeated calls do not recompile).
 
-  ``sample(params, z, labels, steps, x_var, table)``: ``x_var`` 'none' = DDIM steps, i.e.
+  ``sample(params, z, labels, steps, method, table)``: ``method`` 'ddim' = DDIM steps, i.e.
   multistep consistency sampling (Alg. 2); 'analytic' or 'table' = aDDIM with x_var from
-  ``addim.analytic_x_var`` or interpolated from ``table = (t grid, values)``.
+  ``addim.analytic_x_var`` or interpolated from ``table = (t grid, values)``; 'dpmpp_2m' =
+  DPM-Solver++(2M) (``dpm_solver.dpmpp_2m_sample``).
   ``estimate_x_var(params, x, labels, rng) -> (t grid, values)`` (Alg. 3 on data).
   """
   sample: Callable
@@ -28,15 +29,24 @@ class Samplers(NamedTuple):
 
 
 def make_samplers(c, denoise, logsnr_fn):
+  """``Samplers`` of a pixel config: ``sample`` guided by ``c.sample.guidance_scale`` (the null
+  label ``c.data.num_classes`` as the unconditional input), ``estimate_x_var`` on the
+  conditional prediction (the posterior's spread, which guidance does not change; MCM App. A
+  computes CD's x_var from the conditional teacher for the same reason)."""
+  null = jnp.full((1,), c.data.num_classes, jnp.int32)
+
   @functools.partial(jax.jit, static_argnums=(3, 4))
-  def sample(params, z, labels, steps, x_var, table=None):
-    x_var_fn = None  # 'none'
-    if x_var == "analytic":
+  def sample(params, z, labels, steps, method, table=None):
+    guided = lambda zz, t: guidance.guided(lambda z_, t_, y: denoise(params, z_, t_, y), zz, t,
+                                           labels, null, c.sample.guidance_scale)[0]
+    if method == "dpmpp_2m":
+      return dpm_solver.dpmpp_2m_sample(guided, z, steps, logsnr_fn)
+    x_var_fn = None  # 'ddim'
+    if method == "analytic":
       x_var_fn = addim.analytic_x_var_fn
-    elif x_var == "table":
+    elif method == "table":
       x_var_fn = addim.table_x_var(*table)
-    return addim.sample(lambda zz, t: denoise(params, zz, t, labels), z, steps, logsnr_fn,
-                        x_var_fn)
+    return addim.sample(guided, z, steps, logsnr_fn, x_var_fn)
 
   @jax.jit
   def estimate_x_var(params, x, labels, rng):
@@ -68,20 +78,26 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
 
 
 def sampler_runs(c, params, samplers, source, workdir, ckpt_step, steps=()):
-  """[(name, steps, x_var, table)]: the student at its step count(s), or the base model with
-  aDDIM (x_var from the table measured on data, or the analytic rule)."""
+  """[(name, steps, method, table)] (``Samplers.sample``'s arguments): the student at its step
+  count(s) with DDIM steps, or the base model with ``sample.sampler``: aDDIM (x_var from the
+  table measured on data, or the analytic rule) or DPM-Solver++(2M); the name ends in
+  ``_w<scale>`` when sampling is guided."""
   if c.objective == "base":
+    steps = steps or c.sample.teacher_steps
+    w = f"_w{c.sample.guidance_scale:g}" if c.sample.guidance_scale != 1 else ""
+    if c.sample.sampler == "dpmpp_2m":
+      return [(f"dpmpp_2m_{s}{w}", s, "dpmpp_2m", None) for s in steps]
     table = (x_var_table(c, params, samplers, source, workdir, ckpt_step)
              if c.sample.x_var == "table" else None)
-    return [(f"addim_{s}", s, c.sample.x_var, table) for s in (steps or c.sample.teacher_steps)]
-  return [(f"{c.objective}_{s}", s, "none", None)
+    return [(f"addim_{s}{w}", s, c.sample.x_var, table) for s in steps]
+  return [(f"{c.objective}_{s}", s, "ddim", None)
           for s in (steps or (c.consistency.student_steps,))]
 
 
 def generate(c, samplers, params, num, run, mesh, stream="sample_grid", batch_size=None):
   """``num`` samples [num, r, r, ch] in [-1, 1] (host numpy, on every process) of one
   ``sampler_runs`` entry, balanced over classes; batches split over the mesh's devices."""
-  _, steps, x_var, table = run
+  _, steps, method, table = run
   batch_size = batch_size or num
   res, ch = c.data.resolution, c.data.channels
   key = seeds.key(c.seed, stream)
@@ -91,7 +107,7 @@ def generate(c, samplers, params, num, run, mesh, stream="sample_grid", batch_si
     labels = (start + np.arange(batch_size)) % c.data.num_classes
     if batch_size % mesh.size == 0:  # host arrays, identical on every process
       z, labels = jax.device_put((z, labels), sharding.batch_sharding(mesh))
-    x = samplers.sample(params, z, labels, steps, x_var, table)  # every process runs it
+    x = samplers.sample(params, z, labels, steps, method, table)  # every process runs it
     if jax.process_count() > 1:
       x = multihost_utils.process_allgather(x, tiled=True)
     out.append(np.asarray(x))

@@ -15,7 +15,7 @@ import numpy as np
 
 from mcm_jax import schedules, sharding
 from mcm_jax.errors import UserError
-from mcm_jax.samplers import addim
+from mcm_jax.samplers import addim, dpm_solver
 from mcm_jax.samplers.addim import bcast
 
 T = 1000  # SDXL's training timesteps
@@ -140,30 +140,16 @@ def tcd_sample_on_grid(f, z_init, grid, gamma, noise):
   return z
 
 
-def dpm_solver_2m_sample_on_grid(f, z_init, grid):
-  """DPM-Solver++(2M) (Lu et al. 2022; diffusers' ``DPMSolverMultistepScheduler``: dpmsolver++,
-  order 2, midpoint, the last step first order) over ``grid`` (K timesteps, then 0 = the clean
-  end). With ``lambda = log(alpha / sigma)``, ``h_i = lambda_{i+1} - lambda_i`` and ``x_i =
-  f(z_i, t_i)``: ``z_{i+1} = (sigma_{i+1} / sigma_i) z_i - alpha_{i+1} (e^{-h_i} - 1) D_i``,
-  ``D_i = x_i`` on the first and last steps, else ``x_i + (x_i - x_{i-1}) h_i / (2 h_{i-1})``."""
-  grid = np.asarray(grid)
-  batch, z = z_init.shape[0], z_init
-  full = lambda t: jnp.full((batch,), t, jnp.float32)
-  ends = [alpha_sigma(full(t), clean=(t == 0) and (i == len(grid) - 1))
-          for i, t in enumerate(grid)]
-  lam = [jnp.log(a) - jnp.log(s) for a, s in ends]  # +inf at the clean end
-  previous = None
-  for i in range(len(grid) - 1):
-    x_hat = f(z, full(grid[i]))
-    (_, s_s), (a_t, s_t) = ends[i], ends[i + 1]
-    h = lam[i + 1] - lam[i]
-    d = x_hat
-    if previous is not None and i < len(grid) - 2:
-      r = (lam[i] - lam[i - 1]) / h
-      d = x_hat + bcast(0.5 / r, z) * (x_hat - previous)
-    z = bcast(s_t / s_s, z) * z - bcast(a_t * jnp.expm1(-h), z) * d
-    previous = x_hat
-  return z
+DPM_SOLVER_2 = dpm_solver.SECOND_ORDER  # the singlestep second-order DPM-Solvers, by name
+
+
+def dpm_solver_2_step(f, z, t, t_next, algorithm="dpmpp_2s"):
+  """One singlestep second-order DPM-Solver step (``dpm_solver.second_order_step``) between
+  SDXL timesteps ``t`` and ``t_next`` [B] through ``u = (t + t_next) // 2``: diffusers'
+  ``DPMSolverSinglestepScheduler`` (order 2, midpoint) on the grid ``t, u, t_next``. For
+  ``t_next = t - 1``, ``u = t_next`` (r = 1)."""
+  return dpm_solver.second_order_step(f, z, t, (t + t_next) // 2, t_next, schedules.sdxl_logsnr,
+                                      algorithm)
 
 
 def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
@@ -176,12 +162,12 @@ def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   x_hat re-noised with fresh noise drawn from ``rng`` to the next timestep, the last x_hat
   returned (``addim.renoise_sample_on_grid``); 'tcd' = TCD's sampler with stochasticity
   ``gamma`` (``tcd_sample_on_grid``, fresh noise from ``rng``); 'dpmpp_2m' = DPM-Solver++(2M)
-  (``dpm_solver_2m_sample_on_grid``, deterministic)."""
+  (``dpm_solver.dpmpp_2m_sample_on_grid``, deterministic)."""
   grid = timestep_grid(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps)
   if sampler == "ddim":
     return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
   if sampler == "dpmpp_2m":
-    return dpm_solver_2m_sample_on_grid(f, noise, grid)
+    return dpm_solver.dpmpp_2m_sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
   if sampler not in SAMPLERS:
     raise UserError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
   fresh = sharding.constrain_batch(
