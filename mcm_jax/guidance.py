@@ -34,3 +34,15 @@ def guided(f, z, t, cond, uncond, scale):
   out = out.reshape((b, 2) + out.shape[1:])
   f_c, f_u = out[:, 0], out[:, 1]
   return f_u + scale * (f_c - f_u), f_c
+
+
+def scale_embedding(w, dim):
+  """LCM's guidance-scale embedding (the ``timestep_cond`` of a UNet with ``time_cond_proj_dim``;
+  diffusers' ``get_guidance_scale_embedding``): for ``w`` [B] (LCM's omega, this project's scale
+  minus 1), ``[sin(1000 w f_j), cos(1000 w f_j)]`` with ``f_j = 10000^(-j / (dim/2 - 1))``,
+  ``j < dim / 2``, zero-padded to ``dim``; float32 [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+  args = 1000.0 * jnp.asarray(w, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))

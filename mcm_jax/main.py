@@ -46,6 +46,11 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
   flags.DEFINE_integer("stage", 0,
                        "--mode=plan: the MLCM progressive stage whose step is planned (0 .. "
                        "config.mlcm.num_stages - 1; pixel configs: 0).", flag_values=flag_values)
+  flags.DEFINE_string("compilation_cache", "auto",
+                      "Directory (local or gs://) of JAX's persistent compilation cache, so that a "
+                      "restarted run reuses its compiled programs. auto: WORKDIR/compilation_cache,"
+                      " unless JAX_COMPILATION_CACHE_DIR or the calling program set one; '': off.",
+                      flag_values=flag_values)
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU "
                     "pods: it reads the coordinator and process ids from the environment).",
@@ -180,6 +185,19 @@ def write_config(workdir, config, mode="train"):
   return path
 
 
+def use_compilation_cache(setting, workdir):
+  """Points JAX's persistent compilation cache at ``setting`` ('auto': ``workdir``/
+  compilation_cache unless one is set already; '': off) before anything compiles; returns the
+  directory used, or '' for none."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if setting == "auto":
+    setting = (jax.config.jax_compilation_cache_dir
+               or os.path.join(workdir, "compilation_cache"))
+  if setting and setting != jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", setting)
+  return setting
+
+
 def main(argv):
   del argv
   warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -201,6 +219,8 @@ def main(argv):
     write = jax.process_index() == 0
   workdir, mode = flag_values.workdir, flag_values.mode
   storage.makedirs(workdir)
+  cache = use_compilation_cache(flag_values.compilation_cache, workdir)
+  logging.info("persistent compilation cache: %s", cache or "off")
   if write:
     write_config(workdir, config, mode)
   logging.info("config:\n%s", config)

@@ -87,8 +87,11 @@ def test_toy_command_line_on_a_gs_workdir_and_resume(tmp_path):
   rows = (root / run / "metrics.jsonl").read_text().splitlines()
   assert rows and all(json.loads(r)["step"] >= 0 for r in rows)
   results = json.loads((root / run / "results.json").read_text())
+  cache = {f for f in files if f.startswith(run + "compilation_cache/")}  # --compilation_cache
+  assert cache, files  # auto: the programs that took over 1 s to compile, in the bucket
   second = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
+  assert {f for f in _files(root) if f.startswith(run + "compilation_cache/")} == cache  # reused
   assert json.loads((root / run / "results.json").read_text())["ring8"] == results["ring8"]
   assert (root / run / "metrics.jsonl").read_text().splitlines() == rows
   assert not (root / run / "config_1.json").exists()

@@ -68,6 +68,42 @@ def test_flax_unet_equals_pytorch_unet(unet_dir, tmp_path):
       lambda a, b: bool(jnp.array_equal(a, b)), params, again)))
 
 
+@pytest.mark.slow  # PyTorch equivalence, seconds
+def test_guidance_conditioned_unet_equals_pytorch(tmp_path):
+  """LCM's guidance-conditioned student (LCM §4.2): a UNet with ``time_cond_proj_dim`` takes
+  ``timestep_cond = guidance.scale_embedding(w - 1)`` through its time embedding's ``cond_proj``,
+  as diffusers' PyTorch UNet and SDXL pipeline compute it; loaded from a PyTorch save."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from mcm_jax import guidance  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(3)
+  unet = UNet2DConditionModel(**sdxl.TINY_UNET_CONFIG, time_cond_proj_dim=17).eval()
+  with torch.no_grad():
+    for p in unet.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  unet.save_pretrained(str(tmp_path / "unet"))
+  w = np.array([2.0, 7.5], np.float32)  # guidance scales; LCM's omega = w - 1
+  emb = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w - 1), 17)
+  np.testing.assert_allclose(guidance.scale_embedding(w - 1, 17), emb.numpy(), atol=2e-5)
+  inputs = tiny_inputs()
+  cond = inputs["cond"]
+  with torch.no_grad():
+    want = unet(torch.from_numpy(inputs["z"]).permute(0, 3, 1, 2), torch.from_numpy(inputs["t"]),
+                torch.from_numpy(cond["context"]), timestep_cond=emb,
+                added_cond_kwargs={"text_embeds": torch.from_numpy(cond["text_embeds"]),
+                                   "time_ids": torch.from_numpy(cond["time_ids"])}
+                ).sample.permute(0, 2, 3, 1).numpy()
+  model, params = sdxl.load_unet(str(tmp_path / "unet"))
+  assert params["time_embedding"]["cond_proj"]["kernel"].shape == (17, 32)
+  eps = jax.jit(sdxl.make_eps_fn(model))
+  got = eps(params, inputs["z"], inputs["t"], dict(cond, timestep_cond=guidance.scale_embedding(
+      w - 1, 17)))
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-5
+  other = eps(params, inputs["z"], inputs["t"], dict(cond, timestep_cond=guidance.scale_embedding(
+      w[::-1] - 1, 17)))
+  assert np.linalg.norm(other - want) / np.linalg.norm(want) > 1e-3  # the scale matters
+
+
 def test_unet_loading_errors_name_the_weight(unet_dir, tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   weights = load_file(os.path.join(unet_dir, "unet", sdxl.PT_WEIGHTS[0]))

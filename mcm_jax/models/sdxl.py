@@ -258,14 +258,17 @@ def time_ids(pixels, batch):
 
 def make_eps_fn(model):
   """The UNet as ``eps(params, z NHWC, t [B] timesteps, cond, rng=None) -> eps NHWC`` (SDXL
-  predicts epsilon; ``rng`` is unused: the signature of ``make_denoiser``'s ``apply_fn``)."""
+  predicts epsilon; ``rng`` is unused: the signature of ``make_denoiser``'s ``apply_fn``).
+  ``cond``: 'context', 'text_embeds', 'time_ids', and for a UNet with ``time_cond_proj_dim``
+  'timestep_cond' (``guidance.scale_embedding``)."""
 
   def eps(params, z, t, cond, rng=None):
     del rng
     out = model.apply(sdxl_unet.variables(params), jnp.transpose(z, (0, 3, 1, 2)),
                       jnp.asarray(t, jnp.float32), cond["context"],
                       added_cond_kwargs={"text_embeds": cond["text_embeds"],
-                                         "time_ids": cond["time_ids"]}).sample
+                                         "time_ids": cond["time_ids"]},
+                      timestep_cond=cond.get("timestep_cond")).sample
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
 
   return eps

@@ -264,16 +264,34 @@ class MidBlock(_Level):
     return self.resnets[1](self.attentions[0](hidden, context), temb)
 
 
+class TimestepEmbedding(nn.Module):
+  """diffusers' ``TimestepEmbedding``: ``linear_2(silu(linear_1(x + cond_proj(cond))))``, the
+  bias-free ``cond_proj`` only where a condition is given (LCM's guidance-scale embedding, a
+  UNet with ``time_cond_proj_dim``)."""
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cond=None):
+    if cond is not None:
+      x = x + nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")(cond)
+    x = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
+    return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
 class ScannedUNet(nn.Module):
   """SDXL's UNet on the scanned parameter layout; ``__call__`` as diffusers' (NCHW in, NCHW out).
-  ``config``: the fields of a diffusers UNet ``config.json`` that SDXL uses."""
+  ``config``: the fields of a diffusers UNet ``config.json`` that SDXL uses (and
+  ``time_cond_proj_dim``: ``timestep_cond`` [B, dim] enters the time embedding, as LCM's
+  guidance-conditioned students take it)."""
   config: dict
   remat: str = "none"
   attention: str = "xla"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
+  def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
+               timestep_cond=None):
     embeddings_flax, _ = _leaves()
     cfg, dtype, chunked = self.config, self.dtype, self.attention == "chunked"
     channels = tuple(cfg["block_out_channels"])
@@ -288,14 +306,13 @@ class ScannedUNet(nn.Module):
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
     temb = embeddings_flax.FlaxTimesteps(channels[0], flip_sin_to_cos=flip, freq_shift=shift,
                                          name="time_proj")(timesteps)
-    temb = embeddings_flax.FlaxTimestepEmbedding(channels[0] * 4, dtype=dtype,
-                                                 name="time_embedding")(temb)
+    temb = TimestepEmbedding(channels[0] * 4, dtype=dtype, name="time_embedding")(
+        temb, timestep_cond if cfg.get("time_cond_proj_dim") else None)
     text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
     time_embeds = embeddings_flax.FlaxTimesteps(cfg["addition_time_embed_dim"], flip, shift,
                                                 name="add_time_proj")(jnp.ravel(time_ids))
     time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
-    temb = temb + embeddings_flax.FlaxTimestepEmbedding(channels[0] * 4, dtype=dtype,
-                                                        name="add_embedding")(
+    temb = temb + TimestepEmbedding(channels[0] * 4, dtype=dtype, name="add_embedding")(
         jnp.concatenate([text_embeds, time_embeds], axis=-1))
 
     remat = remat_lib.per_level(self.remat, levels, "UNet remat")
@@ -450,8 +467,9 @@ class SDXLUNet:
   def dtype(self):
     return self.module.dtype
 
-  def apply(self, variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
-    args = (sample, timesteps, encoder_hidden_states, added_cond_kwargs)
+  def apply(self, variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
+            timestep_cond=None):
+    args = (sample, timesteps, encoder_hidden_states, added_cond_kwargs, timestep_cond)
     if LORA not in variables:
       return UNetOutput(self.module.apply(variables, *args))
     with nn.intercept_methods(_apply_lora):
@@ -463,10 +481,12 @@ class SDXLUNet:
     cfg = self.config
     res, width = 2 ** (len(cfg["block_out_channels"]) - 1), cfg["cross_attention_dim"]
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    cond_dim = cfg.get("time_cond_proj_dim")
     init = jax.jit(lambda key: self.module.init(
         key, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
         jnp.zeros((1, 1, width)), {"text_embeds": jnp.zeros((1, pooled)),
-                                   "time_ids": jnp.zeros((1, 6))})["params"])
+                                   "time_ids": jnp.zeros((1, 6))},
+        jnp.zeros((1, cond_dim)) if cond_dim else None)["params"])
     return init(rng)
 
 
