@@ -8,6 +8,9 @@ none and the directory's ``force_zeros_for_empty_prompt`` holds. The 'ddim' samp
 'leading' grid is diffusers' ``EulerDiscreteScheduler`` as SDXL ships it (Euler on the
 probability-flow ODE in sigma = sigma_t / alpha_t is DDIM in z_t), so ``steps=25,
 timesteps='leading', guidance_scale=w`` without a LoRA is the guided-teacher baseline.
+A guidance-conditioned UNet (LCM §4.2; ``time_cond_proj_dim`` in its config) takes w as
+``timestep_cond = guidance.scale_embedding(w - 1)`` instead, in one unguided call, as diffusers'
+SDXL pipeline runs it.
 
 Image-to-image (diffusers' ``strength`` semantics): of the K-step grid the last
 ``int(K strength)`` timesteps run, from ``z = alpha_t x0 + sigma_t noise`` at the first of them,
@@ -170,8 +173,17 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler, strength,
                                               gamma)
   generate = pipeline.generators[key]
-  uncond = None
-  if guidance_scale != 1.0:
+  uncond, scale, extra = None, guidance_scale, {}
+  cond_dim = unet.config.get("time_cond_proj_dim")
+  if cond_dim:  # w enters as the UNet's guidance embedding: no unconditional branch
+    if negative_prompt is not None:
+      raise errors.UserError("negative_prompt is invalid for a guidance-conditioned UNet "
+                             f"(time_cond_proj_dim={cond_dim}): it runs no unconditional branch; "
+                             "allowed: no negative prompt")
+    extra = {"timestep_cond": guidance.scale_embedding(
+        np.full((batch_size,), guidance_scale - 1.0, np.float32), cond_dim)}
+    scale = 1.0
+  elif guidance_scale != 1.0:
     zeros = negative_prompt is None and pipeline.zeros_for_empty_prompt
     uncond = dict(sdxl_text.unconditional(pipeline.encode, zeros, negative_prompt or ""),
                   time_ids=sdxl.time_ids(resolution, 1))
@@ -180,7 +192,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = list(prompts[start:start + batch_size])
     pad = batch_size - len(chunk)
-    cond = pipeline.encode(chunk + [chunk[-1]] * pad)  # fixed batch: one compilation
+    cond = dict(pipeline.encode(chunk + [chunk[-1]] * pad), **extra)  # fixed batch: one compile
     cond["time_ids"] = sdxl.time_ids(resolution, batch_size)
     noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), b),
                               (batch_size, latent, latent, 4))
@@ -193,7 +205,7 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
                               noise.shape)
       init = pipeline.encode_image(pipeline.vae_params, pixels, eps)
     images = generate(pipeline.unet_params, pipeline.vae_params, cond, noise, rng, uncond,
-                      jnp.float32(guidance_scale), init)
+                      jnp.float32(scale), init)
     out.append(np.asarray(images)[:len(chunk)])
     done = start + len(chunk)
     if time.time() - reported > PROGRESS_EVERY_S and done < len(prompts):

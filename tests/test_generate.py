@@ -2,6 +2,7 @@
 writes PNGs; a LoRA changes the images; the jitted step equals its parts composed; the guided
 teacher equals diffusers' PyTorch SDXL pipeline."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcm_jax import pipeline, seeds
+from mcm_jax import errors, pipeline, seeds
 from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import discrete
@@ -123,6 +124,40 @@ def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir, base_models):
                                       timesteps="leading")
   assert np.abs(images[None] - images["wider lowest"]).mean() > 1e-3  # the negative prompt acts
   assert np.abs(images[None] - unguided).mean() > 1e-3  # and so does the guidance
+
+
+@pytest.mark.slow  # a PyTorch pipeline and a JAX one, a few UNet calls each
+def test_guidance_conditioned_student_equals_diffusers_sdxl_pipeline(sdxl_dir, tmp_path):
+  """A UNet with ``time_cond_proj_dim`` (LCM's guidance-conditioned student) samples with
+  ``guidance_scale=w`` as diffusers' SDXL pipeline does: w - 1 through its guidance embedding, one
+  unguided call per step; the images equal the PyTorch pipeline's from the same noise."""
+  torch = pytest.importorskip("torch")
+  import diffusers  # pylint: disable=g-import-not-at-top
+  student_dir = tmp_path / "student"
+  shutil.copytree(sdxl_dir, student_dir, ignore=shutil.ignore_patterns("unet"))
+  torch.manual_seed(4)
+  unet = diffusers.UNet2DConditionModel(**sdxl.TINY_UNET_CONFIG, time_cond_proj_dim=16).eval()
+  with torch.no_grad():
+    for p in unet.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  unet.save_pretrained(str(student_dir / "unet"))
+  models = pipeline.load_pipeline(str(student_dir))
+  reference = _diffusers_sdxl_pipeline(str(student_dir))
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
+                                       (2, 16, 16, 4)))
+  images = {}
+  for w in (2.0, 6.0):
+    images[w] = pipeline.generate_images(models, PROMPTS[:2], 3, resolution=32, batch_size=2,
+                                         timesteps="leading", guidance_scale=w)
+    with torch.no_grad():
+      theirs = reference(prompt=PROMPTS[:2], num_inference_steps=3, guidance_scale=w, height=32,
+                         width=32, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
+                         output_type="np").images
+    np.testing.assert_allclose((np.clip(images[w], -1, 1) + 1) / 2, theirs, atol=1e-4)
+  assert np.abs(images[2.0] - images[6.0]).mean() > 1e-3  # w reaches the UNet
+  with pytest.raises(errors.UserError, match="negative_prompt is invalid for a guidance-cond"):
+    pipeline.generate_images(models, PROMPTS[:2], 3, resolution=32, batch_size=2,
+                             guidance_scale=2.0, negative_prompt="blurry")
 
 
 def test_stacked_loras_equal_diffusers_adapters(sdxl_dir, tmp_path):
