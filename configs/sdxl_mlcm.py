@@ -60,6 +60,9 @@ def get_config(size="sdxl"):
       # or MCM's invDDIM x-target with (SNR + 1) pseudo-Huber weighting ('mcm'; huber_eps 1 as
       # MCM for text-to-image).
       teacher_step="ddim", target="eq7", huber_eps=1.0,
+      # the image-free trajectory's steps to z_{t_m}: 'ddim' (MLCM) or 'dpmpp_2m' (DPM-Solver++
+      # (2M), LCM §4.3's solver family; more accurate for the same teacher calls)
+      trajectory_step="ddim",
       # Stage 0 from a trajectory bank: (z_tm, z_tn) pairs made once by the guided teacher and
       # streamed (no teacher call in the step). dir '' = the teacher runs inside every step.
       bank=dict(dir="", entries=960_000),  # 960k = 40k steps x batch 24

@@ -237,6 +237,7 @@ def validate_mlcm(c):
     raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
                       f"integer >= train.batch_size={c.train.batch_size}")
   check_in(m.teacher_step, "mlcm.teacher_step", mlcm.TEACHER_STEPS)
+  check_in(m.trajectory_step, "mlcm.trajectory_step", mlcm.TRAJECTORY_STEPS)
   check_in(m.target, "mlcm.target", mlcm.TARGETS)
   check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)
   r = c.rewards

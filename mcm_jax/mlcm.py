@@ -20,17 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import consistency, guidance, sharding
+from mcm_jax import consistency, guidance, schedules, sharding
 from mcm_jax import rewards as reward_losses
 from mcm_jax.errors import UserError
-from mcm_jax.samplers import addim
-from mcm_jax.samplers.discrete import DPM_SOLVER_2, T, alpha_sigma, dpm_solver_2_step, milestones, sample
+from mcm_jax.samplers import addim, dpm_solver
+from mcm_jax.samplers.discrete import (DPM_SOLVER_2, T, alpha_sigma, dpm_solver_2_step,
+                                      milestones, sample)
 from mcm_jax.samplers.addim import bcast
 
 IMAGE_FREE = ("mdi", "sdi", "progressive")  # App. Alg. 1, one-step baseline, App. Alg. 2
 # the teacher's solver over the skip k (Psi of LCM eq. 8): MLCM's DDIM; MCM's adjusted DDIM;
 # the singlestep second-order DPM-Solvers of LCM §4.3 (two teacher calls per step)
 TEACHER_STEPS = ("ddim", "addim") + tuple(DPM_SOLVER_2)
+# the steps of the image-free trajectory to z_{t_m}: MLCM's DDIM, or DPM-Solver++(2M) (LCM §4.3)
+TRAJECTORY_STEPS = ("ddim", "dpmpp_2m")
 TARGETS = ("eq7", "mcm")  # MLCM eq. 7 (latent L2); MCM Alg. 1's invDDIM x-target (an option)
 TEACHER_MODES = ("updated", "fixed")  # later stages' teacher: the previous MLCM (PDU) or CFG
 CONDITIONING = ("context", "text_embeds", "time_ids")  # SDXL's, in a batch
@@ -44,6 +47,7 @@ class Hparams(NamedTuple):
   image_free: str = "mdi"           # stage-0 z_{t_m}: IMAGE_FREE[:2]
   teacher_mode: str = "updated"     # later stages: TEACHER_MODES
   teacher_step: str = "ddim"        # TEACHER_STEPS
+  trajectory_step: str = "ddim"     # TRAJECTORY_STEPS (stage 0's image-free latents)
   target: str = "eq7"               # TARGETS
   huber_eps: float = 1.0            # for target 'mcm'
 
@@ -78,45 +82,64 @@ def sample_times(rng, batch, num_segments, skip):
   return s, t_m, t_n, ms[s]
 
 
-def denoise_to(f, noise, t_m, num_steps, step_size, max_steps, t_n=None, last_step="ddim"):
-  """``z_{t_m}`` from ``z_{999} = noise`` by DDIM steps of ``f(z, t)``: per example
-  ``num_steps`` [B] steps of ``step_size`` [B] timesteps from 999, the last one clipped at
-  ``t_m``. ``max_steps`` (static) bounds the loop; finished examples stay put.
+def denoise_to(f, noise, t_m, num_steps, step_size, max_steps, t_n=None, last_step="ddim",
+               solver="ddim"):
+  """``z_{t_m}`` from ``z_{999} = noise`` by steps of ``f(z, t)``: per example ``num_steps``
+  [B] steps of ``step_size`` [B] timesteps from 999, the last one clipped at ``t_m``; each a
+  DDIM step (``solver='ddim'``) or a DPM-Solver++(2M) step (``'dpmpp_2m'``: from the second step
+  on, it extrapolates with the example's previous ``x_hat``; ``dpm_solver.multistep_update``).
+  ``max_steps`` (static) bounds the loop; finished examples stay put.
 
   With ``t_n`` [B] the loop runs once more and each example, on reaching ``t_m``, takes one
   ``teacher_update`` (``last_step``) of the same ``f`` to ``t_n``: returns ``(z_{t_m},
   z_{t_n})`` with ``f`` traced once, not twice (the same numbers as ``teacher_step`` after it;
   for SDXL one UNet fewer to compile)."""
+  if solver not in TRAJECTORY_STEPS:
+    raise UserError(f"trajectory step {solver!r} is not known; allowed: {TRAJECTORY_STEPS}")
   top = T - 1
 
+  def trajectory_step(x, z, t, nxt, previous):
+    """z at ``nxt`` along the trajectory from ``x = f(z_t, t)``."""
+    if solver == "ddim":
+      return ddim(x, z, t, nxt)
+    prev_x, prev_t, first = previous
+    logsnr = schedules.sdxl_logsnr
+    return dpm_solver.multistep_update(x, prev_x, z, logsnr(prev_t), logsnr(t), logsnr(nxt),
+                                       first)
+
   def body(i, carry):
-    z, z_tm, done = carry
+    z, z_tm, done, prev_x, prev_t = carry
     t = jnp.round(top - i * step_size).astype(jnp.int32)
     nxt = jnp.maximum(jnp.round(top - (i + 1) * step_size).astype(jnp.int32), t_m)
     moving = (i < num_steps) & (t > t_m)
+    previous = (prev_x, prev_t, i == 0)
     if t_n is None:
-      return jnp.where(bcast(moving, z), ddim(f(z, t), z, t, nxt), z), z_tm, done
+      x = f(z, t)
+      z_next = jnp.where(bcast(moving, z), trajectory_step(x, z, t, nxt, previous), z)
+      return z_next, z_tm, done, jnp.where(bcast(moving, z), x, prev_x), jnp.where(moving, t,
+                                                                                   prev_t)
     at_tm = ~moving & ~done  # z is z_{t_m}: this iteration steps it to t_n
     frm, to = jnp.where(moving, t, t_m), jnp.where(moving, nxt, t_n)
     x = f(z, frm)
-    z_next = ddim(x, z, frm, to)
-    if last_step != "ddim":
-      z_next = jnp.where(bcast(moving, z), z_next, teacher_update(x, z, frm, to, last_step))
+    z_next = jnp.where(bcast(moving, z), trajectory_step(x, z, frm, to, previous),
+                       teacher_update(x, z, frm, to, last_step))
     return (jnp.where(bcast(moving | at_tm, z), z_next, z), jnp.where(bcast(at_tm, z), z, z_tm),
-            done | at_tm)
+            done | at_tm, jnp.where(bcast(moving, z), x, prev_x), jnp.where(moving, t, prev_t))
 
-  carry = (noise, noise, jnp.zeros(t_m.shape, bool))
-  z, z_tm, _ = jax.lax.fori_loop(0, max_steps + (t_n is not None), body, carry)
+  carry = (noise, noise, jnp.zeros(t_m.shape, bool), noise, jnp.full(t_m.shape, top))
+  z, z_tm = jax.lax.fori_loop(0, max_steps + (t_n is not None), body, carry)[:2]
   return z if t_n is None else (z_tm, z)
 
 
-def image_free_latents(kind, f, noise, segment, t_m, num_segments, t_n=None, last_step="ddim"):
+def image_free_latents(kind, f, noise, segment, t_m, num_segments, t_n=None, last_step="ddim",
+                       solver="ddim"):
   """Image-free ``z_{t_m}`` (MLCM 3.3): 'mdi' = App. Alg. 1 (``K - s`` equal guided-teacher
   steps, more for smaller t_m), 'sdi' = one step (the ablation baseline), 'progressive' =
-  App. Alg. 2 (steps of ``T / (2K)`` with the previous stage's MLCM as ``f``). With ``t_n``:
-  ``(z_{t_m}, z_{t_n})``, the second by one more step of ``f`` (``denoise_to``)."""
+  App. Alg. 2 (steps of ``T / (2K)`` with the previous stage's MLCM as ``f``); the steps are
+  ``solver``'s (``denoise_to``). With ``t_n``: ``(z_{t_m}, z_{t_n})``, the second by one more
+  step of ``f`` (``last_step``)."""
   top = T - 1
-  more = dict(t_n=t_n, last_step=last_step)
+  more = dict(t_n=t_n, last_step=last_step, solver=solver)
   if kind == "mdi":
     steps = num_segments - segment
     return denoise_to(f, noise, t_m, steps, (top - t_m) / steps, num_segments, **more)
@@ -175,9 +198,10 @@ def training_pair(rng, shape, hp, source, teacher, image_free=None):
   # Both latents from one loop (one traced model call, not two) when the teacher step is one call.
   if source is teacher and hp.teacher_step not in DPM_SOLVER_2:
     z_tm, z_tn = image_free_latents(kind, source, noise, s, t_m, hp.num_segments, t_n,
-                                    hp.teacher_step)
+                                    hp.teacher_step, hp.trajectory_step)
   else:
-    z_tm = image_free_latents(kind, source, noise, s, t_m, hp.num_segments)
+    z_tm = image_free_latents(kind, source, noise, s, t_m, hp.num_segments,
+                              solver=hp.trajectory_step)
     z_tn = teacher_step(teacher, jax.lax.stop_gradient(z_tm), t_m, t_n, hp.teacher_step)
   z_tm, z_tn = jax.lax.stop_gradient(z_tm), jax.lax.stop_gradient(z_tn)
   return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm, z_tn=z_tn)

@@ -123,7 +123,8 @@ def mlcm_hparams(config, stage):
   num_segments, skip = mlcm.stage_settings(m.num_segments, m.skip, stage)
   return mlcm.Hparams(num_segments=num_segments, skip=skip, guidance_scale=m.guidance_scale,
                       image_free=m.image_free, teacher_mode=m.teacher_mode,
-                      teacher_step=m.teacher_step, target=m.target, huber_eps=m.huber_eps)
+                      teacher_step=m.teacher_step, trajectory_step=m.trajectory_step,
+                      target=m.target, huber_eps=m.huber_eps)
 
 
 def reward_hparams(config):

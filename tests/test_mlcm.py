@@ -96,14 +96,16 @@ def test_image_free_latents_follow_the_exact_trajectory(kind):
 
 
 @pytest.mark.parametrize("kind", mlcm.IMAGE_FREE)
-@pytest.mark.parametrize("step", mlcm.TEACHER_STEPS)
-def test_training_pair_traces_the_model_once_and_equals_two_calls(kind, step):
+@pytest.mark.parametrize("step,trajectory", [(s, "ddim") for s in mlcm.TEACHER_STEPS] + [
+    ("ddim", "dpmpp_2m"), ("dpmpp_2s", "dpmpp_2m")])
+def test_training_pair_traces_the_model_once_and_equals_two_calls(kind, step, trajectory):
   """With the same model for the latents and a one-call teacher step, ``training_pair`` makes
   both in one loop (one traced call: one UNet to compile, not two) with the numbers of
   ``image_free_latents`` followed by ``teacher_step`` (the DPM-Solver steps: that sequence, three
   traced calls). The denoiser is a wrong one (scale 1.1) so that the trajectory depends on every
-  step; t_m = 999 examples stay at the noise."""
-  hp = mlcm.Hparams(num_segments=8, skip=20, image_free=kind, teacher_step=step)
+  step; t_m = 999 examples stay at the noise. The trajectory's steps are DDIM or 2M."""
+  hp = mlcm.Hparams(num_segments=8, skip=20, image_free=kind, teacher_step=step,
+                    trajectory_step=trajectory)
   traced = []
   wrong = lambda z, t: (traced.append(t.shape), exact(z, t, 1.1))[1]
   rng = jax.random.PRNGKey(5)
@@ -111,7 +113,7 @@ def test_training_pair_traces_the_model_once_and_equals_two_calls(kind, step):
   assert len(traced) == (3 if step in discrete.DPM_SOLVER_2 else 1)
   s, t_m, t_n, _ = mlcm.sample_times(jax.random.split(rng)[0], 4096, 8, 20)
   noise = jax.random.normal(jax.random.split(rng)[1], (4096, 4))
-  z_tm = mlcm.image_free_latents(kind, wrong, noise, s, t_m, 8)
+  z_tm = mlcm.image_free_latents(kind, wrong, noise, s, t_m, 8, solver=trajectory)
   z_tn = mlcm.teacher_step(wrong, z_tm, t_m, t_n, step)
   assert np.any(np.asarray(t_m) == 999) and np.any(np.asarray(t_n) < np.asarray(t_m))
   np.testing.assert_array_equal(pair["t_n"], t_n)

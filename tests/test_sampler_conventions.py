@@ -204,3 +204,30 @@ def test_dpm_solver_2_teacher_step_equals_diffusers_dpm_solver_singlestep(algori
   ddim = addim.ddim_step(denoiser()(jnp.asarray(z0.numpy()), t_m), jnp.asarray(z0.numpy()),
                          *discrete.alpha_sigma(t_m), *discrete.alpha_sigma(t_n))
   assert float(jnp.abs(ddim - got).max()) > 1e-3  # second order differs from DDIM
+
+
+def test_dpm_solver_2m_image_free_trajectory_equals_diffusers_dpm_solver_multistep():
+  """``mlcm.trajectory_step='dpmpp_2m'``: MLCM's image-free latents ('mdi': K - s equal steps from
+  999 to t_m, per example) by DPM-Solver++(2M) are diffusers' DPMSolverMultistepScheduler
+  (dpmsolver++, order 2, midpoint, no lower-order end steps) stepping each example's timesteps on
+  the same epsilon function."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from mcm_jax import mlcm  # pylint: disable=g-import-not-at-top
+  segments, t_m = np.array([0, 1, 3, 5]), np.array([3, 180, 400, 700])  # K = 8: 8 to 3 steps
+  z0 = torch.randn((4,) + SHAPE[1:], generator=torch.Generator().manual_seed(2))
+  got = mlcm.image_free_latents("mdi", denoiser(), jnp.asarray(z0.numpy()), jnp.asarray(segments),
+                                jnp.asarray(t_m), 8, solver="dpmpp_2m")
+  ddim = mlcm.image_free_latents("mdi", denoiser(), jnp.asarray(z0.numpy()), jnp.asarray(segments),
+                                 jnp.asarray(t_m), 8)
+  for i, (s, t) in enumerate(zip(segments, t_m)):
+    steps = 8 - s
+    grid = [int(np.round(999 - j * (999 - t) / steps)) for j in range(steps)] + [int(t)]
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        **SDXL_SCHEDULE, lower_order_final=False, final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(timesteps=grid)
+    z = z0[i:i + 1].double()
+    for step_t in scheduler.timesteps[:-1]:  # the last entry is t_m itself
+      z = scheduler.step(torch.from_numpy(eps_np(z.numpy(), float(step_t))), step_t, z).prev_sample
+    np.testing.assert_allclose(got[i], z[0].numpy(), rtol=1e-4, atol=2e-4)
+    assert float(jnp.abs(got[i] - ddim[i]).max()) > 1e-3  # second order differs from DDIM

@@ -224,6 +224,9 @@ def bank_settings(c):
               guidance_scale=c.mlcm.guidance_scale, uncond=uncond_mode(c),
               image_free=c.mlcm.image_free,
               teacher_step=c.mlcm.teacher_step,
+              # named only when not DDIM, so banks made before the option existed still match
+              **({"trajectory_step": c.mlcm.trajectory_step}
+                 if c.mlcm.trajectory_step != "ddim" else {}),
               latent_resolution=c.latent_resolution, prompts=c.prompts or "builtin",
               entries=c.mlcm.bank.entries, batch=c.train.batch_size)
 
