@@ -8,11 +8,11 @@ each ``Transformer2D`` (1, 2 or 10 in SDXL) are one scanned block, rematerialise
 (``mcm_jax.models.remat``).
 
 The function is diffusers' PyTorch ``UNet2DConditionModel`` for the configurations SDXL uses
-(text_time added conditioning, ``UNetMidBlock2DCrossAttn``): diffusers' Flax leaves
-(``FlaxResnetBlock2D``, ``FlaxDownsample2D``, ``FlaxUpsample2D``, ``FlaxTimesteps``,
-``FlaxTimestepEmbedding``) and this module's transformer block, which is diffusers'
-``FlaxBasicTransformerBlock`` with the exact GELU in its GEGLU feed-forward (PyTorch's; diffusers'
-Flax block uses the tanh approximation).
+(text_time added conditioning, ``UNetMidBlock2DCrossAttn``, and LCM's ``time_cond_proj_dim``):
+diffusers' Flax leaves (``FlaxResnetBlock2D``, ``FlaxDownsample2D``, ``FlaxUpsample2D``,
+``FlaxTimesteps``), this module's ``TimestepEmbedding`` (PyTorch's, with its ``cond_proj``) and
+transformer block, which is diffusers' ``FlaxBasicTransformerBlock`` with the exact GELU in its
+GEGLU feed-forward (PyTorch's; diffusers' Flax block uses the tanh approximation).
 
 Parameters are held in the scanned layout: every ``transformer_blocks_<i>`` of diffusers' layout
 is ``transformer_blocks`` with the blocks' leaves stacked on a leading ``depth`` axis. Loaders
