@@ -7,22 +7,15 @@
 set -euo pipefail
 RUNS=${1:-runs/digits}
 W=${2:-2}
-BASE=(--config=configs/imagenet64_base.py:tiny --workdir="$RUNS/base_p0.1" --config.p_uncond=0.1
-      --config.train.steps=1500 --config.train.batch_size=64 --config.train.log_every=100
-      --config.train.checkpoint_every=500 --config.train.ema_decay=0.995 --config.sample.num=64
-      "--config.sample.teacher_steps=(4,64)")
+source "$(dirname "$0")/digits_flags.sh"
+BASE=("${BASE_FLAGS[@]}" --workdir="$RUNS/base_p0.1" --config.p_uncond=0.1)
 python -m mcm_jax.main "${BASE[@]}"
 python -m mcm_jax.main "${BASE[@]}" --mode=eval "--config.eval.steps=(1,4,64)"
 cp "$(ls "$RUNS"/base_p0.1/eval_step*.json | tail -1)" "$RUNS/base_p0.1/eval_w1.json"
 python -m mcm_jax.main "${BASE[@]}" --mode=eval "--config.eval.steps=(1,4,64)" \
     --config.sample.guidance_scale="$W"
-CD=(--config=configs/imagenet64_cd.py:tiny --workdir="$RUNS/cd4_w$W"
-    --config.init_from="$RUNS/base_p0.1" --config.consistency.student_steps=4
-    --config.consistency.guidance_scale="$W"
-    --config.train.steps=600 --config.train.batch_size=64 --config.train.log_every=100
-    --config.train.checkpoint_every=300 --config.train.ema_decay=0.99
-    --config.train.optim.learning_rate=2e-4 --config.consistency.teacher_steps_horizon=300
-    --config.sample.num=64)
+CD=("${CD_FLAGS[@]}" --workdir="$RUNS/cd4_w$W" --config.init_from="$RUNS/base_p0.1"
+    --config.consistency.student_steps=4 --config.consistency.guidance_scale="$W")
 python -m mcm_jax.main "${CD[@]}"
 python -m mcm_jax.main "${CD[@]}" --mode=eval
 python - "$RUNS" "$W" <<'PY'

@@ -6,19 +6,13 @@
 # bash launch/digits_table.sh [RUNS_DIR]
 set -euo pipefail
 RUNS=${1:-runs/digits}
-BASE=(--config=configs/imagenet64_base.py:tiny --workdir="$RUNS/base"
-      --config.train.steps=1500 --config.train.batch_size=64 --config.train.log_every=100
-      --config.train.checkpoint_every=500 --config.train.ema_decay=0.995 --config.sample.num=64
-      "--config.sample.teacher_steps=(4,64)")
+source "$(dirname "$0")/digits_flags.sh"
+BASE=("${BASE_FLAGS[@]}" --workdir="$RUNS/base")
 python -m mcm_jax.main "${BASE[@]}"
 python -m mcm_jax.main "${BASE[@]}" --mode=eval "--config.eval.steps=(1,2,4,8,64)"
 for STEPS in 1 2 4 8; do
-  CD=(--config=configs/imagenet64_cd.py:tiny --workdir="$RUNS/cd$STEPS"
-      --config.init_from="$RUNS/base" --config.consistency.student_steps="$STEPS"
-      --config.train.steps=600 --config.train.batch_size=64 --config.train.log_every=100
-      --config.train.checkpoint_every=300 --config.train.ema_decay=0.99
-      --config.train.optim.learning_rate=2e-4 --config.consistency.teacher_steps_horizon=300
-      --config.sample.num=64)
+  CD=("${CD_FLAGS[@]}" --workdir="$RUNS/cd$STEPS" --config.init_from="$RUNS/base"
+      --config.consistency.student_steps="$STEPS")
   python -m mcm_jax.main "${CD[@]}"
   python -m mcm_jax.main "${CD[@]}" --mode=eval
 done
