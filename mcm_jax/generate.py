@@ -35,6 +35,12 @@ def schedule_text(steps, timesteps, sampler, strength=1.0):
     grid = pipeline.strength_grid(full, strength)
   listed = lambda values, fmt: ", ".join(fmt.format(v) for v in values)
   sigmas = listed(discrete.grid_sigmas(grid), "{:.6f}")
+  hf_grid, hf_arg = full, ("pipeline argument 'timesteps'"
+                            + (f", strength={strength}" if strength != 1.0 else ""))
+  if sampler == "dpmpp_2s":  # its grid holds the midpoints, which diffusers' strength would cut
+    hf_grid = discrete.with_midpoints(grid)
+    if strength != 1.0:
+      hf_arg = "the steps from the noised init latents; diffusers' strength cuts another list"
   if sampler == "ddim":
     comfy = ("SamplerCustom with sampler 'euler' (DDIM jumps are Euler steps in these sigmas) "
              "and a ManualSigmas node holding the sigmas")
@@ -42,6 +48,10 @@ def schedule_text(steps, timesteps, sampler, strength=1.0):
   elif sampler == "dpmpp_2m":
     comfy = ("SamplerCustom with sampler 'dpmpp_2m' and a ManualSigmas node holding the sigmas")
     hf = "DPMSolverMultistepScheduler"
+  elif sampler == "dpmpp_2s":
+    comfy = ("no core sampler (its 'dpmpp_2s_ancestral' at eta 0 takes the midpoint in "
+             "log-sigma, not at the timestep midway)")
+    hf = "DPMSolverSinglestepScheduler (dpmsolver++, solver_order 2)"
   elif sampler == "tcd":
     comfy = ("no core sampler: the ComfyUI-TCD custom node's TCD sampler (its gamma = "
              "--gamma) with the sigmas above")
@@ -54,8 +64,7 @@ def schedule_text(steps, timesteps, sampler, strength=1.0):
           f"timesteps (the UNet's t at each step): {listed(grid[:-1], '{}')}\n"
           f"sigmas (sigma_t / alpha_t at each step, then 0): {sigmas}\n"
           f"ComfyUI: {comfy}.\n"
-          f"diffusers: {hf} with timesteps=[{listed(full[:-1], '{}')}] (pipeline argument "
-          f"'timesteps'{f', strength={strength}' if strength != 1.0 else ''}).\n")
+          f"diffusers: {hf} with timesteps=[{listed(hf_grid[:-1], '{}')}] ({hf_arg}).\n")
 
 
 def parse_scales(values):
@@ -115,7 +124,9 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8; e.g. 25 "
                        "for the guided teacher).", flag_values=flag_values)
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale w (1 = none, what "
-                     "MLCM LoRAs use: their teacher's guidance is distilled in).",
+                     "MLCM LoRAs use: their teacher's guidance is distilled in); for a "
+                     "guidance-conditioned UNet (time_cond_proj_dim) the w its guidance "
+                     "embedding takes, with no unconditional branch.",
                      flag_values=flag_values)
   flags.DEFINE_string("negative_prompt", None, "The unconditional branch's prompt when "
                       "--guidance_scale != 1 (unset: zero embeddings, as diffusers' SDXL "
@@ -124,7 +135,9 @@ def define_flags(flag_values=FLAGS):
                     "ddim: deterministic DDIM jumps between the timesteps (what MLCM LoRAs "
                     "trained here expect); lcm: LCM's sampler, x0 re-noised with fresh noise "
                     "(LCM-LoRA, TLCM); tcd: TCD's sampler with --gamma (TCD-LoRA, Hyper-SD); "
-                    "dpmpp_2m: DPM-Solver++(2M), for the base model at e.g. 25 steps.",
+                    "dpmpp_2m: DPM-Solver++(2M), for the base model at e.g. 25 steps; "
+                    "dpmpp_2s: DPM-Solver++(2S), two calls per step (through the timestep "
+                    "midway) but the last.",
                     flag_values=flag_values)
   flags.DEFINE_float("gamma", 0.3, "TCD's stochasticity (diffusers' eta): 0 deterministic, 1 "
                      "fully re-noised.", flag_values=flag_values)

@@ -143,8 +143,9 @@ def define_flags(flag_values=FLAGS):
                        "none).", flag_values=flag_values)
   flags.DEFINE_float("teacher_guidance_scale", 8.0, "The teacher row's guidance scale.",
                      flag_values=flag_values)
-  flags.DEFINE_enum("teacher_sampler", "ddim", ["ddim", "dpmpp_2m"], "The teacher row's sampler: "
-                    "ddim (= diffusers' Euler on these timesteps) or dpmpp_2m (DPM-Solver++(2M)).",
+  flags.DEFINE_enum("teacher_sampler", "ddim", ["ddim", "dpmpp_2m", "dpmpp_2s"],
+                    "The teacher row's sampler: ddim (= diffusers' Euler on these timesteps), "
+                    "dpmpp_2m (DPM-Solver++(2M)) or dpmpp_2s (DPM-Solver++(2S)).",
                     flag_values=flag_values)
   flags.DEFINE_string("teacher_negative_prompt", None, "The teacher row's negative prompt.",
                       flag_values=flag_values)

@@ -231,3 +231,25 @@ def test_dpm_solver_2m_image_free_trajectory_equals_diffusers_dpm_solver_multist
       z = scheduler.step(torch.from_numpy(eps_np(z.numpy(), float(step_t))), step_t, z).prev_sample
     np.testing.assert_allclose(got[i], z[0].numpy(), rtol=1e-4, atol=2e-4)
     assert float(jnp.abs(got[i] - ddim[i]).max()) > 1e-3  # second order differs from DDIM
+
+
+@pytest.mark.parametrize("timesteps", [[999, 750, 500, 250], list(range(981, 0, -80))])
+def test_dpm_solver_2s_sampler_equals_diffusers_dpm_solver_singlestep(timesteps):
+  """``--sampler=dpmpp_2s``: diffusers' DPMSolverSinglestepScheduler (dpmsolver++, order 2,
+  final sigma 0, hence a first-order last step) stepping the grid with the timesteps midway
+  inserted (``with_midpoints``), on the same epsilon function and start noise."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  grid = discrete.explicit_grid(timesteps)
+  refined = discrete.with_midpoints(grid)
+  assert list(refined[:3]) == [grid[0], (grid[0] + grid[1]) // 2, grid[1]]
+  scheduler = diffusers.DPMSolverSinglestepScheduler(**SDXL_SCHEDULE, solver_order=2)
+  scheduler.set_timesteps(timesteps=[int(t) for t in refined[:-1]])
+  z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+  z = z0.clone().double()
+  for t in scheduler.timesteps:
+    z = scheduler.step(torch.from_numpy(eps_np(z.numpy(), float(t))), t, z).prev_sample
+  got = discrete.sample(denoiser(), jnp.asarray(z0.numpy()), grid, "dpmpp_2s")
+  np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=2e-4)
+  two_m = discrete.sample(denoiser(), jnp.asarray(z0.numpy()), grid, "dpmpp_2m")
+  assert float(jnp.abs(two_m - got).max()) > 1e-3  # another solver

@@ -40,8 +40,8 @@ def sampling_timesteps(num_steps):
 
 
 SPACINGS = ("uniform", "trailing", "leading", "lcm")  # timestep grids (see ``timestep_grid``)
-# DDIM jumps (MLCM) / re-noised x_hat (LCM) / TCD's gamma / DPM-Solver++(2M) (many-step teacher)
-SAMPLERS = ("ddim", "lcm", "tcd", "dpmpp_2m")
+# DDIM jumps (MLCM) / re-noised x_hat (LCM) / TCD's gamma / DPM-Solver++(2M) and (2S) (teachers)
+SAMPLERS = ("ddim", "lcm", "tcd", "dpmpp_2m", "dpmpp_2s")
 
 
 def timestep_grid(num_steps, spacing="uniform", original_steps=50):
@@ -152,6 +152,28 @@ def dpm_solver_2_step(f, z, t, t_next, algorithm="dpmpp_2s"):
                                       algorithm)
 
 
+def with_midpoints(grid):
+  """``grid`` (decreasing timesteps, then 0) with ``(t_i + t_{i+1}) // 2`` after each timestep
+  but the last: the timesteps diffusers' ``DPMSolverSinglestepScheduler`` steps through for
+  ``dpm_solver_2s_sample_on_grid``."""
+  grid = np.asarray(grid)
+  mids = (grid[:-2] + grid[1:-1]) // 2
+  return np.concatenate([np.stack([grid[:-2], mids], 1).reshape(-1), grid[-2:]])
+
+
+def dpm_solver_2s_sample_on_grid(f, z_init, grid):
+  """DPM-Solver++(2S) over ``grid`` (K timesteps, then 0 = the clean end): a
+  ``dpm_solver_2_step`` between consecutive timesteps, the last step ``x_hat`` (first order to
+  sigma = 0); 2K - 1 model calls. diffusers' ``DPMSolverSinglestepScheduler`` (dpmsolver++,
+  order 2) on ``with_midpoints(grid)``."""
+  grid = np.asarray(grid)
+  full = lambda t: jnp.full((z_init.shape[0],), t, jnp.float32)
+  z = z_init
+  for i in range(len(grid) - 2):
+    z = dpm_solver_2_step(f, z, full(grid[i]), full(grid[i + 1]), "dpmpp_2s")
+  return f(z, full(grid[-2]))
+
+
 def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   """Few-step sampling of a denoiser ``f(z, t)`` from ``noise`` (= z_999).
 
@@ -162,12 +184,15 @@ def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   x_hat re-noised with fresh noise drawn from ``rng`` to the next timestep, the last x_hat
   returned (``addim.renoise_sample_on_grid``); 'tcd' = TCD's sampler with stochasticity
   ``gamma`` (``tcd_sample_on_grid``, fresh noise from ``rng``); 'dpmpp_2m' = DPM-Solver++(2M)
-  (``dpm_solver.dpmpp_2m_sample_on_grid``, deterministic)."""
+  (``dpm_solver.dpmpp_2m_sample_on_grid``), 'dpmpp_2s' = DPM-Solver++(2S)
+  (``dpm_solver_2s_sample_on_grid``), both deterministic."""
   grid = timestep_grid(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps)
   if sampler == "ddim":
     return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
   if sampler == "dpmpp_2m":
     return dpm_solver.dpmpp_2m_sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
+  if sampler == "dpmpp_2s":
+    return dpm_solver_2s_sample_on_grid(f, noise, grid)
   if sampler not in SAMPLERS:
     raise UserError(f"sampler={sampler!r} is not known; allowed: {SAMPLERS}")
   fresh = sharding.constrain_batch(
