@@ -13,6 +13,7 @@ the directory. A readable checkpoint of another model or data stream is the user
 damage: ``IncompatibleCheckpointError``, never fallen back from.
 """
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mcm_jax.config_diff import differing_fields
-from mcm_jax.errors import DamagedCheckpointError, IncompatibleCheckpointError
+from mcm_jax.errors import DamagedCheckpointError, IncompatibleCheckpointError, UserError
 
 STATE, DATA = "state", "data"
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step as <step>.orbax-checkpoint-tmp-<time>
@@ -129,6 +130,66 @@ def check_stored(manager, step, like, subtree=None):
   if subtree is not None:
     stored, where = stored[subtree], f"{where} ({subtree})"
   check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
+
+
+# What a failed write looks like: an OSError with one of these errnos, or tensorstore's status
+# text inside the ValueError / RuntimeError that orbax re-raises from its writer threads.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOENT, errno.EACCES,
+                 errno.ESTALE)
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left on device", "Read-only file system",
+                   "Disk quota exceeded", "Failed writing", "Error writing", "PERMISSION_DENIED")
+
+
+def write_failure(exc):
+  """The first line of the storage fault behind ``exc`` (``exc`` or an exception it was raised
+  from), or None when ``exc`` is not a failed write."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+      return f"{os.strerror(exc.errno)} ({exc.filename or exc})"
+    text = str(exc)
+    if isinstance(exc, (ValueError, RuntimeError)) and any(m in text for m in _WRITE_FAILURES):
+      # tensorstore: 'STATUS: Error writing "<key>" in ... "<path>": ...: <the OS's reason>'
+      first = text.splitlines()[0]
+      status, reason = first.split(":", 1)[0], first.rsplit(": ", 1)[-1]
+      if status.isupper() and reason != first:
+        return f"{status}, {reason}"
+      return first[:300]
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def quiet_writer_reports():
+  """When a save fails, orbax's writer threads and the coroutines left on its closed asyncio
+  loop print a traceback each ('RuntimeError: Event loop is closed', tensorstore's write
+  errors, 'Future exception was never retrieved', '_SignalingThread.run() raised'): hundreds of
+  lines around the one exception that matters, which the training loop reports. Those reports
+  (only those) are dropped for the rest of the process. Installed once."""
+  if getattr(sys.excepthook, "drops_closed_loop_reports", False):
+    return
+  old_excepthook, old_unraisable = sys.excepthook, sys.unraisablehook
+  closed_loop = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+  def excepthook(kind, value, tb):
+    if not closed_loop(value):
+      old_excepthook(kind, value, tb)
+
+  def unraisable(report):
+    exc, code = report.exc_value, getattr(report.object, "cr_code", None)
+    orbax_coroutine = code is not None and "orbax" in code.co_filename  # collected at exit
+    if not (closed_loop(exc) or orbax_coroutine
+            or (write_failure(exc) and not isinstance(exc, UserError))):
+      old_unraisable(report)
+
+  excepthook.drops_closed_loop_reports = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisable
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not ("exception was never retrieved" in record.getMessage()
+                          and write_failure(record.exc_info and record.exc_info[1])))
+  logging.getLogger("absl").addFilter(
+      lambda record: not ("_SignalingThread.run() raised" in record.getMessage()
+                          or (record.exc_info and write_failure(record.exc_info[1]))))
 
 
 @contextlib.contextmanager

@@ -30,3 +30,8 @@ class NonFiniteLossError(FloatingPointError):
 class LossDivergedError(NonFiniteLossError):
   """Training stopped: the loss rose above ``divergence_factor`` x its reference; the bad state
   is not saved. A NonFiniteLossError, so whatever handles that stop handles this one."""
+
+
+class StorageError(UserError):
+  """The workdir could not be written (disk full, read-only, gone): the save in progress is
+  abandoned; the checkpoints completed before it stand, and a re-run resumes from the newest."""

@@ -13,6 +13,7 @@ Nothing lost: metrics rows are made durable (``writer.flush()``) before every ch
 every stop, and a resumed run first drops the rows of its own run logged after the restored
 step (writers that can: ``JsonlWriter.drop_rows_after``), so the file holds one row per step.
 """
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +26,8 @@ import numpy as np
 import optax
 
 from mcm_jax import checkpoint, sharding
-from mcm_jax.errors import LossDivergedError, NonFiniteLossError  # noqa: F401 (train.X too)
+from mcm_jax.errors import (  # noqa: F401 (train.X too)
+    LossDivergedError, NonFiniteLossError, StorageError)
 
 
 @flax.struct.dataclass
@@ -195,14 +197,47 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
     state = jax.device_put(state, sharding.tree_shardings(state, mesh))
     frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
   checkpoint.remove_stale_tmp_dirs(os.path.join(workdir, "checkpoints"))
+  checkpoint.quiet_writer_reports()
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                     cfg.keep_checkpoints)
+  finished = False
   try:
-    return _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen,
-                       writer, name, mesh, data_spec, periodic)
+    with _storage_faults(manager, name):
+      state = _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen,
+                          writer, name, mesh, data_spec, periodic)
+    finished = True
+    return state
   finally:  # also on errors and SIGTERM: no orbax thread outlives the call
-    manager.wait_until_finished()
+    try:
+      with _storage_faults(manager, name):  # the last (asynchronous) save completes here
+        manager.wait_until_finished()
+    except StorageError:
+      if finished:
+        raise
     manager.close()
+
+
+@contextlib.contextmanager
+def _storage_faults(manager, name):
+  """A failed write of a checkpoint (or of the metrics beside it) becomes one StorageError
+  naming the run, the directory, the fault and the newest complete checkpoint, which a re-run
+  resumes from; the save in progress is left as orbax's tmp directory (removed on the next
+  start)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    fault = checkpoint.write_failure(e)
+    if fault is None or isinstance(e, StorageError):
+      raise
+    try:
+      latest = manager.latest_step()
+    except Exception:  # pylint: disable=broad-exception-caught
+      latest = None
+    then = ("it starts over: no checkpoint was completed" if latest is None else
+            f"it resumes from step {latest}, the newest complete checkpoint")
+    raise StorageError(
+        f"{name}: could not write to {manager.directory}: {fault}. Free space (or point "
+        f"--workdir somewhere writable) and run the same command again; {then}.") from e
 
 
 def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen, writer,

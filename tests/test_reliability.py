@@ -451,3 +451,50 @@ def test_divergence_factor_is_validated():
                        match=r"config.teacher.divergence_factor=.* allowed: a number >= 0"):
       config_validation.validate_train(ml_collections.ConfigDict(dict(cfg, divergence_factor=bad)),
                                        "teacher")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage faults: a full disk while a checkpoint is written.
+
+_TENSORSTORE_ENOSPC = ValueError(  # the shape of a real full disk under orbax (a 100 kB tmpfs)
+    'RESOURCE_EXHAUSTED: Error writing "ema_params.params.Dense_0.bias/0" in OCDBT database at '
+    'local file "/w/checkpoints/30.orbax-checkpoint-tmp/": Failed writing: "/w/d/7908": Failed '
+    "to write 1169065 bytes to file 19: No space left on device [os_error_code='28']")
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device", "/w/checkpoints/30"),
+                                   _TENSORSTORE_ENOSPC], ids=["oserror", "tensorstore"])
+def test_a_full_disk_while_saving_ends_in_one_message_and_resumes(tmp_path, monkeypatch, fault):
+  """The save of step 30 fails as a full disk does (an OSError, or the ValueError orbax
+  re-raises from tensorstore): one StorageError naming the run, the directory, the OS's reason and
+  the step a re-run resumes from (20); the re-run, with space again, ends equal to an
+  uninterrupted run."""
+  full = _train(tmp_path / "full", 40)
+  real_save = checkpoint.save
+
+  def failing_save(manager, step, *args, **kwargs):
+    if step == 30:
+      raise fault
+    return real_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "save", failing_save)
+  with pytest.raises(train.StorageError, match=r"run: could not write to .*checkpoints: .*No "
+                     r"space left on device.*run the same command again; it resumes from step "
+                     r"20, the newest complete checkpoint"):
+    _train(tmp_path / "run", 40)
+  assert _steps(tmp_path / "run") == [10, 20]
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  resumed = _train(tmp_path / "run", 40)
+  assert _leaves_equal(resumed, full)
+  assert _lines(tmp_path / "run") == _lines(tmp_path / "full")
+
+
+def test_write_failures_are_told_from_other_errors():
+  assert checkpoint.write_failure(_TENSORSTORE_ENOSPC) == (
+      "RESOURCE_EXHAUSTED, No space left on device [os_error_code='28']")
+  assert "Read-only file system" in checkpoint.write_failure(OSError(30, "Read-only file system"))
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = OSError(28, "No space left on device")
+  assert "No space left" in checkpoint.write_failure(wrapped)
+  assert checkpoint.write_failure(ValueError("shape mismatch")) is None
+  assert checkpoint.write_failure(FloatingPointError("nan")) is None
