@@ -164,7 +164,7 @@ def validate_pixel(c, plan=False):
     check_in(cc.teacher_sampler, "consistency.teacher_sampler", consistency.TEACHER_SAMPLERS)
     if not c.init_from:
       raise ConfigError("config.init_from is empty; CT / CD start from a base run's workdir "
-                        f"(train one with objective='base' first)")
+                        "(train one with objective='base' first)")
   check_in(c.sample.x_var, "sample.x_var", ("table", "analytic"))
   check_in(c.sample.sampler, "sample.sampler", ("addim", "dpmpp_2m"))
   _check(_is_number(c.p_uncond) and 0 <= c.p_uncond < 1, "p_uncond", c.p_uncond,
