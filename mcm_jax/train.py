@@ -220,7 +220,7 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
 @contextlib.contextmanager
 def _storage_faults(manager, name):
   """A failed write of a checkpoint (or of the metrics beside it) becomes one StorageError
-  naming the run, the directory, the fault and the newest complete checkpoint, which a re-run
+  naming the run, the workdir, the fault and the newest complete checkpoint, which a re-run
   resumes from; the save in progress is left as orbax's tmp directory (removed on the next
   start)."""
   try:
@@ -236,8 +236,9 @@ def _storage_faults(manager, name):
     then = ("it starts over: no checkpoint was completed" if latest is None else
             f"it resumes from step {latest}, the newest complete checkpoint")
     raise StorageError(
-        f"{name}: could not write to {manager.directory}: {fault}. Free space (or point "
-        f"--workdir somewhere writable) and run the same command again; {then}.") from e
+        f"{name}: a write under {os.path.dirname(str(manager.directory))} failed: {fault}. Free "
+        "space (or point --workdir somewhere writable) and run the same command again; "
+        f"{then}.") from e
 
 
 def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, frozen, writer,

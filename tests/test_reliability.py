@@ -478,9 +478,9 @@ def test_a_full_disk_while_saving_ends_in_one_message_and_resumes(tmp_path, monk
     return real_save(manager, step, *args, **kwargs)
 
   monkeypatch.setattr(checkpoint, "save", failing_save)
-  with pytest.raises(train.StorageError, match=r"run: could not write to .*checkpoints: .*No "
-                     r"space left on device.*run the same command again; it resumes from step "
-                     r"20, the newest complete checkpoint"):
+  with pytest.raises(train.StorageError, match=r"run: a write under .*run failed: .*No space "
+                     r"left on device.*run the same command again; it resumes from step 20, "
+                     r"the newest complete checkpoint"):
     _train(tmp_path / "run", 40)
   assert _steps(tmp_path / "run") == [10, 20]
   monkeypatch.setattr(checkpoint, "save", real_save)
