@@ -60,6 +60,9 @@ def pixel_config(resolution, objective, size):
   small_fsdp = 4 if (resolution == 128 and objective in ("cd", "base")) else 1
   c.mesh = common.mesh(fsdp={"large": 16, "small": small_fsdp}.get(size, 1))
   c.init_from = "" if base else "runs/base"  # the base run's workdir (CT / CD start from its EMA)
+  # CT / CD students that also see their position within the segment (a zero-initialised
+  # embedding; the toy's fix for the jump of the target at segment boundaries, docs/toy.md).
+  c.model.segment_input = False
   c.consistency = dict(
       student_steps=8,   # one student per run (the paper trains 1, 2, 4, 8, 16)
       # N_teacher(i) anneals start -> end (log-linearly) over the first horizon iterations.

@@ -167,6 +167,8 @@ def validate_pixel(c, plan=False):
                         "(train one with objective='base' first)")
   check_in(c.sample.x_var, "sample.x_var", ("table", "analytic"))
   check_in(c.sample.sampler, "sample.sampler", ("addim", "dpmpp_2m"))
+  _check(isinstance(c.model.segment_input, bool), "model.segment_input", c.model.segment_input,
+         "True or False")
   _check(_is_number(c.p_uncond) and 0 <= c.p_uncond < 1, "p_uncond", c.p_uncond,
          "a number in [0, 1) (the probability of dropping a label in base training)")
   w = c.sample.guidance_scale

@@ -43,9 +43,11 @@ def toy_model(config, student_steps=None):
   return model, fn, denoise
 
 
-def uvit_model(config):
+def uvit_model(config, student_steps=None):
   """(UViT, logsnr_fn, denoise) of a pixel config: v-prediction, class-conditional, dropout
-  when an rng is given (training)."""
+  when an rng is given (training). With ``student_steps`` and ``config.model.segment_input``,
+  the model of an S-step student that also sees its position within the segment
+  (``consistency.segment_position``; ``uvit_init`` makes its parameters)."""
   from mcm_jax.models.uvit import UViT, uvit_config  # pylint: disable=g-import-not-at-top
   c = config
   kw = uvit_config(c.model.resolution, c.model.size)
@@ -53,13 +55,29 @@ def uvit_model(config):
             dtype=jnp.dtype(c.model.dtype), remat=c.model.remat)
   model = UViT(**kw)
   fn = logsnr_fn(c.schedule)
+  segmented = bool(student_steps) and c.model.get("segment_input", False)
 
   def apply_fn(params, z, logsnr, cond, rng):
+    label, extra = (cond[0], {"segment": cond[1]}) if segmented else (cond, {})
     if rng is None:
-      return model.apply(params, z, logsnr, cond)
-    return model.apply(params, z, logsnr, cond, train=True, rngs={"dropout": rng})
+      return model.apply(params, z, logsnr, label, **extra)
+    return model.apply(params, z, logsnr, label, train=True, rngs={"dropout": rng}, **extra)
 
-  return model, fn, parameterization.make_denoiser(apply_fn, fn, "v")
+  denoise = parameterization.make_denoiser(apply_fn, fn, "v")
+  if segmented:
+    seg_denoise = denoise
+    denoise = lambda params, z, t, cond=None, rng=None: seg_denoise(
+        params, z, t, (cond, consistency.segment_position(t, student_steps)), rng)
+  return model, fn, denoise
+
+
+def uvit_init(model, segmented):
+  """``init(rng, z, logsnr, label)`` of a UViT's parameters, with the segment embedding when
+  ``segmented`` (``uvit_model``'s student)."""
+  if not segmented:
+    return model.init
+  return lambda rng, z, logsnr, label: model.init(rng, z, logsnr, label,
+                                                  segment=jnp.ones(z.shape[:1]))
 
 
 def uvit_inputs(config):
@@ -93,18 +111,20 @@ def consistency_loss(cc, denoise, fn, *, student_steps, teacher_sampler=None,
       guidance_scale=guidance_scale, null_cond=null_cond)
 
 
-def pixel_loss(config, denoise, fn):
+def pixel_loss(config, denoise, fn, teacher_denoise=None):
   """The loss of a pixel config's ``objective``: 'base' diffusion (labels dropped to the null
   label ``num_classes`` with probability ``p_uncond``), or CD / CT of
   ``consistency.student_steps`` (CD guided by ``consistency.guidance_scale``, the null label as
-  the unconditional input)."""
+  the unconditional input; ``teacher_denoise``: the teacher's network where the student's
+  differs, i.e. with ``model.segment_input``)."""
   c = config
   if c.objective == "base":
     return diffusion_loss(denoise, fn, c.multiscale_levels, c.p_uncond, c.data.num_classes)
   cc = c.consistency
   return consistency_loss(cc, denoise, fn, student_steps=cc.student_steps,
                           teacher_sampler=cc.teacher_sampler if c.objective == "cd" else None,
-                          guidance_scale=cc.guidance_scale, null_cond=c.data.num_classes)
+                          guidance_scale=cc.guidance_scale, null_cond=c.data.num_classes,
+                          teacher_denoise=teacher_denoise)
 
 
 TOY_METHODS = {"ct": None, "cd_addim": "addim", "cd_ddim": "ddim"}  # method -> teacher sampler

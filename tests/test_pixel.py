@@ -146,6 +146,35 @@ def test_tiny_cd_and_ct_from_the_base_run(base_run, tmp_path, config_module):
   assert f"{config.objective}/loss" in metrics and "NaN" not in metrics
 
 
+@pytest.mark.slow  # base_run, then a CD run whose student sees its segment position
+def test_a_segment_aware_cd_student_starts_as_its_base_and_trains(base_run, tmp_path):
+  """``model.segment_input``: the student (the base's parameters plus a zero-initialised segment
+  embedding) computes the base model's function at the start, learns an embedding that makes
+  the two sides of a segment boundary differ, and evaluates with it."""
+  config_base, base_workdir, _ = base_run
+  config = imagenet64_cd.get_config("tiny")
+  config.init_from, config.model.segment_input = base_workdir, True
+  config.train.steps = 10
+  _, logsnr_fn, student, like = pixel.build(config, None)
+  assert "segment_embed" in like["params"]
+  base = checkpoint.load_ema_params(base_workdir, pixel.base_params(like))[0]
+  _, _, plain = objectives.uvit_model(config_base)
+  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                 like["params"]["segment_embed"])
+  start = {"params": {**base["params"], "segment_embed": zeros}}
+  z, labels = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 1)), jnp.arange(4)
+  t = jnp.array([0.25, 0.25 + 1e-3, 0.5, 0.9])  # 0.25: a boundary of the 4-step student
+  np.testing.assert_array_equal(student(start, z, t, labels), plain(base, z, t, labels))
+  pixel.run(config, str(tmp_path))
+  trained, _ = checkpoint.load_ema_params(str(tmp_path), like)
+  assert np.abs(np.asarray(trained["params"]["segment_embed"]["kernel"])).max() > 0
+  blind = {"params": {**trained["params"], "segment_embed": zeros}}
+  assert float(jnp.abs(student(trained, z, t, labels) - student(blind, z, t, labels)).max()) > 0
+  config.eval.num, config.eval.batch_size, config.eval.reference_num = 64, 64, 256
+  row = pixel.evaluate(config, str(tmp_path))["results"][0]
+  assert row["sampler"] == "cd_4" and np.isfinite(row["fd"])
+
+
 @pytest.mark.slow  # needs base_run's checkpoint
 def test_teacher_errors_name_the_path_and_the_parameter(base_run, tmp_path):
   _, base_workdir, _ = base_run

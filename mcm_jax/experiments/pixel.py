@@ -20,18 +20,33 @@ from mcm_jax.experiments import Step, pixel_sampling
 from mcm_jax.metric_writer import create_writer
 
 
+def segmented(c):
+  """Whether the config's model is a student that sees its segment position."""
+  return c.objective != "base" and c.model.segment_input
+
+
 def build(c, mesh):
-  """(model, logsnr_fn, denoise, abstract params sharded over ``mesh``) of a pixel config."""
-  model, logsnr_fn, denoise = objectives.uvit_model(c)
-  like = sharding.abstract_params(model.init, objectives.uvit_inputs(c), mesh, c.seed)
+  """(model, logsnr_fn, denoise, abstract params sharded over ``mesh``) of a pixel config: the
+  trained network (a CT / CD student with its segment embedding when ``model.segment_input``)."""
+  student_steps = c.consistency.student_steps if c.objective != "base" else None
+  model, logsnr_fn, denoise = objectives.uvit_model(c, student_steps)
+  like = sharding.abstract_params(objectives.uvit_init(model, segmented(c)),
+                                  objectives.uvit_inputs(c), mesh, c.seed)
   return model, logsnr_fn, denoise, like
 
 
+def base_params(params):
+  """The base model's part of (student) parameters: all but the segment embedding."""
+  return {**params, "params": {k: v for k, v in params["params"].items()
+                               if k != "segment_embed"}}
+
+
 def frozen_params(c, params):
-  """The train step's ``frozen`` tree: for CD the base run's EMA parameters (the teacher), for
-  CT and base diffusion None (CT's loss reads no teacher; passing one would hold a parameter
-  copy in every chip's memory for nothing)."""
-  return params if c.objective == "cd" else None
+  """The train step's ``frozen`` tree: for CD the base run's EMA parameters (the teacher: the
+  student's initial parameters but its segment embedding), for CT and base diffusion None
+  (CT's loss reads no teacher; passing one would hold a parameter copy in every chip's memory
+  for nothing)."""
+  return base_params(params) if c.objective == "cd" else None
 
 
 def check_teacher_trained_unconditional(c):
@@ -74,7 +89,8 @@ def step(c, denoise, logsnr_fn, params):
   """The train step of ``run``: ``objectives.pixel_loss`` on ``params`` (the UViT's), with CD's
   teacher as the frozen input; ``forward`` denoises the batch at t = 0.5."""
   forward = lambda p, frozen, b: denoise(p, b["x"], jnp.full(b["x"].shape[:1], 0.5), b["label"])
-  return Step(loss=objectives.pixel_loss(c, denoise, logsnr_fn), params=params,
+  teacher = objectives.uvit_model(c)[2] if segmented(c) else None  # the base model's network
+  return Step(loss=objectives.pixel_loss(c, denoise, logsnr_fn, teacher), params=params,
               frozen=frozen_params(c, params), batch=batch_shapes(c), model_params=params,
               forward=forward)
 
@@ -99,7 +115,12 @@ def run(config, workdir):
   else:  # CT / CD start from the base run's EMA parameters, which CD also uses as its teacher
     if c.objective == "cd" and c.consistency.guidance_scale != 1:
       check_teacher_trained_unconditional(c)
-    params = checkpoint.load_ema_params(c.init_from, like)[0]
+    params = checkpoint.load_ema_params(c.init_from, base_params(like))[0]
+    if segmented(c):  # and the segment embedding, zero as initialised: the student starts as
+      # the base model
+      zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
+                                     like["params"]["segment_embed"])
+      params = {**params, "params": {**params["params"], "segment_embed": zeros}}
   writer = create_writer(workdir)
   batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
   data_spec = dict(dataset=c.data.name, split=c.data.split, resolution=c.data.resolution,

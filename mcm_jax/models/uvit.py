@@ -28,6 +28,7 @@ import numpy as np
 
 from mcm_jax.errors import UserError
 from mcm_jax.models import remat
+from mcm_jax.models.mlp import position_embedding
 
 
 def logsnr_features(logsnr, dim=256):
@@ -91,7 +92,9 @@ class TransformerBlock(nn.Module):
 
 class UViT(nn.Module):
   """``stages``: (kind, channels, num_blocks, dropout) per down stage, kind 'res' or 'attn';
-  each down stage ends with a 2x average pool and the up path mirrors it."""
+  each down stage ends with a 2x average pool and the up path mirrors it. ``segment`` [B] (a
+  multistep student's position within its segment, ``consistency.segment_position``) adds an
+  embedding whose layer starts at zero, so the student starts as its base model."""
   stages: Sequence[tuple]
   mid_channels: int = 1024
   mid_blocks: int = 16
@@ -104,13 +107,16 @@ class UViT(nn.Module):
   remat: str = "none"  # a policy of mcm_jax.models.remat for every block
 
   @nn.compact
-  def __call__(self, z, logsnr, label=None, train=False):
+  def __call__(self, z, logsnr, label=None, train=False, segment=None):
     emb = nn.swish(nn.Dense(self.emb_dim, dtype=self.dtype)(logsnr_features(logsnr)))
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(emb)
     if self.num_classes:
       if label is None:
         label = jnp.full(z.shape[:1], self.num_classes, jnp.int32)  # the null class
       emb = emb + nn.Embed(self.num_classes + 1, self.emb_dim, dtype=self.dtype)(label)
+    if segment is not None:  # a multistep student's position in its segment, zero at init
+      emb = emb + nn.Dense(self.emb_dim, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                           name="segment_embed")(position_embedding(segment))
     emb = nn.swish(emb)
 
     def block(name, kind, channels, dropout):
