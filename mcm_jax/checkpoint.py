@@ -13,7 +13,6 @@ the directory. A readable checkpoint of another model or data stream is the user
 damage: ``IncompatibleCheckpointError``, never fallen back from.
 """
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -24,7 +23,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mcm_jax.config_diff import differing_fields
-from mcm_jax.errors import DamagedCheckpointError, IncompatibleCheckpointError, UserError
+from mcm_jax.errors import (DamagedCheckpointError, IncompatibleCheckpointError, UserError,
+                            write_failure)
 
 STATE, DATA = "state", "data"
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step as <step>.orbax-checkpoint-tmp-<time>
@@ -130,34 +130,6 @@ def check_stored(manager, step, like, subtree=None):
   if subtree is not None:
     stored, where = stored[subtree], f"{where} ({subtree})"
   check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
-
-
-# What a failed write looks like: an OSError with one of these errnos, or tensorstore's status
-# text inside the ValueError / RuntimeError that orbax re-raises from its writer threads.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOENT, errno.EACCES,
-                 errno.ESTALE)
-_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left on device", "Read-only file system",
-                   "Disk quota exceeded", "Failed writing", "Error writing", "PERMISSION_DENIED")
-
-
-def write_failure(exc):
-  """The first line of the storage fault behind ``exc`` (``exc`` or an exception it was raised
-  from), or None when ``exc`` is not a failed write."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-      return f"{os.strerror(exc.errno)} ({exc.filename or exc})"
-    text = str(exc)
-    if isinstance(exc, (ValueError, RuntimeError)) and any(m in text for m in _WRITE_FAILURES):
-      # tensorstore: 'STATUS: Error writing "<key>" in ... "<path>": ...: <the OS's reason>'
-      first = text.splitlines()[0]
-      status, reason = first.split(":", 1)[0], first.rsplit(": ", 1)[-1]
-      if status.isupper() and reason != first:
-        return f"{status}, {reason}"
-      return first[:300]
-    exc = exc.__cause__ or exc.__context__
-  return None
 
 
 def quiet_writer_reports():

@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-from mcm_jax.errors import NonFiniteLossError, UserError
+from mcm_jax.errors import NonFiniteLossError, UserError, write_failure
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
@@ -37,14 +37,20 @@ def describe(exc):
 
   User errors (exit 2): ``errors.UserError`` and its subclasses (``ConfigError``,
   ``MissingExtraError``), absl's ``app.UsageError``, and ``FileNotFoundError`` and the other
-  OSErrors about a path (not found, not a directory, permission). A training stop (exit 3):
-  ``errors.NonFiniteLossError`` (``LossDivergedError`` included). Anything else is unexpected
+  OSErrors about a path (not found, not a directory, permission), and a failed write
+  (``errors.write_failure``: a full disk, a read-only or vanished directory). A training stop
+  (exit 3): ``errors.NonFiniteLossError`` (``LossDivergedError`` included). Anything else is unexpected
   (None: the caller lets the traceback through).
   """
   if isinstance(exc, NonFiniteLossError):
     return f"training stopped: {exc}", EXIT_STOPPED
   if isinstance(exc, (UserError, app.UsageError) + _PATH_ERRORS):
     return str(exc), EXIT_BAD_INPUT
+  fault = write_failure(exc)
+  if fault is not None:  # a full disk, a read-only or vanished directory, outside training
+    return (f"a write failed: {fault}. Free space (or point --workdir / --out somewhere "
+            "writable) and run the same command again; training resumes from its newest "
+            "complete checkpoint."), EXIT_BAD_INPUT
   return None
 
 

@@ -1,6 +1,9 @@
 """The exceptions that mean something to a user (``mcm_jax.cli`` turns them into one message
-and an exit code). Raised explicitly by the checks of inputs; this module imports nothing, so
+and an exit code). Raised explicitly by the checks of inputs; this module imports only the
+standard library, so
 the pure math modules (schedules, samplers, losses) raise them too."""
+import errno
+import os
 
 
 class UserError(ValueError):
@@ -35,3 +38,31 @@ class LossDivergedError(NonFiniteLossError):
 class StorageError(UserError):
   """The workdir could not be written (disk full, read-only, gone): the save in progress is
   abandoned; the checkpoints completed before it stand, and a re-run resumes from the newest."""
+
+
+# What a failed write looks like: an OSError with one of these errnos, or tensorstore's status
+# text inside the ValueError / RuntimeError that orbax re-raises from its writer threads.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOENT, errno.EACCES,
+                 errno.ESTALE)
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left on device", "Read-only file system",
+                   "Disk quota exceeded", "Failed writing", "Error writing", "PERMISSION_DENIED")
+
+
+def write_failure(exc):
+  """The first line of the storage fault behind ``exc`` (``exc`` or an exception it was raised
+  from), or None when ``exc`` is not a failed write."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+      return f"{os.strerror(exc.errno)} ({exc.filename or exc})"
+    text = str(exc)
+    if isinstance(exc, (ValueError, RuntimeError)) and any(m in text for m in _WRITE_FAILURES):
+      # tensorstore: 'STATUS: Error writing "<key>" in ... "<path>": ...: <the OS's reason>'
+      first = text.splitlines()[0]
+      status, reason = first.split(":", 1)[0], first.rsplit(": ", 1)[-1]
+      if status.isupper() and reason != first:
+        return f"{status}, {reason}"
+      return first[:300]
+    exc = exc.__cause__ or exc.__context__
+  return None

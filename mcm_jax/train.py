@@ -27,7 +27,7 @@ import optax
 
 from mcm_jax import checkpoint, sharding
 from mcm_jax.errors import (  # noqa: F401 (train.X too)
-    LossDivergedError, NonFiniteLossError, StorageError)
+    LossDivergedError, NonFiniteLossError, StorageError, write_failure)
 
 
 @flax.struct.dataclass
@@ -226,7 +226,7 @@ def _storage_faults(manager, name):
   try:
     yield
   except Exception as e:  # pylint: disable=broad-exception-caught
-    fault = checkpoint.write_failure(e)
+    fault = write_failure(e)
     if fault is None or isinstance(e, StorageError):
       raise
     try:

@@ -427,6 +427,8 @@ def test_what_a_user_error_is(monkeypatch):
   assert isinstance(unknown, errors.UserError) and cli.describe(unknown)[1] == 2
   assert cli.describe(train.NonFiniteLossError("nan")) == ("training stopped: nan", 3)
   assert cli.describe(errors.LossDivergedError("up")) == ("training stopped: up", 3)
+  full = cli.describe(OSError(28, "No space left on device", "/w/bank/shard_0"))
+  assert full[1] == 2 and full[0].startswith("a write failed: No space left on device (/w/bank")
   assert cli.describe(raised(lambda: int("a"))) is None  # not an mcm_jax check
   assert cli.describe(raised(lambda: [].pop())) is None
   assert cli.describe(ValueError("a ValueError is not an input check")) is None

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from helpers import LOGSNR, mlp_denoiser, train_config
-from mcm_jax import checkpoint, config_validation, diffusion, train
+from mcm_jax import checkpoint, config_validation, diffusion, errors, train
 from mcm_jax.data import toy as toy_data
 from mcm_jax.metric_writer import JsonlWriter
 
@@ -490,11 +490,11 @@ def test_a_full_disk_while_saving_ends_in_one_message_and_resumes(tmp_path, monk
 
 
 def test_write_failures_are_told_from_other_errors():
-  assert checkpoint.write_failure(_TENSORSTORE_ENOSPC) == (
+  assert errors.write_failure(_TENSORSTORE_ENOSPC) == (
       "RESOURCE_EXHAUSTED, No space left on device [os_error_code='28']")
-  assert "Read-only file system" in checkpoint.write_failure(OSError(30, "Read-only file system"))
+  assert "Read-only file system" in errors.write_failure(OSError(30, "Read-only file system"))
   wrapped = RuntimeError("save failed")
   wrapped.__cause__ = OSError(28, "No space left on device")
-  assert "No space left" in checkpoint.write_failure(wrapped)
-  assert checkpoint.write_failure(ValueError("shape mismatch")) is None
-  assert checkpoint.write_failure(FloatingPointError("nan")) is None
+  assert "No space left" in errors.write_failure(wrapped)
+  assert errors.write_failure(ValueError("shape mismatch")) is None
+  assert errors.write_failure(FloatingPointError("nan")) is None
