@@ -132,6 +132,11 @@ def check_stored(manager, step, like, subtree=None):
   check_compatible(shapes_by_path(stored), shapes_by_path(like), where)
 
 
+def _closed_loop(exc):
+  """Whether ``exc`` is a callback's report aimed at orbax's closed asyncio loop."""
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
 def quiet_writer_reports():
   """When a save fails, orbax's writer threads and the coroutines left on its closed asyncio
   loop print a traceback each ('RuntimeError: Event loop is closed', tensorstore's write
@@ -141,16 +146,15 @@ def quiet_writer_reports():
   if getattr(sys.excepthook, "drops_closed_loop_reports", False):
     return
   old_excepthook, old_unraisable = sys.excepthook, sys.unraisablehook
-  closed_loop = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
   def excepthook(kind, value, tb):
-    if not closed_loop(value):
+    if not _closed_loop(value):
       old_excepthook(kind, value, tb)
 
   def unraisable(report):
     exc, code = report.exc_value, getattr(report.object, "cr_code", None)
     orbax_coroutine = code is not None and "orbax" in code.co_filename  # collected at exit
-    if not (closed_loop(exc) or orbax_coroutine
+    if not (_closed_loop(exc) or orbax_coroutine
             or (write_failure(exc) and not isinstance(exc, UserError))):
       old_unraisable(report)
 
@@ -178,8 +182,7 @@ def _quiet_failed_read(step_dir):
 
   def hook(unraisable):
     exc = unraisable.exc_value
-    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-    if not closed_loop and not any(f"{d}/" in str(exc) for d in hook.step_dirs):
+    if not _closed_loop(exc) and not any(f"{d}/" in str(exc) for d in hook.step_dirs):
       old_hook(unraisable)
 
   def keep(record):

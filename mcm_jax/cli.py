@@ -39,8 +39,8 @@ def describe(exc):
   ``MissingExtraError``), absl's ``app.UsageError``, and ``FileNotFoundError`` and the other
   OSErrors about a path (not found, not a directory, permission), and a failed write
   (``errors.write_failure``: a full disk, a read-only or vanished directory). A training stop
-  (exit 3): ``errors.NonFiniteLossError`` (``LossDivergedError`` included). Anything else is unexpected
-  (None: the caller lets the traceback through).
+  (exit 3): ``errors.NonFiniteLossError`` (``LossDivergedError`` included). Anything else is
+  unexpected (None: the caller lets the traceback through).
   """
   if isinstance(exc, NonFiniteLossError):
     return f"training stopped: {exc}", EXIT_STOPPED

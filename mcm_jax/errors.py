@@ -1,7 +1,6 @@
 """The exceptions that mean something to a user (``mcm_jax.cli`` turns them into one message
 and an exit code). Raised explicitly by the checks of inputs; this module imports only the
-standard library, so
-the pure math modules (schedules, samplers, losses) raise them too."""
+standard library, so the pure math modules (schedules, samplers, losses) raise them too."""
 import errno
 import os
 

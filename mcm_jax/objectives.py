@@ -36,11 +36,18 @@ def toy_model(config, student_steps=None):
   apply_fn = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr)
   denoise = parameterization.make_denoiser(apply_fn, fn, "v")
   if student_steps and config.model.get("segment_input", False):
-    seg_apply = lambda params, z, logsnr, seg, rng: model.apply(params, z, logsnr, segment=seg)
-    seg_denoise = parameterization.make_denoiser(seg_apply, fn, "v")
-    denoise = lambda params, z, t, cond=None, rng=None: seg_denoise(
-        params, z, t, consistency.segment_position(t, student_steps), rng)
+    seg_apply = lambda params, z, logsnr, cond, rng: model.apply(params, z, logsnr,
+                                                                 segment=cond[1])
+    denoise = _with_segment_position(parameterization.make_denoiser(seg_apply, fn, "v"),
+                                     student_steps)
   return model, fn, denoise
+
+
+def _with_segment_position(denoise, student_steps):
+  """``denoise`` of a segment-aware student, called as a plain one: its ``cond`` becomes
+  ``(cond, consistency.segment_position(t, student_steps))``."""
+  return lambda params, z, t, cond=None, rng=None: denoise(
+      params, z, t, (cond, consistency.segment_position(t, student_steps)), rng)
 
 
 def uvit_model(config, student_steps=None):
@@ -65,9 +72,7 @@ def uvit_model(config, student_steps=None):
 
   denoise = parameterization.make_denoiser(apply_fn, fn, "v")
   if segmented:
-    seg_denoise = denoise
-    denoise = lambda params, z, t, cond=None, rng=None: seg_denoise(
-        params, z, t, (cond, consistency.segment_position(t, student_steps)), rng)
+    denoise = _with_segment_position(denoise, student_steps)
   return model, fn, denoise
 
 
