@@ -40,11 +40,12 @@ class StorageError(UserError):
 
 
 # What a failed write looks like: an OSError with one of these errnos, or tensorstore's status
-# text inside the ValueError / RuntimeError that orbax re-raises from its writer threads.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOENT, errno.EACCES,
-                 errno.ESTALE)
-_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left on device", "Read-only file system",
-                   "Disk quota exceeded", "Failed writing", "Error writing", "PERMISSION_DENIED")
+# text inside the ValueError / RuntimeError that orbax re-raises from its writer threads. Only
+# write-specific signs: a missing or unreadable file is a read error too, and XLA's device
+# out-of-memory is also a RuntimeError 'RESOURCE_EXHAUSTED: ...'.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_WRITE_FAILURES = ("No space left on device", "Read-only file system", "Disk quota exceeded",
+                   "Failed writing", "Error writing")
 
 
 def write_failure(exc):

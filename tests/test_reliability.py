@@ -498,3 +498,8 @@ def test_write_failures_are_told_from_other_errors():
   assert "No space left" in errors.write_failure(wrapped)
   assert errors.write_failure(ValueError("shape mismatch")) is None
   assert errors.write_failure(FloatingPointError("nan")) is None
+  # read errors and a device's out-of-memory are not failed writes
+  assert errors.write_failure(FileNotFoundError(2, "No such file or directory", "/d/x")) is None
+  assert errors.write_failure(PermissionError(13, "Permission denied", "/d/x")) is None
+  assert errors.write_failure(RuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.6GiB")) is None
