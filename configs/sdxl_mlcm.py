@@ -40,8 +40,15 @@ def get_config(size="sdxl"):
   # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports
   # lora/pytorch_lora_weights.safetensors (diffusers) and lora/mlcm_stage<i>_K<K>_kohya.safetensors
   # (ComfyUI / A1111 / kohya) in kohya_dtype ('float16' halves the file; 'float32').
+  # init_from: a LoRA file (any layout lora.load reads) to start stage 0 from instead of
+  # B = 0, e.g. a distilled student to fine-tune (LCF); its rank and modules must match.
   c.lora = dict(rank=64, scale=1.0, targets=("to_q", "to_k", "to_v", "to_out_0"),
-                kohya_dtype="float16")
+                kohya_dtype="float16", init_from="")
+  # Images with captions for mlcm.source='images' (mcm_jax.data.image_captions: a folder with
+  # metadata.jsonl or a caption .txt beside each image), centre-cropped and resized to
+  # latent_resolution * 8, encoded by the SDXL directory's VAE (posterior mean x scaling
+  # factor) in the train step, or once into cache_dir and read from there.
+  c.images = dict(dir="", cache_dir="")
   c.mlcm = dict(
       num_segments=8,                   # K of the first stage
       skip=20,                          # k of the first stage (timesteps)
@@ -52,11 +59,16 @@ def get_config(size="sdxl"):
       # embeddings, as diffusers' SDXL pipeline and LCM-SDXL scripts), 'zeros', or
       # 'empty_prompt' (the text encoders' embedding of "").
       uncond="auto",
-      image_free="mdi",                 # 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation)
+      # z_{t_m}: image-free 'mdi' (App. Alg. 1) or 'sdi' (one-step ablation), or 'images':
+      # real latents noised by the forward process (config.images; the image-based rows of
+      # MLCM Table 2, and LCF with teacher_step='data')
+      source="mdi",
       teacher_mode="updated",           # later stages: 'updated' (PDU) or 'fixed' (PDF)
       # The teacher's solver over the skip k: 'ddim' (MLCM eq. 8); as options, LCM §4.3's
       # singlestep second-order 'dpm_solver_2' / 'dpmpp_2s' (two teacher calls per pair; LCM
-      # pairs them with larger skips, k = 50 in its Fig. 3) and MCM's 'addim'. target: 'eq7',
+      # pairs them with larger skips, k = 50 in its Fig. 3), MCM's 'addim', and 'data' (with
+      # source='images': z_tn from the same latent and noise, no teacher; LCF, LCM Alg. 4).
+      # target: 'eq7',
       # or MCM's invDDIM x-target with (SNR + 1) pseudo-Huber weighting ('mcm'; huber_eps 1 as
       # MCM for text-to-image).
       teacher_step="ddim", target="eq7", huber_eps=1.0,

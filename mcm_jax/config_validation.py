@@ -233,12 +233,28 @@ def validate_mlcm(c):
          "(e.g. 'full,full,dots')")
   check_in(c.unet.attention, "unet.attention", sdxl_unet.ATTENTION)
   check_in(c.unet.frozen_dtype, "unet.frozen_dtype", ("float32", "bfloat16", "float16"))
-  check_in(m.image_free, "mlcm.image_free", ("mdi", "sdi"))
+  check_in(m.source, "mlcm.source", mlcm.SOURCES)
+  if m.source == "images":
+    if not c.images.dir:
+      raise ConfigError("config.images.dir is empty, but config.mlcm.source='images' reads "
+                        "images with captions from it; allowed: a local or gs:// folder")
+    if not c.student_unet:
+      raise ConfigError("config.mlcm.source='images' needs config.student_unet: images are "
+                        "encoded by the SDXL directory's VAE")
+    if m.bank.dir:
+      raise ConfigError(f"config.mlcm.bank.dir={m.bank.dir!r} holds image-free pairs, but "
+                        "config.mlcm.source='images'; allowed: bank.dir='' with images")
+  elif c.images.dir:
+    raise ConfigError(f"config.images.dir={c.images.dir!r} is set, but config.mlcm.source="
+                      f"{m.source!r} reads no images; allowed: source='images', or images.dir=''")
+  if m.teacher_step == mlcm.DATA_STEP and m.source != "images":
+    raise ConfigError(f"config.mlcm.teacher_step='data' (LCF: z_tn from the data) needs "
+                      f"config.mlcm.source='images', not {m.source!r}")
   check_in(m.uncond, "mlcm.uncond", ("auto", "zeros", "empty_prompt"))
   if m.bank.dir and (not isinstance(m.bank.entries, int) or m.bank.entries < c.train.batch_size):
     raise ConfigError(f"config.mlcm.bank.entries={m.bank.entries!r} is invalid; allowed: an "
                       f"integer >= train.batch_size={c.train.batch_size}")
-  check_in(m.teacher_step, "mlcm.teacher_step", mlcm.TEACHER_STEPS)
+  check_in(m.teacher_step, "mlcm.teacher_step", mlcm.TEACHER_STEPS + (mlcm.DATA_STEP,))
   check_in(m.trajectory_step, "mlcm.trajectory_step", mlcm.TRAJECTORY_STEPS)
   check_in(m.target, "mlcm.target", mlcm.TARGETS)
   check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)

@@ -29,6 +29,11 @@ from mcm_jax.samplers.discrete import (DPM_SOLVER_2, T, alpha_sigma, dpm_solver_
 from mcm_jax.samplers.addim import bcast
 
 IMAGE_FREE = ("mdi", "sdi", "progressive")  # App. Alg. 1, one-step baseline, App. Alg. 2
+# where z_{t_m} comes from: image-free (MDI, SDI), or real latents noised by the forward process
+# (LCD / MLCD on images, MLCM Table 2's image-based rows; LCF)
+SOURCES = ("mdi", "sdi", "images")
+# z_{t_n} from the same latent and noise at t_n: consistency training, no teacher (LCF, LCM Alg. 4)
+DATA_STEP = "data"
 # the teacher's solver over the skip k (Psi of LCM eq. 8): MLCM's DDIM; MCM's adjusted DDIM;
 # the singlestep second-order DPM-Solvers of LCM §4.3 (two teacher calls per step)
 TEACHER_STEPS = ("ddim", "addim") + tuple(DPM_SOLVER_2)
@@ -44,9 +49,9 @@ class Hparams(NamedTuple):
   num_segments: int                 # K
   skip: int                         # k, in timesteps
   guidance_scale: float = 8.0       # w of eq. 8
-  image_free: str = "mdi"           # stage-0 z_{t_m}: IMAGE_FREE[:2]
+  source: str = "mdi"               # z_{t_m}: SOURCES ('mdi' / 'sdi': stage 0's image-free kind)
   teacher_mode: str = "updated"     # later stages: TEACHER_MODES
-  teacher_step: str = "ddim"        # TEACHER_STEPS
+  teacher_step: str = "ddim"        # TEACHER_STEPS, or DATA_STEP with source 'images'
   trajectory_step: str = "ddim"     # TRAJECTORY_STEPS (stage 0's image-free latents)
   target: str = "eq7"               # TARGETS
   huber_eps: float = 1.0            # for target 'mcm'
@@ -189,12 +194,12 @@ def guided_denoiser(denoise_fn, params, cond, uncond, scale):
 def training_pair(rng, shape, hp, source, teacher, image_free=None):
   """One MLCD training pair made from noise (no images): ``{'segment', 't_m', 't_n',
   'seg_start', 'z_tm', 'z_tn'}`` with ``shape = [B, H, W, C]``. ``z_{t_m}`` = image-free latents
-  of ``source`` (kind ``image_free``, default ``hp.image_free``), ``z_{t_n}`` = ``hp.teacher_step``
+  of ``source`` (kind ``image_free``, default ``hp.source``), ``z_{t_n}`` = ``hp.teacher_step``
   of ``teacher`` from it. Used by the loss and by the trajectory-bank builder alike."""
   k_times, k_noise = jax.random.split(rng)
   s, t_m, t_n, start = sample_times(k_times, shape[0], hp.num_segments, hp.skip)
   noise = sharding.constrain_batch(jax.random.normal(k_noise, shape))
-  kind = image_free or hp.image_free
+  kind = image_free or hp.source
   # Both latents from one loop (one traced model call, not two) when the teacher step is one call.
   if source is teacher and hp.teacher_step not in DPM_SOLVER_2:
     z_tm, z_tn = image_free_latents(kind, source, noise, s, t_m, hp.num_segments, t_n,
@@ -205,6 +210,31 @@ def training_pair(rng, shape, hp, source, teacher, image_free=None):
     z_tn = teacher_step(teacher, jax.lax.stop_gradient(z_tm), t_m, t_n, hp.teacher_step)
   z_tm, z_tn = jax.lax.stop_gradient(z_tm), jax.lax.stop_gradient(z_tn)
   return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm, z_tn=z_tn)
+
+
+def noised(latents, noise, t):
+  """``z_t = alpha_t z_0 + sigma_t eps`` (the forward process at SDXL timesteps ``t`` [B])."""
+  alpha, sigma = alpha_sigma(t)
+  return bcast(alpha, latents) * latents + bcast(sigma, latents) * noise
+
+
+def image_pair(rng, latents, hp, teacher):
+  """One training pair from real latents ``z_0`` [B, H, W, C] (same keys as ``training_pair``):
+  ``z_{t_m} = alpha_{t_m} z_0 + sigma_{t_m} eps`` (LCM Alg. 1 / 4), and ``z_{t_n}`` either
+  ``hp.teacher_step`` of ``teacher`` from it (LCD / MLCD on images) or, with ``teacher_step =
+  'data'``, the forward process at ``t_n`` with the same ``eps`` (LCF, LCM Alg. 4: consistency
+  training, no teacher; ``teacher`` unused)."""
+  k_times, k_noise = jax.random.split(rng)
+  s, t_m, t_n, start = sample_times(k_times, latents.shape[0], hp.num_segments, hp.skip)
+  latents = jax.lax.stop_gradient(latents)
+  noise = sharding.constrain_batch(jax.random.normal(k_noise, latents.shape, latents.dtype))
+  z_tm = noised(latents, noise, t_m)
+  if hp.teacher_step == DATA_STEP:
+    z_tn = noised(latents, noise, t_n)
+  else:
+    z_tn = teacher_step(teacher, z_tm, t_m, t_n, hp.teacher_step)
+  return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm,
+              z_tn=jax.lax.stop_gradient(z_tn))
 
 
 def mlcd_terms(student, z_tm, z_tn, t_m, t_n, seg_start):
@@ -235,19 +265,22 @@ def mlcd_distance(terms, z_tm, t_m, seg_start, target="eq7", huber_eps=1.0):
 
 
 def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_shape,
-         rewards=None, decode=None, score=None):
+         rewards=None, decode=None, score=None, encode=None):
   """One MLCM stage's objective ``(loss, metrics)`` for ``train.train`` (pure).
 
   ``denoise_fn(params, z, t, cond) -> x_hat`` (the UNet as a denoiser), ``adapt(base,
-  trainable) -> params`` (the LoRA attached, ``lora.attach``), ``latent_shape = (H, W, C)``. ``frozen``: {'unet': base
-  params, 'teacher': teacher params (the base if absent), 'prev_lora': the previous stage's
+  trainable) -> params`` (the LoRA attached, ``lora.attach``), ``latent_shape = (H, W, C)``.
+  ``frozen``: {'unet': base params, 'teacher': teacher params (the base if absent), 'prev_lora': the previous stage's
   trainable or None, 'uncond': the unconditional conditioning [1, ...], and with rewards 'vae',
   'scorer'}. ``batch``: the conditioning {'context', 'text_embeds', 'time_ids'} and, from a
-  trajectory bank, a ready pair {'z_tm', 'z_tn', 't_m', 't_n', 'seg_start'}.
+  trajectory bank, a ready pair {'z_tm', 'z_tn', 't_m', 't_n', 'seg_start'}; with ``hp.source =
+  'images'``, the images' latents 'latents' (cached) or the images 'image' [B, 8H, 8W, 3] in
+  [-1, 1], encoded here by ``encode(frozen['vae'], images)`` (``image_pair``).
 
   Stage 0 (no 'prev_lora'): ``z_{t_m}`` from the guided teacher (App. Alg. 1 'mdi' or 'sdi'),
   ``z_{t_n}`` by its step. Later stages: ``z_{t_m}`` from the previous MLCM (App. Alg. 2) and
-  ``z_{t_n}`` from it ('updated', PDU) or from the guided teacher ('fixed', PDF). With
+  ``z_{t_n}`` from it ('updated', PDU) or from the guided teacher ('fixed', PDF). From images,
+  every stage noises the real latents and steps them with that stage's teacher. With
   ``rewards`` (RewardHparams), ``decode(vae_params, latents)`` and ``score(params, images,
   tokens)``: ``+ rc_weight L_RC + fl_weight L_FL``; ``tokens`` = the batch's ('reward_ids',
   'reward_mask') for a prompt-conditioned scorer (ImageReward), else None.
@@ -262,12 +295,17 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
     guided = guided_denoiser(denoise_fn, frozen.get("teacher", frozen["unet"]), cond,
                              frozen["uncond"], hp.guidance_scale)
     shape = (cond["context"].shape[0],) + tuple(latent_shape)
-    if frozen.get("prev_lora") is None:
-      pair = training_pair(rng, shape, hp, guided, guided)
-    else:
+    previous = teacher = guided
+    if frozen.get("prev_lora") is not None:
       prev_params = adapt(frozen["unet"], frozen["prev_lora"])
       previous = lambda z, t: denoise_fn(prev_params, z, t, cond)
       teacher = previous if hp.teacher_mode == "updated" else guided
+    if hp.source == "images":
+      latents = batch["latents"] if "latents" in batch else encode(frozen["vae"], batch["image"])
+      pair = image_pair(rng, latents, hp, teacher)
+    elif frozen.get("prev_lora") is None:
+      pair = training_pair(rng, shape, hp, guided, guided)
+    else:
       pair = training_pair(rng, shape, hp, previous, teacher, image_free="progressive")
   z_tm, t_m, start = pair["z_tm"], pair["t_m"], pair["seg_start"]
   terms = mlcd_terms(student, z_tm, pair["z_tn"], t_m, pair["t_n"], start)

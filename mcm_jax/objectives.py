@@ -147,7 +147,7 @@ def mlcm_hparams(config, stage):
   m = config.mlcm
   num_segments, skip = mlcm.stage_settings(m.num_segments, m.skip, stage)
   return mlcm.Hparams(num_segments=num_segments, skip=skip, guidance_scale=m.guidance_scale,
-                      image_free=m.image_free, teacher_mode=m.teacher_mode,
+                      source=m.source, teacher_mode=m.teacher_mode,
                       teacher_step=m.teacher_step, trajectory_step=m.trajectory_step,
                       target=m.target, huber_eps=m.huber_eps)
 
@@ -169,11 +169,12 @@ def mlcm_reads_bank(config, stage):
   return stage == 0 and bool(config.mlcm.bank.dir)
 
 
-def mlcm_loss(config, denoise, stage, decode=None, score=None):
+def mlcm_loss(config, denoise, stage, decode=None, score=None, encode=None):
   """``mlcm.loss`` of one stage: the LoRA is the trainable tree, applied at ``lora.scale``;
-  ``denoise(params, z, t, cond)`` is the UNet as a denoiser (``models.sdxl.make_denoiser``)."""
+  ``denoise(params, z, t, cond)`` is the UNet as a denoiser (``models.sdxl.make_denoiser``);
+  ``encode(vae_params, images)`` the VAE encoder when the batch holds images."""
   res = config.latent_resolution
   return functools.partial(
       mlcm.loss, hp=mlcm_hparams(config, stage), denoise_fn=denoise,
       adapt=functools.partial(lora.attach, scale=config.lora.scale), latent_shape=(res, res, 4),
-      rewards=reward_hparams(config), decode=decode, score=score)
+      rewards=reward_hparams(config), decode=decode, score=score, encode=encode)

@@ -149,7 +149,7 @@ MAIN_CASES = [
     ([MLCM, "--config.mlcm.guidance_scale=-1.0"], ["config.mlcm.guidance_scale=-1.0"]),
     ([MLCM, "--config.mlcm.huber_eps=0.0"], ["config.mlcm.huber_eps=0.0"]),
     ([MLCM, "--config.mlcm.teacher_mode=ema"], ["teacher_mode='ema'", "'updated'"]),
-    ([MLCM, "--config.mlcm.image_free=none"], ["image_free='none'"]),
+    ([MLCM, "--config.mlcm.source=none"], ["source='none'", "'images'"]),
     ([MLCM, "--config.text_encoder=clip"], ["text_encoder='clip'"]),
     ([MLCM, "--config.dtype=float8"], ["config.dtype='float8'"]),
     ([MLCM, "--config.unet.remat=some"], ["config.unet.remat='some'", "'dots'"]),
@@ -165,6 +165,14 @@ MAIN_CASES = [
      ["config.rewards.imagereward_dir=''", "ImageReward.pt"]),
     ([MLCM, "--config.rewards.scorer=hpsv2", "--config.student_unet=/x"],
      ["rewards.scorer", "'hpsv2'", "'imagereward'"]),
+    # images into latents (LCF, image-based MLCD)
+    ([MLCM, "--config.mlcm.source=images"], ["config.images.dir is empty", "source='images'"]),
+    ([MLCM, "--config.mlcm.source=images", "--config.images.dir=/i"],
+     ["source='images' needs config.student_unet", "VAE"]),
+    ([MLCM, "--config.images.dir=/i"], ["images.dir='/i' is set", "source='mdi'"]),
+    ([MLCM, "--config.mlcm.teacher_step=data"], ["teacher_step='data'", "source='images'"]),
+    (["--config=configs/sdxl_lcf.py:tiny", "--config.student_unet=/x", "--config.images.dir=/i",
+      "--config.mlcm.bank.dir=/b"], ["bank.dir='/b'", "bank.dir='' with images"]),
 ]
 
 BENCH_CASES = [

@@ -104,7 +104,7 @@ def test_training_pair_traces_the_model_once_and_equals_two_calls(kind, step, tr
   ``image_free_latents`` followed by ``teacher_step`` (the DPM-Solver steps: that sequence, three
   traced calls). The denoiser is a wrong one (scale 1.1) so that the trajectory depends on every
   step; t_m = 999 examples stay at the noise. The trajectory's steps are DDIM or 2M."""
-  hp = mlcm.Hparams(num_segments=8, skip=20, image_free=kind, teacher_step=step,
+  hp = mlcm.Hparams(num_segments=8, skip=20, source=kind, teacher_step=step,
                     trajectory_step=trajectory)
   traced = []
   wrong = lambda z, t: (traced.append(t.shape), exact(z, t, 1.1))[1]

@@ -73,6 +73,76 @@ def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_imagereward, tmp_pat
   assert os.path.getsize(tmp_path / "run" / "stage0" / "samples_4step.png") > 100
 
 
+def _image_folder(directory, n=6, size=20):
+  """n random RGB images with a caption file each (kohya layout)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (size + i, size, 3), np.uint8)).save(
+        directory / f"{i:02d}.png")
+    (directory / f"{i:02d}.txt").write_text(["red house", "blue cat", "small tree"][i % 3])
+  return str(directory)
+
+
+@pytest.mark.slow  # two tiny stages from images end to end
+def test_lcf_from_a_lora_and_mlcd_from_images(tiny_sdxl_dir, tmp_path):
+  """LCF (configs/sdxl_lcf.py): a LoRA file fine-tuned on a caption folder's cached VAE latents
+  with no teacher; then image-based MLCD (guided teacher from noised latents), encoding the
+  images in the step. The cache holds the VAE's latents; the run starts from the file's LoRA."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import sdxl_lcf  # pylint: disable=g-import-not-at-top
+  from mcm_jax.data import image_captions, latent_cache  # pylint: disable=g-import-not-at-top
+  from mcm_jax.data import trajectory_bank  # pylint: disable=g-import-not-at-top
+  from mcm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  config = sdxl_lcf.get_config("tiny")
+  folder = _image_folder(tmp_path / "images")
+  config.update(student_unet=tiny_sdxl_dir)
+  config.images.update(dir=folder, cache_dir=str(tmp_path / "latents"))
+  # the distilled student LCF starts from: a LoRA with B != 0 in a file; trained at scale 0.5
+  _, params = sdxl.load_unet(tiny_sdxl_dir)
+  start = lora_lib.init_lora(params, config.lora.rank, jax.random.PRNGKey(3))
+  start = {k: {"a": v["a"], "b": 0.1 + v["b"]} for k, v in start.items()}
+  lora_lib.save(str(tmp_path / "start"), start)
+  config.lora.update(init_from=str(tmp_path / "start"), scale=0.5)
+  first = mlcm_experiment.starting_lora(config, params)
+  for k, v in start.items():  # attached at scale 0.5 it is the file's LoRA at scale 1
+    np.testing.assert_allclose(first[k]["a"] @ (0.5 * first[k]["b"]), v["a"] @ v["b"], atol=1e-6)
+  result = mlcm_experiment.run(config, str(tmp_path / "lcf"))
+  lines = [json.loads(l) for l in open(tmp_path / "lcf" / "metrics.jsonl")]
+  assert len([l for l in lines if "mlcm_stage0_K4/loss" in l]) == config.train.steps
+  trained = lora_lib.load(result["stages"][0]["lora"], params)
+  assert max(float(np.abs(np.asarray(trained[k]["b"]) - 0.5 * first[k]["b"]).max())
+             for k in start) > 0
+  # The cache holds the VAE's latents (posterior mean x scaling factor) of the 16 px images.
+  images = image_captions.ImageCaptionFolder(folder, 16)
+  bank = trajectory_bank.Bank(config.images.cache_dir, fields=latent_cache.FIELDS)
+  cached = latent_cache.LatentCache(bank, images).get(np.arange(6))[0]
+  vae, vae_params = sdxl.load_vae(tiny_sdxl_dir)
+  want = sdxl.make_encoder(vae)(vae_params, jnp.asarray(images.get(np.arange(6))[0]))
+  np.testing.assert_allclose(cached, want, atol=1e-5)
+  assert cached.shape == (6, 8, 8, 4)
+  with pytest.raises(UserError, match=r"latent cache .* other settings.*'resolution': \(16, 32\)"):
+    latent_cache.open_or_build(config.images.cache_dir, image_captions.ImageCaptionFolder(
+        folder, 32), None, tiny_sdxl_dir, 8, None)
+  config.lora.rank = 8
+  with pytest.raises(UserError, match=r"init_from=.*\(A, B\) shapes \(\(64, 4\), \(4, 64\)\) in "
+                     r"the file, \(\(64, 8\), \(8, 64\)\) configured.*lora.rank"):
+    mlcm_experiment.starting_lora(config, params)
+
+  # Image-based MLCD: the guided teacher steps the noised latents; images encoded in the step.
+  config = sdxl_lcf.get_config("tiny")
+  config.update(student_unet=tiny_sdxl_dir)
+  config.images.dir = folder
+  config.mlcm.teacher_step = "ddim"
+  config.train.steps = 1
+  result = mlcm_experiment.run(config, str(tmp_path / "mlcd"))
+  assert os.path.isfile(result["stages"][0]["lora"])
+  last = [json.loads(l) for l in open(tmp_path / "mlcd" / "metrics.jsonl")][-1]
+  assert np.isfinite(last["mlcm_stage0_K4/loss"]) and last["mlcm_stage0_K4/loss"] > 0
+
+
 def test_mlcm_config_errors():
   config = sdxl_mlcm.get_config("tiny")
   config.mlcm.num_segments = 3

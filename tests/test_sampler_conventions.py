@@ -253,3 +253,32 @@ def test_dpm_solver_2s_sampler_equals_diffusers_dpm_solver_singlestep(timesteps)
   np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=2e-4)
   two_m = discrete.sample(denoiser(), jnp.asarray(z0.numpy()), grid, "dpmpp_2m")
   assert float(jnp.abs(two_m - got).max()) > 1e-3  # another solver
+
+
+def test_image_pairs_are_diffusers_add_noise_and_lcf_pairs_one_exact_ddim_step():
+  """From real latents (``mlcm.source='images'``): z_{t_m} is diffusers' ``DDPMScheduler.add_noise``
+  on SDXL's schedule; LCF's ``teacher_step='data'`` pair (the same noise at t_n, LCM Alg. 4) is
+  the DDIM step of a teacher that returns the clean latent exactly, and differs from a real
+  teacher's step."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from mcm_jax import mlcm  # pylint: disable=g-import-not-at-top
+  z0 = np.random.default_rng(3).normal(size=(64, 4, 4, 4)).astype(np.float32)
+  hp = mlcm.Hparams(num_segments=4, skip=20, source="images", teacher_step="data")
+  rng = jax.random.PRNGKey(4)
+  pair = mlcm.image_pair(rng, jnp.asarray(z0), hp, teacher=None)
+  noise = jax.random.normal(jax.random.split(rng)[1], z0.shape)  # image_pair's noise draw
+  scheduler = diffusers.DDPMScheduler(**SDXL_SCHEDULE)
+  add_noise = lambda t: scheduler.add_noise(torch.from_numpy(z0).double(),
+                                            torch.from_numpy(np.asarray(noise)).double(),
+                                            torch.from_numpy(np.asarray(t)).long()).numpy()
+  np.testing.assert_allclose(pair["z_tm"], add_noise(pair["t_m"]), atol=1e-5)
+  np.testing.assert_allclose(pair["z_tn"], add_noise(pair["t_n"]), atol=1e-5)
+  assert np.all(pair["t_n"] < pair["t_m"]) and np.abs(pair["z_tm"] - pair["z_tn"]).max() > 0.01
+  knows_data = mlcm.image_pair(rng, jnp.asarray(z0), hp._replace(teacher_step="ddim"),
+                               teacher=lambda z, t: jnp.asarray(z0))
+  np.testing.assert_allclose(knows_data["z_tn"], pair["z_tn"], atol=2e-5)
+  teacher = lambda z, t: denoiser()(z, t)
+  guided = mlcm.image_pair(rng, jnp.asarray(z0), hp._replace(teacher_step="ddim"), teacher)
+  np.testing.assert_allclose(guided["z_tm"], pair["z_tm"])
+  assert float(jnp.abs(guided["z_tn"] - pair["z_tn"]).max()) > 1e-2

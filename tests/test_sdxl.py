@@ -201,6 +201,27 @@ def test_vae_decoder_equals_pytorch(tiny_sdxl_dir):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_vae_encoder_equals_pytorch(tiny_sdxl_dir):
+  """The latents images become (``sdxl.make_encoder``): diffusers' ``latent_dist.mode()`` (the
+  posterior mean) times the scaling factor, and ``mean + std eps`` for a given ``eps``."""
+  torch = pytest.importorskip("torch")
+  vae = tiny_torch_vae()
+  model, params = sdxl.load_vae(tiny_sdxl_dir)
+  rng = np.random.default_rng(1)
+  images = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+  eps = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  encode = jax.jit(sdxl.make_encoder(model))
+  with torch.no_grad():
+    posterior = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
+    nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()
+    want = 0.13025 * nhwc(posterior.mode())
+    want_sample = 0.13025 * nhwc(posterior.mean + posterior.std * torch.from_numpy(eps).permute(
+        0, 3, 1, 2))
+  assert sdxl.vae_scale_factor(tiny_sdxl_dir) == 2 and np.abs(want).mean() > 1e-3
+  np.testing.assert_allclose(encode(params, images), want, atol=1e-5)
+  np.testing.assert_allclose(encode(params, images, eps), want_sample, atol=1e-5)
+
+
 @pytest.mark.slow  # PyTorch equivalence at SDXL's structure, ~30 s
 def test_sdxl_structure_unet_and_its_lora_equal_pytorch(tmp_path):
   """At SDXL's exact block structure (sdxl_fixtures.sdxl_structure_config, reduced widths): the

@@ -1,7 +1,7 @@
 """The runners' composed losses (``objectives``: config -> loss) against the published formulas
 computed by hand: MCM Alg. 1 (pixel CT / CD with a guided teacher) and MLCM eq. 7-8 written in
-the paper's epsilon form (stage 0 MDI / SDI, later stages with the PDU and PDF teacher, and a
-trajectory-bank batch). Every config field the loss reads is set to a non-default value, so a
+the paper's epsilon form (stage 0 MDI / SDI, later stages with the PDU and PDF teacher, a
+trajectory-bank batch, real latents with the guided teacher and LCF). Every config field the loss reads is set to a non-default value, so a
 field mapped to the wrong argument shows."""
 
 import jax
@@ -110,8 +110,11 @@ def mlcm_setup():
   return config, model, params, lora0, lora1, cond, uncond, eps
 
 
-def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=None):
-  """Per-example MLCD of one stage, with every step written out in epsilon form."""
+def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=None,
+             latents=None):
+  """Per-example MLCD of one stage, with every step written out in epsilon form; ``latents``:
+  real latents z_0 noised to z_{t_m} (LCM Alg. 1), and with ``teacher_step='data'`` to z_{t_n}
+  with the same noise (LCF, LCM Alg. 4)."""
   m = config.mlcm
   K, k = m.num_segments // 2 ** stage, m.skip * 2 ** stage
   merged = lambda l: lora.attach(params, l, config.lora.scale)
@@ -133,10 +136,17 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
   for i in range(4):
     if bank is not None:
       z_tm, z_tn = (np.asarray(bank[key][i], np.float64) for key in ("z_tm", "z_tn"))
+    elif latents is not None:
+      z0 = np.asarray(latents[i], np.float64)
+      z_tm = ALPHAS[t_m[i]] * z0 + SIGMAS[t_m[i]] * noise[i]
+      if m.teacher_step == "data":
+        z_tn = ALPHAS[t_n[i]] * z0 + SIGMAS[t_n[i]] * noise[i]
+      else:
+        z_tn = _ddim_eps(z_tm, guided(z_tm, t_m[i], i), t_m[i], t_n[i], False)
     else:
       if stage == 0:
         source = guided
-        n_steps = 1 if m.image_free == "sdi" else K - seg[i]
+        n_steps = 1 if m.source == "sdi" else K - seg[i]
         size = (999 - t_m[i]) / n_steps
       else:  # App. Alg. 2: steps of T / (2K) with the previous MLCM
         source = lambda z, t, j: eps(previous, z, t, j)
@@ -177,24 +187,36 @@ def _bank_pair(seed):
 
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 @pytest.mark.parametrize("stage,variant", [(0, "mdi"), (0, "sdi"), (1, "updated"),
-                                           (1, "fixed"), (0, "bank")])
+                                           (1, "fixed"), (0, "bank"), (0, "images"),
+                                           (1, "lcf")])
 def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
   config, model, params, lora0, lora1, cond, uncond, eps = mlcm_setup
   config = config.copy_and_resolve_references()
   if variant in ("mdi", "sdi"):
-    config.mlcm.image_free = variant
+    config.mlcm.source = variant
   elif variant in ("updated", "fixed"):
     config.mlcm.teacher_mode = variant
   frozen = {"unet": params, "uncond": uncond, "prev_lora": lora0 if stage else None}
   batch = dict(cond)
-  bank = None
+  bank = latents = encode = None
   if variant == "bank":  # a stored pair: no teacher call, only the student's terms
     bank = _bank_pair(seed=0)
     batch.update(bank)
+  if variant in ("images", "lcf"):  # real latents: encoded in the step, or cached ones (LCF)
+    config.mlcm.source = "images"
+    images = np.random.default_rng(5).normal(size=(4, 8, 8, 4)).astype(np.float32)
+    latents = 0.6 * images
+    if variant == "images":  # the guided teacher's step from the noised latents
+      encode, frozen["vae"] = (lambda p, x: p * x), 0.6  # a stand-in VAE encoder
+      batch["image"] = images
+    else:  # LCF: no teacher; the previous stage's LoRA is unused
+      config.mlcm.teacher_step = "data"
+      batch["latents"] = latents
   rng = jax.random.PRNGKey(7)
-  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), stage)
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), stage, encode=encode)
   loss, metrics = jax.jit(loss_fn)(lora1 if stage else lora0, batch, rng, 0, frozen)
-  expected, _ = _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank)
+  expected, _ = _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank,
+                         latents)
   np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
   assert expected > 0
 

@@ -25,27 +25,29 @@ FIELDS = ("prompt_index", "segment", "t_m", "t_n", "seg_start", "z_tm", "z_tn")
 
 
 def _local_rows(x):
-  """This process's rows of a batch-sharded global array, in order (host numpy)."""
-  if jax.process_count() == 1:
+  """This process's rows of a batch-sharded global array, in order (host numpy); a numpy array
+  is this process's rows already."""
+  if jax.process_count() == 1 or isinstance(x, np.ndarray):
     return np.asarray(x)
   shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
   return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
-def write(directory, settings, batches):
-  """Writes the bank from ``batches``: an iterable of dicts with ``FIELDS`` (global, possibly
-  sharded arrays; each process keeps its own rows). ``settings`` (JSON) describe what made it
-  (teacher, K, k, w, ...) and are checked by readers. Returns the number of local entries."""
+def write(directory, settings, batches, fields=FIELDS):
+  """Writes the bank from ``batches``: an iterable of dicts with ``fields`` (global, possibly
+  sharded arrays, each process keeping its own rows; or this process's rows as numpy).
+  ``settings`` (JSON) describe what made it (teacher, K, k, w, ...) and are checked by readers.
+  Returns the number of local entries."""
   storage.makedirs(directory)
   shards, total = [], 0
   for i, batch in enumerate(batches):
     name = f"shard_p{jax.process_index():04d}_{i:06d}"
     storage.makedirs(os.path.join(directory, name))
-    rows = {k: _local_rows(batch[k]) for k in FIELDS}
+    rows = {k: _local_rows(batch[k]) for k in fields}
     for k, v in rows.items():
       with storage.open_file(os.path.join(directory, name, f"{k}.npy"), "wb") as f:
         np.save(f, v)
-    shards.append({"name": name, "size": int(len(rows["t_m"]))})
+    shards.append({"name": name, "size": int(len(rows[fields[0]]))})
     total += shards[-1]["size"]
   storage.write_json(os.path.join(directory, f"meta_p{jax.process_index():04d}.json"),
                      {"settings": settings, "shards": shards})
@@ -55,22 +57,24 @@ def write(directory, settings, batches):
 class Bank:
   """Random access over all processes' shards: ``len(bank)``, ``bank.get(indices) -> dict``."""
 
-  def __init__(self, directory, settings=None, cache_dir=None):
+  def __init__(self, directory, settings=None, cache_dir=None, fields=FIELDS,
+               what="trajectory bank"):
     metas = _metas(directory)
     if not metas:
-      raise FileNotFoundError(f"trajectory bank {directory!r} has no meta_p*.json (build it "
-                              "first: config.mlcm.bank.dir with config.mlcm.bank.entries)")
+      raise FileNotFoundError(f"{what} {directory!r} has no meta_p*.json (build it first: "
+                              "config.mlcm.bank.dir with config.mlcm.bank.entries)")
+    self.fields = fields
     self.shards, offsets = [], [0]
     for m in metas:
       meta = storage.read_json(os.path.join(directory, m))
       if settings is not None and meta["settings"] != settings:
-        raise UserError(f"trajectory bank {directory} was made with other settings: "
+        raise UserError(f"{what} {directory} was made with other settings: "
                         f"(bank, now) = {differing_fields(meta['settings'], settings)}; use "
                         "another bank directory")
       for shard in meta["shards"]:
         arrays = {k: np.load(storage.local_copy(os.path.join(directory, shard["name"], f"{k}.npy"),
                                                 cache_dir or _default_cache()),
-                             mmap_mode="r") for k in FIELDS}
+                             mmap_mode="r") for k in fields}
         self.shards.append(arrays)
         offsets.append(offsets[-1] + shard["size"])
     self.offsets = np.asarray(offsets)
@@ -81,9 +85,9 @@ class Bank:
   def get(self, indices):
     indices = np.asarray(indices)
     shard = np.searchsorted(self.offsets, indices, side="right") - 1
-    rows = [{k: np.asarray(self.shards[s][k][i - self.offsets[s]]) for k in FIELDS}
+    rows = [{k: np.asarray(self.shards[s][k][i - self.offsets[s]]) for k in self.fields}
             for s, i in zip(shard, indices)]
-    return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+    return {k: np.stack([r[k] for r in rows]) for k in self.fields}
 
 
 def _metas(directory):
@@ -98,16 +102,17 @@ def _default_cache():
       os.path.expanduser("~"), ".cache", "mcm_jax", "trajectory_bank")
 
 
-def open_or_build(directory, settings, batches):
+def open_or_build(directory, settings, batches, fields=FIELDS, what="trajectory bank"):
   """The bank in ``directory``: reused if it exists (its settings must equal ``settings``), else
-  written from ``batches()`` (see ``write``) by every process, then read back."""
+  written from ``batches()`` (see ``write``) by every process, then read back. ``fields`` and
+  ``what`` (its name in messages) let other precomputed data use the same layout."""
   if _metas(directory):
-    return Bank(directory, settings)
-  n = write(directory, settings, batches())
+    return Bank(directory, settings, fields=fields, what=what)
+  n = write(directory, settings, batches(), fields)
   if jax.process_count() > 1:  # every host's shards are on the shared filesystem before reading
-    multihost_utils.sync_global_devices("trajectory_bank_written")
-  logging.info("trajectory bank: %d entries on this process -> %s", n, directory)
-  return Bank(directory, settings)
+    multihost_utils.sync_global_devices(f"{what} written")
+  logging.info("%s: %d entries on this process -> %s", what, n, directory)
+  return Bank(directory, settings, fields=fields, what=what)
 
 
 def batch_fn(bank, prompts, encode_batch, global_batch, seed):

@@ -18,8 +18,8 @@ import numpy as np
 from mcm_jax import (hub, lora, mlcm, objectives, pipeline, scorers, seeds, sharding, storage,
                      train)
 from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.data import image_captions, latent_cache, trajectory_bank
 from mcm_jax.data import prompts as prompt_data
-from mcm_jax.data import trajectory_bank
 from mcm_jax.data.images import local_indices_fn
 from mcm_jax.errors import UserError
 from mcm_jax.experiments import Step
@@ -140,19 +140,50 @@ def frozen_inputs(c, params, teacher, uncond):
 
 
 def init_lora(c, params):
-  """Stage 0's LoRA (``config.lora``) on the target kernels of ``params``."""
+  """A fresh LoRA (``config.lora``: rank, targets) on the target kernels of ``params``."""
   return lora.init_lora(params, c.lora.rank, seeds.key(c.seed, "lora_init"),
                         tuple(c.lora.targets))
 
 
+def starting_lora(c, params):
+  """Stage 0's LoRA: ``init_lora``, or the file ``lora.init_from`` (e.g. a distilled student
+  for LCF), which must have the same modules and rank; its B is divided by ``lora.scale`` so
+  that the student starts equal to the base with that file attached at scale 1."""
+  fresh = init_lora(c, params)
+  if not c.lora.init_from:
+    return fresh
+  loaded = lora.load(c.lora.init_from, params)
+  shapes = lambda tree: {k: (np.shape(v["a"]), np.shape(v["b"])) for k, v in tree.items()}
+  if shapes(loaded) != shapes(fresh):
+    missing, extra = sorted(fresh.keys() - loaded.keys()), sorted(loaded.keys() - fresh.keys())
+    first = next((k for k in sorted(fresh.keys() & loaded.keys())
+                  if shapes(loaded)[k] != shapes(fresh)[k]), None)
+    raise UserError(
+        f"config.lora.init_from={c.lora.init_from!r} does not match config.lora (rank="
+        f"{c.lora.rank}, targets={tuple(c.lora.targets)}): "
+        + (f"modules missing from the file: {missing[:3]}; " if missing else "")
+        + (f"modules not in the targets: {extra[:3]}; " if extra else "")
+        + (f"{first}: (A, B) shapes {shapes(loaded)[first]} in the file, "
+           f"{shapes(fresh)[first]} configured; " if first else "")
+        + "set lora.rank / lora.targets to the file's")
+  return {k: {"a": jnp.asarray(v["a"], jnp.float32),
+              "b": jnp.asarray(v["b"], jnp.float32) / c.lora.scale} for k, v in loaded.items()}
+
+
 def batch_shapes(c, encode_batch, stage=0):
   """ShapeDtypeStructs of one global batch of stage ``stage``: the conditioning of
-  ``encode_batch`` and, when the stage reads the trajectory bank (``objectives.mlcm_reads_bank``),
-  the pair it streams (``trajectory_bank.batch_fn``, shapes of ``mlcm.training_pair``)."""
+  ``encode_batch``; from images, their latents (cached) or the images; and, when the stage reads
+  the trajectory bank (``objectives.mlcm_reads_bank``), the pair it streams
+  (``trajectory_bank.batch_fn``, shapes of ``mlcm.training_pair``)."""
   b, res = c.train.batch_size, c.latent_resolution
   batch = {k: jax.ShapeDtypeStruct((b,) + np.shape(x)[1:],  # as on device: float64 is float32
                                    jax.dtypes.canonicalize_dtype(x.dtype))
            for k, x in encode_batch([""]).items()}  # one prompt encoded, its rows' shapes kept
+  if c.mlcm.source == "images":
+    batch.update({"latents": jax.ShapeDtypeStruct((b, res, res, 4), jnp.float32)}
+                 if c.images.cache_dir else
+                 {"image": jax.ShapeDtypeStruct((b, image_resolution(c), image_resolution(c), 3),
+                                                 jnp.float32)})
   if objectives.mlcm_reads_bank(c, stage):
     identity = lambda z, t: z
     pair = jax.eval_shape(lambda rng: mlcm.training_pair(
@@ -160,6 +191,11 @@ def batch_shapes(c, encode_batch, stage=0):
                           jax.random.PRNGKey(0))
     batch.update({k: pair[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")})
   return batch
+
+
+def image_resolution(c):
+  """The training images' size: ``latent_resolution`` times the SDXL directory's VAE factor."""
+  return c.latent_resolution * sdxl.vae_scale_factor(c.student_unet)
 
 
 REMAT_FIELD = "unet.remat"
@@ -170,19 +206,21 @@ def num_stages(c):
   return c.mlcm.num_stages
 
 
-def step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode=None, score=None):
+def step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode=None, score=None,
+         encode=None):
   """The train step of stage ``stage`` (``objectives.mlcm_loss``): the LoRA ``lora_params`` on
   the UNet ``params`` (``denoise``: ``sdxl.make_denoiser``) is trained; ``frozen``
   (``frozen_inputs``, plus the previous stage's LoRA ``prev_lora`` from stage 1) is not.
   ``forward`` is one student forward on the batch at t = 500; ``decode`` / ``score`` are the
-  reward losses' VAE decoder and scorer."""
+  reward losses' VAE decoder and scorer, ``encode`` the VAE encoder of uncached images."""
   def forward(p, frozen, b):
     res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
     z = jnp.zeros((b["context"].shape[0], res, res, 4))
     return denoise(lora.attach(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
                    cond)
 
-  return Step(loss=objectives.mlcm_loss(c, denoise, stage, decode, score), params=lora_params,
+  return Step(loss=objectives.mlcm_loss(c, denoise, stage, decode, score, encode),
+              params=lora_params,
               frozen=frozen, batch=batch_shapes(c, encode_batch, stage), model_params=params,
               forward=forward,
               report=dict(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage)))
@@ -194,6 +232,10 @@ def abstract_step(c, stage=0):
   if c.rewards.scorer:
     raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
                       "the reward models yet; allowed: '' (MLCD only)")
+  if c.mlcm.source == "images" and not c.images.cache_dir:
+    raise ConfigError("config.mlcm.source='images' with config.images.cache_dir='': --mode=plan "
+                      "does not plan the VAE encoder in the step yet; allowed: a cache_dir "
+                      "(the step then reads cached latents)")
   model, params, teacher, encode = abstract_models(c)
   encode_batch = conditioning_fn(c, encode)
   frozen = frozen_inputs(c, params, teacher, unconditional(c, encode_batch))
@@ -222,7 +264,7 @@ def bank_settings(c):
   return dict(teacher=c.teacher_unet or c.student_unet or "tiny-random", seed=c.seed,
               num_segments=c.mlcm.num_segments, skip=c.mlcm.skip,
               guidance_scale=c.mlcm.guidance_scale, uncond=uncond_mode(c),
-              image_free=c.mlcm.image_free,
+              image_free=c.mlcm.source,
               teacher_step=c.mlcm.teacher_step,
               # named only when not DDIM, so banks made before the option existed still match
               **({"trajectory_step": c.mlcm.trajectory_step}
@@ -258,6 +300,20 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
   return trajectory_bank.open_or_build(c.mlcm.bank.dir, bank_settings(c), batches)
 
 
+def image_batch_fn(c, images, encode_batch, encode_images, frozen, mesh):
+  """The host batch function of an image run: captions' conditioning plus the images, or
+  their latents from ``images.cache_dir`` (built first if absent; ``latent_cache``)."""
+  if not c.images.cache_dir:
+    return image_captions.host_batch_fn(images, encode_batch, c.train.batch_size, c.seed)
+  vae_params, jitted = jax.device_put(frozen["vae"], sharding.replicated(mesh)), jax.jit(
+      encode_images)
+  encode = lambda x: jitted(vae_params, x)
+  cache = latent_cache.open_or_build(c.images.cache_dir, images, encode, c.student_unet,
+                                     c.train.batch_size, mesh)
+  return image_captions.host_batch_fn(cache, encode_batch, c.train.batch_size, c.seed,
+                                      key="latents")
+
+
 def resolve_model_paths(config):
   """A copy of ``config`` whose model fields (student / teacher UNet, reward models) are local
   directories: hub names (org/name) resolved from the local Hugging Face cache (``hub``)."""
@@ -275,9 +331,14 @@ def run(config, workdir):
   validate(config)
   c = resolve_model_paths(config)
   mesh = sharding.make_mesh(**c.mesh)
+  images = None
+  if c.mlcm.source == "images":  # the folder's captions are the prompts; listed before loading
+    images = image_captions.ImageCaptionFolder(c.images.dir, image_resolution(c))
   model, params, teacher, encode = build_models(c)
   denoise = sdxl.make_denoiser(model)
-  if c.prompts:
+  if images is not None:
+    prompts = images.captions
+  elif c.prompts:
     prompts = prompt_data.load_prompts(c.prompts)
   elif c.text_encoder == "hashed":
     prompts = prompt_data.builtin_prompts()
@@ -286,24 +347,32 @@ def run(config, workdir):
 
   if c.text_encoder == "sdxl":
     encode = cached_encoder(encode, prompts)  # frees the CLIP weights when the prompts are few
-  decode = score = scorer = None
+  decode = score = scorer = encode_images = None
   if c.rewards.scorer:
     scorer = reward_scorer(c)
     score = scorer.score
   encode_batch = conditioning_fn(c, encode, scorer and scorer.tokenize)
   frozen = frozen_inputs(c, params, teacher, jax.device_put(unconditional(c, encode_batch),
                                                          sharding.replicated(mesh)))
-  if c.rewards.scorer:
+  if c.rewards.scorer or images is not None:
     vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
-    decode = sdxl.make_decoder(vae)
+    decode, encode_images = sdxl.make_decoder(vae), sdxl.make_encoder(vae)
+  if c.rewards.scorer:
     frozen["scorer"] = scorer.params
   writer = create_writer(workdir)
-  batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
+  if images is not None:
+    batch_fn = image_batch_fn(c, images, encode_batch, encode_images, frozen, mesh)
+    if c.images.cache_dir:
+      encode_images = None  # the step reads cached latents
+      if not c.rewards.scorer:
+        del frozen["vae"]
+  else:
+    batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
   bank_fn = None
   if c.mlcm.bank.dir:
     bank = open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh)
     bank_fn = trajectory_bank.batch_fn(bank, prompts, encode_batch, c.train.batch_size, c.seed)
-  lora_params = init_lora(c, params)
+  lora_params = starting_lora(c, params)
   stages = []
   for stage in range(c.mlcm.num_stages):
     hp = objectives.mlcm_hparams(c, stage)
@@ -312,7 +381,10 @@ def run(config, workdir):
     data_spec = dict(prompts=c.prompts or "builtin", num_prompts=len(prompts),
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
-    trained = step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode, score)
+    if images is not None:  # named only for image runs, so prompt runs' checkpoints still match
+      data_spec.update(prompts="", images=c.images.dir)
+    trained = step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode, score,
+                   encode_images)
     state = train.train(trained.loss, trained.params, None, c.train, stage_dir,
                         frozen=trained.frozen, writer=writer,
                         name=f"mlcm_stage{stage}_K{hp.num_segments}", mesh=mesh,

@@ -223,6 +223,13 @@ def load_vae(path, dtype=jnp.float32):
       _diffusers_flax_class("FlaxAutoencoderKL"), cfg, dtype))
 
 
+def vae_scale_factor(path):
+  """Pixels per latent of the VAE in ``path`` (or ``path/vae``): 2^(its blocks - 1), as
+  diffusers' pipelines compute it (8 for SDXL)."""
+  config = read_json(os.path.join(component_dir(path, "vae"), "config.json"))
+  return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def make_decoder(vae):
   """``decode(params, latents NHWC) -> images NHWC in [-1, 1]`` (latents as the UNet sees them:
   divided by the VAE's scaling factor first, 0.13025 for SDXL)."""
