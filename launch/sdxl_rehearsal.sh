@@ -14,6 +14,8 @@
 #   generate 2 / 4 / 8-step images with the last stage's LoRA;
 #   teacher  the base model guided (w = 8, a negative prompt), 25 Euler steps on the 'leading' grid;
 #   img2img  the 4-step LoRA from the 4-step image, strength 0.5;
+#   lcf      latent consistency fine-tuning (configs/sdxl_lcf.py) of stage 1's LoRA on four
+#            captioned images: their VAE latents cached once, two steps with no teacher;
 #   pipeline_crosscheck  the guided teacher and img2img against diffusers' PyTorch SDXL pipelines
 #            (benchmarks/sdxl_pipeline_crosscheck.py, 4 steps);
 #   crosscheck  JAX vs diffusers / PyTorch on the same directory (benchmarks/sdxl_crosscheck.py):
@@ -64,6 +66,13 @@ phase teacher python -m mcm_jax.generate --sdxl="$DIR" --prompt="a red fox in th
 phase img2img python -m mcm_jax.generate --sdxl="$DIR" --lora="$WORK/mlcm/stage2/lora" \
   --prompt="an oil painting of a red fox" --steps=4 --init_image="$WORK/generate_4/grid.png" \
   --strength=0.5 --resolution=256 --batch_size=1 --out="$WORK/img2img"
+python benchmarks/write_image_folder.py "$WORK/lcf_images" 4 320 256
+phase lcf python -m mcm_jax.main --config=configs/sdxl_lcf.py --config.student_unet="$DIR" \
+  --config.lora.init_from="$WORK/mlcm/stage1/lora" --config.images.dir="$WORK/lcf_images" \
+  --config.images.cache_dir="$WORK/lcf_latents" --config.latent_resolution=32 \
+  --config.dtype=float32 --config.unet.frozen_dtype=float32 --config.train.batch_size=1 \
+  --config.train.steps=2 --config.train.log_every=1 --config.train.checkpoint_every=2 \
+  --config.sample.num=1 --workdir="$WORK/lcf"
 phase pipeline_crosscheck python benchmarks/sdxl_pipeline_crosscheck.py "$DIR" \
   | tee "$WORK/pipeline_crosscheck.json"
 phase crosscheck python benchmarks/sdxl_crosscheck.py "$DIR" | tee "$WORK/crosscheck.json"

@@ -57,3 +57,18 @@ def train_config(steps, log_every, checkpoint_every, learning_rate, warmup_steps
       checkpoint_every=checkpoint_every, keep_checkpoints=3, ema_decay=0.9, seed=0,
       optim=dict(learning_rate=learning_rate, warmup_steps=warmup_steps, grad_clip=1.0, b1=0.9,
                  b2=0.99, weight_decay=0.0)))
+
+
+def image_folder(directory, n=6, size=20):
+  """A folder of n random RGB images (size + i by size pixels) with a caption file each (the
+  kohya layout ``data.image_captions`` reads); returns its path."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (size + i, size, 3), np.uint8)).save(
+        directory / f"{i:02d}.png")
+    (directory / f"{i:02d}.txt").write_text(["red house", "blue cat", "small tree"][i % 3])
+  return str(directory)
+

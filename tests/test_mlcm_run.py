@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
+
 from configs import sdxl_mlcm
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.experiments import sdxl_mlcm as mlcm_experiment
@@ -46,20 +48,20 @@ def test_two_stage_progressive_run(tmp_path):
 @pytest.mark.slow  # a stage end to end with the reward losses
 def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_imagereward, tmp_path):
   """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
-  directory (tiny, random), a separate teacher UNet, a prompt file, one stage with the reward
-  losses (ImageReward, tiny, scoring each image against its prompt); samples decoded by the
-  VAE."""
+  directory (tiny, random), a separate teacher UNet, a folder of captioned images encoded by the
+  VAE in the step (image-based MLCD: the guided teacher steps the noised latents), one stage with
+  the reward losses (ImageReward, tiny, scoring each image against its prompt); samples decoded
+  by the VAE."""
   import sdxl_fixtures  # pylint: disable=g-import-not-at-top
   sdxl_dir = tiny_sdxl_dir  # shared, read-only: the run writes only under tmp_path
-  prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
-                                ["lower newer", "wider", "lowest lower", "newer wider"]))
   config = sdxl_mlcm.get_config("tiny")
   # The teacher: another SDXL-architecture checkpoint (as MLCM distils a fine-tune's trajectories).
   sdxl_fixtures.tiny_torch_unet(seed=1).save_pretrained(tmp_path / "teacher" / "unet",
                                                         safe_serialization=True)
   config.update(student_unet=sdxl_dir, teacher_unet=str(tmp_path / "teacher"),
-                text_encoder="sdxl", prompts=str(prompts))
+                text_encoder="sdxl", prompts="")
+  config.mlcm.source = "images"  # the captions are the prompts
+  config.images.dir = helpers.image_folder(tmp_path / "images")
   config.rewards.update(scorer="imagereward", imagereward_dir=str(tiny_imagereward.dir))
   config.mlcm.num_stages = 1
   config.train.steps = 2
@@ -68,28 +70,17 @@ def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_imagereward, tmp_pat
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   for key in ("mlcd", "reward_consistency", "feedback"):
     assert np.isfinite(lines[-1][f"mlcm_stage0_K4/{key}"]), key
+  assert lines[-1]["mlcm_stage0_K4/mlcd"] > 0
   # The feedback hinge is active (a random ImageReward scores below its s0 = 2).
   assert lines[-1]["mlcm_stage0_K4/feedback"] > 0.0
   assert os.path.getsize(tmp_path / "run" / "stage0" / "samples_4step.png") > 100
 
 
-def _image_folder(directory, n=6, size=20):
-  """n random RGB images with a caption file each (kohya layout)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  directory.mkdir()
-  rng = np.random.default_rng(0)
-  for i in range(n):
-    Image.fromarray(rng.integers(0, 256, (size + i, size, 3), np.uint8)).save(
-        directory / f"{i:02d}.png")
-    (directory / f"{i:02d}.txt").write_text(["red house", "blue cat", "small tree"][i % 3])
-  return str(directory)
-
-
-@pytest.mark.slow  # two tiny stages from images end to end
-def test_lcf_from_a_lora_and_mlcd_from_images(tiny_sdxl_dir, tmp_path):
+@pytest.mark.slow  # a tiny stage from images end to end
+def test_lcf_from_a_lora_on_cached_latents(tiny_sdxl_dir, tmp_path):
   """LCF (configs/sdxl_lcf.py): a LoRA file fine-tuned on a caption folder's cached VAE latents
-  with no teacher; then image-based MLCD (guided teacher from noised latents), encoding the
-  images in the step. The cache holds the VAE's latents; the run starts from the file's LoRA."""
+  with no teacher. The cache holds the VAE's latents; the run starts from the file's LoRA.
+  (Images encoded in the step: ``test_stage_on_a_tiny_sdxl_directory``.)"""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import sdxl_lcf  # pylint: disable=g-import-not-at-top
   from mcm_jax.data import image_captions, latent_cache  # pylint: disable=g-import-not-at-top
@@ -97,7 +88,7 @@ def test_lcf_from_a_lora_and_mlcd_from_images(tiny_sdxl_dir, tmp_path):
   from mcm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
   config = sdxl_lcf.get_config("tiny")
-  folder = _image_folder(tmp_path / "images")
+  folder = helpers.image_folder(tmp_path / "images")
   config.update(student_unet=tiny_sdxl_dir)
   config.images.update(dir=folder, cache_dir=str(tmp_path / "latents"))
   # the distilled student LCF starts from: a LoRA with B != 0 in a file; trained at scale 0.5
@@ -130,17 +121,6 @@ def test_lcf_from_a_lora_and_mlcd_from_images(tiny_sdxl_dir, tmp_path):
   with pytest.raises(UserError, match=r"init_from=.*\(A, B\) shapes \(\(64, 4\), \(4, 64\)\) in "
                      r"the file, \(\(64, 8\), \(8, 64\)\) configured.*lora.rank"):
     mlcm_experiment.starting_lora(config, params)
-
-  # Image-based MLCD: the guided teacher steps the noised latents; images encoded in the step.
-  config = sdxl_lcf.get_config("tiny")
-  config.update(student_unet=tiny_sdxl_dir)
-  config.images.dir = folder
-  config.mlcm.teacher_step = "ddim"
-  config.train.steps = 1
-  result = mlcm_experiment.run(config, str(tmp_path / "mlcd"))
-  assert os.path.isfile(result["stages"][0]["lora"])
-  last = [json.loads(l) for l in open(tmp_path / "mlcd" / "metrics.jsonl")][-1]
-  assert np.isfinite(last["mlcm_stage0_K4/loss"]) and last["mlcm_stage0_K4/loss"] > 0
 
 
 def test_mlcm_config_errors():
