@@ -476,18 +476,31 @@ class SDXLUNet:
       return UNetOutput(self.module.apply(variables, *args))
 
   def init_weights(self, rng):
-    """Random parameters (the module's initializers), made in one jitted call on the smallest
-    input every level accepts (the weights do not depend on the spatial size)."""
+    """Random parameters with Flax's default initialisers, drawn with numpy from the shapes of
+    the module's init (``jax.eval_shape`` on the smallest input every level accepts: nothing is
+    compiled): kernels LeCun normal ``N(0, 1 / fan_in)`` (fan_in: a Dense kernel's input width,
+    a convolution's kh * kw * in; stacked blocks' kernels carry a leading block axis), biases
+    0, norm scales 1. ``rng`` (a PRNG key) seeds the draws."""
     cfg = self.config
     res, width = 2 ** (len(cfg["block_out_channels"]) - 1), cfg["cross_attention_dim"]
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     cond_dim = cfg.get("time_cond_proj_dim")
-    init = jax.jit(lambda key: self.module.init(
+    shapes = jax.eval_shape(lambda key: self.module.init(
         key, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
         jnp.zeros((1, 1, width)), {"text_embeds": jnp.zeros((1, pooled)),
                                    "time_ids": jnp.zeros((1, 6))},
-        jnp.zeros((1, cond_dim)) if cond_dim else None)["params"])
-    return init(rng)
+        jnp.zeros((1, cond_dim)) if cond_dim else None)["params"], rng)
+    key = rng if rng.dtype == np.uint32 else jax.random.key_data(rng)
+    draws = np.random.default_rng(np.asarray(key).ravel().tolist())
+
+    def draw(path, leaf):
+      name = path[-1].key
+      if name in ("scale", "bias"):
+        return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
+      fan_in = np.prod(leaf.shape[:3]) if leaf.ndim == 4 else leaf.shape[-2]
+      return jnp.asarray(draws.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def check_supported(config):
