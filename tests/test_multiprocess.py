@@ -1,0 +1,103 @@
+"""The multi-host paths with real processes: two JAX processes x 2 CPU devices on this machine,
+started as ``launch/slurm_gpu.sh`` starts them (``python -m mcm_jax.main --multihost``, with
+``jax.distributed.initialize`` reading SLURM's variables, set here by hand as ``srun`` would),
+against the same job in one process.
+
+What runs across processes: each process reads only its slice of every batch, gradients are
+reduced over the processes' devices (CPU collectives), orbax writes one checkpoint from both,
+the damaged-checkpoint fallback agrees on one step, and ``--mode=eval`` gathers the samples of
+both processes (``process_allgather``) before its Frechet distance."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import imagenet64_base
+from mcm_jax.experiments import pixel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 2,
+             "sample.x_var_data": 64, "eval.num": 16, "eval.reference_num": 32,
+             "eval.steps": (1,)}
+
+
+def _free_slurm_job_id():
+  """A SLURM_JOB_ID whose coordinator port (jax: 61440 + id % 4096) is free here."""
+  for job in np.random.default_rng().permutation(4096):
+    with socket.socket() as s:
+      try:
+        s.bind(("localhost", 61440 + int(job)))
+        return str(job)
+      except OSError:
+        continue
+  raise RuntimeError("no free port in 61440..65535")
+
+
+def _two_processes(workdir, *flags):
+  """``main --multihost`` in two processes of 2 CPU devices each; returns their logs."""
+  job = _free_slurm_job_id()
+  overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+               SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "mcm_jax.main", "--multihost",
+         f"--compilation_cache={jax.config.jax_compilation_cache_dir}",  # the suite's
+         "--config=configs/imagenet64_base.py:tiny", f"--workdir={workdir}", *overrides, *flags],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+  finally:  # a hung peer must not outlive the test
+    for p in procs:
+      p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+def _truncate_latest_arrays(workdir):
+  """Damage the last checkpoint (step 4): its array files cut in half."""
+  data = os.path.join(workdir, "checkpoints", "4", "state", "d")
+  for name in os.listdir(data):
+    path = os.path.join(data, name)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _rows(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow  # two 2-process runs (start-up and compile in each process) and one in-process
+def test_two_processes_train_fall_back_and_evaluate_as_one(tmp_path):
+  config = imagenet64_base.get_config("tiny")
+  for key, value in OVERRIDES.items():
+    config[key.split(".")[0]][key.split(".")[1]] = value
+  one = str(tmp_path / "one")
+  pixel.run(config, one)  # the reference: one process (this one's 8 devices)
+  two = str(tmp_path / "two")
+  _two_processes(two)
+  want, got = _rows(one), _rows(two)
+  assert [r["step"] for r in got] == [2, 4]
+  for w, g in zip(want, got):  # the same batches and updates; only reduction order differs
+    np.testing.assert_allclose(g["base/loss"], w["base/loss"], rtol=1e-5)
+    np.testing.assert_allclose(g["base/grad_norm"], w["base/grad_norm"], rtol=1e-4)
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+
+  # The latest checkpoint damaged: both processes fall back to step 2 and evaluate it.
+  _truncate_latest_arrays(one)
+  _truncate_latest_arrays(two)
+  want = pixel.evaluate(config, one)
+  logs = _two_processes(two, "--mode=eval")
+  for log in logs:
+    assert "checkpoints/4 cannot be read" in log and "reading step 2" in log, log[-3000:]
+  got = json.load(open(os.path.join(two, "eval_step2.json")))
+  assert want["checkpoint_step"] == got["checkpoint_step"] == 2
+  assert len(got["results"]) == len(want["results"]) == 1
+  np.testing.assert_allclose(got["results"][0]["fd"], want["results"][0]["fd"], rtol=1e-3)
