@@ -10,6 +10,7 @@ with
   2    bad input (``EXIT_BAD_INPUT``): see ``describe``
   3    training stopped (``EXIT_STOPPED``): the loss became NaN/inf or diverged; the last good
        checkpoint is kept and the message says what to change
+  4    another process of a multi-host job was lost (``EXIT_LOST_PEER``, ``mcm_jax.peers``)
   143  preempted (SIGTERM): a checkpoint was saved; re-running the command resumes
 
 ``--debug`` (or the environment variable ``MCM_JAX_DEBUG=1``) prints the full traceback of
@@ -25,6 +26,7 @@ from mcm_jax.errors import NonFiniteLossError, UserError, write_failure
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
+EXIT_LOST_PEER = 4
 DEBUG_ENV = "MCM_JAX_DEBUG"
 
 # OSErrors about a path the user gave (each names it).

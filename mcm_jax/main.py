@@ -55,6 +55,10 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
                     "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU "
                     "pods: it reads the coordinator and process ids from the environment).",
                     flag_values=flag_values)
+  flags.DEFINE_float("peer_timeout", 60.0,
+                     "--multihost: a process that hears nothing from another for this many seconds "
+                     "stops with one line naming it (exit 4; mcm_jax/peers.py) instead of JAX's "
+                     "abort; 0: off.", flag_values=flag_values)
 
 
 def _config_spec(argv):
@@ -210,12 +214,10 @@ def main(argv):
     plan.run(config, flag_values.topology,
              flag_values.workdir if flag_values["workdir"].present else None, flag_values.stage)
     return
-  write = True
+  write, done = True, lambda: None
   if flag_values.multihost:
+    done = initialize_distributed(flag_values.peer_timeout, flag_values.workdir)
     import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
     write = jax.process_index() == 0
   workdir, mode = flag_values.workdir, flag_values.mode
   storage.makedirs(workdir)
@@ -226,6 +228,23 @@ def main(argv):
   logging.info("config:\n%s", config)
   experiment = experiments.get(config.experiment)  # validate() admits only experiments.MODULES
   (experiment.evaluate if mode == "eval" else experiment.run)(config, workdir)
+  done()
+
+
+def initialize_distributed(peer_timeout, workdir):
+  """``jax.distributed.initialize()`` (the cluster found from the environment), then the lost-peer
+  watchdog (``peers``, unless ``peer_timeout`` is 0), with JAX's own heartbeat timeout set
+  beyond it. Returns the watchdog's ``done``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  from mcm_jax import peers  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(heartbeat_timeout_seconds=int(max(100, 3 * peer_timeout)))
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if not peer_timeout or jax.process_count() == 1:
+    return lambda: None
+  return peers.start(distributed.global_state.client, jax.process_index(), jax.process_count(),
+                     peer_timeout, workdir)
 
 
 if __name__ == "__main__":

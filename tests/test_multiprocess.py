@@ -5,19 +5,22 @@ against the same job in one process.
 
 What runs across processes: each process reads only its slice of every batch, gradients are
 reduced over the processes' devices (CPU collectives), orbax writes one checkpoint from both,
-the damaged-checkpoint fallback agrees on one step, and ``--mode=eval`` gathers the samples of
-both processes (``process_allgather``) before its Frechet distance."""
+the damaged-checkpoint fallback agrees on one step, ``--mode=eval`` gathers the samples of
+both processes (``process_allgather``) before its Frechet distance, and a process whose peer is
+killed stops with one line (``mcm_jax.peers``)."""
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import imagenet64_base
+from mcm_jax import peers
 from mcm_jax.experiments import pixel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +41,10 @@ def _free_slurm_job_id():
   raise RuntimeError("no free port in 61440..65535")
 
 
-def _two_processes(workdir, *flags):
-  """``main --multihost`` in two processes of 2 CPU devices each; returns their logs."""
+def _start(workdir, *flags, overrides=None):
+  """``main --multihost`` started in two processes of 2 CPU devices each."""
   job = _free_slurm_job_id()
-  overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  overrides = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, **(overrides or {})).items()]
   procs = []
   for i in range(2):
     env = dict(os.environ, SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
@@ -52,11 +55,22 @@ def _two_processes(workdir, *flags):
          f"--compilation_cache={jax.config.jax_compilation_cache_dir}",  # the suite's
          "--config=configs/imagenet64_base.py:tiny", f"--workdir={workdir}", *overrides, *flags],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _logs(procs, timeout=400):
+  """Each process's output once it has exited; a hung peer does not outlive the test."""
   try:
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-  finally:  # a hung peer must not outlive the test
+    return [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
     for p in procs:
       p.kill()
+
+
+def _two_processes(workdir, *flags):
+  """``main --multihost`` in two processes of 2 CPU devices each; returns their logs."""
+  procs = _start(workdir, *flags)
+  logs = _logs(procs)
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   return logs
@@ -101,3 +115,24 @@ def test_two_processes_train_fall_back_and_evaluate_as_one(tmp_path):
   assert want["checkpoint_step"] == got["checkpoint_step"] == 2
   assert len(got["results"]) == len(want["results"]) == 1
   np.testing.assert_allclose(got["results"][0]["fd"], want["results"][0]["fd"], rtol=1e-3)
+
+
+@pytest.mark.slow  # a 2-process run, one process killed
+def test_a_killed_process_stops_the_other_with_one_line(tmp_path):
+  """SIGKILL of process 1 (an OOM kill, a lost node): process 0, blocked in the step's
+  collectives, stops within the peer timeout with exit 4 and one line naming the lost process
+  and how to resume (mcm_jax/peers.py), not JAX's abort after its heartbeat timeout."""
+  workdir = str(tmp_path / "run")
+  procs = _start(workdir, "--peer_timeout=5", overrides={"train.steps": 10_000})
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.monotonic() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):  # training: steps logged
+    assert time.monotonic() < deadline and procs[0].poll() is None, _logs(procs)[0][-3000:]
+    time.sleep(0.5)
+  procs[1].kill()
+  killed = time.monotonic()
+  log = _logs(procs[:1], timeout=60)[0]
+  assert procs[0].returncode == peers.EXIT_LOST_PEER, log[-3000:]
+  assert time.monotonic() - killed < 30
+  assert peers.lost_peer_message(1, 2, 5, workdir) in log
+  assert "Check failure stack trace" not in log and "Fatal Python error" not in log
