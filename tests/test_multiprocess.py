@@ -41,10 +41,12 @@ def _free_slurm_job_id():
   raise RuntimeError("no free port in 61440..65535")
 
 
-def _start(workdir, *flags, overrides=None):
-  """``main --multihost`` started in two processes of 2 CPU devices each."""
+def _start(workdir, *flags, overrides=None, config="configs/imagenet64_base.py:tiny"):
+  """``main --multihost`` started in two processes of 2 CPU devices each (``overrides`` on top
+  of ``OVERRIDES`` for the pixel config, alone for another)."""
   job = _free_slurm_job_id()
-  overrides = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, **(overrides or {})).items()]
+  base = OVERRIDES if config.startswith("configs/imagenet64_base.py") else {}
+  overrides = [f"--config.{k}={v}" for k, v in dict(base, **(overrides or {})).items()]
   procs = []
   for i in range(2):
     env = dict(os.environ, SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
@@ -53,7 +55,7 @@ def _start(workdir, *flags, overrides=None):
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "mcm_jax.main", "--multihost",
          f"--compilation_cache={jax.config.jax_compilation_cache_dir}",  # the suite's
-         "--config=configs/imagenet64_base.py:tiny", f"--workdir={workdir}", *overrides, *flags],
+         f"--config={config}", f"--workdir={workdir}", *overrides, *flags],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
 
@@ -67,9 +69,9 @@ def _logs(procs, timeout=400):
       p.kill()
 
 
-def _two_processes(workdir, *flags):
+def _two_processes(workdir, *flags, **kwargs):
   """``main --multihost`` in two processes of 2 CPU devices each; returns their logs."""
-  procs = _start(workdir, *flags)
+  procs = _start(workdir, *flags, **kwargs)
   logs = _logs(procs)
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
@@ -136,3 +138,36 @@ def test_a_killed_process_stops_the_other_with_one_line(tmp_path):
   assert time.monotonic() - killed < 30
   assert peers.lost_peer_message(1, 2, 5, workdir) in log
   assert "Check failure stack trace" not in log and "Fatal Python error" not in log
+
+
+@pytest.mark.slow  # a 2-process MLCM stage and the same stage in-process
+def test_two_processes_build_one_trajectory_bank_and_stream_it(tmp_path):
+  """MLCM stage 0 from a trajectory bank: each process writes the pairs of its own batch rows
+  (its shards and ``meta_p<i>.json``), both wait for each other's, then both stream the whole
+  bank; its entries equal the bank one process builds."""
+  from configs import sdxl_mlcm  # pylint: disable=g-import-not-at-top
+  from mcm_jax.data import trajectory_bank  # pylint: disable=g-import-not-at-top
+  from mcm_jax.experiments import sdxl_mlcm as experiment  # pylint: disable=g-import-not-at-top
+  overrides = {"mlcm.num_stages": 1, "mlcm.bank.entries": 16, "train.steps": 2,
+               "sample.num": 1}
+  config = sdxl_mlcm.get_config("tiny")
+  config.update_from_flattened_dict(dict(overrides, **{"mlcm.bank.dir": str(tmp_path / "bank1")}))
+  experiment.run(config, str(tmp_path / "one"))
+  _two_processes(str(tmp_path / "two"), config="configs/sdxl_mlcm.py:tiny",
+                 overrides=dict(overrides, **{"mlcm.bank.dir": str(tmp_path / "bank2")}))
+  assert sorted(f for f in os.listdir(tmp_path / "bank2") if f.startswith("meta")) == [
+      "meta_p0000.json", "meta_p0001.json"]
+  settings = experiment.bank_settings(config)
+  one = trajectory_bank.Bank(str(tmp_path / "bank1"), settings)
+  two = trajectory_bank.Bank(str(tmp_path / "bank2"), settings)
+  assert len(one) == len(two) == 16
+  by_prompt = lambda bank: bank.get(np.argsort(bank.get(np.arange(16))["prompt_index"] * 1000
+                                               + bank.get(np.arange(16))["t_m"], kind="stable"))
+  a, b = by_prompt(one), by_prompt(two)  # the same pairs, stored in another shard order
+  for k in ("prompt_index", "segment", "t_m", "t_n", "seg_start"):
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+  for k in ("z_tm", "z_tn"):  # float32 rounding of other device splits, amplified by w = 8
+    assert np.abs(b[k] - a[k]).max() < 3e-5 * np.abs(a[k]).max(), k
+  rows = _rows(str(tmp_path / "two"))
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["mlcm_stage0_K4/loss"])
+                                                    for r in rows)
