@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from mcm_jax import checkpoint, sharding
 from mcm_jax.errors import (  # noqa: F401 (train.X too)
@@ -148,6 +149,14 @@ def _stacked_host_batches(host_batch_fn, start, num_steps, mesh):
   return sharding.shard_batch(stacked, mesh, stacked=True)
 
 
+def on_any_process(flag):
+  """``flag`` or'ed over all processes (one tiny all-gather that every process must call), so
+  that a SIGTERM reaching one host stops every host at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 class _SigtermFlag:
   """Records SIGTERM (preemption) so the loop can checkpoint and stop between steps."""
 
@@ -185,7 +194,7 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   finished run is then returned as is; a damaged step is logged and the previous one used, see
   ``checkpoint.restore_latest``); removes unfinished saves of a killed run first. Saves every
   ``checkpoint_every`` steps, at the end, and on SIGTERM (then raises SystemExit(143) after the
-  save). A non-finite loss raises NonFiniteLossError, a logged mean loss above
+  save; with several processes, a SIGTERM to any stops all at the same step). A non-finite loss raises NonFiniteLossError, a logged mean loss above
   ``cfg.divergence_factor`` (default 1e3; 0 disables) x the reference (``REFERENCE_STEPS``)
   raises LossDivergedError; neither saves the bad state.
   """
@@ -315,14 +324,15 @@ def _train_loop(state, manager, loss_fn, tx, batch_fn, host_batch_fn, cfg, froze
         writer.write_scalars(step, {f"{name}/{k}": v for k, v in metrics.items()})
       logging.info("%s: step %d/%d loss %.5g, %.1f steps/s, ETA %.0fs", name, step, cfg.steps,
                    metrics["loss"], rate, (cfg.steps - step) / max(rate, 1e-9))
-      if step % cfg.checkpoint_every == 0 or step == cfg.steps or sigterm.raised:
+      stopping = on_any_process(sigterm.raised)  # every process saves the same step
+      if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
         if writer is not None:  # rows up to ``step`` durable before the checkpoint claiming them
           writer.flush()
         checkpoint.save(manager, step, state, data_spec, force=True, early_losses=early_losses)
       for every, fn in periodic:
-        if step % every == 0 and step < cfg.steps and not sigterm.raised:
+        if step % every == 0 and step < cfg.steps and not stopping:
           fn(step, state)
-      if sigterm.raised:
+      if stopping:
         manager.wait_until_finished()
         logging.warning("%s: SIGTERM at step %d; checkpoint saved, exiting", name, step)
         raise SystemExit(143)

@@ -10,6 +10,7 @@ both processes (``process_allgather``) before its Frechet distance, and a proces
 killed stops with one line (``mcm_jax.peers``)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -171,3 +172,27 @@ def test_two_processes_build_one_trajectory_bank_and_stream_it(tmp_path):
   rows = _rows(str(tmp_path / "two"))
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["mlcm_stage0_K4/loss"])
                                                     for r in rows)
+
+
+@pytest.mark.slow  # a 2-process run stopped by SIGTERM, then resumed
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_continues(tmp_path):
+  """Preemption of one host: both processes save the same step and exit 143 (the flag is
+  or'ed over the processes each logged chunk, ``train.on_any_process``), and running the same
+  command again resumes both from it to the end."""
+  workdir = str(tmp_path / "run")
+  long = {"train.steps": 10_000, "train.checkpoint_every": 1000}
+  procs = _start(workdir, overrides=long)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.monotonic() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    assert time.monotonic() < deadline and procs[0].poll() is None, _logs(procs)[0][-3000:]
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = _logs(procs, timeout=120)
+  assert [p.returncode for p in procs] == [143, 143], logs[0][-2000:] + logs[1][-2000:]
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(saved) == 1 and saved[0] % 2 == 0 and 0 < saved[0] < 1000
+  assert all(f"SIGTERM at step {saved[0]}" in log for log in logs)
+  _two_processes(workdir, overrides=dict(long, **{"train.steps": saved[0] + 4}))
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == list(range(2, saved[0] + 5, 2))  # one row per logged step
