@@ -79,6 +79,38 @@ def _two_processes(workdir, *flags, **kwargs):
   return logs
 
 
+SRUN = """#!/usr/bin/env python3
+# srun on one machine: the command as SLURM_NTASKS tasks, each with SLURM's per-task variables.
+import os, subprocess, sys
+command = sys.argv[1:]
+while command[0].startswith("--"):  # srun's own options
+  command.pop(0)
+tasks = [subprocess.Popen(command, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)))
+         for i in range(int(os.environ["SLURM_NTASKS"]))]
+codes = [t.wait() for t in tasks]
+sys.exit(next((c for c in codes if c), 0))
+"""
+
+
+def _slurm_gpu_script(tmp_path, workdir):
+  """``launch/slurm_gpu.sh`` as sbatch would run it on one node with two tasks (srun stood in
+  for by ``SRUN``); returns its output."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=_free_slurm_job_id(),
+             SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  done = subprocess.run(
+      ["bash", "launch/slurm_gpu.sh", "configs/imagenet64_base.py:tiny", workdir,
+       f"--compilation_cache={jax.config.jax_compilation_cache_dir}",
+       *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stderr
+
+
 def _truncate_latest_arrays(workdir):
   """Damage the last checkpoint (step 4): its array files cut in half."""
   data = os.path.join(workdir, "checkpoints", "4", "state", "d")
@@ -93,13 +125,15 @@ def _rows(workdir):
 
 @pytest.mark.slow  # two 2-process runs (start-up and compile in each process) and one in-process
 def test_two_processes_train_fall_back_and_evaluate_as_one(tmp_path):
+  """Trained through ``launch/slurm_gpu.sh``; evaluated after a damaged latest checkpoint."""
   config = imagenet64_base.get_config("tiny")
   for key, value in OVERRIDES.items():
     config[key.split(".")[0]][key.split(".")[1]] = value
   one = str(tmp_path / "one")
   pixel.run(config, one)  # the reference: one process (this one's 8 devices)
   two = str(tmp_path / "two")
-  _two_processes(two)
+  log = _slurm_gpu_script(tmp_path, two)  # launch/slurm_gpu.sh, as on a SLURM cluster
+  assert "process 1 of 2, 2 local / 4 global devices" in log
   want, got = _rows(one), _rows(two)
   assert [r["step"] for r in got] == [2, 4]
   for w, g in zip(want, got):  # the same batches and updates; only reduction order differs
