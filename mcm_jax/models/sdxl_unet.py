@@ -490,6 +490,8 @@ class SDXLUNet:
         jnp.zeros((1, 1, width)), {"text_embeds": jnp.zeros((1, pooled)),
                                    "time_ids": jnp.zeros((1, 6))},
         jnp.zeros((1, cond_dim)) if cond_dim else None)["params"], rng)
+    if isinstance(rng, jax.core.Tracer):  # under jax.eval_shape / jit: the shapes are what counts
+      return jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
     key = rng if rng.dtype == np.uint32 else jax.random.key_data(rng)
     draws = np.random.default_rng(np.asarray(key).ravel().tolist())
 
