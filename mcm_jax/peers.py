@@ -28,12 +28,10 @@ def lost_peer_message(lost, count, timeout, workdir):
 
 def start(client, index, count, timeout, workdir, interval=None):
   """Starts the watchdog thread of process ``index`` of ``count`` on the distributed runtime
-  ``client``; returns ``done()``, to call when this process has finished its work."""
+  ``client``; returns ``done()``, to call when this process has finished its work. Each round
+  is two calls to the store per process (its own counter up, every counter read at once)."""
   interval = interval or max(timeout / 10, 0.5)
   finished = threading.Event()
-
-  def key(i, what):
-    return f"{_PREFIX}/{i}/{what}"
 
   def lost(i):
     print(lost_peer_message(i, count, timeout, workdir), file=sys.stderr, flush=True)
@@ -44,20 +42,21 @@ def start(client, index, count, timeout, workdir, interval=None):
     while not finished.is_set():
       now = time.monotonic()
       try:
-        client.key_value_increment(key(index, "beat"), 1)
-        for i in list(seen):
-          if _value(client, key(i, "done")) is not None:
-            del seen[i]
-            continue
-          beat = _value(client, key(i, "beat"))
-          if beat != seen[i][0]:
-            seen[i] = (beat, now)
-          elif now - seen[i][1] > timeout:
-            lost(i)
+        client.key_value_increment(f"{_PREFIX}/beat/{index}", 1)
+        state = dict(client.key_value_dir_get(f"{_PREFIX}/"))
       except Exception:  # pylint: disable=broad-except
         if index != 0 and not finished.is_set():  # the store lives in process 0
           lost(0)
         return
+      for i in list(seen):
+        if f"{_PREFIX}/done/{i}" in state:
+          del seen[i]
+          continue
+        beat = state.get(f"{_PREFIX}/beat/{i}")
+        if beat != seen[i][0]:
+          seen[i] = (beat, now)
+        elif now - seen[i][1] > timeout:
+          lost(i)
       finished.wait(interval)
 
   threading.Thread(target=watch, name="mcm_jax_peers", daemon=True).start()
@@ -65,19 +64,8 @@ def start(client, index, count, timeout, workdir, interval=None):
   def done():
     finished.set()
     try:
-      client.key_value_set(key(index, "done"), "1", allow_overwrite=True)
+      client.key_value_set(f"{_PREFIX}/done/{index}", "1", allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass
 
   return done
-
-
-def _value(client, key):
-  """The store's value of ``key``, None when it has none."""
-  try:
-    return client.key_value_try_get(key)
-  except Exception as e:  # pylint: disable=broad-except
-    if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-      return None
-    raise
-
