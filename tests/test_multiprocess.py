@@ -6,8 +6,9 @@ against the same job in one process.
 What runs across processes: each process reads only its slice of every batch, gradients are
 reduced over the processes' devices (CPU collectives), orbax writes one checkpoint from both,
 the damaged-checkpoint fallback agrees on one step, ``--mode=eval`` gathers the samples of
-both processes (``process_allgather``) before its Frechet distance, and a process whose peer is
-killed stops with one line (``mcm_jax.peers``)."""
+both processes (``process_allgather``) before its Frechet distance, a SIGTERM to one process
+stops both at one step, and a process whose peer is killed stops with one line
+(``mcm_jax.peers``)."""
 import json
 import os
 import signal
@@ -154,27 +155,6 @@ def test_two_processes_train_fall_back_and_evaluate_as_one(tmp_path):
   np.testing.assert_allclose(got["results"][0]["fd"], want["results"][0]["fd"], rtol=1e-3)
 
 
-@pytest.mark.slow  # a 2-process run, one process killed
-def test_a_killed_process_stops_the_other_with_one_line(tmp_path):
-  """SIGKILL of process 1 (an OOM kill, a lost node): process 0, blocked in the step's
-  collectives, stops within the peer timeout with exit 4 and one line naming the lost process
-  and how to resume (mcm_jax/peers.py), not JAX's abort after its heartbeat timeout."""
-  workdir = str(tmp_path / "run")
-  procs = _start(workdir, "--peer_timeout=5", overrides={"train.steps": 10_000})
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.monotonic() + 300
-  while not (os.path.exists(metrics) and os.path.getsize(metrics)):  # training: steps logged
-    assert time.monotonic() < deadline and procs[0].poll() is None, _logs(procs)[0][-3000:]
-    time.sleep(0.5)
-  procs[1].kill()
-  killed = time.monotonic()
-  log = _logs(procs[:1], timeout=60)[0]
-  assert procs[0].returncode == peers.EXIT_LOST_PEER, log[-3000:]
-  assert time.monotonic() - killed < 30
-  assert peers.lost_peer_message(1, 2, 5, workdir) in log
-  assert "Check failure stack trace" not in log and "Fatal Python error" not in log
-
-
 @pytest.mark.slow  # a 2-process MLCM stage and the same stage in-process
 def test_two_processes_build_one_trajectory_bank_and_stream_it(tmp_path):
   """MLCM stage 0 from a trajectory bank: each process writes the pairs of its own batch rows
@@ -208,25 +188,44 @@ def test_two_processes_build_one_trajectory_bank_and_stream_it(tmp_path):
                                                     for r in rows)
 
 
-@pytest.mark.slow  # a 2-process run stopped by SIGTERM, then resumed
-def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_continues(tmp_path):
+def _wait_for_training(procs, workdir, after=0):
+  """Until ``metrics.jsonl`` holds a row past step ``after`` (both processes are stepping)."""
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.monotonic() + 300
+  while not (os.path.exists(metrics) and any(
+      json.loads(l)["step"] > after for l in open(metrics) if l.strip())):
+    assert time.monotonic() < deadline and procs[0].poll() is None, _logs(procs)[0][-3000:]
+    time.sleep(0.5)
+
+
+@pytest.mark.slow  # a 2-process run stopped by SIGTERM, then resumed and one process killed
+def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(tmp_path):
   """Preemption of one host: both processes save the same step and exit 143 (the flag is
-  or'ed over the processes each logged chunk, ``train.on_any_process``), and running the same
-  command again resumes both from it to the end."""
+  or'ed over the processes each logged chunk, ``train.on_any_process``). The same command
+  again resumes both from that step; then SIGKILL of process 1 (an OOM kill, a lost node):
+  process 0, blocked in the step's collectives, stops within the peer timeout with exit 4 and
+  one line naming the lost process and how to resume (``mcm_jax.peers``), not JAX's abort
+  after its heartbeat timeout."""
   workdir = str(tmp_path / "run")
   long = {"train.steps": 10_000, "train.checkpoint_every": 1000}
   procs = _start(workdir, overrides=long)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.monotonic() + 300
-  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
-    assert time.monotonic() < deadline and procs[0].poll() is None, _logs(procs)[0][-3000:]
-    time.sleep(0.5)
+  _wait_for_training(procs, workdir)
   procs[1].send_signal(signal.SIGTERM)
   logs = _logs(procs, timeout=120)
   assert [p.returncode for p in procs] == [143, 143], logs[0][-2000:] + logs[1][-2000:]
   saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert len(saved) == 1 and saved[0] % 2 == 0 and 0 < saved[0] < 1000
   assert all(f"SIGTERM at step {saved[0]}" in log for log in logs)
-  _two_processes(workdir, overrides=dict(long, **{"train.steps": saved[0] + 4}))
+
+  procs = _start(workdir, "--peer_timeout=5", overrides=long)  # resumes from saved[0]
+  _wait_for_training(procs, workdir, after=saved[0])
   rows = _rows(workdir)
-  assert [r["step"] for r in rows] == list(range(2, saved[0] + 5, 2))  # one row per logged step
+  assert [r["step"] for r in rows][:saved[0] // 2 + 1] == list(range(2, saved[0] + 3, 2))
+  procs[1].kill()
+  killed = time.monotonic()
+  log = _logs(procs[:1], timeout=60)[0]
+  assert procs[0].returncode == peers.EXIT_LOST_PEER, log[-3000:]
+  assert time.monotonic() - killed < 30
+  assert f"resumed from step {saved[0]}" in log
+  assert peers.lost_peer_message(1, 2, 5, workdir) in log
+  assert "Check failure stack trace" not in log and "Fatal Python error" not in log
