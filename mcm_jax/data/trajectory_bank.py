@@ -61,8 +61,9 @@ class Bank:
                what="trajectory bank"):
     metas = _metas(directory)
     if not metas:
-      raise FileNotFoundError(f"{what} {directory!r} has no meta_p*.json (build it first: "
-                              "config.mlcm.bank.dir with config.mlcm.bank.entries)")
+      hint = ("build it first: config.mlcm.bank.dir with config.mlcm.bank.entries"
+              if what == "trajectory bank" else "a training run writes it before reading it")
+      raise FileNotFoundError(f"{what} {directory!r} has no meta_p*.json ({hint})")
     self.fields = fields
     self.shards, offsets = [], [0]
     for m in metas:
