@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax import guidance
-from mcm_jax.samplers.addim import addim_step, bcast, ddim_step, inv_ddim
+from mcm_jax.samplers.addim import addim_step, ddim_step, inv_ddim, noised
 from mcm_jax.schedules import alpha_sigma, snr_plus_one
 
 TEACHER_SAMPLERS = ("addim", "ddim")
@@ -108,7 +108,7 @@ def consistency_loss(params, batch, rng, step, teacher_params=None, *, denoise_f
   t, s, t_step = sample_times(rng_t, x.shape[0], student_steps, n_teacher)
   eps = jax.random.normal(rng_eps, x.shape, x.dtype)
   a_t, s_t = alpha_sigma(logsnr_fn(t))
-  z_t = bcast(a_t, x) * x + bcast(s_t, x) * eps
+  z_t = noised(x, eps, a_t, s_t)
 
   if teacher_fn is None:
     x_teacher, x_var = x, jnp.zeros(x.shape[:1], x.dtype)

@@ -12,7 +12,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from mcm_jax.samplers.addim import bcast
+from mcm_jax.samplers.addim import noised
 from mcm_jax.schedules import alpha_sigma, snr_plus_one
 
 
@@ -41,7 +41,7 @@ def diffusion_loss(params, batch, rng, step, frozen=None, *, denoise_fn, logsnr_
   eps = jax.random.normal(rng_eps, x.shape, x.dtype)
   logsnr = logsnr_fn(t)
   alpha, sigma = alpha_sigma(logsnr)
-  z_t = bcast(alpha, x) * x + bcast(sigma, x) * eps
+  z_t = noised(x, eps, alpha, sigma)
   cond = batch.get("label")
   if p_uncond > 0 and cond is not None:  # its own stream: p_uncond = 0 keeps the draws above
     cond = drop_labels(cond, jax.random.fold_in(rng, zlib.crc32(b"label_dropout")), p_uncond,

@@ -212,12 +212,6 @@ def training_pair(rng, shape, hp, source, teacher, image_free=None):
   return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm, z_tn=z_tn)
 
 
-def noised(latents, noise, t):
-  """``z_t = alpha_t z_0 + sigma_t eps`` (the forward process at SDXL timesteps ``t`` [B])."""
-  alpha, sigma = alpha_sigma(t)
-  return bcast(alpha, latents) * latents + bcast(sigma, latents) * noise
-
-
 def image_pair(rng, latents, hp, teacher):
   """One training pair from real latents ``z_0`` [B, H, W, C] (same keys as ``training_pair``):
   ``z_{t_m} = alpha_{t_m} z_0 + sigma_{t_m} eps`` (LCM Alg. 1 / 4), and ``z_{t_n}`` either
@@ -228,9 +222,9 @@ def image_pair(rng, latents, hp, teacher):
   s, t_m, t_n, start = sample_times(k_times, latents.shape[0], hp.num_segments, hp.skip)
   latents = jax.lax.stop_gradient(latents)
   noise = sharding.constrain_batch(jax.random.normal(k_noise, latents.shape, latents.dtype))
-  z_tm = noised(latents, noise, t_m)
+  z_tm = addim.noised(latents, noise, *alpha_sigma(t_m))
   if hp.teacher_step == DATA_STEP:
-    z_tn = noised(latents, noise, t_n)
+    z_tn = addim.noised(latents, noise, *alpha_sigma(t_n))
   else:
     z_tn = teacher_step(teacher, z_tm, t_m, t_n, hp.teacher_step)
   return dict(segment=s, t_m=t_m, t_n=t_n, seg_start=start, z_tm=z_tm,
@@ -270,12 +264,14 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
 
   ``denoise_fn(params, z, t, cond) -> x_hat`` (the UNet as a denoiser), ``adapt(base,
   trainable) -> params`` (the LoRA attached, ``lora.attach``), ``latent_shape = (H, W, C)``.
-  ``frozen``: {'unet': base params, 'teacher': teacher params (the base if absent), 'prev_lora': the previous stage's
-  trainable or None, 'uncond': the unconditional conditioning [1, ...], and with rewards 'vae',
-  'scorer'}. ``batch``: the conditioning {'context', 'text_embeds', 'time_ids'} and, from a
-  trajectory bank, a ready pair {'z_tm', 'z_tn', 't_m', 't_n', 'seg_start'}; with ``hp.source =
-  'images'``, the images' latents 'latents' (cached) or the images 'image' [B, 8H, 8W, 3] in
-  [-1, 1], encoded here by ``encode(frozen['vae'], images)`` (``image_pair``).
+  ``frozen``: {'unet': base params, 'teacher': teacher params (the base if absent),
+  'prev_lora': the previous stage's trainable or None, 'uncond': the unconditional
+  conditioning [1, ...], and with rewards or uncached images 'vae', with rewards 'scorer'}.
+  ``batch``: the conditioning {'context', 'text_embeds', 'time_ids'} and, from a trajectory
+  bank, a ready pair {'z_tm', 'z_tn', 't_m', 't_n', 'seg_start'}; with ``hp.source =
+  'images'``, the images' latents 'latents' (cached) or the images 'image' [B, fH, fW, 3] in
+  [-1, 1] (f: the VAE's factor), encoded here by ``encode(frozen['vae'], images)``
+  (``image_pair``).
 
   Stage 0 (no 'prev_lora'): ``z_{t_m}`` from the guided teacher (App. Alg. 1 'mdi' or 'sdi'),
   ``z_{t_n}`` by its step. Later stages: ``z_{t_m}`` from the previous MLCM (App. Alg. 2) and

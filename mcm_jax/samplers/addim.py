@@ -20,6 +20,11 @@ def bcast(a, x):
   return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) if a.ndim else a
 
 
+def noised(x, eps, alpha, sigma):
+  """The forward process ``z = alpha x + sigma eps`` (``alpha``, ``sigma``: scalars or [B])."""
+  return bcast(alpha, x) * x + bcast(sigma, x) * eps
+
+
 def step_times(i, num_steps, batch):
   """Times of step i (0-based) of a uniform N-step sampler: ``t = (N - i) / N``, ``s = t - 1/N``,
   each a [batch] array."""
@@ -93,7 +98,7 @@ def estimate_x_var_table(f, x_data, logsnr_fn, rng, num_t=64, eta=0.75):
     eps = jax.random.normal(key, x_data.shape, x_data.dtype)
     tb = jnp.full((x_data.shape[0],), t)
     alpha, sigma = alpha_sigma(logsnr_fn(tb))
-    z = bcast(alpha, x_data) * x_data + bcast(sigma, x_data) * eps
+    z = noised(x_data, eps, alpha, sigma)
     err = jnp.mean(jnp.square(x_data - f(z, tb)), axis=reduce_axes)
     return eta * jnp.mean(err)
 
@@ -167,7 +172,7 @@ def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
     x_hat = f(z, jnp.full((batch,), times[i]))
     if i < times.shape[0] - 2:
       alpha, sigma = alpha_sigma(logsnr_fn(jnp.full((batch,), times[i + 1])))
-      z = bcast(alpha, x_hat) * x_hat + bcast(sigma, x_hat) * noise[i]
+      z = noised(x_hat, noise[i], alpha, sigma)
   return x_hat
 
 
