@@ -105,7 +105,6 @@ def test_toy_command_line_on_a_gs_workdir_and_resume(tmp_path):
   again = {f for f in _files(root) if f.startswith(run + "compilation_cache/")}
   assert again == cache, again - cache  # nothing compiled anew
   assert json.loads((root / run / "results.json").read_text())["ring8"] == results["ring8"]
-  assert json.loads((root / run / "results.json").read_text())["ring8"] == results["ring8"]
   assert (root / run / "metrics.jsonl").read_text().splitlines() == rows
   assert not (root / run / "config_1.json").exists()
   assert not (cwd / "gs:").exists() and os.listdir(cwd) == []

@@ -149,22 +149,21 @@ def starting_lora(c, params):
   """Stage 0's LoRA: ``init_lora``, or the file ``lora.init_from`` (e.g. a distilled student
   for LCF), which must have the same modules and rank; its B is divided by ``lora.scale`` so
   that the student starts equal to the base with that file attached at scale 1."""
-  fresh = init_lora(c, params)
   if not c.lora.init_from:
-    return fresh
+    return init_lora(c, params)
   loaded = lora.load(c.lora.init_from, params)
-  shapes = lambda tree: {k: (np.shape(v["a"]), np.shape(v["b"])) for k, v in tree.items()}
-  if shapes(loaded) != shapes(fresh):
-    missing, extra = sorted(fresh.keys() - loaded.keys()), sorted(loaded.keys() - fresh.keys())
-    first = next((k for k in sorted(fresh.keys() & loaded.keys())
-                  if shapes(loaded)[k] != shapes(fresh)[k]), None)
+  shapes = lambda tree: {k: (tuple(v["a"].shape), tuple(v["b"].shape)) for k, v in tree.items()}
+  got, want = shapes(loaded), shapes(jax.eval_shape(lambda p: init_lora(c, p), params))
+  if got != want:
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    first = next((k for k in sorted(want.keys() & got.keys()) if got[k] != want[k]), None)
     raise UserError(
         f"config.lora.init_from={c.lora.init_from!r} does not match config.lora (rank="
         f"{c.lora.rank}, targets={tuple(c.lora.targets)}): "
         + (f"modules missing from the file: {missing[:3]}; " if missing else "")
         + (f"modules not in the targets: {extra[:3]}; " if extra else "")
-        + (f"{first}: (A, B) shapes {shapes(loaded)[first]} in the file, "
-           f"{shapes(fresh)[first]} configured; " if first else "")
+        + (f"{first}: (A, B) shapes {got[first]} in the file, {want[first]} configured; "
+           if first else "")
         + "set lora.rank / lora.targets to the file's")
   return {k: {"a": jnp.asarray(v["a"], jnp.float32),
               "b": jnp.asarray(v["b"], jnp.float32) / c.lora.scale} for k, v in loaded.items()}
@@ -300,12 +299,13 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
   return trajectory_bank.open_or_build(c.mlcm.bank.dir, bank_settings(c), batches)
 
 
-def image_batch_fn(c, images, encode_batch, encode_images, frozen, mesh):
+def image_batch_fn(c, images, encode_batch, encode_images, vae_params, mesh):
   """The host batch function of an image run: captions' conditioning plus the images, or
-  their latents from ``images.cache_dir`` (built first if absent; ``latent_cache``)."""
+  their latents from ``images.cache_dir`` (built first if absent by ``encode_images`` with
+  ``vae_params``; ``latent_cache``)."""
   if not c.images.cache_dir:
     return image_captions.host_batch_fn(images, encode_batch, c.train.batch_size, c.seed)
-  vae_params, jitted = jax.device_put(frozen["vae"], sharding.replicated(mesh)), jax.jit(
+  vae_params, jitted = jax.device_put(vae_params, sharding.replicated(mesh)), jax.jit(
       encode_images)
   encode = lambda x: jitted(vae_params, x)
   cache = latent_cache.open_or_build(c.images.cache_dir, images, encode, c.student_unet,
@@ -347,7 +347,7 @@ def run(config, workdir):
 
   if c.text_encoder == "sdxl":
     encode = cached_encoder(encode, prompts)  # frees the CLIP weights when the prompts are few
-  decode = score = scorer = encode_images = None
+  decode = score = scorer = encode_images = vae_params = None
   if c.rewards.scorer:
     scorer = reward_scorer(c)
     score = scorer.score
@@ -355,19 +355,19 @@ def run(config, workdir):
   frozen = frozen_inputs(c, params, teacher, jax.device_put(unconditional(c, encode_batch),
                                                          sharding.replicated(mesh)))
   if c.rewards.scorer or images is not None:
-    vae, frozen["vae"] = sdxl.load_vae(c.student_unet)
+    vae, vae_params = sdxl.load_vae(c.student_unet)
     decode, encode_images = sdxl.make_decoder(vae), sdxl.make_encoder(vae)
   if c.rewards.scorer:
     frozen["scorer"] = scorer.params
   writer = create_writer(workdir)
   if images is not None:
-    batch_fn = image_batch_fn(c, images, encode_batch, encode_images, frozen, mesh)
+    batch_fn = image_batch_fn(c, images, encode_batch, encode_images, vae_params, mesh)
     if c.images.cache_dir:
       encode_images = None  # the step reads cached latents
-      if not c.rewards.scorer:
-        del frozen["vae"]
   else:
     batch_fn = prompt_data.host_batch_fn(prompts, encode_batch, c.train.batch_size, c.seed)
+  if c.rewards.scorer or encode_images is not None:  # the step decodes or encodes
+    frozen["vae"] = vae_params
   bank_fn = None
   if c.mlcm.bank.dir:
     bank = open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh)
