@@ -93,10 +93,12 @@ class ImageCaptionFolder:
   def _decode(self, name):
     from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
     path = os.path.join(self.directory, name)
-    if not storage.isfile(path):
-      raise FileNotFoundError(f"image {path} named in {METADATA} does not exist")
+    try:  # one read per image, no separate existence check (a round trip in an object store)
+      data = storage.read_bytes(path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"image {path} named in {METADATA} does not exist") from e
     try:
-      image = np.asarray(Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB"))
+      image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
       raise UserError(f"image {path} is not a readable image ({e})") from e
     return images.center_crop_resize(image, self.resolution)
