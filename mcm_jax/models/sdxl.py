@@ -91,14 +91,13 @@ def param_shapes(model):
   return flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
 
 
-def assemble_params(named_tensors, model, what, dtype=jnp.float32):
-  """The model's parameter tree (scanned layout for the UNet) in ``dtype`` from
-  ``named_tensors``: (diffusers-layout Flax key tuple, numpy array, its name for errors),
+def assemble_params(named_tensors, shapes, what, dtype=jnp.float32):
+  """The parameter tree of the model whose ``param_shapes`` are ``shapes`` (scanned layout for
+  the UNet) in ``dtype`` from ``named_tensors``: (diffusers-layout Flax key tuple, numpy array, its name for errors),
   read one at a time. Each tensor is cast straight into its place (a transformer block's into
   its slice of the stacked leaf): no second copy of the weights. Every name and shape is
   checked; errors start with ``what`` (the file)."""
   from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
-  shapes = param_shapes(model)
   places = sdxl_unet.layout(unflatten_dict(shapes))
   out, filled = {}, set()
   for key, tensor, name in named_tensors:
@@ -123,12 +122,13 @@ def assemble_params(named_tensors, model, what, dtype=jnp.float32):
   return unflatten_dict({k: jnp.asarray(out.pop(k)) for k in list(out)})  # one leaf at a time
 
 
-def pytorch_to_flax_names(tensors, model):
+def pytorch_to_flax_names(tensors, shapes):
   """(Flax key tuple, array, PyTorch name) for each (name, array) of a PyTorch state dict of the
-  same diffusers model, by diffusers' own renaming and reshaping rules."""
+  diffusers model whose ``param_shapes`` are ``shapes``, by diffusers' own renaming and
+  reshaping rules."""
   from diffusers.models import modeling_flax_pytorch_utils as conv  # pylint: disable=g-import-not-at-top
   from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
-  places = sdxl_unet.layout(unflatten_dict(param_shapes(model)))
+  places = sdxl_unet.layout(unflatten_dict(shapes))
   diffusers_shapes = {k: jax.ShapeDtypeStruct(shape, jnp.float32)
                       for k, (_, _, shape) in places.items()}
   for name, tensor in tensors:
@@ -195,17 +195,18 @@ def _load_diffusers(path, name, build, dtype=jnp.float32):
     model = build(config)
   except (KeyError, TypeError, UserError) as e:  # another architecture's config
     raise UserError(f"{config_file}: not an SDXL {name} config ({type(e).__name__}: {e})") from e
+  shapes = param_shapes(model)
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
     params = _read_msgpack(flax_file)
     tensors = ((k, v, repr("/".join(k))) for k, v in
                flatten_dict(params.get("params", params)).items())
-    return model, assemble_params(tensors, model, flax_file, dtype)
+    return model, assemble_params(tensors, shapes, flax_file, dtype)
   for weights in PT_WEIGHTS:
     pt_file = os.path.join(directory, weights)
     if os.path.isfile(pt_file):
-      tensors = pytorch_to_flax_names(iter_safetensors(pt_file), model)
-      return model, assemble_params(tensors, model, pt_file, dtype)
+      tensors = pytorch_to_flax_names(iter_safetensors(pt_file), shapes)
+      return model, assemble_params(tensors, shapes, pt_file, dtype)
   raise FileNotFoundError(f"{directory} has neither {FLAX_WEIGHTS} nor {' / '.join(PT_WEIGHTS)} "
                           "(PyTorch .bin pickles are not read: convert them to safetensors)")
 

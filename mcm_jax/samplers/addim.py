@@ -152,28 +152,47 @@ def sample_on_grid(f, z_init, times, logsnr_fn, x_var_fn=None):
   [N + 1] array): step i maps ``z_{t_i}`` to ``z_{t_{i+1}}`` by DDIM / aDDIM with
   ``x_hat = f(z_{t_i}, t_i)``; the last step returns ``x_hat`` (t_N, the clean end, is not
   evaluated). E.g. SDXL timesteps ``[999, 750, 500, 250, 0]`` with ``schedules.sdxl_logsnr``.
-  The steps unroll: N is static."""
+  The steps run in a ``lax.scan``: ``f`` is traced once for any N."""
   times = jnp.asarray(times, jnp.float32)
-  batch, z = z_init.shape[0], z_init
-  for i in range(times.shape[0] - 1):
-    t, s = jnp.full((batch,), times[i]), jnp.full((batch,), times[i + 1])
-    x_hat, z = _update(f, z, t, s, logsnr_fn, x_var_fn)
-  return x_hat
+  batch = z_init.shape[0]
+
+  def step(z, t_s):
+    t, s = jnp.full((batch,), t_s[0]), jnp.full((batch,), t_s[1])
+    x_hat, z_s = _update(f, z, t, s, logsnr_fn, x_var_fn)
+    return z_s.astype(z.dtype), x_hat
+
+  return scan_steps(step, z_init, (times[:-1], times[1:]))
 
 
 def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
   """Multistep consistency sampling with fresh noise (Song et al. 2023 Alg. 1; LCM's
   multistep sampler): for each t_i of the decreasing grid ``times`` [N + 1],
   ``x_hat = f(z_{t_i}, t_i)``, then ``z_{t_{i+1}} = alpha x_hat + sigma noise[i]`` with the
-  given fresh Gaussian ``noise`` [N - 1, B, ...]; returns the last ``x_hat`` (t_N unused)."""
+  given fresh Gaussian ``noise`` [>= N - 1, B, ...]; returns the last ``x_hat`` (t_N unused).
+  One ``lax.scan``: ``f`` is traced once."""
   times = jnp.asarray(times, jnp.float32)
-  batch, z = z_init.shape[0], z_init
-  for i in range(times.shape[0] - 1):
-    x_hat = f(z, jnp.full((batch,), times[i]))
-    if i < times.shape[0] - 2:
-      alpha, sigma = alpha_sigma(logsnr_fn(jnp.full((batch,), times[i + 1])))
-      z = noised(x_hat, noise[i], alpha, sigma)
-  return x_hat
+  batch = z_init.shape[0]
+  steps = times.shape[0] - 1
+  noise = jnp.concatenate([noise[:steps - 1], jnp.zeros((1,) + z_init.shape, noise.dtype)])
+
+  def step(z, xs):
+    t, t_next, fresh = xs
+    x_hat = f(z, jnp.full((batch,), t))
+    alpha, sigma = alpha_sigma(logsnr_fn(jnp.full((batch,), t_next)))
+    return noised(x_hat, fresh, alpha, sigma).astype(z.dtype), x_hat
+
+  return scan_steps(step, z_init, (times[:-1], times[1:], noise))
+
+
+def scan_steps(step, z_init, xs):
+  """Runs ``step(z, x_i) -> (z_next, x_hat)`` over the leading axis of ``xs`` in one
+  ``lax.scan`` (the model inside ``step`` is traced once) and returns the last step's ``x_hat``
+  (in ``z_init``'s dtype); the last ``z_next`` is discarded."""
+  def body(carry, x):
+    z, x_hat = step(carry[0], x)
+    return (z, x_hat.astype(z_init.dtype)), None
+
+  return jax.lax.scan(body, (z_init, jnp.zeros_like(z_init)), xs)[0][1]
 
 
 def consistency_sample(f, z_init, student_steps, logsnr_fn, return_trajectory=False):

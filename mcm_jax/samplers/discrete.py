@@ -125,19 +125,27 @@ def tcd_sample_on_grid(f, z_init, grid, gamma, noise):
   last step returns ``z_s`` at s = 0. gamma = 0 is deterministic (DDIM to t_{i+1}); ``noise``
   [K - 1, B, ...]."""
   grid = np.asarray(grid)
-  batch, z = z_init.shape[0], z_init
+  batch = z_init.shape[0]
   full = lambda t: jnp.full((batch,), t, jnp.float32)
-  for i in range(len(grid) - 1):
-    t, s = int(grid[i]), int(np.floor((1 - gamma) * grid[i + 1]))
+  times = np.stack([grid[:-1], np.floor((1 - gamma) * grid[1:]), grid[1:]], 1)  # t_i, s, t_{i+1}
+  renoise = np.arange(len(times)) < len(times) - 1  # every step but the last, when gamma > 0
+  noise = jnp.concatenate([noise[:len(times) - 1], jnp.zeros((1,) + z_init.shape, noise.dtype)])
+
+  def step(z, xs):
+    (t, s, t_next), fresh, again = xs
     x_hat = f(z, full(t))
     a_t, s_t = alpha_sigma(full(t))
     eps_hat = (z - bcast(a_t, z) * x_hat) / bcast(s_t, z)
     a_s, s_s = alpha_sigma(full(s))
-    z = bcast(a_s, z) * x_hat + bcast(s_s, z) * eps_hat
-    if i < len(grid) - 2 and gamma > 0:
-      keep = (alpha_sigma(full(grid[i + 1]))[0] / a_s) ** 2  # abar_{i+1} / abar_s
-      z = bcast(jnp.sqrt(keep), z) * z + bcast(jnp.sqrt(1 - keep), z) * noise[i]
-  return z
+    z_s = bcast(a_s, z) * x_hat + bcast(s_s, z) * eps_hat
+    if gamma > 0:
+      keep = (alpha_sigma(full(t_next))[0] / a_s) ** 2  # abar_{i+1} / abar_s
+      z_s = jnp.where(again, bcast(jnp.sqrt(keep), z) * z_s + bcast(jnp.sqrt(1 - keep), z) * fresh,
+                      z_s)
+    return z_s.astype(z.dtype), z_s
+
+  return addim.scan_steps(step, z_init, (jnp.asarray(times, jnp.float32), noise,
+                                         jnp.asarray(renoise)))
 
 
 DPM_SOLVER_2 = dpm_solver.SECOND_ORDER  # the singlestep second-order DPM-Solvers, by name
@@ -166,11 +174,14 @@ def dpm_solver_2s_sample_on_grid(f, z_init, grid):
   ``dpm_solver_2_step`` between consecutive timesteps, the last step ``x_hat`` (first order to
   sigma = 0); 2K - 1 model calls. diffusers' ``DPMSolverSinglestepScheduler`` (dpmsolver++,
   order 2) on ``with_midpoints(grid)``."""
-  grid = np.asarray(grid)
+  grid = jnp.asarray(grid, jnp.float32)
   full = lambda t: jnp.full((z_init.shape[0],), t, jnp.float32)
-  z = z_init
-  for i in range(len(grid) - 2):
-    z = dpm_solver_2_step(f, z, full(grid[i]), full(grid[i + 1]), "dpmpp_2s")
+
+  def step(z, t_next):
+    z = dpm_solver_2_step(f, z, full(t_next[0]), full(t_next[1]), "dpmpp_2s").astype(z.dtype)
+    return z, None
+
+  z = jax.lax.scan(step, z_init, (grid[:-2], grid[1:-1]))[0]
   return f(z, full(grid[-2]))
 
 

@@ -61,19 +61,24 @@ def multistep_update(x_hat, previous, z, logsnr_prev, logsnr_t, logsnr_next, fir
 def dpmpp_2m_sample_on_grid(f, z_init, times, logsnr_fn):
   """DPM-Solver++(2M) (``multistep_update``) over the decreasing grid ``times`` [N + 1] whose
   last entry is the clean end (not evaluated: the last step returns ``x_hat``, the first-order
-  step to sigma = 0, as diffusers' last step). The steps unroll: N is static (few steps)."""
-  times = np.asarray(times)
-  batch, z = z_init.shape[0], z_init
-  logsnr = [logsnr_fn(jnp.full((batch,), t, jnp.float32)) for t in times[:-1]]
-  previous = z_init
-  for i in range(len(times) - 1):
-    x_hat = f(z, jnp.full((batch,), times[i], jnp.float32))
-    if i == len(times) - 2:
-      return x_hat
-    z = multistep_update(x_hat, previous, z, logsnr[max(i - 1, 0)], logsnr[i], logsnr[i + 1],
-                         i == 0)
-    previous = x_hat
-  return z
+  step to sigma = 0, as diffusers' last step). One ``lax.scan``: ``f`` is traced once."""
+  batch = z_init.shape[0]
+  times = jnp.asarray(times, jnp.float32)
+  logsnr = logsnr_fn(times[:-1])
+  # Step i: (t_i, lambda_{i-1}, lambda_i, lambda_{i+1}); the last step's update is discarded,
+  # so its lambda_{i+1} is lambda_i (a finite no-op step instead of the clean end's).
+  steps = (times[:-1], jnp.concatenate([logsnr[:1], logsnr[:-1]]), logsnr,
+           jnp.concatenate([logsnr[1:], logsnr[-1:]]), jnp.arange(times.shape[0] - 1) == 0)
+
+  def step(carry, xs):
+    z, previous = carry
+    t, l_prev, l_t, l_next, first = xs
+    full = lambda v: jnp.full((batch,), v)
+    x_hat = f(z, full(t)).astype(z.dtype)
+    z_next = multistep_update(x_hat, previous, z, full(l_prev), full(l_t), full(l_next), first)
+    return (z_next.astype(z.dtype), x_hat), None
+
+  return jax.lax.scan(step, (z_init, z_init), steps)[0][1]  # the last x_hat
 
 
 def dpmpp_2m_sample(f, z_init, num_steps, logsnr_fn):
