@@ -48,10 +48,12 @@ EXTRAS = {
     # ~1 min to install from that local copy). An unpinned torch pulls whatever is newest.
     # The SDXL UNet and LoRA export are checked against diffusers' PyTorch classes (LoRA loading
     # there needs peft).
-    # pytest-xdist: the suite runs one test module per core (pytest.ini). open_clip_torch: the
-    # reference for the open_clip -> transformers CLIP conversion (HPSv2), and its wheel ships
-    # CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); nothing is downloaded.
-    "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.3", "scipy",
+    # pytest-xdist: the suite runs one test module per core (pytest.ini), the longest first
+    # (--no-loadscope-reorder, from 3.7; else xdist orders modules by test count).
+    # open_clip_torch: the reference for the open_clip -> transformers CLIP conversion (HPSv2),
+    # and its wheel ships CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); nothing is
+    # downloaded.
+    "test": ["pytest>=8", "pytest-xdist>=3.7", "scikit-learn>=1.3", "scipy",
              "tensorflow-datasets>=4.9,<5", "array_record",
              "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
              "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",

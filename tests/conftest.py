@@ -42,6 +42,18 @@ def pytest_configure(config):
       "trainings, PyTorch-equivalence tests taking seconds; -m 'not slow' is the fast tier")
 
 
+# The modules that take longest, in that order, run first: pytest-xdist (--dist loadfile) hands
+# whole modules to its workers in collection order, so the short ones are left to fill the end.
+LONGEST_FIRST = ("test_multiprocess.py", "test_plan.py", "test_mlcm_run.py", "test_pixel.py",
+                 "test_object_storage.py", "test_toy_e2e.py", "test_generate.py",
+                 "test_sdxl_unet.py", "test_wiring.py", "test_uvit.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-module order kept
+
+
 def _snapshot(path):
   """(relative path, size, mtime) of every file under ``path``."""
   return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)),

@@ -129,7 +129,8 @@ def test_few_step_sampling_lands_on_the_data_and_uses_the_milestones():
                                jnp.broadcast_to(X0, (5, 4)), atol=1e-4)
   np.testing.assert_array_equal(discrete.sampling_timesteps(4), [999, 750, 500, 250, 0])
   seen = []
-  record = lambda z, t: (seen.append(t), exact(z, t))[1]
+  record = lambda z, t: (jax.debug.callback(lambda v: seen.append(np.asarray(v)), t,
+                                           ordered=True), exact(z, t))[1]
   discrete.sample(record, noise, 4)
   assert [int(t[0]) for t in seen] == [999, 750, 500, 250]
 

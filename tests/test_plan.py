@@ -1,7 +1,7 @@
 """``--mode=plan``: the train step compiled for abstract TPU devices (libtpu, no TPU present).
 
 Tiny configs on ``v5e:2x2`` (4 chips). Each config is compiled for TPU once per module (the TPU
-compiler needs ~20-30 s for them on 2 busy cores); the tests then read that one executable. The
+compiler needs tens of seconds for each); the tests then read that one executable. The
 same configs' real CPU train steps (``pixel.run`` / ``sdxl_mlcm.run`` on the 8 fake CPU devices)
 are shown to come from the planner's builder: the same ``train.jit_step`` call, the same HLO.
 """
@@ -55,8 +55,12 @@ def cd_plan():
 
 
 def _tiny_mlcm_config():
+  """The tiny MLCM config on 2 x 2 chips: the frozen UNet's large kernels sharded over 2 chips;
+  LoRA rank 256 (factors as large as the tiny UNet's kernels, large enough that GSPMD would
+  split them by size) on 16 x 16 latents."""
   config = sdxl_mlcm_config.get_config("tiny")
-  config.mesh.fsdp = 2  # the frozen UNet's large kernels sharded over 2 chips
+  config.mesh.fsdp = 2
+  config.lora.rank, config.latent_resolution = 256, 16
   return config
 
 
@@ -188,17 +192,15 @@ def _batch_gathers_in_transformer_blocks(compiled):
           and "transformer_blocks" in line]
 
 
-@compiles_for_tpu  # one more TPU compile (~50 s here)
-def test_each_chip_runs_the_transformer_blocks_on_its_own_examples():
+@compiles_for_tpu
+def test_each_chip_runs_the_transformer_blocks_on_its_own_examples(mlcm_plan):
   """In the sharded step no chip gathers the batch's activations: the hidden states are kept
   split by batch in the transformer blocks (sharding.constrain_batch; without it, 120 gathers
   at these sizes, and on SDXL every chip held the whole batch) and LoRA factors are replicated
   (sharding.LOW_RANK_FACTORS; rank 256 makes them large enough to be split by size, which made
   GSPMD split the activations by feature and gather their batch at every adapted projection:
   256 gathers at 32 x 32 latents, 14 GiB more temporaries per chip on SDXL)."""
-  config = _tiny_mlcm_config()
-  config.lora.rank, config.latent_resolution = 256, 16
-  _, compiled, args, _ = _compiled(config)
+  _, compiled, args, _ = mlcm_plan
   factors = jax.tree_util.tree_leaves(args[0].params)
   large = [x for x in factors if _count(x) >= 2 ** 14]  # large enough to be split by size
   assert len(large) > len(factors) / 2
@@ -235,7 +237,7 @@ def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_plan):
   adapted = jaxpr_flops(jax.make_jaxpr(lambda p, l, b: forward(
       lora.attach(p, l, config.lora.scale), b))(params, args[1]["prev_lora"], batch))
   expected = 2 * loop0 * plain / adapted - loop1
-  assert 0.9 < plain / adapted < 1  # the LoRA's share of a tiny forward
+  assert plain < adapted  # the unmerged LoRA's products (rank 256: about the forward's own)
   stage0 = mlcm_plan[3]
   assert stage0["ideal_ratio"] - report["ideal_ratio"] == pytest.approx(expected, abs=0.05)
   assert stage0["flops_ratio"] - report["flops_ratio"] == pytest.approx(expected, abs=0.05)

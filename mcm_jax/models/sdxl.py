@@ -93,10 +93,10 @@ def param_shapes(model):
 
 def assemble_params(named_tensors, shapes, what, dtype=jnp.float32):
   """The parameter tree of the model whose ``param_shapes`` are ``shapes`` (scanned layout for
-  the UNet) in ``dtype`` from ``named_tensors``: (diffusers-layout Flax key tuple, numpy array, its name for errors),
-  read one at a time. Each tensor is cast straight into its place (a transformer block's into
-  its slice of the stacked leaf): no second copy of the weights. Every name and shape is
-  checked; errors start with ``what`` (the file)."""
+  the UNet) in ``dtype`` from ``named_tensors``: (diffusers-layout Flax key tuple, numpy array,
+  its name for errors), read one at a time. Each tensor is cast straight into its place (a
+  transformer block's into its slice of the stacked leaf): no second copy of the weights. Every
+  name and shape is checked; errors start with ``what`` (the file)."""
   from flax.traverse_util import unflatten_dict  # pylint: disable=g-import-not-at-top
   places = sdxl_unet.layout(unflatten_dict(shapes))
   out, filled = {}, set()

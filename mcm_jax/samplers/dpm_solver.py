@@ -10,7 +10,6 @@ first-order step of either family is DDIM.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mcm_jax.errors import UserError
 from mcm_jax.samplers.addim import bcast, ddim_step, step_times
