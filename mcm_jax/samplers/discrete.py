@@ -123,7 +123,7 @@ def tcd_sample_on_grid(f, z_init, grid, gamma, noise):
   ``z_{t_{i+1}} = sqrt(abar_{i+1} / abar_s) z_s + sqrt(1 - abar_{i+1} / abar_s) noise[i]``.
   ``grid``: K timesteps then 0, which TCD reads as timestep 0 (abar_0), not the clean end: the
   last step returns ``z_s`` at s = 0. gamma = 0 is deterministic (DDIM to t_{i+1}); ``noise``
-  [K - 1, B, ...]."""
+  [>= K - 1, B, ...] (its first K - 1 entries are used). One ``lax.scan``: ``f`` is traced once."""
   grid = np.asarray(grid)
   batch = z_init.shape[0]
   full = lambda t: jnp.full((batch,), t, jnp.float32)
