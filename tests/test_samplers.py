@@ -245,3 +245,24 @@ def test_dpm_solver_2m_is_second_order_and_ddim_first_order():
   assert dpm[1] / dpm[2] > 2.7 and dpm[2] / dpm[3] > 3.0, dpm  # measured 3.0, 3.3
   assert 1.8 < ddim[2] / ddim[3] < 2.2, ddim
   assert all(d < 0.25 * e for d, e in zip(dpm, ddim)), (dpm, ddim)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "lcm", "tcd", "dpmpp_2m", "dpmpp_2s"])
+def test_grid_samplers_trace_the_model_a_fixed_number_of_times(sampler):
+  """Every SDXL grid sampler steps in one ``lax.scan``: the model is traced as often for a
+  25-step grid as for a 2-step one (once; DPM-Solver++(2S): its step's two calls and the last
+  step's), so a many-step sampler compiles one model call, not one per step."""
+  from mcm_jax.samplers import discrete  # pylint: disable=g-import-not-at-top
+  traced = {}
+  for steps in (2, 25):
+    calls = []
+
+    def f(z, t, calls=calls):
+      calls.append(t)
+      return gaussian_denoiser(0.5, schedules.sdxl_logsnr)(z, t)
+
+    out = jax.jit(lambda z, key: discrete.sample(f, z, steps, sampler, key))(
+        jnp.ones((2, 3)), jax.random.PRNGKey(0))
+    assert np.all(np.isfinite(out))
+    traced[steps] = len(calls)
+  assert traced[25] == traced[2] <= 3, traced
