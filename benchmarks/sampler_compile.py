@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mcm_jax import pipeline
-from mcm_jax.models import sdxl
+from mcm_jax.models import sdxl, sdxl_text
 
 
 def main():
@@ -32,11 +32,7 @@ def main():
   else:
     unet, params = sdxl.load_unet(args.unet)
     res = unet.config["sample_size"]
-  width = unet.config["cross_attention_dim"]
-  pooled = unet.config["projection_class_embeddings_input_dim"] - 6 * unet.config[
-      "addition_time_embed_dim"]
-  cond = {"context": jnp.zeros((1, 77, width)), "text_embeds": jnp.zeros((1, pooled)),
-          "time_ids": jnp.zeros((1, 6))}
+  cond = {**sdxl_text.zeros_text_encoder(unet)([""]), "time_ids": sdxl.time_ids(res * 8, 1)}
   noise = jnp.zeros((1, res, res, 4))
   for sampler in args.samplers.split(","):
     for steps in (int(s) for s in args.steps.split(",")):

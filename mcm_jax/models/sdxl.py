@@ -195,16 +195,16 @@ def _load_diffusers(path, name, build, dtype=jnp.float32):
     model = build(config)
   except (KeyError, TypeError, UserError) as e:  # another architecture's config
     raise UserError(f"{config_file}: not an SDXL {name} config ({type(e).__name__}: {e})") from e
-  shapes = param_shapes(model)
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
     params = _read_msgpack(flax_file)
     tensors = ((k, v, repr("/".join(k))) for k, v in
                flatten_dict(params.get("params", params)).items())
-    return model, assemble_params(tensors, shapes, flax_file, dtype)
+    return model, assemble_params(tensors, param_shapes(model), flax_file, dtype)
   for weights in PT_WEIGHTS:
     pt_file = os.path.join(directory, weights)
     if os.path.isfile(pt_file):
+      shapes = param_shapes(model)
       tensors = pytorch_to_flax_names(iter_safetensors(pt_file), shapes)
       return model, assemble_params(tensors, shapes, pt_file, dtype)
   raise FileNotFoundError(f"{directory} has neither {FLAX_WEIGHTS} nor {' / '.join(PT_WEIGHTS)} "

@@ -172,8 +172,7 @@ def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
   One ``lax.scan``: ``f`` is traced once."""
   times = jnp.asarray(times, jnp.float32)
   batch = z_init.shape[0]
-  steps = times.shape[0] - 1
-  noise = jnp.concatenate([noise[:steps - 1], jnp.zeros((1,) + z_init.shape, noise.dtype)])
+  noise = noise_per_step(noise, times.shape[0] - 1, z_init)
 
   def step(z, xs):
     t, t_next, fresh = xs
@@ -185,14 +184,20 @@ def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
 
 
 def scan_steps(step, z_init, xs):
-  """Runs ``step(z, x_i) -> (z_next, x_hat)`` over the leading axis of ``xs`` in one
-  ``lax.scan`` (the model inside ``step`` is traced once) and returns the last step's ``x_hat``
-  (in ``z_init``'s dtype); the last ``z_next`` is discarded."""
+  """Runs ``step(z, x_i) -> (z_next, out)`` over the leading axis of ``xs`` in one
+  ``lax.scan`` (the model inside ``step`` is traced once) and returns the last step's ``out``
+  (e.g. ``x_hat``; in ``z_init``'s dtype); the last ``z_next`` is discarded."""
   def body(carry, x):
-    z, x_hat = step(carry[0], x)
-    return (z, x_hat.astype(z_init.dtype)), None
+    z, out = step(carry[0], x)
+    return (z, out.astype(z_init.dtype)), None
 
   return jax.lax.scan(body, (z_init, jnp.zeros_like(z_init)), xs)[0][1]
+
+
+def noise_per_step(noise, num_steps, z_init):
+  """Fresh noise for a re-noising sampler's ``scan_steps``: the first ``num_steps - 1`` entries
+  of ``noise`` [>= N - 1, B, ...], then zeros for the last step, which does not re-noise."""
+  return jnp.concatenate([noise[:num_steps - 1], jnp.zeros((1,) + z_init.shape, noise.dtype)])
 
 
 def consistency_sample(f, z_init, student_steps, logsnr_fn, return_trajectory=False):

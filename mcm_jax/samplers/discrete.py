@@ -129,7 +129,7 @@ def tcd_sample_on_grid(f, z_init, grid, gamma, noise):
   full = lambda t: jnp.full((batch,), t, jnp.float32)
   times = np.stack([grid[:-1], np.floor((1 - gamma) * grid[1:]), grid[1:]], 1)  # t_i, s, t_{i+1}
   renoise = np.arange(len(times)) < len(times) - 1  # every step but the last, when gamma > 0
-  noise = jnp.concatenate([noise[:len(times) - 1], jnp.zeros((1,) + z_init.shape, noise.dtype)])
+  noise = addim.noise_per_step(noise, len(times), z_init)
 
   def step(z, xs):
     (t, s, t_next), fresh, again = xs
