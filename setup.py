@@ -17,6 +17,9 @@ CORE = [
     # clu installs without TensorFlow; its metric writers need TF (see the tensorboard extra);
     # without it mcm_jax.metric_writer falls back to a console + JSON-lines writer.
     "clu>=0.0.12",
+    # Host input (mcm_jax/data/loader.py): grain's MapDataset / IterDataset API (0.2.x; the
+    # dataset API still changes between minor releases), checked at 0.2.18.
+    "grain>=0.2.18,<0.3",
     "numpy",
     "matplotlib",  # PNG sample grids and trajectory figures
     "pillow",

@@ -28,3 +28,10 @@ def train_config(*, steps, batch_size, log_every, checkpoint_every, keep_checkpo
 def mesh(data=-1, fsdp=1):
   """Device mesh sizes: data = -1 takes all remaining devices; fsdp > 1 shards parameters."""
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp))
+
+
+def reading(workers=0, threads=4):
+  """How host batches are read (``mcm_jax.data.loader``, a grain pipeline): ``workers`` worker
+  processes building whole batches (0: the training process), ``threads`` threads per process
+  each reading one batch ahead (0: read when the step asks). Neither changes a batch."""
+  return ml_collections.ConfigDict(dict(workers=workers, threads=threads))

@@ -22,8 +22,12 @@ def pixel_config(resolution, objective, size):
   c.seed = 0
   # name: 'digits' or a tfds dataset prepared as array_record in the local data_dir, e.g.
   # 'imagenet2012' (centre crop + bicubic resize to the resolution) or 'imagenet_resized/64x64'.
+  # jpeg_draft: decode JPEGs at a reduced scale first (PIL draft mode; other pixels, less CPU).
+  # reading: 4 worker processes of 4 threads decode on each host (the paper's step rates need a
+  # few of a pod host's cores: benchmarks/RESULTS.md, "Input pipeline").
   c.data = dict(name="imagenet2012", data_dir="", split="train", resolution=resolution,
-                channels=3, num_classes=1000)
+                channels=3, num_classes=1000, jpeg_draft=False,
+                reading=common.reading(workers=4, threads=4))
   c.model = dict(resolution=resolution, size=size,
                  dtype="bfloat16",  # compute dtype; params stay float32
                  # what each block keeps for the backward pass (mcm_jax.models.remat): 'full'
@@ -102,7 +106,7 @@ def pixel_config(resolution, objective, size):
   if size == "tiny":  # digits at 16x16 (model.resolution stays: it picks the UViT's stages)
     c.update_from_flattened_dict({
         "data.name": "digits", "data.resolution": 16, "data.channels": 1,
-        "data.num_classes": 10,
+        "data.num_classes": 10, "data.reading.workers": 0,  # in memory: read in this process
         "model.dtype": "float32", "model.remat": "none",
         "schedule.image_res": 16, "schedule.noise_res_low": 8, "schedule.noise_res_high": 16,
         "train.steps": 30, "train.batch_size": 32, "train.log_every": 10,

@@ -48,7 +48,7 @@ def get_config(size="sdxl"):
   # metadata.jsonl or a caption .txt beside each image), centre-cropped and resized to
   # latent_resolution * 8, encoded by the SDXL directory's VAE (posterior mean x scaling
   # factor) in the train step, or once into cache_dir and read from there.
-  c.images = dict(dir="", cache_dir="")
+  c.images = dict(dir="", cache_dir="", reading=common.reading())
   c.mlcm = dict(
       num_segments=8,                   # K of the first stage
       skip=20,                          # k of the first stage (timesteps)

@@ -81,6 +81,12 @@ def validate_train(cfg, prefix):
          "a number >= 0 (0 disables the divergence stop)")
 
 
+def validate_reading(cfg, prefix):
+  """The loader's ``reading`` section (configs/common.py: ``reading``)."""
+  for key in ("workers", "threads"):
+    _check(_is_int(cfg[key]) and cfg[key] >= 0, f"{prefix}.{key}", cfg[key], "an integer >= 0")
+
+
 def validate_schedule(cfg):
   _check(cfg.name in schedules.SCHEDULES, "schedule.name", cfg.name, schedules.SCHEDULES)
   _check(cfg.logsnr_min < cfg.logsnr_max, "schedule.logsnr_min", cfg.logsnr_min,
@@ -158,6 +164,7 @@ def validate_pixel(c, plan=False):
     raise ConfigError(f"config.data.data_dir='' is invalid for data.name={c.data.name!r}; "
                       "allowed: the local directory holding the prepared tfds dataset")
   validate_train(c.train, "train")
+  validate_reading(c.data.reading, "data.reading")
   if c.objective != "base":
     cc = c.consistency
     validate_consistency(cc)
@@ -234,6 +241,7 @@ def validate_mlcm(c):
   check_in(c.unet.attention, "unet.attention", sdxl_unet.ATTENTION)
   check_in(c.unet.frozen_dtype, "unet.frozen_dtype", ("float32", "bfloat16", "float16"))
   check_in(m.source, "mlcm.source", mlcm.SOURCES)
+  validate_reading(c.images.reading, "images.reading")
   if m.source == "images":
     if not c.images.dir:
       raise ConfigError("config.images.dir is empty, but config.mlcm.source='images' reads "

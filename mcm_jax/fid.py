@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax import seeds, storage
-from mcm_jax.data.images import subset_indices
+from mcm_jax.data import loader
 from mcm_jax.errors import UserError
 
 FEATURES = ("inception", "digits_classifier")
@@ -140,10 +140,10 @@ def reference_statistics(source, feature_fn, cache_path, num, batch_size, seed):
   if storage.isfile(cache_path):
     return load_statistics(cache_path)
   n = min(num, len(source))
-  subset = subset_indices(len(source), n, seeds.entropy(seed, "fid_reference"))
+  subset = loader.subset_indices(len(source), n, seeds.entropy(seed, "fid_reference"))
   feats = []
   for start in range(0, n, batch_size):
-    images, _ = source.get(subset[start:start + batch_size])
+    images = loader.read(source, subset[start:start + batch_size])["x"]
     feats.append(batched_features(feature_fn, images, batch_size)[0])
   mu, sigma = statistics(np.concatenate(feats))
   if jax.process_index() == 0:

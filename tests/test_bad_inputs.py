@@ -139,6 +139,8 @@ MAIN_CASES = [
     ([PIX, "--config.train.ema_decay=1.5"], ["train.ema_decay=1.5"]),
     ([PIX, "--config.data.resolution=10"], ["data.resolution=10"]),
     ([PIX, "--config.model.remat=some"], ["config.model.remat='some'", "'full'"]),
+    ([PIX, "--config.data.reading.workers=-1"], ["config.data.reading.workers=-1",
+                                                 "integer >= 0"]),
     # mlcm
     ([MLCM, "--config.lora.rank=0"], ["config.lora.rank=0", "integer >= 1"]),
     ([MLCM, "--config.lora.scale=0.0"], ["config.lora.scale=0.0"]),
@@ -150,6 +152,7 @@ MAIN_CASES = [
     ([MLCM, "--config.mlcm.huber_eps=0.0"], ["config.mlcm.huber_eps=0.0"]),
     ([MLCM, "--config.mlcm.teacher_mode=ema"], ["teacher_mode='ema'", "'updated'"]),
     ([MLCM, "--config.mlcm.source=none"], ["source='none'", "'images'"]),
+    ([MLCM, "--config.images.reading.threads=-2"], ["config.images.reading.threads=-2"]),
     ([MLCM, "--config.text_encoder=clip"], ["text_encoder='clip'"]),
     ([MLCM, "--config.dtype=float8"], ["config.dtype='float8'"]),
     ([MLCM, "--config.unet.remat=some"], ["config.unet.remat='some'", "'dots'"]),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcm_jax.data import image_captions
+from mcm_jax.data import image_captions, loader
 from mcm_jax.errors import UserError
 
 
@@ -31,7 +31,8 @@ def _write(directory, n=5, layout="sidecar"):
 def test_both_layouts_read_the_same_pairs(tmp_path, layout):
   source = image_captions.ImageCaptionFolder(str(_write(tmp_path / "f", layout=layout)), 8)
   assert len(source) == 5 and source.captions == [f"thing {i}" for i in range(5)]
-  images, captions = source.get([3, 0])
+  pairs = loader.read(source, [3, 0])
+  images, captions = pairs["x"], list(pairs["label"])
   assert images.shape == (2, 8, 8, 3) and captions == ["thing 3", "thing 0"]
   # solid colours survive crop and resize exactly: red 120 -> 120 / 127.5 - 1
   np.testing.assert_allclose(images[0, ..., 0], 120 / 127.5 - 1, atol=1e-6)
@@ -68,11 +69,11 @@ def test_folder_errors_name_the_file_and_the_fix(tmp_path):
     image_captions.ImageCaptionFolder(str(folder), 8)
   (folder / "metadata.jsonl").write_text('{"file_name": "gone.png", "caption": "x"}\n')
   with pytest.raises(FileNotFoundError, match="gone.png named in metadata.jsonl"):
-    image_captions.ImageCaptionFolder(str(folder), 8).get([0])
+    loader.read(image_captions.ImageCaptionFolder(str(folder), 8), [0])
   (folder / "bad.png").write_bytes(b"not a png")
   (folder / "metadata.jsonl").write_text('{"file_name": "bad.png", "caption": "x"}\n')
   with pytest.raises(UserError, match="bad.png is not a readable image"):
-    image_captions.ImageCaptionFolder(str(folder), 8).get([0])
+    loader.read(image_captions.ImageCaptionFolder(str(folder), 8), [0])
   (folder / "metadata.jsonl").write_text('{"file_name": "img0.png", "caption": " "}\n')
   with pytest.raises(UserError, match="img0.png has an empty caption"):
     image_captions.ImageCaptionFolder(str(folder), 8)

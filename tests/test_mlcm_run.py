@@ -83,7 +83,7 @@ def test_lcf_from_a_lora_on_cached_latents(tiny_sdxl_dir, tmp_path):
   (Images encoded in the step: ``test_stage_on_a_tiny_sdxl_directory``.)"""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import sdxl_lcf  # pylint: disable=g-import-not-at-top
-  from mcm_jax.data import image_captions, latent_cache  # pylint: disable=g-import-not-at-top
+  from mcm_jax.data import image_captions, latent_cache, loader  # pylint: disable=g-import-not-at-top
   from mcm_jax.data import trajectory_bank  # pylint: disable=g-import-not-at-top
   from mcm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
@@ -109,9 +109,9 @@ def test_lcf_from_a_lora_on_cached_latents(tiny_sdxl_dir, tmp_path):
   # The cache holds the VAE's latents (posterior mean x scaling factor) of the 16 px images.
   images = image_captions.ImageCaptionFolder(folder, 16)
   bank = trajectory_bank.Bank(config.images.cache_dir, fields=latent_cache.FIELDS)
-  cached = latent_cache.LatentCache(bank, images).get(np.arange(6))[0]
+  cached = loader.read(latent_cache.LatentCache(bank, images), range(6))["x"]
   vae, vae_params = sdxl.load_vae(tiny_sdxl_dir)
-  want = sdxl.make_encoder(vae)(vae_params, jnp.asarray(images.get(np.arange(6))[0]))
+  want = sdxl.make_encoder(vae)(vae_params, jnp.asarray(loader.read(images, range(6))["x"]))
   np.testing.assert_allclose(cached, want, atol=1e-5)
   assert cached.shape == (6, 8, 8, 4)
   with pytest.raises(UserError, match=r"latent cache .* other settings.*'resolution': \(16, 32\)"):

@@ -222,16 +222,6 @@ def test_pixel_config_errors():
       assert c.consistency.huber_eps == 1e-4 and c.consistency.teacher_steps_end == 1280
 
 
-def test_host_batches_are_deterministic_epoch_permutations():
-  x = np.arange(10, dtype=np.float32)[:, None, None, None]
-  batch = image_data.host_batch_fn(image_data.ArraySource(x, np.arange(10)), 4, seed=3)
-  seen = np.concatenate([batch(i)["label"] for i in range(5)])  # 20 = two epochs
-  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-  assert not np.array_equal(seen[:10], seen[10:])  # a fresh permutation per epoch
-  np.testing.assert_array_equal(batch(3)["x"], batch(3)["x"])
-  np.testing.assert_array_equal(batch(3)["x"][:, 0, 0, 0], batch(3)["label"])
-
-
 def test_multiscale_loss_adds_the_pooled_error():
   x = jnp.zeros((4, 8, 8, 1))
   checker = jnp.where((jnp.arange(8)[:, None] + jnp.arange(8)[None]) % 2 == 0, 1.0, -1.0)

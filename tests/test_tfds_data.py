@@ -10,6 +10,7 @@ from PIL import Image
 from configs import imagenet64_base
 from mcm_jax.experiments import pixel
 from mcm_jax.data import images as image_data
+from mcm_jax.data import loader
 
 NUM_TRAIN = 24
 
@@ -61,7 +62,8 @@ def data_dir(tmp_path_factory):
 def test_tfds_source_decodes_crops_and_resizes(data_dir):
   source = image_data.load("tiny_imagenet_like", 16, data_dir)
   assert len(source) == NUM_TRAIN
-  x, labels = source.get(np.arange(NUM_TRAIN))
+  read = loader.read(source, range(NUM_TRAIN))
+  x, labels = read["x"], read["label"]
   assert x.shape == (NUM_TRAIN, 16, 16, 3) and x.dtype == np.float32
   # The central square is flat: the crop dropped the black border, the colour is exact up to
   # JPEG error; the label says which example it was (colour 10 i <-> label i mod 4).
@@ -75,15 +77,30 @@ def test_tfds_source_decodes_crops_and_resizes(data_dir):
 
 def test_tfds_batches_are_deterministic_epochs(data_dir):
   source = image_data.load("tiny_imagenet_like", 8, data_dir)
-  batch = image_data.host_batch_fn(source, 8, seed=0)  # 3 steps per epoch, prefetching
-  again = image_data.host_batch_fn(source, 8, seed=0, prefetch=0)
+  batch = loader.host_batch_fn(source, 8, seed=0)  # 3 steps per epoch, read ahead in threads
   seen = []
   for step in (0, 1, 2, 5, 4, 3):  # out of order, as after a resume
     b = batch(step)
-    np.testing.assert_array_equal(b["x"], again(step)["x"])
+    want = loader.read(source, loader.epoch_indices(step, 8, NUM_TRAIN, 0), threads=0)
+    np.testing.assert_array_equal(b["x"], want["x"])
+    np.testing.assert_array_equal(b["label"], want["label"])
     seen.append((step, tuple(np.round(b["x"][:, 4, 4, 0], 3))))
   first_epoch = sorted(sum((list(v) for s, v in seen if s < 3), []))
   assert len(set(first_epoch)) == NUM_TRAIN  # each example once per epoch
+
+
+@pytest.mark.slow  # starts two worker processes (each imports tensorflow-datasets)
+def test_worker_processes_read_the_same_batches(data_dir):
+  """grain's worker processes (``data.reading.workers``) each build whole batches: the batches
+  are those of the training process's own threads, from any starting step."""
+  source = image_data.load("tiny_imagenet_like", 8, data_dir)
+  threads = loader.host_batch_fn(source, 8, seed=5)
+  workers = loader.host_batch_fn(source, 8, seed=5, workers=2, threads=1)
+  try:
+    for step in (0, 1, 2, 3, 7, 8):
+      np.testing.assert_array_equal(workers(step)["x"], threads(step)["x"])
+  finally:
+    workers.close()
 
 
 def test_tfds_errors_name_the_dataset_and_dir(data_dir, tmp_path):

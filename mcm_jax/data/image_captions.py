@@ -9,9 +9,9 @@ Two layouts, the two the field's fine-tuning tools read:
 
 Images (``.png .jpg .jpeg .webp .bmp``) are read in file-name order, decoded with PIL, converted
 to RGB, centre-cropped to a square and resized to the resolution (``images.center_crop_resize``):
-``get(indices) -> (images [b, r, r, 3] float32 in [-1, 1], captions)``.
+``source[i] -> {'x': float32 [r, r, 3] in [-1, 1], 'label': caption}``, read in batches by
+``mcm_jax.data.loader``.
 """
-import concurrent.futures
 import io
 import json
 import os
@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from mcm_jax import storage
-from mcm_jax.data import images
+from mcm_jax.data import images, loader
 from mcm_jax.data.prompts import PROMPT_FIELDS
 from mcm_jax.errors import UserError
 
@@ -79,19 +79,19 @@ def list_pairs(directory):
 
 
 class ImageCaptionFolder:
-  """The folder's pairs by random access; ``get`` decodes in a thread pool."""
+  """The folder's pairs by random access: ``source[i]`` reads and decodes image ``i``."""
 
-  def __init__(self, directory, resolution, num_threads=8):
+  def __init__(self, directory, resolution):
     self.directory, self.resolution = directory, resolution
     self.pairs = list_pairs(directory)
     self.captions = [c for _, c in self.pairs]
-    self.pool = concurrent.futures.ThreadPoolExecutor(num_threads)
 
   def __len__(self):
     return len(self.pairs)
 
-  def _decode(self, name):
+  def __getitem__(self, i):
     from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+    name, caption = self.pairs[int(i)]
     path = os.path.join(self.directory, name)
     try:  # one read per image, no separate existence check (a round trip in an object store)
       data = storage.read_bytes(path)
@@ -101,22 +101,17 @@ class ImageCaptionFolder:
       image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
       raise UserError(f"image {path} is not a readable image ({e})") from e
-    return images.center_crop_resize(image, self.resolution)
-
-  def get(self, indices):
-    names = [self.pairs[int(i)][0] for i in indices]
-    return (np.stack(list(self.pool.map(self._decode, names))),
-            [self.pairs[int(i)][1] for i in indices])
+    return {"x": images.center_crop_resize(image, self.resolution), "label": caption}
 
 
-def host_batch_fn(source, encode_batch, global_batch, seed, key="image"):
-  """``batch(step)``: this process's pairs of the step (epoch permutation, read ahead in a
-  thread: ``images.host_batch_fn``), as ``encode_batch(captions)`` plus ``key``: the images
+def host_batch_fn(source, encode_batch, global_batch, seed, key="image", **reading):
+  """``batch(step)``: this process's pairs of the step (``loader.host_batch_fn``, ``reading``
+  its workers / threads / prefetch), as ``encode_batch(captions)`` plus ``key``: the images
   (``ImageCaptionFolder``) or their latents (``latent_cache.LatentCache``)."""
-  read = images.host_batch_fn(source, global_batch, seed)
+  read = loader.host_batch_fn(source, global_batch, seed, **reading)
 
   def batch(step):
     pairs = read(step)
-    return dict(encode_batch(pairs["label"]), **{key: pairs["x"]})
+    return dict(encode_batch([str(c) for c in pairs["label"]]), **{key: pairs["x"]})
 
   return batch

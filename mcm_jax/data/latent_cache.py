@@ -12,8 +12,8 @@ import hashlib
 import numpy as np
 
 from mcm_jax import sharding
-from mcm_jax.data import trajectory_bank
-from mcm_jax.data.images import process_rows
+from mcm_jax.data import loader, trajectory_bank
+from mcm_jax.data.loader import process_rows
 from mcm_jax.errors import UserError
 
 FIELDS = ("index", "latents")
@@ -28,8 +28,8 @@ def settings(source, vae):
 
 
 class LatentCache:
-  """``get(indices) -> (latents [b, h, w, 4], captions)``: the cached latents of ``source``'s
-  pairs (an ``ImageCaptionFolder``), ``len`` its number of images."""
+  """``cache[i] -> {'x': latents [h, w, 4], 'label': caption}``: the cached latents of
+  ``source``'s pairs (an ``ImageCaptionFolder``), ``len`` its number of images."""
 
   def __init__(self, bank, source):
     self.bank, self.captions = bank, source.captions
@@ -43,9 +43,8 @@ class LatentCache:
   def __len__(self):
     return len(self.row)
 
-  def get(self, indices):
-    return (self.bank.get(self.row[np.asarray(indices)])["latents"],
-            [self.captions[int(i)] for i in indices])
+  def __getitem__(self, i):
+    return {"x": self.bank.get(self.row[[int(i)]])["latents"][0], "label": self.captions[int(i)]}
 
 
 def open_or_build(directory, source, encode, vae, global_batch, mesh):
@@ -56,7 +55,7 @@ def open_or_build(directory, source, encode, vae, global_batch, mesh):
   def batches():
     for i in range(-(-n // global_batch)):
       index = ((i * global_batch + np.arange(global_batch)) % n)[lo:hi]
-      images = sharding.shard_batch({"image": source.get(index)[0]}, mesh)["image"]
+      images = sharding.shard_batch({"image": loader.read(source, index)["x"]}, mesh)["image"]
       yield {"index": index.astype(np.int32), "latents": encode(images)}
 
   bank = trajectory_bank.open_or_build(directory, settings(source, vae), batches, FIELDS, WHAT)

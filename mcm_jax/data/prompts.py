@@ -8,7 +8,7 @@ for images -- so the data position is the step stored with every checkpoint.
 import json
 import os
 
-from mcm_jax.data.images import local_indices_fn
+from mcm_jax.data.loader import local_indices_fn
 from mcm_jax import storage
 from mcm_jax.errors import UserError
 

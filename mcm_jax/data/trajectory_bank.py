@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from mcm_jax import storage
 from mcm_jax.config_diff import differing_fields
-from mcm_jax.data.images import local_indices_fn
+from mcm_jax.data.loader import local_indices_fn
 from mcm_jax.errors import UserError
 
 FIELDS = ("prompt_index", "segment", "t_m", "t_n", "seg_start", "z_tm", "z_tn")

@@ -16,6 +16,7 @@ import numpy as np
 from mcm_jax import checkpoint, fid, objectives, plotting, sharding, storage, train
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import images as image_data
+from mcm_jax.data import loader
 from mcm_jax.experiments import Step, pixel_sampling
 from mcm_jax.metric_writer import create_writer
 
@@ -69,7 +70,7 @@ def check_teacher_trained_unconditional(c):
 
 
 def batch_shapes(c):
-  """ShapeDtypeStructs of one global batch (``image_data.host_batch_fn``): 'x' float32
+  """ShapeDtypeStructs of one global batch (``loader.host_batch_fn``): 'x' float32
   [B, r, r, C] in [-1, 1], 'label' int32 [B]."""
   b, r, ch = c.train.batch_size, c.data.resolution, c.data.channels
   return {"x": jax.ShapeDtypeStruct((b, r, r, ch), jnp.float32),
@@ -95,6 +96,12 @@ def step(c, denoise, logsnr_fn, params):
               forward=forward)
 
 
+def data_source(c):
+  """The image source of ``config.data`` (``images.load``)."""
+  return image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split,
+                         c.data.jpeg_draft)
+
+
 def abstract_step(c, stage=0):
   """``step`` on the parameters' shapes (no mesh): what ``--mode=plan`` compiles."""
   del stage
@@ -107,7 +114,7 @@ def run(config, workdir):
   validate(config)
   c = config
   mesh = sharding.make_mesh(**c.mesh)
-  source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
+  source = data_source(c)
   model, logsnr_fn, denoise, like = build(c, mesh)
   if c.objective == "base":
     inputs = [jnp.zeros(x.shape, x.dtype) for x in objectives.uvit_inputs(c)]
@@ -122,17 +129,22 @@ def run(config, workdir):
                                      like["params"]["segment_embed"])
       params = {**params, "params": {**params["params"], "segment_embed": zeros}}
   writer = create_writer(workdir)
-  batch_fn = image_data.host_batch_fn(source, c.train.batch_size, c.seed)
+  batch_fn = loader.host_batch_fn(source, c.train.batch_size, c.seed, **c.data.reading)
   data_spec = dict(dataset=c.data.name, split=c.data.split, resolution=c.data.resolution,
                    num_examples=len(source), global_batch=c.train.batch_size, seed=c.seed)
+  if c.data.jpeg_draft:  # named only when set, so earlier runs' checkpoints still match
+    data_spec["jpeg_draft"] = True
   samplers = pixel_sampling.make_samplers(c, denoise, logsnr_fn)
   grids = lambda step, st: pixel_sampling.write_samples(c, st.ema_params, samplers, workdir,
                                                         step, source, mesh)
   trained = step(c, denoise, logsnr_fn, params)
-  state = train.train(trained.loss, trained.params, None, c.train, workdir,
-                      frozen=trained.frozen, writer=writer,
-                      name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec,
-                      periodic=[(c.sample.every, grids)] if c.sample.every else [])
+  try:
+    state = train.train(trained.loss, trained.params, None, c.train, workdir,
+                        frozen=trained.frozen, writer=writer,
+                        name=c.objective, mesh=mesh, host_batch_fn=batch_fn, data_spec=data_spec,
+                        periodic=[(c.sample.every, grids)] if c.sample.every else [])
+  finally:
+    batch_fn.close()
   paths = grids(int(state.step), state)
   writer.close()
   if jax.process_index() == 0:
@@ -151,7 +163,7 @@ def evaluate(config, workdir):
   mesh = sharding.make_mesh(**c.mesh)
   _, logsnr_fn, denoise, like = build(c, mesh)
   params, step = checkpoint.load_ema_params(workdir, like, what="--workdir")
-  source = image_data.load(c.data.name, c.data.resolution, c.data.data_dir, c.data.split)
+  source = data_source(c)
   feature_fn = fid.make_feature_fn(c.eval.features, c.eval.inception_weights)
   if c.eval.reference_stats:
     ref_mu, ref_sigma = fid.load_statistics(c.eval.reference_stats)

@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mcm_jax import guidance, plotting, seeds, sharding, storage
-from mcm_jax.data.images import subset_indices
+from mcm_jax.data import loader
 from mcm_jax.samplers import addim, dpm_solver
 
 
@@ -67,8 +67,10 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
         and table["eta"] == c.sample.x_var_eta):
       return jnp.asarray(table["t"]), jnp.asarray(table["x_var"])
   n = min(c.sample.x_var_data, len(source))
-  images, labels = source.get(subset_indices(len(source), n, seeds.entropy(c.seed, "x_var_data")))
-  t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(labels),
+  data = loader.read(source, loader.subset_indices(len(source), n,
+                                                  seeds.entropy(c.seed, "x_var_data")))
+  images = data["x"]
+  t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(data["label"]),
                                            seeds.key(c.seed, "x_var_noise"))
   if jax.process_index() == 0:
     storage.write_json(path, {"t": np.asarray(t_grid).tolist(),

@@ -20,7 +20,7 @@ from mcm_jax import (hub, lora, mlcm, objectives, pipeline, scorers, seeds, shar
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import image_captions, latent_cache, trajectory_bank
 from mcm_jax.data import prompts as prompt_data
-from mcm_jax.data.images import local_indices_fn
+from mcm_jax.data.loader import local_indices_fn
 from mcm_jax.errors import UserError
 from mcm_jax.experiments import Step
 from mcm_jax.metric_writer import create_writer
@@ -304,14 +304,15 @@ def image_batch_fn(c, images, encode_batch, encode_images, vae_params, mesh):
   their latents from ``images.cache_dir`` (built first if absent by ``encode_images`` with
   ``vae_params``; ``latent_cache``)."""
   if not c.images.cache_dir:
-    return image_captions.host_batch_fn(images, encode_batch, c.train.batch_size, c.seed)
+    return image_captions.host_batch_fn(images, encode_batch, c.train.batch_size, c.seed,
+                                        **c.images.reading)
   vae_params, jitted = jax.device_put(vae_params, sharding.replicated(mesh)), jax.jit(
       encode_images)
   encode = lambda x: jitted(vae_params, x)
   cache = latent_cache.open_or_build(c.images.cache_dir, images, encode, c.student_unet,
                                      c.train.batch_size, mesh)
   return image_captions.host_batch_fn(cache, encode_batch, c.train.batch_size, c.seed,
-                                      key="latents")
+                                      key="latents", **c.images.reading)
 
 
 def resolve_model_paths(config):
