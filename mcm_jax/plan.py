@@ -81,6 +81,20 @@ def build(c, devices, where="the devices", stage=0):
   return step, (state, frozen, batches), info
 
 
+def program_flops(f, args, chips):
+  """FLOPs per chip of ``f(*args)`` split over ``chips`` chips: ``jaxpr_flops`` of its trace
+  (matmuls and convolutions, loops counted in full)."""
+  return flops.jaxpr_flops(jax.make_jaxpr(f)(*args)) / chips
+
+
+def reference_flops(c, devices, forward, where="the devices", stage=0):
+  """(FLOPs per chip of one student forward, of the step without rematerialisation): the units
+  of a plan's ``flops_ratio`` and its ideal. ``forward``: ``build``'s ``info['forward']``."""
+  ideal_step, ideal_args, _ = build(without_remat(c), devices, where, stage)
+  return (program_flops(*forward, len(devices)),
+          program_flops(ideal_step, ideal_args, len(devices)))
+
+
 def compile_step(c, devices, where="the devices", stage=0):
   """(compiled executable, or None when the TPU compiler finds it cannot fit the chip's HBM
   (``info['compile_error']``), its abstract arguments, info with ``compile_s`` and the program's
@@ -89,18 +103,12 @@ def compile_step(c, devices, where="the devices", stage=0):
   ``build``. The two reference programs are only traced, on a second thread while the compiler
   (which releases the GIL) works: for SDXL that hides ~25 s of tracing in a 29-minute compile."""
   step, args, info = build(c, devices, where, stage)
-  forward, forward_args = info.pop("forward")
-  program = lambda f, a: flops.jaxpr_flops(jax.make_jaxpr(f)(*a)) / len(devices)
-
-  def reference_flops():
-    ideal_step, ideal_args, _ = build(without_remat(c), devices, where, stage)
-    return program(forward, forward_args), program(ideal_step, ideal_args)
-
+  forward = info.pop("forward")
   t0 = time.time()
   traced = step.trace(*args)  # its jaxpr is counted below: the step is traced once
   lowered = traced.lower()
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    references = pool.submit(reference_flops)
+    references = pool.submit(reference_flops, c, devices, forward, where, stage)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler's "does not fit" is an answer
