@@ -135,6 +135,27 @@ def shard_batch(batch, mesh, stacked=False):
       lambda x: jax.make_array_from_process_local_data(target, np.asarray(x)), batch)
 
 
+def put(tree, shardings):
+  """``jax.device_put(tree, shardings)`` for values that every process holds alike (parameters,
+  optimizer state, frozen inputs, seeded noise); ``shardings`` a tree like it or one sharding
+  for every leaf. With several processes each builds its own
+  shards from its copy (``jax.make_array_from_callback``): ``device_put`` would first check that
+  the processes agree, one all-gather across them per leaf. Arrays already spread over the
+  processes (restored checkpoints) are resharded by ``device_put``."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):  # one for every leaf
+    shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
+
+  def one(x, target):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, target)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+  return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def abstract_params(init_fn, inputs, mesh=None, seed=0):
   """ShapeDtypeStructs of ``init_fn(rng, *inputs)``'s parameters (nothing allocated), with the
   rules' shardings over ``mesh`` if given."""

@@ -108,7 +108,7 @@ def generate(c, samplers, params, num, run, mesh, stream="sample_grid", batch_si
     z = np.asarray(jax.random.normal(jax.random.fold_in(key, b), (batch_size, res, res, ch)))
     labels = (start + np.arange(batch_size)) % c.data.num_classes
     if batch_size % mesh.size == 0:  # host arrays, identical on every process
-      z, labels = jax.device_put((z, labels), sharding.batch_sharding(mesh))
+      z, labels = sharding.put((z, labels), (sharding.batch_sharding(mesh),) * 2)
     x = samplers.sample(params, z, labels, steps, method, table)  # every process runs it
     if jax.process_count() > 1:
       x = multihost_utils.process_allgather(x, tiled=True)

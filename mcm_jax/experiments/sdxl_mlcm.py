@@ -277,7 +277,7 @@ def open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh):
   built by the guided teacher (``mlcm.training_pair``, one jitted sharded call per batch)."""
   hp, res, b = objectives.mlcm_hparams(c, 0), c.latent_resolution, c.train.batch_size
   teacher_params = frozen.get("teacher", frozen["unet"])
-  teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(teacher_params, mesh))
+  teacher_params = sharding.put(teacher_params, sharding.tree_shardings(teacher_params, mesh))
 
   @jax.jit
   def make_pairs(params, batch, rng):
@@ -306,7 +306,7 @@ def image_batch_fn(c, images, encode_batch, encode_images, vae_params, mesh):
   if not c.images.cache_dir:
     return image_captions.host_batch_fn(images, encode_batch, c.train.batch_size, c.seed,
                                         **c.images.reading)
-  vae_params, jitted = jax.device_put(vae_params, sharding.replicated(mesh)), jax.jit(
+  vae_params, jitted = sharding.put(vae_params, sharding.replicated(mesh)), jax.jit(
       encode_images)
   encode = lambda x: jitted(vae_params, x)
   cache = latent_cache.open_or_build(c.images.cache_dir, images, encode, c.student_unet,
@@ -353,8 +353,8 @@ def run(config, workdir):
     scorer = reward_scorer(c)
     score = scorer.score
   encode_batch = conditioning_fn(c, encode, scorer and scorer.tokenize)
-  frozen = frozen_inputs(c, params, teacher, jax.device_put(unconditional(c, encode_batch),
-                                                         sharding.replicated(mesh)))
+  frozen = frozen_inputs(c, params, teacher, sharding.put(unconditional(c, encode_batch),
+                                                       sharding.replicated(mesh)))
   if c.rewards.scorer or images is not None:
     vae, vae_params = sdxl.load_vae(c.student_unet)
     decode, encode_images = sdxl.make_decoder(vae), sdxl.make_encoder(vae)
