@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from mcm_jax.errors import NonFiniteLossError, UserError, write_failure
+from mcm_jax.errors import NonFiniteLossError, UserError, unanswered_store, write_failure
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
@@ -40,7 +40,8 @@ def describe(exc):
   User errors (exit 2): ``errors.UserError`` and its subclasses (``ConfigError``,
   ``MissingExtraError``), absl's ``app.UsageError``, and ``FileNotFoundError`` and the other
   OSErrors about a path (not found, not a directory, permission), and a failed write
-  (``errors.write_failure``: a full disk, a read-only or vanished directory). A training stop
+  (``errors.write_failure``: a full disk, a read-only directory, an object store that did not
+  answer after ``storage``'s retries). A training stop
   (exit 3): ``errors.NonFiniteLossError`` (``LossDivergedError`` included). Anything else is
   unexpected (None: the caller lets the traceback through).
   """
@@ -49,7 +50,11 @@ def describe(exc):
   if isinstance(exc, (UserError, app.UsageError) + _PATH_ERRORS):
     return str(exc), EXIT_BAD_INPUT
   fault = write_failure(exc)
-  if fault is not None:  # a full disk, a read-only or vanished directory, outside training
+  if fault is not None:  # a full disk, a read-only directory, a store that did not answer
+    if unanswered_store(exc):
+      return (f"storage failed: {fault}, after retries. Once the store answers, run the same "
+              "command again; training resumes from its newest complete checkpoint."
+              ), EXIT_BAD_INPUT
     return (f"a write failed: {fault}. Free space (or point --workdir / --out somewhere "
             "writable) and run the same command again; training resumes from its newest "
             "complete checkpoint."), EXIT_BAD_INPUT

@@ -48,21 +48,45 @@ _WRITE_FAILURES = ("No space left on device", "Read-only file system", "Disk quo
                    "Failed writing", "Error writing")
 
 
-def write_failure(exc):
-  """The first line of the storage fault behind ``exc`` (``exc`` or an exception it was raised
-  from), or None when ``exc`` is not a failed write."""
+TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
+
+
+def is_transient(exc):
+  """Whether ``exc`` is an object store's passing fault: a timeout, a dropped connection, or an
+  HTTP error (gcsfs' ``HttpError``, s3fs' errors carry ``code``) with a status worth retrying."""
+  return (isinstance(exc, (TimeoutError, ConnectionError))
+          or getattr(exc, "code", None) in TRANSIENT_HTTP_CODES)
+
+
+def _chain(exc):
+  """``exc`` and the exceptions it was raised from."""
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-      return f"{os.strerror(exc.errno)} ({exc.filename or exc})"
-    text = str(exc)
-    if isinstance(exc, (ValueError, RuntimeError)) and any(m in text for m in _WRITE_FAILURES):
+    yield exc
+    exc = exc.__cause__ or exc.__context__
+
+
+def unanswered_store(exc):
+  """Whether the fault behind ``exc`` is an object store that did not answer (``is_transient``,
+  still failing after ``storage``'s retries)."""
+  return any(is_transient(e) for e in _chain(exc))
+
+
+def write_failure(exc):
+  """The first line of the storage fault behind ``exc`` (``exc`` or an exception it was raised
+  from): a failed write, or an object store that did not answer; None for anything else."""
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+      return f"{os.strerror(e.errno)} ({e.filename or e})"
+    if is_transient(e):
+      return f"the object store did not answer ({type(e).__name__}: {str(e).splitlines()[0]})"
+    text = str(e)
+    if isinstance(e, (ValueError, RuntimeError)) and any(m in text for m in _WRITE_FAILURES):
       # tensorstore: 'STATUS: Error writing "<key>" in ... "<path>": ...: <the OS's reason>'
       first = text.splitlines()[0]
       status, reason = first.split(":", 1)[0], first.rsplit(": ", 1)[-1]
       if status.isupper() and reason != first:
         return f"{status}, {reason}"
       return first[:300]
-    exc = exc.__cause__ or exc.__context__
   return None

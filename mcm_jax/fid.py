@@ -45,8 +45,7 @@ def statistics(features):
 
 def save_statistics(path, mu, sigma, num):
   storage.makedirs(storage.dirname(path))
-  with storage.open_file(path, "wb") as f:
-    np.savez(f, mu=mu, sigma=sigma, num=num)
+  storage.write_with(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num=num))
 
 
 def load_statistics(path):
@@ -187,8 +186,7 @@ def folder_statistics(directory, feature_fn, batch_size=32, limit=None):
   for start in range(0, len(names), batch_size):
     batch = []
     for name in names[start:start + batch_size]:
-      with storage.open_file(f"{directory}/{name}", "rb") as f:
-        image = Image.open(io.BytesIO(f.read())).convert("RGB")
+      image = Image.open(storage.reader(f"{directory}/{name}")).convert("RGB")
       batch.append(_resize_8bit(np.asarray(image)))
     feats.append(batched_features(feature_fn, np.stack(batch), batch_size)[0])
   mu, sigma = statistics(np.concatenate(feats))

@@ -82,9 +82,9 @@ def write_png(path, pixels):
   path or an object-store URL, ``mcm_jax.storage``)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   pixels = np.asarray(pixels)
-  with storage.open_file(path, "wb") as f:
-    Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1
-                    else pixels).save(f, format="PNG")
+  image = Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1
+                          else pixels)
+  storage.write_with(path, lambda f: image.save(f, format="PNG"))
 
 
 def read_image(path, size):
@@ -122,8 +122,7 @@ def metric_curves(path, curves, references=None):
 
 def _save_figure(fig, path):
   fig.tight_layout()
-  with storage.open_file(path, "wb") as f:
-    fig.savefig(f, dpi=110, format="png")
+  storage.write_with(path, lambda f: fig.savefig(f, dpi=110, format="png"))
   plt.close(fig)
 
 

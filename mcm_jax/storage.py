@@ -11,12 +11,40 @@ and friends, which would quietly write a local directory named ``gs:``.
 Object stores have no appends and no renames (an object is written whole, atomically):
 ``LineLog`` appends lines to local files but rewrites an object whole on ``flush``;
 ``replace_text`` writes a local file through a temporary file + rename, an object directly.
+
+Object stores fail transiently (HTTP 408 / 429 / 5xx, timeouts, dropped connections): every
+operation on a URL here is retried after ``RETRY_DELAYS_S`` (1 + 2 + 4 + 8 + 16 s), then the
+last error is raised. Local files are not retried: their errors (a full disk, a missing file)
+do not pass by themselves.
 """
+import io
 import json
+import logging
 import os
 import shutil
+import time
 
 from etils import epath
+
+from mcm_jax.errors import is_transient
+
+RETRY_DELAYS_S = (1, 2, 4, 8, 16)
+
+
+def _retried(path, operation):
+  """``operation()``, retried after each delay of ``RETRY_DELAYS_S`` while ``path`` is a URL
+  and the error is transient (``errors.is_transient``)."""
+  if not is_url(path):
+    return operation()
+  for delay in RETRY_DELAYS_S:
+    try:
+      return operation()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if not is_transient(e):
+        raise
+      logging.warning("%s: %s: %s; retrying in %s s", path, type(e).__name__, e, delay)
+      time.sleep(delay)
+  return operation()
 
 
 def is_url(path):
@@ -25,52 +53,59 @@ def is_url(path):
 
 
 def exists(path):
-  return epath.Path(path).exists()
+  return _retried(path, epath.Path(path).exists)
 
 
 def isdir(path):
-  return epath.Path(path).is_dir()
+  return _retried(path, epath.Path(path).is_dir)
 
 
 def isfile(path):
   p = epath.Path(path)
-  return p.exists() and not p.is_dir()
+  return _retried(path, lambda: p.exists() and not p.is_dir())
 
 
 def listdir(path):
   """Names in directory ``path`` (sorted)."""
-  return sorted(p.name for p in epath.Path(path).iterdir())
+  return _retried(path, lambda: sorted(p.name for p in epath.Path(path).iterdir()))
 
 
 def makedirs(path):
   """Creates directory ``path`` and its parents if missing (object stores: nothing to do)."""
-  epath.Path(path).mkdir(parents=True, exist_ok=True)
+  _retried(path, lambda: epath.Path(path).mkdir(parents=True, exist_ok=True))
 
 
 def dirname(path):
   return os.fspath(epath.Path(path).parent)
 
 
-def open_file(path, mode="r"):
-  """A file object on ``path`` (modes ``r``, ``w``, ``rb``, ``wb``; appends only for local
-  files: use ``LineLog``)."""
-  return epath.Path(path).open(mode)
-
-
 def read_bytes(path):
-  return epath.Path(path).read_bytes()
+  return _retried(path, epath.Path(path).read_bytes)
 
 
 def write_bytes(path, data):
-  epath.Path(path).write_bytes(data)
+  _retried(path, lambda: epath.Path(path).write_bytes(data))
 
 
 def read_text(path):
-  return epath.Path(path).read_text()
+  return _retried(path, epath.Path(path).read_text)
 
 
 def write_text(path, text):
-  epath.Path(path).write_text(text)
+  _retried(path, lambda: epath.Path(path).write_text(text))
+
+
+def reader(path):
+  """A binary file object over the contents of ``path`` (read whole, with retries)."""
+  return io.BytesIO(read_bytes(path))
+
+
+def write_with(path, write):
+  """Writes what ``write(file)`` writes into a binary file object to ``path`` (whole, with
+  retries), e.g. ``write_with(path, lambda f: np.save(f, x))``."""
+  buffer = io.BytesIO()
+  write(buffer)
+  write_bytes(path, buffer.getvalue())
 
 
 def read_json(path):
@@ -104,11 +139,15 @@ def local_copy(path, cache_dir):
     return os.fspath(path)
   source = epath.Path(path)
   target = os.path.join(cache_dir, *source.parts[1:])
-  size = source.stat().length
+  size = _retried(path, lambda: source.stat().length)
   if not (os.path.isfile(target) and os.path.getsize(target) == size):
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with source.open("rb") as src, open(target + ".part", "wb") as dst:
-      shutil.copyfileobj(src, dst, 1 << 24)
+
+    def copy():
+      with source.open("rb") as src, open(target + ".part", "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+    _retried(path, copy)
     os.replace(target + ".part", target)
   return target
 
@@ -138,7 +177,7 @@ class LineLog:
       return list(self._lines)
     if not exists(self.path):
       return []
-    return epath.Path(self.path).read_bytes().decode("utf-8", "replace").splitlines(True)
+    return read_bytes(self.path).decode("utf-8", "replace").splitlines(True)
 
   def append(self, line):
     if self._remote:

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mcm_jax import checkpoint, sharding
+from mcm_jax import checkpoint, sharding, storage
 from mcm_jax.errors import (  # noqa: F401 (train.X too)
-    LossDivergedError, NonFiniteLossError, StorageError, write_failure)
+    LossDivergedError, NonFiniteLossError, StorageError, unanswered_store, write_failure)
 
 
 @flax.struct.dataclass
@@ -203,8 +203,8 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
   tx = make_optimizer(cfg.optim)
   state = init_state(init_params, tx, cfg.seed)
   if mesh is not None:
-    state = jax.device_put(state, sharding.tree_shardings(state, mesh))
-    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
+    state = sharding.put(state, sharding.tree_shardings(state, mesh))
+    frozen = sharding.put(frozen, sharding.tree_shardings(frozen, mesh))
   checkpoint.remove_stale_tmp_dirs(os.path.join(workdir, "checkpoints"))
   checkpoint.quiet_writer_reports()
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
@@ -226,27 +226,47 @@ def train(loss_fn, init_params, batch_fn, cfg, workdir, *, frozen=None, writer=N
     manager.close()
 
 
+def _steps_gone(manager):
+  """Whether none of the steps ``manager`` saved (finished or being written) is in its directory
+  any more: the workdir was unmounted or deleted under the run."""
+  directory = str(manager.directory)
+  names = storage.listdir(directory) if storage.isdir(directory) else []
+  return not any(n == str(s) or n.startswith(f"{s}.orbax-checkpoint-tmp")
+                 for s in manager.all_steps() for n in names)
+
+
 @contextlib.contextmanager
 def _storage_faults(manager, name):
   """A failed write of a checkpoint (or of the metrics beside it) becomes one StorageError
   naming the run, the workdir, the fault and the newest complete checkpoint, which a re-run
   resumes from; the save in progress is left as orbax's tmp directory (removed on the next
-  start)."""
+  start). A workdir that is gone (unmounted, deleted) is named as such."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-exception-caught
-    fault = write_failure(e)
-    if fault is None or isinstance(e, StorageError):
+    if isinstance(e, (StorageError, NonFiniteLossError)):
       raise
+    fault = write_failure(e)
     try:
       latest = manager.latest_step()
+      vanished = latest is not None and not unanswered_store(e) and _steps_gone(manager)
     except Exception:  # pylint: disable=broad-exception-caught
-      latest = None
+      latest, vanished = None, False
+    workdir = os.path.dirname(str(manager.directory))
+    if vanished:  # an unmounted or deleted workdir: the error takes many shapes, all this one
+      reason = fault or f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      raise StorageError(
+          f"{name}: the workdir {workdir} vanished while a checkpoint was written (its step "
+          f"{latest} is gone; {reason}). Remount or restore it and run the same command again: "
+          "it resumes from its newest complete checkpoint, or starts over without one.") from e
+    if fault is None:
+      raise
     then = ("it starts over: no checkpoint was completed" if latest is None else
             f"it resumes from step {latest}, the newest complete checkpoint")
+    fix = ("Once the store answers, run" if unanswered_store(e) else
+           "Free space (or point --workdir somewhere writable) and run")
     raise StorageError(
-        f"{name}: a write under {os.path.dirname(str(manager.directory))} failed: {fault}. Free "
-        "space (or point --workdir somewhere writable) and run the same command again; "
+        f"{name}: a write under {workdir} failed: {fault}. {fix} the same command again; "
         f"{then}.") from e
 
 

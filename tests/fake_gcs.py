@@ -11,6 +11,9 @@
 A code path that used ``open`` / ``os.makedirs`` on a ``gs://`` URL would instead write under
 ``./gs:`` in the working directory, which the tests check stays absent.
 
+``fail(operation, path_part, ...)`` makes chosen calls fail as GCS does on a bad day (an HTTP 503,
+a timeout, a reset connection).
+
 ``python tests/fake_gcs.py ROOT -- <mcm_jax.main flags>`` runs the command-line program with the
 fake installed (for subprocess tests)."""
 import os
@@ -21,11 +24,40 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 
+class HttpError(Exception):
+  """gcsfs' ``HttpError``: a failed request's message and HTTP status (``code``)."""
+
+  def __init__(self, code, message):
+    super().__init__(message)
+    self.code = code
+
+
+FAULTS = []  # [operation, path part, calls to let through, calls to fail, exception]
+
+
+def fail(operation, path_part, times=1, error=None, after=0):
+  """After ``after`` matching calls, the next ``times`` calls of ``operation`` ('read', 'write'
+  or 'list') on a path containing ``path_part`` raise ``error`` (default: HTTP 503)."""
+  FAULTS.append([operation, path_part, after, times,
+                 error or HttpError(503, "Service Unavailable")])
+
+
+def _inject(operation, path):
+  for fault in FAULTS:
+    if fault[0] == operation and fault[1] in str(path):
+      if fault[2]:
+        fault[2] -= 1
+      elif fault[3]:
+        fault[3] -= 1
+        raise fault[4]
+
+
 def install(root, monkeypatch=None):
   """Routes ``gs://`` to ``root`` for this process (fsspec, epath's cache, orbax); with pytest's
   ``monkeypatch`` the changes are undone after the test."""
   set_attr = monkeypatch.setattr if monkeypatch else setattr
   set_item = monkeypatch.setitem if monkeypatch else (lambda d, k, v: d.__setitem__(k, v))
+  FAULTS.clear()
   from etils.epath import backend  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
   os.makedirs(root, exist_ok=True)
@@ -50,7 +82,12 @@ def install(root, monkeypatch=None):
     def open(self, path, mode="rb", *args, **kwargs):  # pylint: disable=arguments-differ
       if "a" in mode or "+" in mode:
         raise NotImplementedError(f"object stores have no mode {mode!r} (path {path})")
+      _inject("write" if "w" in mode or "x" in mode else "read", path)
       return super().open(path, mode, *args, **kwargs)
+
+    def ls(self, path, *args, **kwargs):
+      _inject("list", path)
+      return super().ls(path, *args, **kwargs)
 
   registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
   for name in ("gs", "gcs"):

@@ -440,6 +440,10 @@ def test_what_a_user_error_is(monkeypatch):
   assert cli.describe(errors.LossDivergedError("up")) == ("training stopped: up", 3)
   full = cli.describe(OSError(28, "No space left on device", "/w/bank/shard_0"))
   assert full[1] == 2 and full[0].startswith("a write failed: No space left on device (/w/bank")
+  down = cli.describe(TimeoutError("read timed out"))  # an object store, after storage's retries
+  assert down == ("storage failed: the object store did not answer (TimeoutError: read timed "
+                  "out), after retries. Once the store answers, run the same command again; "
+                  "training resumes from its newest complete checkpoint.", 2)
   assert cli.describe(raised(lambda: int("a"))) is None  # not an mcm_jax check
   assert cli.describe(raised(lambda: [].pop())) is None
   assert cli.describe(ValueError("a ValueError is not an input check")) is None

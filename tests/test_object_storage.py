@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from etils import epath
 
 import fake_gcs
 from mcm_jax import storage
@@ -51,7 +52,7 @@ def test_storage_primitives_on_the_bucket(bucket):
   assert storage.isfile("gs://bucket/run/a.json") and not storage.isdir("gs://bucket/run/a.json")
   assert "a.json" in storage.listdir("gs://bucket/run")
   with pytest.raises(NotImplementedError):  # the fake is strict: no appends in an object store
-    storage.open_file("gs://bucket/run/log", "a")
+    epath.Path("gs://bucket/run/log").open("a")
   log = storage.LineLog("gs://bucket/run/log.jsonl")
   log.append("1\n")
   log.append("2\n")
@@ -64,6 +65,36 @@ def test_storage_primitives_on_the_bucket(bucket):
   assert (root / "bucket/run/t.txt").read_text() == "new"
   local = storage.local_copy("gs://bucket/run/t.txt", str(root.parent / "cache"))
   assert open(local).read() == "new" and not local.startswith("gs:")
+
+
+def test_transient_faults_are_retried_and_lasting_ones_raised(bucket, monkeypatch, caplog):
+  """A 503, a timeout, a reset connection: retried after storage.RETRY_DELAYS_S, and the
+  operation succeeds; a fault outlasting the retries, or one that is not transient (403), is
+  raised; local files are not retried."""
+  monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0, 0, 0))
+  fake_gcs.fail("write", "run/a.json", times=2)
+  storage.write_json("gs://bucket/run/a.json", {"x": 1})
+  fake_gcs.fail("read", "run/a.json", error=TimeoutError("read timed out"))
+  assert storage.read_json("gs://bucket/run/a.json") == {"x": 1}
+  fake_gcs.fail("list", "bucket/run", error=ConnectionResetError(104, "Connection reset by peer"))
+  assert storage.listdir("gs://bucket/run") == ["a.json"]
+  fake_gcs.fail("read", "run/a.json", times=1)
+  assert storage.local_copy("gs://bucket/run/a.json", str(bucket[0].parent / "cache"))
+  assert len([r for r in caplog.records if "retrying in 0 s" in r.getMessage()]) == 5
+  fake_gcs.fail("write", "run/b.json", times=4)  # the first try and three retries
+  with pytest.raises(fake_gcs.HttpError, match="Service Unavailable"):
+    storage.write_json("gs://bucket/run/b.json", {})
+  assert not storage.exists("gs://bucket/run/b.json")
+  fake_gcs.fail("read", "run/a.json", error=fake_gcs.HttpError(403, "Forbidden"))
+  with pytest.raises(fake_gcs.HttpError, match="Forbidden"):
+    storage.read_json("gs://bucket/run/a.json")  # not retried: the next read succeeds
+  assert storage.read_json("gs://bucket/run/a.json") == {"x": 1}
+  calls = []
+  monkeypatch.setattr(epath.Path, "read_text", lambda self: calls.append(self) or (
+      _ for _ in ()).throw(TimeoutError("slow disk")))
+  with pytest.raises(TimeoutError):
+    storage.read_text(str(bucket[0] / "local.txt"))
+  assert len(calls) == 1  # a local path: no retries
 
 
 @pytest.mark.slow  # two toy runs through the command line, in subprocesses

@@ -489,6 +489,53 @@ def test_a_full_disk_while_saving_ends_in_one_message_and_resumes(tmp_path, monk
   assert _lines(tmp_path / "run") == _lines(tmp_path / "full")
 
 
+def test_an_object_store_failing_for_a_while_or_for_long(tmp_path, monkeypatch):
+  """On a gs:// workdir (tests/fake_gcs.py): two HTTP 503s on metrics writes are retried and the
+  run equals one without faults; a store that stays down while step 30's rows are flushed (the
+  try and its retries) ends in one StorageError naming the step a re-run resumes from (20), and
+  the re-run, with the store back, equals the uninterrupted run."""
+  import fake_gcs  # pylint: disable=g-import-not-at-top
+  from mcm_jax import storage  # pylint: disable=g-import-not-at-top
+  full = _train(tmp_path / "full", 40)
+  fake_gcs.install(str(tmp_path / "gcs"), monkeypatch)
+  monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0, 0))
+  lines = lambda run: storage.read_text(f"gs://bucket/{run}/metrics.jsonl").splitlines()
+  fake_gcs.fail("write", "flaky/metrics.jsonl", times=2, after=1)
+  flaky = _train("gs://bucket/flaky", 40)
+  assert fake_gcs.FAULTS[0][3] == 0  # both faults were hit
+  assert _leaves_equal(flaky, full) and lines("flaky") == _lines(tmp_path / "full")
+  fake_gcs.fail("write", "down/metrics.jsonl", times=3, after=2)  # the try and both retries
+  with pytest.raises(train.StorageError, match=r"run: a write under gs://bucket/down failed: "
+                     r"the object store did not answer \(HttpError: Service Unavailable\)\. "
+                     r"Once the store answers, run the same command again; it resumes from "
+                     r"step 20"):
+    _train("gs://bucket/down", 40)
+  fake_gcs.FAULTS.clear()
+  resumed = _train("gs://bucket/down", 40)
+  assert _leaves_equal(resumed, full) and lines("down") == _lines(tmp_path / "full")
+
+
+def test_a_workdir_that_vanishes_during_a_save_is_named_and_a_rerun_starts_over(tmp_path,
+                                                                                monkeypatch):
+  """The workdir is deleted (an unmounted disk) just before step 30's save, while step 20's is
+  still being written: one StorageError saying so, not a resume from a checkpoint that is gone;
+  the same command then starts over and ends equal to an uninterrupted run."""
+  full = _train(tmp_path / "full", 40)
+  real_save = checkpoint.save
+
+  def vanishing_save(manager, step, *args, **kwargs):
+    if step == 30:  # moved away at once, as an unmount does (step 20's writes still open)
+      os.rename(tmp_path / "run", tmp_path / "elsewhere")
+    return real_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "save", vanishing_save)
+  with pytest.raises(train.StorageError, match=r"run: the workdir .*run vanished while a "
+                     r"checkpoint was written \(its step 10 is gone; .*\)\. Remount or restore it"):
+    _train(tmp_path / "run", 40)
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  assert _leaves_equal(_train(tmp_path / "run", 40), full)
+
+
 def test_write_failures_are_told_from_other_errors():
   assert errors.write_failure(_TENSORSTORE_ENOSPC) == (
       "RESOURCE_EXHAUSTED, No space left on device [os_error_code='28']")
@@ -503,3 +550,10 @@ def test_write_failures_are_told_from_other_errors():
   assert errors.write_failure(PermissionError(13, "Permission denied", "/d/x")) is None
   assert errors.write_failure(RuntimeError(
       "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.6GiB")) is None
+  # an object store that did not answer (after storage's retries); a refusal is no such fault
+  http = type("HttpError", (Exception,), {"code": 503})("Service Unavailable")
+  assert errors.write_failure(http) == (
+      "the object store did not answer (HttpError: Service Unavailable)")
+  assert errors.unanswered_store(RuntimeError("save failed").with_traceback(None)) is False
+  assert "TimeoutError" in errors.write_failure(TimeoutError("read timed out"))
+  assert errors.write_failure(type("HttpError", (Exception,), {"code": 403})("Forbidden")) is None

@@ -28,7 +28,7 @@ def load_prompts(path):
     prompts = _parquet_prompts(path)
   else:
     prompts = []
-    with storage.open_file(path, "rb") as f:
+    with storage.reader(path) as f:
       for i, raw in enumerate(f, 1):
         try:
           line = raw.decode("utf-8")

@@ -45,8 +45,8 @@ def write(directory, settings, batches, fields=FIELDS):
     storage.makedirs(os.path.join(directory, name))
     rows = {k: _local_rows(batch[k]) for k in fields}
     for k, v in rows.items():
-      with storage.open_file(os.path.join(directory, name, f"{k}.npy"), "wb") as f:
-        np.save(f, v)
+      storage.write_with(os.path.join(directory, name, f"{k}.npy"),
+                         lambda f, v=v: np.save(f, v))
     shards.append({"name": name, "size": int(len(rows[fields[0]]))})
     total += shards[-1]["size"]
   storage.write_json(os.path.join(directory, f"meta_p{jax.process_index():04d}.json"),
