@@ -11,6 +11,7 @@ stops both at one step, and a process whose peer is killed stops with one line
 (``mcm_jax.peers``)."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import imagenet64_base
+from configs import imagenet64_base, imagenet64_cd
 from mcm_jax import peers
 from mcm_jax.experiments import pixel
 
@@ -124,16 +125,28 @@ def _rows(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+def _config(module, overrides):
+  config = module.get_config("tiny")
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def base_runs(tmp_path_factory):
+  """The tiny pixel base trained in one process (this one's 8 devices) and through
+  ``launch/slurm_gpu.sh`` in two: (config, one's workdir, two's workdir, the script's log).
+  Read-only: copy a workdir to change it."""
+  tmp_path = tmp_path_factory.mktemp("base")
+  config = _config(imagenet64_base, OVERRIDES)
+  pixel.run(config, str(tmp_path / "one"))
+  log = _slurm_gpu_script(tmp_path, str(tmp_path / "two"))  # as on a SLURM cluster
+  return config, str(tmp_path / "one"), str(tmp_path / "two"), log
+
+
 @pytest.mark.slow  # two 2-process runs (start-up and compile in each process) and one in-process
-def test_two_processes_train_fall_back_and_evaluate_as_one(tmp_path):
+def test_two_processes_train_fall_back_and_evaluate_as_one(base_runs, tmp_path):
   """Trained through ``launch/slurm_gpu.sh``; evaluated after a damaged latest checkpoint."""
-  config = imagenet64_base.get_config("tiny")
-  for key, value in OVERRIDES.items():
-    config[key.split(".")[0]][key.split(".")[1]] = value
-  one = str(tmp_path / "one")
-  pixel.run(config, one)  # the reference: one process (this one's 8 devices)
-  two = str(tmp_path / "two")
-  log = _slurm_gpu_script(tmp_path, two)  # launch/slurm_gpu.sh, as on a SLURM cluster
+  config, one, two, log = base_runs
   assert "process 1 of 2, 2 local / 4 global devices" in log
   want, got = _rows(one), _rows(two)
   assert [r["step"] for r in got] == [2, 4]
@@ -143,6 +156,7 @@ def test_two_processes_train_fall_back_and_evaluate_as_one(tmp_path):
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
 
   # The latest checkpoint damaged: both processes fall back to step 2 and evaluate it.
+  one, two = shutil.copytree(one, tmp_path / "one"), shutil.copytree(two, tmp_path / "two")
   _truncate_latest_arrays(one)
   _truncate_latest_arrays(two)
   want = pixel.evaluate(config, one)
@@ -198,17 +212,20 @@ def _wait_for_training(procs, workdir, after=0):
     time.sleep(0.5)
 
 
-@pytest.mark.slow  # a 2-process run stopped by SIGTERM, then resumed and one process killed
-def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(tmp_path):
-  """Preemption of one host: both processes save the same step and exit 143 (the flag is
-  or'ed over the processes each logged chunk, ``train.on_any_process``). The same command
-  again resumes both from that step; then SIGKILL of process 1 (an OOM kill, a lost node):
-  process 0, blocked in the step's collectives, stops within the peer timeout with exit 4 and
-  one line naming the lost process and how to resume (``mcm_jax.peers``), not JAX's abort
-  after its heartbeat timeout."""
+@pytest.mark.slow  # a 2-process CD run stopped by SIGTERM, resumed, one process killed; in-process
+def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(base_runs, tmp_path):
+  """Consistency distillation from the 2-process base, in two processes. Preemption of one host:
+  both processes save the same step and exit 143 (the flag is or'ed over the processes each
+  logged chunk, ``train.on_any_process``). The same command again resumes both from that step;
+  then SIGKILL of process 1 (an OOM kill, a lost node): process 0, blocked in the step's
+  collectives, stops within the peer timeout with exit 4 and one line naming the lost process
+  and how to resume (``mcm_jax.peers``), not JAX's abort after its heartbeat timeout. Every
+  logged step, before and after the resume, equals an uninterrupted one-process run."""
   workdir = str(tmp_path / "run")
-  long = {"train.steps": 10_000, "train.checkpoint_every": 1000}
-  procs = _start(workdir, overrides=long)
+  long = dict(OVERRIDES, **{"train.steps": 10_000, "train.checkpoint_every": 1000,
+                            "init_from": base_runs[2]})
+  cd = "configs/imagenet64_cd.py:tiny"
+  procs = _start(workdir, overrides=long, config=cd)
   _wait_for_training(procs, workdir)
   procs[1].send_signal(signal.SIGTERM)
   logs = _logs(procs, timeout=120)
@@ -217,7 +234,7 @@ def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(tmp_path):
   assert len(saved) == 1 and saved[0] % 2 == 0 and 0 < saved[0] < 1000
   assert all(f"SIGTERM at step {saved[0]}" in log for log in logs)
 
-  procs = _start(workdir, "--peer_timeout=5", overrides=long)  # resumes from saved[0]
+  procs = _start(workdir, "--peer_timeout=5", overrides=long, config=cd)  # from saved[0]
   _wait_for_training(procs, workdir, after=saved[0])
   rows = _rows(workdir)
   assert [r["step"] for r in rows][:saved[0] // 2 + 1] == list(range(2, saved[0] + 3, 2))
@@ -229,3 +246,10 @@ def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(tmp_path):
   assert f"resumed from step {saved[0]}" in log
   assert peers.lost_peer_message(1, 2, 5, workdir) in log
   assert "Check failure stack trace" not in log and "Fatal Python error" not in log
+  rows = _rows(workdir)
+  assert rows[-1]["step"] > saved[0]
+  one = str(tmp_path / "one")
+  pixel.run(_config(imagenet64_cd, dict(long, **{"train.steps": rows[-1]["step"]})), one)
+  for w, g in zip(_rows(one), rows, strict=True):  # the same batches, noise and updates
+    assert w["step"] == g["step"]
+    np.testing.assert_allclose(g["cd/loss"], w["cd/loss"], rtol=1e-5)
