@@ -97,12 +97,13 @@ def batches(source, global_batch, seed):
 
 class HostBatches:
   """``batch(step)``: ``batches(...)[step]`` read ahead by a grain iterator (``threads`` threads
-  per process, each reading one batch ahead; ``workers`` worker processes). Steps asked for in
-  order come from one iterator; any other step starts a new one there (a resume)."""
+  per process, each reading one batch ahead; ``workers`` worker processes), passed through
+  ``transform`` if given. Steps asked for in order come from one iterator; any other step
+  starts a new one there (a resume)."""
 
-  def __init__(self, source, global_batch, seed, workers=0, threads=4):
+  def __init__(self, source, global_batch, seed, workers=0, threads=4, transform=None):
     self.batches = batches(source, global_batch, seed)
-    self.workers, self.threads = workers, threads
+    self.workers, self.threads, self.transform = workers, threads, transform
     self._iterator, self._next = None, None
 
   def _start(self, step):
@@ -119,7 +120,8 @@ class HostBatches:
     if step != self._next:
       self._start(step)
     self._next = step + 1
-    return next(self._iterator)
+    batch = next(self._iterator)
+    return batch if self.transform is None else self.transform(batch)
 
   def close(self):
     """Stops the reading threads and worker processes."""
@@ -128,9 +130,9 @@ class HostBatches:
       self._iterator = None
 
 
-def host_batch_fn(source, global_batch, seed, workers=0, threads=4):
+def host_batch_fn(source, global_batch, seed, workers=0, threads=4, transform=None):
   """``batch(step)``: this process's slice of the step's global batch (``HostBatches``)."""
-  return HostBatches(source, global_batch, seed, workers, threads)
+  return HostBatches(source, global_batch, seed, workers, threads, transform)
 
 
 def read(source, indices, threads=16):

@@ -400,6 +400,8 @@ def run(config, workdir):
                         encode_batch, prompts, hp.num_segments, stage_dir)
     stages.append({"num_segments": hp.num_segments, "skip": hp.skip, "lora": path})
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, hp.num_segments, hp.skip, path)
+  if images is not None:
+    batch_fn.close()  # the image reader's threads and worker processes
   writer.close()
   if jax.process_index() == 0:
     storage.write_json(os.path.join(workdir, "stages.json"), stages)
