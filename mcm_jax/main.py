@@ -16,7 +16,7 @@ import warnings
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mcm_jax import cli, errors, experiments, storage
+from mcm_jax import cli, errors, experiments, storage, supervisor
 from mcm_jax.config_diff import differing_fields, flat_fields
 from mcm_jax.config_validation import ConfigError, unknown_field_error, validate
 
@@ -53,7 +53,8 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
                       flag_values=flag_values)
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (multi-node GPU under SLURM, TPU "
-                    "pods: it reads the coordinator and process ids from the environment).",
+                    "pods: it reads the coordinator and process ids from the environment); the "
+                    "job runs under a supervising process (mcm_jax/supervisor.py).",
                     flag_values=flag_values)
   flags.DEFINE_float("peer_timeout", 60.0,
                      "--multihost: a process that hears nothing from another for this many seconds "
@@ -215,6 +216,8 @@ def main(argv):
              flag_values.workdir if flag_values["workdir"].present else None, flag_values.stage)
     return
   write, done = True, lambda: None
+  if flag_values.multihost and not supervisor.supervised():
+    sys.exit(supervisor.run(flag_values.workdir))  # this command again, as its child
   if flag_values.multihost:
     done = initialize_distributed(flag_values.peer_timeout, flag_values.workdir)
     import jax  # pylint: disable=g-import-not-at-top

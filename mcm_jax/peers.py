@@ -7,6 +7,7 @@ distributed key-value store every ``interval`` seconds; a process that has not s
 counter move for ``timeout`` seconds (or cannot reach the store: process 0 holds it) logs which
 process was lost and how to resume, and exits with ``EXIT_LOST_PEER``. Counters, not clocks, so
 hosts' clocks need not agree. A process that finishes marks itself done and is not waited for.
+The death of process 0 itself is answered by ``mcm_jax.supervisor`` (JAX aborts the others first).
 """
 import os
 import sys

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet64_base, imagenet64_cd
-from mcm_jax import peers
+from mcm_jax import peers, supervisor
 from mcm_jax.experiments import pixel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,8 +219,10 @@ def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(base_runs, tm
   logged chunk, ``train.on_any_process``). The same command again resumes both from that step;
   then SIGKILL of process 1 (an OOM kill, a lost node): process 0, blocked in the step's
   collectives, stops within the peer timeout with exit 4 and one line naming the lost process
-  and how to resume (``mcm_jax.peers``), not JAX's abort after its heartbeat timeout. Every
-  logged step, before and after the resume, equals an uninterrupted one-process run."""
+  and how to resume (``mcm_jax.peers``), not JAX's abort after its heartbeat timeout; then, run
+  again, SIGKILL of process 0: process 1 stops at once with exit 4 and one line
+  (``mcm_jax.supervisor``). Every logged step, before and after the resumes, equals an
+  uninterrupted one-process run."""
   workdir = str(tmp_path / "run")
   long = dict(OVERRIDES, **{"train.steps": 10_000, "train.checkpoint_every": 1000,
                             "init_from": base_runs[2]})
@@ -246,6 +248,19 @@ def test_sigterm_stops_both_at_one_step_and_a_killed_peer_is_named(base_runs, tm
   assert f"resumed from step {saved[0]}" in log
   assert peers.lost_peer_message(1, 2, 5, workdir) in log
   assert "Check failure stack trace" not in log and "Fatal Python error" not in log
+
+  # SIGKILL of process 0, which holds JAX's coordination service: JAX aborts process 1 at once;
+  # its supervisor (mcm_jax.supervisor) turns that into one line and exit 4.
+  logged = _rows(workdir)[-1]["step"]  # the killed run's last row
+  procs = _start(workdir, "--peer_timeout=5", overrides=long, config=cd)  # from saved[0] again
+  _wait_for_training(procs, workdir, after=logged)
+  procs[0].kill()
+  killed = time.monotonic()
+  log = _logs(procs[1:], timeout=60)[0]
+  assert procs[1].returncode == peers.EXIT_LOST_PEER, log[-3000:]
+  assert time.monotonic() - killed < 30
+  assert log.rstrip().endswith(supervisor.lost_coordinator_message(2, workdir)), log[-3000:]
+  assert "Check failure stack trace" not in log
   rows = _rows(workdir)
   assert rows[-1]["step"] > saved[0]
   one = str(tmp_path / "one")
