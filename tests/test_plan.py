@@ -344,22 +344,27 @@ def test_train_and_plan_build_the_same_step(make_config, run, stage, monkeypatch
   assert step.lower(*args).as_text() == trained
 
 
-@pytest.mark.slow  # builds the latent cache, then lowers both steps (seconds)
-def test_train_and_plan_build_the_same_lcf_step(tiny_sdxl_dir, monkeypatch, tmp_path):
-  """LCF (configs/sdxl_lcf.py) on cached latents: the training run's step, reading latents
-  from the cache it built, and the planner's lower to the same program."""
+@pytest.mark.slow  # builds the latent cache (cached), then lowers both steps (seconds)
+@pytest.mark.parametrize("cached", [True, False], ids=["cached_latents", "vae_in_step"])
+def test_train_and_plan_build_the_same_lcf_step(cached, tiny_sdxl_dir, monkeypatch, tmp_path):
+  """LCF (configs/sdxl_lcf.py): the training run's step and the planner's lower to the same
+  program, on latents read from the cache the run built, or with the VAE encoding the images in
+  the step (the planner's VAE: its config, abstract parameters)."""
   from configs import sdxl_lcf  # pylint: disable=g-import-not-at-top
   import helpers  # pylint: disable=g-import-not-at-top
   config = sdxl_lcf.get_config("tiny")
   config.student_unet = tiny_sdxl_dir
   config.images.update(dir=helpers.image_folder(tmp_path / "images"),
-                       cache_dir=str(tmp_path / "latents"))
+                       cache_dir=str(tmp_path / "latents") if cached else "")
   calls = _record_jit_step(monkeypatch)
   with pytest.raises(_Stop):
     sdxl_mlcm.run(config, str(tmp_path / "run"))
   trained = calls[0].lower(*calls[0].args).as_text()
-  assert "latents" in calls[0].args[2] and "image" not in calls[0].args[2]
-  assert "vae" not in calls[0].args[1]  # the VAE ran once, for the cache
+  if cached:
+    assert "latents" in calls[0].args[2] and "image" not in calls[0].args[2]
+    assert "vae" not in calls[0].args[1]  # the VAE ran once, for the cache
+  else:
+    assert "image" in calls[0].args[2] and "vae" in calls[0].args[1]
   step, args, _ = plan.build(config, jax.devices(), stage=0)
   assert step.lower(*args).as_text() == trained
 

@@ -231,17 +231,18 @@ def abstract_step(c, stage=0):
   if c.rewards.scorer:
     raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
                       "the reward models yet; allowed: '' (MLCD only)")
-  if c.mlcm.source == "images" and not c.images.cache_dir:
-    raise ConfigError("config.mlcm.source='images' with config.images.cache_dir='': --mode=plan "
-                      "does not plan the VAE encoder in the step yet; allowed: a cache_dir "
-                      "(the step then reads cached latents)")
   model, params, teacher, encode = abstract_models(c)
   encode_batch = conditioning_fn(c, encode)
   frozen = frozen_inputs(c, params, teacher, unconditional(c, encode_batch))
+  encode_images = None
+  if c.mlcm.source == "images" and not c.images.cache_dir:  # the step encodes the images
+    vae, frozen["vae"] = sdxl.abstract_vae(c.student_unet)
+    encode_images = sdxl.make_encoder(vae)
   lora_params = jax.eval_shape(lambda p: init_lora(c, p), params)
   if stage > 0:
     frozen = dict(frozen, prev_lora=lora_params)
-  return step(c, stage, sdxl.make_denoiser(model), params, frozen, lora_params, encode_batch)
+  return step(c, stage, sdxl.make_denoiser(model), params, frozen, lora_params, encode_batch,
+              encode=encode_images)
 
 
 def uncond_mode(c):

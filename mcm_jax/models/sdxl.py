@@ -182,19 +182,25 @@ def _read_msgpack(path):
   return params
 
 
-def _load_diffusers(path, name, build, dtype=jnp.float32):
-  """(model, params in ``dtype``) of a diffusers-layout model from ``path`` or ``path/<name>``,
-  ``build(config dict)`` making the model; the directory and its config are checked first."""
-  from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
+def _diffusers_model(path, name, build):
+  """(model, its directory) of a diffusers-layout model in ``path`` or ``path/<name>``:
+  ``build(config dict)`` of its checked ``config.json``; no weights read."""
   directory = component_dir(path, name)
   config_file = os.path.join(directory, "config.json")
   config = read_json(config_file)
   if not isinstance(config, dict):
     raise UserError(f"{config_file} is not a diffusers config (a JSON object)")
   try:
-    model = build(config)
+    return build(config), directory
   except (KeyError, TypeError, UserError) as e:  # another architecture's config
     raise UserError(f"{config_file}: not an SDXL {name} config ({type(e).__name__}: {e})") from e
+
+
+def _load_diffusers(path, name, build, dtype=jnp.float32):
+  """(model, params in ``dtype``) of a diffusers-layout model from ``path`` or ``path/<name>``,
+  ``build(config dict)`` making the model; the directory and its config are checked first."""
+  from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
+  model, directory = _diffusers_model(path, name, build)
   flax_file = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.isfile(flax_file):
     params = _read_msgpack(flax_file)
@@ -218,10 +224,20 @@ def load_unet(path, dtype=jnp.float32, remat="none", attention="xla", param_dtyp
                          param_dtype)
 
 
+def _vae_from_config(dtype):
+  return lambda cfg: _from_config(_diffusers_flax_class("FlaxAutoencoderKL"), cfg, dtype)
+
+
 def load_vae(path, dtype=jnp.float32):
   """(model, params) of SDXL's VAE (``FlaxAutoencoderKL``) from ``path`` or ``path/vae``."""
-  return _load_diffusers(path, "vae", lambda cfg: _from_config(
-      _diffusers_flax_class("FlaxAutoencoderKL"), cfg, dtype))
+  return _load_diffusers(path, "vae", _vae_from_config(dtype))
+
+
+def abstract_vae(path, dtype=jnp.float32):
+  """``load_vae``'s (model, params) with the parameters as ShapeDtypeStructs: the config read,
+  no weights (``--mode=plan``)."""
+  model, _ = _diffusers_model(path, "vae", _vae_from_config(dtype))
+  return model, jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
 
 
 def vae_scale_factor(path):
