@@ -246,10 +246,10 @@ def _storage_faults(manager, name):
   except Exception as e:  # pylint: disable=broad-exception-caught
     if isinstance(e, (StorageError, NonFiniteLossError)):
       raise
-    fault = write_failure(e)
+    fault, unanswered = write_failure(e), unanswered_store(e)
     try:
       latest = manager.latest_step()
-      vanished = latest is not None and not unanswered_store(e) and _steps_gone(manager)
+      vanished = latest is not None and not unanswered and _steps_gone(manager)
     except Exception:  # pylint: disable=broad-exception-caught
       latest, vanished = None, False
     workdir = os.path.dirname(str(manager.directory))
@@ -263,7 +263,7 @@ def _storage_faults(manager, name):
       raise
     then = ("it starts over: no checkpoint was completed" if latest is None else
             f"it resumes from step {latest}, the newest complete checkpoint")
-    fix = ("Once the store answers, run" if unanswered_store(e) else
+    fix = ("Once the store answers, run" if unanswered else
            "Free space (or point --workdir somewhere writable) and run")
     raise StorageError(
         f"{name}: a write under {workdir} failed: {fault}. {fix} the same command again; "

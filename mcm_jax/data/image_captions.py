@@ -106,7 +106,7 @@ class ImageCaptionFolder:
 
 def host_batch_fn(source, encode_batch, global_batch, seed, key="image", **reading):
   """``batch(step)``: this process's pairs of the step (``loader.host_batch_fn``, ``reading``
-  its workers / threads / prefetch), as ``encode_batch(captions)`` plus ``key``: the images
+  its workers / threads), as ``encode_batch(captions)`` plus ``key``: the images
   (``ImageCaptionFolder``) or their latents (``latent_cache.LatentCache``)."""
   return loader.host_batch_fn(source, global_batch, seed, transform=lambda pairs: dict(
       encode_batch([str(c) for c in pairs["label"]]), **{key: pairs["x"]}), **reading)

@@ -1,6 +1,6 @@
-"""Image data as host batch functions ``batch(step) -> {'x': [b, H, W, C] in [-1, 1], 'label'}``.
+"""Image datasets, read in batches by ``mcm_jax.data.loader``.
 
-Image sources for ``mcm_jax.data.loader`` (grain's random-access protocol): ``len(source)`` and
+Image sources for the loader (grain's random-access protocol): ``len(source)`` and
 ``source[i] -> {'x': float32 [r, r, C] in [-1, 1], 'label': int32}``; ``load(name, ...)``:
 - ``digits``: scikit-learn's 1,797 8x8 handwritten digits (shipped inside the scikit-learn wheel,
   no download; scikit-learn is BSD-3, the data is the UCI "Optical Recognition of Handwritten

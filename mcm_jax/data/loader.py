@@ -12,11 +12,13 @@ The reading (``host_batch_fn``) is a grain pipeline: a ``MapDataset`` whose elem
 this process's batch of step ``s`` (each example ``source[index]``, decoded by the source),
 iterated from the first step asked for with ``threads`` threads each reading a batch ahead
 (``grain.ReadOptions``; 0: read when asked for) and, with ``workers`` > 0, in that many worker
-processes
-(``mp_prefetch``; each builds whole batches, so the batches do not depend on the count).
+processes (``mp_prefetch``; each builds whole batches, so the batches do not depend on the
+count).
 A source is anything with ``len(source)`` and ``source[i] -> {'x': array, 'label': ...}``
 (grain's random-access data source protocol).
 """
+import functools
+
 import grain
 import jax
 from absl import flags
@@ -40,8 +42,16 @@ def epoch_indices(step, global_batch, n, seed):
 
 
 def epoch_permutation(n, seed, epoch):
-  """The order of the ``n`` examples in epoch ``epoch``: a permutation from (seed, epoch)."""
-  return np.random.default_rng([*np.ravel(seed).tolist(), int(epoch)]).permutation(n)
+  """The order of the ``n`` examples in epoch ``epoch``: a permutation from (seed, epoch), the
+  last few kept (read-only): consecutive steps of an epoch share it."""
+  return _permutation(int(n), tuple(np.ravel(seed).tolist()), int(epoch))
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n, seed, epoch):
+  perm = np.random.default_rng([*seed, epoch]).permutation(n)
+  perm.setflags(write=False)
+  return perm
 
 
 def process_rows(global_batch):
@@ -65,34 +75,18 @@ def subset_indices(n_source, n, entropy):
   return np.sort(np.random.default_rng(entropy).permutation(n_source)[:n])
 
 
-class _ExampleAt:
-  """``example(j)``: the ``j``-th example of this process's stream, ``source[index]`` with the
-  index of row ``lo + j mod local`` of step ``j // local`` (``epoch_indices``' rule; one
-  permutation per epoch is kept)."""
-
-  def __init__(self, source, global_batch, lo, local, seed):
-    self.source, self.global_batch, self.lo, self.local = source, global_batch, lo, local
-    self.n, self.seed, self._kept = len(source), seed, (None, None)
-
-  def __getstate__(self):  # workers compute their own permutations
-    return dict(self.__dict__, _kept=(None, None))
-
-  def __call__(self, j):
-    step, row = divmod(int(j), self.local)
-    epoch, pos = divmod(step * self.global_batch + self.lo + row, self.n)
-    kept_epoch, perm = self._kept  # one read: reading threads replace it whole
-    if kept_epoch != epoch:
-      perm = epoch_permutation(self.n, self.seed, epoch)
-      self._kept = (epoch, perm)
-    return self.source[int(perm[pos])]
+def _stacked(examples):
+  """The examples' fields stacked: {'x': [b, ...], 'label': [b]}."""
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def batches(source, global_batch, seed):
-  """grain ``MapDataset`` whose element ``s`` is this process's batch of step ``s``: a dict of
-  the examples' fields stacked, e.g. {'x': [b, H, W, C], 'label': [b]}."""
-  lo, hi = process_rows(global_batch)
-  example = _ExampleAt(source, global_batch, lo, hi - lo, seed)
-  return grain.MapDataset.range(MAX_STEPS * (hi - lo)).map(example).batch(hi - lo)
+  """grain ``MapDataset`` whose element ``s`` is this process's batch of step ``s``
+  (``local_indices_fn``): a dict of the examples' fields stacked, e.g.
+  {'x': [b, H, W, C], 'label': [b]}."""
+  indices = local_indices_fn(global_batch, len(source), seed)
+  return grain.MapDataset.range(MAX_STEPS).map(
+      lambda step: _stacked([source[int(i)] for i in indices(step)]))
 
 
 class HostBatches:
