@@ -35,7 +35,15 @@ def get_config(size="sdxl"):
   # remat (--mode=plan; figures in benchmarks/RESULTS.md). attention: 'xla' or 'chunked'
   # (diffusers' memory-efficient attention); frozen_dtype: the frozen base / teacher weights in
   # memory.
-  c.unet = dict(remat="full,full,dots", attention="xla", frozen_dtype="bfloat16")
+  # time_cond_proj_dim: the guidance embedding's width of a guidance-conditioned student
+  # (mlcm.guidance_range; 256 as diffusers' LCM scripts), added to the student's UNet with a zero
+  # projection so that it starts as the teacher's function.
+  c.unet = dict(remat="full,full,dots", attention="xla", frozen_dtype="bfloat16",
+                time_cond_proj_dim=256)
+  # What is trained: 'lora' (MLCM, LCM-LoRA: the UNet frozen) or 'unet' (the whole UNet, LCM §4's
+  # full-model students: float32 weights whose Adam state is sharded over the mesh like the
+  # frozen teacher's; each stage exports a diffusers UNet directory, unet/, in float16).
+  c.trainable = "lora"
   # rank is not given by MLCM; 64 as LCM-LoRA. targets: the UNet's attention projections
   # (= mcm_jax.lora.DEFAULT_TARGETS; configs import only ml_collections). Each stage exports
   # lora/pytorch_lora_weights.safetensors (diffusers) and lora/mlcm_stage<i>_K<K>_kohya.safetensors
@@ -44,16 +52,24 @@ def get_config(size="sdxl"):
   # B = 0, e.g. a distilled student to fine-tune (LCF); its rank and modules must match.
   c.lora = dict(rank=64, scale=1.0, targets=("to_q", "to_k", "to_v", "to_out_0"),
                 kohya_dtype="float16", init_from="")
-  # Images with captions for mlcm.source='images' (mcm_jax.data.image_captions: a folder with
-  # metadata.jsonl or a caption .txt beside each image), centre-cropped and resized to
-  # latent_resolution * 8, encoded by the SDXL directory's VAE (posterior mean x scaling
-  # factor) in the train step, or once into cache_dir and read from there.
-  c.images = dict(dir="", cache_dir="", reading=common.reading())
+  # Images with captions for mlcm.source='images' (mcm_jax.data.image_captions: in dir, a folder
+  # with metadata.jsonl or a caption .txt beside each image, or webdataset .tar shards; or the
+  # prepared tfds dataset `tfds` in dir, split `split`, its caption feature caption_key, e.g.
+  # 'captions/text' for coco_captions), centre-cropped and resized to latent_resolution * 8,
+  # encoded by the SDXL directory's VAE (posterior mean x scaling factor) in the train step, or
+  # once into cache_dir and read from there.
+  c.images = dict(dir="", cache_dir="", reading=common.reading(), tfds="", split="train",
+                  caption_key="caption")
   c.mlcm = dict(
       num_segments=8,                   # K of the first stage
       skip=20,                          # k of the first stage (timesteps)
       num_stages=3,                     # K, K/2, K/4 ...
       guidance_scale=8.0,
+      # LCM §4.2's guidance-conditioned student (trainable='unet'): (w_min, w_max) = each
+      # example's teacher scale w drawn uniformly and given to the student as
+      # guidance.scale_embedding(w - 1) (LCM's omega = w - 1; LCM's [2, 14] is (3.0, 15.0));
+      # () = w fixed at guidance_scale, the student unconditioned on it (MLCM, LCM-LoRA).
+      guidance_range=(),
       # The guided teacher's unconditional branch: 'auto' = what the SDXL directory's
       # model_index.json says (force_zeros_for_empty_prompt, true for SDXL base: zero prompt
       # embeddings, as diffusers' SDXL pipeline and LCM-SDXL scripts), 'zeros', or

@@ -245,7 +245,9 @@ def validate_mlcm(c):
   if m.source == "images":
     if not c.images.dir:
       raise ConfigError("config.images.dir is empty, but config.mlcm.source='images' reads "
-                        "images with captions from it; allowed: a local or gs:// folder")
+                        "images with captions from it; allowed: a local or gs:// folder (of "
+                        "images with captions, of webdataset .tar shards, or the tfds data_dir "
+                        "of images.tfds)")
     if not c.student_unet:
       raise ConfigError("config.mlcm.source='images' needs config.student_unet: images are "
                         "encoded by the SDXL directory's VAE")
@@ -266,6 +268,7 @@ def validate_mlcm(c):
   check_in(m.trajectory_step, "mlcm.trajectory_step", mlcm.TRAJECTORY_STEPS)
   check_in(m.target, "mlcm.target", mlcm.TARGETS)
   check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)
+  validate_student(c)
   r = c.rewards
   check_in(r.scorer, "rewards.scorer", ("",) + tuple(rewards.THRESHOLDS))
   if r.scorer and not c.student_unet:
@@ -285,6 +288,28 @@ def validate_mlcm(c):
            "a number, or None for the scorer's s0")
     check_in(r.fl_steps, "rewards.fl_steps", (1, 2))
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
+
+
+def validate_student(c):
+  """What is trained (``trainable``) and LCM's guidance-conditioned student
+  (``mlcm.guidance_range``)."""
+  check_in(c.trainable, "trainable", ("lora", "unet"))
+  w = c.mlcm.guidance_range
+  if not w:
+    return
+  _check(not isinstance(w, str) and len(w) == 2 and all(_is_number(x) for x in w)
+         and 1 <= w[0] <= w[1], "mlcm.guidance_range", w,
+         "() or (w_min, w_max) with 1 <= w_min <= w_max (LCM's omega + 1; its [2, 14] is "
+         "(3.0, 15.0))")
+  if c.trainable != "unet":
+    raise ConfigError(f"config.mlcm.guidance_range={tuple(w)} conditions the student on w "
+                      "through a new embedding that a LoRA cannot train; allowed: "
+                      "trainable='unet', or guidance_range=()")
+  if c.mlcm.bank.dir:
+    raise ConfigError(f"config.mlcm.bank.dir={c.mlcm.bank.dir!r}: a trajectory bank is made at "
+                      "the fixed guidance_scale; allowed: bank.dir='' with guidance_range")
+  _check(_is_int(c.unet.time_cond_proj_dim) and c.unet.time_cond_proj_dim >= 4,
+         "unet.time_cond_proj_dim", c.unet.time_cond_proj_dim, "an integer >= 4")
 
 
 def validate(config, plan=False):

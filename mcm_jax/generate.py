@@ -118,6 +118,9 @@ def check_pipeline_flags(flag_values, required):
 
 def define_flags(flag_values=FLAGS):
   define_pipeline_flags("samples", flag_values)
+  flags.DEFINE_string("unet", "", "A diffusers UNet directory (config.json and diffusion_pytorch_"
+                      "model[.fp16].safetensors) used instead of --sdxl's UNet, e.g. a full-UNet "
+                      "student exported by mcm_jax.main (stage<i>/unet).", flag_values=flag_values)
   flags.DEFINE_list("lora_scale", ["1.0"], "LoRA scale, or one per --lora file "
                     "(comma-separated).", flag_values=flag_values)
   flags.DEFINE_string("prompt", None, "One prompt (or --prompts).", flag_values=flag_values)
@@ -182,7 +185,8 @@ def main(argv, flag_values=FLAGS):
   init = plotting.read_image(f.init_image, f.resolution) if f.init_image else None
   prompts = [f.prompt] if f.prompt is not None else prompt_data.load_prompts(f.prompts)
   models = pipeline.load_pipeline(sdxl_dir, [p for p in f.lora.split(",") if p],
-                                  scales[0] if len(scales) == 1 else scales)
+                                  scales[0] if len(scales) == 1 else scales,
+                                  unet_dir=f.unet and hub.local_path(f.unet, "--unet"))
   images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
                                     f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
                                     f.negative_prompt, init, strength, f.gamma)

@@ -22,8 +22,9 @@ def interleave(a, b):
 def guided(f, z, t, cond, uncond, scale):
   """``(f_w, f_c)`` for ``f(z, t, cond)``: one call on the doubled batch (each conditional
   example next to its unconditional copy, ``interleave``); ``uncond`` leaves may have a
-  leading 1 (broadcast to the batch). ``uncond is None`` or ``scale == 1``: one conditional call,
-  ``f_w = f_c``."""
+  leading 1 (broadcast to the batch); ``scale`` a number or one per example [B] (LCM's
+  guidance-conditioned student draws it per example). ``uncond is None`` or ``scale == 1``: one
+  conditional call, ``f_w = f_c``."""
   if uncond is None or (isinstance(scale, (int, float)) and scale == 1.0):
     f_c = f(z, t, cond)
     return f_c, f_c
@@ -33,6 +34,8 @@ def guided(f, z, t, cond, uncond, scale):
   out = f(interleave(z, z), interleave(t, t), both)
   out = out.reshape((b, 2) + out.shape[1:])
   f_c, f_u = out[:, 0], out[:, 1]
+  scale = jnp.asarray(scale)
+  scale = scale.reshape(scale.shape + (1,) * (f_c.ndim - scale.ndim)) if scale.ndim else scale
   return f_u + scale * (f_c - f_u), f_c
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import consistency, guidance, schedules, sharding
+from mcm_jax import consistency, guidance, schedules, seeds, sharding
 from mcm_jax import rewards as reward_losses
 from mcm_jax.errors import UserError
 from mcm_jax.samplers import addim, dpm_solver
@@ -55,6 +55,11 @@ class Hparams(NamedTuple):
   trajectory_step: str = "ddim"     # TRAJECTORY_STEPS (stage 0's image-free latents)
   target: str = "eq7"               # TARGETS
   huber_eps: float = 1.0            # for target 'mcm'
+  # LCM §4.2's guidance-conditioned student: () = w fixed at guidance_scale; (w_min, w_max) = w
+  # drawn per example for the teacher and given to the student through its guidance embedding
+  # (``timestep_cond`` of a UNet with time_cond_proj_dim = guidance_embedding_dim)
+  guidance_range: tuple = ()
+  guidance_embedding_dim: int = 0
 
 
 class RewardHparams(NamedTuple):
@@ -184,9 +189,23 @@ def teacher_step(teacher, z_tm, t_m, t_n, sampler="ddim"):
   return teacher_update(teacher(z_tm, t_m), z_tm, t_m, t_n, sampler)
 
 
+def sample_guidance(rng, batch, hp):
+  """``(w, timestep_cond)``: the guided teacher's scale and the student's input for it. Fixed
+  (``hp.guidance_scale``; the student takes no input, None) unless ``hp.guidance_range =
+  (w_min, w_max)``: then ``w ~ U[w_min, w_max]`` per example [B] and ``timestep_cond =
+  guidance.scale_embedding(w - 1, hp.guidance_embedding_dim)`` [B, dim], the student
+  ``f(z, w, c, t)`` of LCM §4.2 (LCM's omega is w - 1)."""
+  if not hp.guidance_range:
+    return hp.guidance_scale, None
+  lo, hi = hp.guidance_range
+  w = jax.random.uniform(rng, (batch,), minval=lo, maxval=hi)
+  return w, guidance.scale_embedding(w - 1.0, hp.guidance_embedding_dim)
+
+
 def guided_denoiser(denoise_fn, params, cond, uncond, scale):
   """``f(z, t)``: the classifier-free guided teacher of eq. 8 (``guidance.guided`` of
-  ``denoise_fn(params, z, t, cond)`` with ``uncond`` [1, ...] as the unconditional input)."""
+  ``denoise_fn(params, z, t, cond)`` with ``uncond`` [1, ...] as the unconditional input;
+  ``scale`` a number or one per example)."""
   return lambda z, t: guidance.guided(lambda zz, tt, c: denoise_fn(params, zz, tt, c), z, t,
                                       cond, uncond, scale)[0]
 
@@ -263,9 +282,10 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
   """One MLCM stage's objective ``(loss, metrics)`` for ``train.train`` (pure).
 
   ``denoise_fn(params, z, t, cond) -> x_hat`` (the UNet as a denoiser), ``adapt(base,
-  trainable) -> params`` (the LoRA attached, ``lora.attach``), ``latent_shape = (H, W, C)``.
+  trainable) -> params`` (the student's parameters: the LoRA attached, ``lora.attach``, or a
+  full UNet student's own), ``latent_shape = (H, W, C)``.
   ``frozen``: {'unet': base params, 'teacher': teacher params (the base if absent),
-  'prev_lora': the previous stage's trainable or None, 'uncond': the unconditional
+  'previous': the previous stage's trainable or None, 'uncond': the unconditional
   conditioning [1, ...], and with rewards or uncached images 'vae', with rewards 'scorer'}.
   ``batch``: the conditioning {'context', 'text_embeds', 'time_ids'} and, from a trajectory
   bank, a ready pair {'z_tm', 'z_tn', 't_m', 't_n', 'seg_start'}; with ``hp.source =
@@ -273,33 +293,38 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
   [-1, 1] (f: the VAE's factor), encoded here by ``encode(frozen['vae'], images)``
   (``image_pair``).
 
-  Stage 0 (no 'prev_lora'): ``z_{t_m}`` from the guided teacher (App. Alg. 1 'mdi' or 'sdi'),
+  Stage 0 (no 'previous'): ``z_{t_m}`` from the guided teacher (App. Alg. 1 'mdi' or 'sdi'),
   ``z_{t_n}`` by its step. Later stages: ``z_{t_m}`` from the previous MLCM (App. Alg. 2) and
   ``z_{t_n}`` from it ('updated', PDU) or from the guided teacher ('fixed', PDF). From images,
   every stage noises the real latents and steps them with that stage's teacher. With
   ``rewards`` (RewardHparams), ``decode(vae_params, latents)`` and ``score(params, images,
   tokens)``: ``+ rc_weight L_RC + fl_weight L_FL``; ``tokens`` = the batch's ('reward_ids',
-  'reward_mask') for a prompt-conditioned scorer (ImageReward), else None.
+  'reward_mask') for a prompt-conditioned scorer (ImageReward), else None. With
+  ``hp.guidance_range`` the teacher's w is drawn per example and the student (and a previous
+  stage's) sees it (``sample_guidance``; LCM §4.2).
   """
   del step
   cond = {k: batch[k] for k in CONDITIONING}
+  scale, timestep_cond = sample_guidance(
+      jax.random.fold_in(rng, seeds.stream_id("guidance_scale")), cond["context"].shape[0], hp)
+  student_cond = cond if timestep_cond is None else dict(cond, timestep_cond=timestep_cond)
   student_params = adapt(frozen["unet"], trainable)
-  student = lambda z, t: denoise_fn(student_params, z, t, cond)
+  student = lambda z, t: denoise_fn(student_params, z, t, student_cond)
   if "z_tm" in batch:  # a trajectory-bank pair: no teacher call in this step
     pair = {k: batch[k] for k in ("z_tm", "z_tn", "t_m", "t_n", "seg_start")}
   else:
     guided = guided_denoiser(denoise_fn, frozen.get("teacher", frozen["unet"]), cond,
-                             frozen["uncond"], hp.guidance_scale)
+                             frozen["uncond"], scale)
     shape = (cond["context"].shape[0],) + tuple(latent_shape)
     previous = teacher = guided
-    if frozen.get("prev_lora") is not None:
-      prev_params = adapt(frozen["unet"], frozen["prev_lora"])
-      previous = lambda z, t: denoise_fn(prev_params, z, t, cond)
+    if frozen.get("previous") is not None:
+      prev_params = adapt(frozen["unet"], frozen["previous"])
+      previous = lambda z, t: denoise_fn(prev_params, z, t, student_cond)
       teacher = previous if hp.teacher_mode == "updated" else guided
     if hp.source == "images":
       latents = batch["latents"] if "latents" in batch else encode(frozen["vae"], batch["image"])
       pair = image_pair(rng, latents, hp, teacher)
-    elif frozen.get("prev_lora") is None:
+    elif frozen.get("previous") is None:
       pair = training_pair(rng, shape, hp, guided, guided)
     else:
       pair = training_pair(rng, shape, hp, previous, teacher, image_free="progressive")

@@ -146,10 +146,13 @@ def mlcm_hparams(config, stage):
   """``mlcm.Hparams`` of progressive stage ``stage`` (K halves and k doubles per stage)."""
   m = config.mlcm
   num_segments, skip = mlcm.stage_settings(m.num_segments, m.skip, stage)
+  guidance_range = tuple(float(w) for w in m.get("guidance_range", ()))
   return mlcm.Hparams(num_segments=num_segments, skip=skip, guidance_scale=m.guidance_scale,
                       source=m.source, teacher_mode=m.teacher_mode,
                       teacher_step=m.teacher_step, trajectory_step=m.trajectory_step,
-                      target=m.target, huber_eps=m.huber_eps)
+                      target=m.target, huber_eps=m.huber_eps, guidance_range=guidance_range,
+                      guidance_embedding_dim=config.unet.time_cond_proj_dim
+                      if guidance_range else 0)
 
 
 def reward_hparams(config):
@@ -169,12 +172,22 @@ def mlcm_reads_bank(config, stage):
   return stage == 0 and bool(config.mlcm.bank.dir)
 
 
+def student_params_fn(config):
+  """``adapt(base, trainable) -> the student's UNet parameters`` (``config.trainable``): 'lora'
+  attaches the LoRA at ``lora.scale`` to the frozen base (``lora.attach``), 'unet' is the whole
+  UNet (the trainable tree itself)."""
+  if config.get("trainable", "lora") == "unet":
+    return lambda base, trainable: trainable
+  return functools.partial(lora.attach, scale=config.lora.scale)
+
+
 def mlcm_loss(config, denoise, stage, decode=None, score=None, encode=None):
-  """``mlcm.loss`` of one stage: the LoRA is the trainable tree, applied at ``lora.scale``;
+  """``mlcm.loss`` of one stage: the trainable tree is the LoRA or the whole UNet
+  (``student_params_fn``);
   ``denoise(params, z, t, cond)`` is the UNet as a denoiser (``models.sdxl.make_denoiser``);
   ``encode(vae_params, images)`` the VAE encoder when the batch holds images."""
   res = config.latent_resolution
   return functools.partial(
       mlcm.loss, hp=mlcm_hparams(config, stage), denoise_fn=denoise,
-      adapt=functools.partial(lora.attach, scale=config.lora.scale), latent_shape=(res, res, 4),
+      adapt=student_params_fn(config), latent_shape=(res, res, 4),
       rewards=reward_hparams(config), decode=decode, score=score, encode=encode)

@@ -105,8 +105,10 @@ class Pipeline:
   generators: dict = dataclasses.field(default_factory=dict)
 
 
-def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
-  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory. ``lora_path``: a
+def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32, unet_dir=""):
+  """UNet (LoRA attached), VAE and text encoders from a local SDXL directory; ``unet_dir``: a
+  diffusers UNet directory used instead of the SDXL directory's UNet (e.g. a full-UNet student
+  that ``mcm_jax.main`` exported, ``stage<i>/unet``). ``lora_path``: a
   LoRA file or directory, or a list of them with ``lora_scale`` a list of the same length
   (stacked, ``lora.combine``); '' or [] = the base model. The files are read first (a bad one
   fails before the models load); one that does not fit the UNet is an error naming the file, the
@@ -118,7 +120,7 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32):
     raise errors.UserError(f"{len(paths)} LoRA files but {len(scales)} scales ({scales}); "
                            "allowed: one scale per LoRA, or one scale for all")
   parsed = [lora_lib.read(p) for p in paths]  # a bad file fails before the models load
-  unet, unet_params = sdxl.load_unet(sdxl_dir, dtype)
+  unet, unet_params = sdxl.load_unet(unet_dir or sdxl_dir, dtype)
   if paths:
     loras = [(lora_lib.load(p, unet_params, r), s) for p, r, s in zip(paths, parsed, scales)]
     unet_params = lora_lib.attach(unet_params, lora_lib.combine(loras), 1.0,

@@ -95,6 +95,16 @@ def write_text(path, text):
   _retried(path, lambda: epath.Path(path).write_text(text))
 
 
+def read_range(path, offset, size):
+  """``size`` bytes of ``path`` from byte ``offset`` (one ranged read in an object store), with
+  retries."""
+  def read():
+    with epath.Path(path).open("rb") as f:
+      f.seek(offset)
+      return f.read(size)
+  return _retried(path, read)
+
+
 def reader(path):
   """A binary file object over the contents of ``path`` (read whole, with retries)."""
   return io.BytesIO(read_bytes(path))

@@ -72,3 +72,24 @@ def image_folder(directory, n=6, size=20):
     (directory / f"{i:02d}.txt").write_text(["red house", "blue cat", "small tree"][i % 3])
   return str(directory)
 
+
+def webdataset_shards(folder, directory, per_shard=2, json_captions=False):
+  """The folder's images and captions written as webdataset shards (img2dataset's layout:
+  ``<key>.png`` with ``<key>.txt`` or ``<key>.json``, keys in order, ``per_shard`` per shard)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  images = sorted(folder.glob("*.png"))
+  for s in range(0, len(images), per_shard):
+    with tarfile.open(directory / f"{s // per_shard:05d}.tar", "w") as tar:
+      for image in images[s:s + per_shard]:
+        caption = (folder / f"{image.stem}.txt").read_text()
+        key = f"{s // per_shard:05d}{int(image.stem.lstrip('img')):04d}"  # shard, image number
+        tar.add(image, arcname=f"{key}.png")
+        name, data = ((f"{key}.json", json.dumps({"caption": caption, "width": 10}))
+                      if json_captions else (f"{key}.txt", caption))
+        path = directory / name
+        path.write_text(data)
+        tar.add(path, arcname=name)
+        path.unlink()
+  return directory

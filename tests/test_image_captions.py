@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 from mcm_jax.data import image_captions, loader
 from mcm_jax.errors import UserError
 
@@ -77,3 +78,49 @@ def test_folder_errors_name_the_file_and_the_fix(tmp_path):
   (folder / "metadata.jsonl").write_text('{"file_name": "img0.png", "caption": " "}\n')
   with pytest.raises(UserError, match="img0.png has an empty caption"):
     image_captions.ImageCaptionFolder(str(folder), 8)
+
+
+@pytest.mark.parametrize("json_captions", [False, True], ids=["txt", "json"])
+def test_webdataset_shards_read_what_the_folder_holds(tmp_path, json_captions):
+  """Shards of the same images and captions (three .tar files) give the folder's pairs, by
+  random access into the shards; ``open_source`` picks the source from what ``dir`` holds."""
+  folder = _write(tmp_path / "f", n=5)
+  shards = helpers.webdataset_shards(folder, tmp_path / "wds", json_captions=json_captions)
+  config = {"dir": str(shards), "tfds": ""}
+  source = image_captions.open_source(_Config(config), 8)
+  assert isinstance(source, image_captions.WebDatasetShards) and len(source) == 5
+  reference = image_captions.ImageCaptionFolder(str(folder), 8)
+  assert source.captions == reference.captions
+  assert [name for name, _ in source.pairs][:3] == [
+      "00000.tar/000000000", "00000.tar/000000001", "00001.tar/000010002"]
+  order = [4, 0, 3, 1]
+  got, want = loader.read(source, order), loader.read(reference, order)
+  np.testing.assert_array_equal(got["x"], want["x"])
+  assert list(got["label"]) == list(want["label"])
+  assert isinstance(image_captions.open_source(_Config(dict(config, dir=str(folder))), 8),
+                    image_captions.ImageCaptionFolder)
+
+
+def test_webdataset_errors_name_the_shard_and_the_sample(tmp_path):
+  import tarfile  # pylint: disable=g-import-not-at-top
+  folder = _write(tmp_path / "f", n=2)
+  shards = tmp_path / "wds"
+  shards.mkdir()
+  with tarfile.open(shards / "00000.tar", "w") as tar:
+    tar.add(folder / "img0.png", arcname="a.png")  # no caption
+  with pytest.raises(UserError, match=r"00000.tar: sample 'a' has no caption"):
+    image_captions.WebDatasetShards(str(shards), 8)
+  with tarfile.open(shards / "00000.tar", "w:gz") as tar:
+    tar.add(folder / "img0.png", arcname="a.png")
+  with pytest.raises(UserError, match=r"00000.tar is not an uncompressed tar.*random access"):
+    image_captions.WebDatasetShards(str(shards), 8)
+  with tarfile.open(shards / "00000.tar", "w") as tar:
+    tar.add(folder / "img0.txt", arcname="a.txt")
+    tar.add(folder / "img0.txt", arcname="a.jpg")  # a caption where the image should be
+  with pytest.raises(UserError, match=r"a \(bytes \d+\+\d+ of .*00000.tar\) is not a readable"):
+    loader.read(image_captions.WebDatasetShards(str(shards), 8), [0])
+
+
+class _Config(dict):
+  """A dict read as a config section (``section.field`` and ``.get``)."""
+  __getattr__ = dict.__getitem__

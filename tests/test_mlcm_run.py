@@ -2,6 +2,7 @@
 training loop; LoRAs exported per stage; a finished run is reused, not retrained."""
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -48,8 +49,8 @@ def test_two_stage_progressive_run(tmp_path):
 @pytest.mark.slow  # a stage end to end with the reward losses
 def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_imagereward, tmp_path):
   """The real component path: UNet, CLIP text encoders + tokenizers and VAE from a local SDXL
-  directory (tiny, random), a separate teacher UNet, a folder of captioned images encoded by the
-  VAE in the step (image-based MLCD: the guided teacher steps the noised latents), one stage with
+  directory (tiny, random), a separate teacher UNet, captioned images in webdataset shards
+  encoded by the VAE in the step (image-based MLCD: the guided teacher steps the noised latents), one stage with
   the reward losses (ImageReward, tiny, scoring each image against its prompt); samples decoded
   by the VAE."""
   import sdxl_fixtures  # pylint: disable=g-import-not-at-top
@@ -61,7 +62,8 @@ def test_stage_on_a_tiny_sdxl_directory(tiny_sdxl_dir, tiny_imagereward, tmp_pat
   config.update(student_unet=sdxl_dir, teacher_unet=str(tmp_path / "teacher"),
                 text_encoder="sdxl", prompts="")
   config.mlcm.source = "images"  # the captions are the prompts
-  config.images.dir = helpers.image_folder(tmp_path / "images")
+  folder = helpers.image_folder(tmp_path / "images")
+  config.images.dir = str(helpers.webdataset_shards(pathlib.Path(folder), tmp_path / "shards"))
   config.rewards.update(scorer="imagereward", imagereward_dir=str(tiny_imagereward.dir))
   config.mlcm.num_stages = 1
   config.train.steps = 2
@@ -123,7 +125,84 @@ def test_lcf_from_a_lora_on_cached_latents(tiny_sdxl_dir, tmp_path):
     mlcm_experiment.starting_lora(config, params)
 
 
+@pytest.mark.slow  # two tiny full-UNet stages, then a PyTorch pipeline on the export
+def test_guidance_conditioned_full_unet_student(tiny_sdxl_dir, tmp_path, monkeypatch):
+  """LCM §4.2's student as a whole UNet (``trainable='unet'``, ``guidance_range``), two
+  progressive stages on a tiny SDXL directory, the weights and Adam state sharded over fsdp = 2:
+  each stage exports a diffusers UNet directory that diffusers' ``UNet2DConditionModel`` loads in
+  full (no missing or unexpected weight; ``time_cond_proj_dim`` in its config) and that, in
+  diffusers' SDXL pipeline with ``LCMScheduler``, samples what ``generate --unet`` samples from
+  the same noise (the pipeline's fresh noise replaced by ours)."""
+  torch = pytest.importorskip("torch")
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl as pipe_module  # pylint: disable=g-import-not-at-top
+  from diffusers.schedulers import scheduling_lcm  # pylint: disable=g-import-not-at-top
+  from mcm_jax import pipeline, seeds  # pylint: disable=g-import-not-at-top
+  from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  config = sdxl_mlcm.get_config("tiny")
+  (tmp_path / "prompts.txt").write_text("lower newer\nwider lowest\nnewer\nlow\n")
+  config.update(student_unet=tiny_sdxl_dir, text_encoder="sdxl", trainable="unet",
+                prompts=str(tmp_path / "prompts.txt"))
+  config.mlcm.guidance_range = (3.0, 15.0)
+  config.unet.time_cond_proj_dim = 16
+  config.mesh.update(data=4, fsdp=2)
+  config.train.steps = 2
+  config.train.optim.learning_rate = 3e-3  # the embedding moves enough to change the images
+  result = mlcm_experiment.run(config, str(tmp_path / "run"))
+  stages = result["stages"]
+  assert [os.path.basename(os.path.dirname(s["unet"])) for s in stages] == ["unet", "unet"]
+  _, base = sdxl.load_unet(tiny_sdxl_dir)
+  exported = [sdxl.load_unet(os.path.dirname(s["unet"]))[1] for s in stages]
+  kernel = lambda p: np.asarray(p["time_embedding"]["cond_proj"]["kernel"])
+  assert np.abs(kernel(exported[0])).max() > 0  # the guidance embedding was trained
+  moved = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(
+      jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  exported_base = dict(exported[0], time_embedding=base["time_embedding"])
+  assert moved(exported_base, base) > 0 and moved(exported[1], exported[0]) > 0
+  unet_dir = os.path.dirname(stages[1]["unet"])
+  torch_unet, info = diffusers.UNet2DConditionModel.from_pretrained(
+      unet_dir, variant="fp16", output_loading_info=True)
+  assert not any(info.values()), info  # every weight consumed, none missing
+  assert torch_unet.config.time_cond_proj_dim == 16
+  # Sampling: 2 LCM steps at w = 5, ours (generate --unet) against diffusers' pipeline.
+  prompts = ["lower newer", "wider lowest"]
+  models = pipeline.load_pipeline(tiny_sdxl_dir, unet_dir=unet_dir)
+  ours, other_w = (pipeline.generate_images(models, prompts, 2, resolution=32, batch_size=2,
+                                            timesteps="lcm", sampler="lcm", guidance_scale=w)
+                   for w in (5.0, 12.0))
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
+                                       (2, 16, 16, 4)))
+  fresh = np.asarray(jax.random.normal(jax.random.fold_in(seeds.key(0, "sampler_noise"), 0),
+                                       (1, 2, 16, 16, 4)))
+  queue = [torch.from_numpy(fresh[0].transpose(0, 3, 1, 2).copy())]
+  monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: queue.pop(0))
+  part = lambda cls, name: cls.from_pretrained(os.path.join(tiny_sdxl_dir, name)).eval()
+  import transformers  # pylint: disable=g-import-not-at-top
+  reference = pipe_module.StableDiffusionXLPipeline(
+      vae=part(diffusers.AutoencoderKL, "vae"),
+      text_encoder=part(transformers.CLIPTextModel, "text_encoder"),
+      text_encoder_2=part(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_sdxl_dir,
+                                                                        "tokenizer")),
+      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_sdxl_dir,
+                                                                          "tokenizer_2")),
+      unet=torch_unet.float().eval(), scheduler=diffusers.LCMScheduler(
+          beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+  with torch.no_grad():
+    theirs = reference(prompt=prompts, num_inference_steps=2, guidance_scale=5.0, height=32,
+                       width=32, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()),
+                       output_type="np").images
+  assert not queue  # the re-noising draw was ours
+  np.testing.assert_allclose((ours + 1) / 2, theirs, atol=1e-4)
+  # w reaches the images through the trained embedding, by more than ours and theirs differ
+  gap, w_effect = np.abs((ours + 1) / 2 - theirs).mean(), np.abs(ours - other_w).mean() / 2
+  assert gap < 0.1 * w_effect, (gap, w_effect)
+
+
 def test_mlcm_config_errors():
+  from configs import sdxl_lcm  # pylint: disable=g-import-not-at-top
+  for size in sdxl_lcm.SIZES:  # LCM's guidance-conditioned full-UNet student is a valid config
+    validate(sdxl_lcm.get_config(size))
   config = sdxl_mlcm.get_config("tiny")
   config.mlcm.num_segments = 3
   with pytest.raises(ConfigError, match=r"num_segments=3 is invalid.*divisible by 2"):
@@ -136,6 +215,20 @@ def test_mlcm_config_errors():
   config.mlcm.skip = 300
   with pytest.raises(ConfigError, match=r"skip=300 is invalid"):
     validate(config)
+  for fields, message in [
+      (dict(trainable="all"), r"trainable='all' is invalid.*'lora', 'unet'"),
+      (dict(mlcm={"guidance_range": (3.0, 15.0)}),
+       r"guidance_range=\(3.0, 15.0\) conditions .* LoRA cannot train.*trainable='unet'"),
+      (dict(trainable="unet", mlcm={"guidance_range": (15.0, 3.0)}),
+       r"guidance_range=\(15.0, 3.0\) is invalid.*1 <= w_min <= w_max"),
+      (dict(trainable="unet", mlcm={"guidance_range": (3.0, 15.0), "bank": {"dir": "/b"}}),
+       r"bank.dir='/b': a trajectory bank is made at the fixed guidance_scale"),
+      (dict(trainable="unet", mlcm={"guidance_range": (3.0, 15.0)},
+            unet={"time_cond_proj_dim": 1}), r"time_cond_proj_dim=1 is invalid")]:
+    config = sdxl_mlcm.get_config("tiny")
+    config.update(fields)
+    with pytest.raises(ConfigError, match=message):
+      validate(config)
 
 
 @pytest.mark.slow  # a stage end to end that fills the bank

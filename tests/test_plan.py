@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
+from configs import sdxl_lcm as sdxl_lcm_config
 from configs import sdxl_mlcm as sdxl_mlcm_config
 from mcm_jax import errors, lora, mlcm, objectives, plan, sharding, topologies, train
 from mcm_jax.flops import jaxpr_flops
@@ -223,8 +224,8 @@ def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_step):
   on the batch, replaces the guided teacher on the doubled batch in the image-free loop."""
   config, args, info, report = mlcm_stage1_step
   assert info["report"] == {"stage": 1, "from_bank": False}
-  assert "prev_lora" not in mlcm_plan[2][1] and "prev_lora" in args[1]
-  assert _count(args[1]["prev_lora"]) == info["trainable_params"] == _count(args[0].params)
+  assert "previous" not in mlcm_plan[2][1] and "previous" in args[1]
+  assert _count(args[1]["previous"]) == info["trainable_params"] == _count(args[0].params)
   assert config.mlcm.teacher_mode == "updated"
   k0 = config.mlcm.num_segments
   k1 = k0 // 2
@@ -243,7 +244,7 @@ def test_tiny_mlcm_plan_of_a_later_stage(mlcm_plan, mlcm_stage1_step):
 
   plain = jaxpr_flops(jax.make_jaxpr(forward)(params, batch))
   adapted = jaxpr_flops(jax.make_jaxpr(lambda p, l, b: forward(
-      lora.attach(p, l, config.lora.scale), b))(params, args[1]["prev_lora"], batch))
+      lora.attach(p, l, config.lora.scale), b))(params, args[1]["previous"], batch))
   expected = 2 * loop0 * plain / adapted - loop1
   assert plain < adapted  # the unmerged LoRA's products (rank 256: about the forward's own)
   stage0 = mlcm_plan[3]
@@ -327,8 +328,9 @@ def _record_jit_step(monkeypatch, run_first=0):
     (lambda: imagenet64_base.get_config("tiny"), pixel.run, 0),
     (lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 0),
     pytest.param(lambda: sdxl_mlcm_config.get_config("tiny"), sdxl_mlcm.run, 1,
-                 marks=pytest.mark.slow)],  # trains stage 0 first
-                         ids=["pixel", "mlcm", "mlcm-stage1"])
+                 marks=pytest.mark.slow),  # trains stage 0 first
+    (lambda: sdxl_lcm_config.get_config("tiny"), sdxl_mlcm.run, 0)],
+                         ids=["pixel", "mlcm", "mlcm-stage1", "mlcm-full-unet-guided"])
 def test_train_and_plan_build_the_same_step(make_config, run, stage, monkeypatch, tmp_path):
   """The real CPU training run and the planner (for the same 8 CPU devices) both get their step
   from ``train.jit_step``, and the two lower to the same program; for MLCM's stage 1 the

@@ -261,6 +261,18 @@ def test_sdxl_structure_unet_and_its_lora_equal_pytorch(tmp_path):
   delta, want_delta = got_lora - got, want_lora - want
   assert np.linalg.norm(delta - want_delta) / np.linalg.norm(want_delta) < 1e-4
 
+  # A full UNet exported (sdxl.save_unet) is diffusers' fp16 file again, tensor for tensor.
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  path = sdxl.save_unet(str(tmp_path / "export"), model, params, "float16")
+  assert os.path.basename(path) == "diffusion_pytorch_model.fp16.safetensors"
+  written = load_file(path)
+  original = load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+  assert written.keys() == original.keys() and len(written) == 1680
+  for name, value in original.items():
+    np.testing.assert_array_equal(written[name], value, err_msg=name)
+  config = json.load(open(tmp_path / "export" / "config.json"))
+  assert config["transformer_layers_per_block"] == [1, 2, 10]
+
 
 @pytest.mark.slow  # PyTorch equivalence, seconds
 def test_text_encoders_read_the_fp16_variant_and_name_a_missing_tokenizer(tmp_path):

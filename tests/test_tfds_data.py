@@ -119,3 +119,42 @@ def test_pixel_base_training_reads_tfds(data_dir, tmp_path):
   result = pixel.run(config, str(tmp_path))
   assert os.path.getsize(result["samples"][0]) > 100
   assert "base/loss" in open(tmp_path / "metrics.jsonl").read()
+
+
+def test_tfds_image_caption_source(tmp_path):
+  """A prepared tfds dataset with images and COCO-style nested captions (a sequence of
+  ``{'text'}`` per image) as an image + caption source (``images.tfds``, caption_key
+  'captions/text': the first caption of each image)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from mcm_jax.data import image_captions  # pylint: disable=g-import-not-at-top
+  from mcm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  class TinyCaptioned(tfds.core.GeneratorBasedBuilder):
+    """Four JPEGs, each with two captions."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(4):
+        yield i, {"image": _image(i), "captions": {"text": [f"colour {i}", f"other {i}"]}}
+
+  TinyCaptioned(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = dict(dir=str(tmp_path), tfds="tiny_captioned", split="train",
+                caption_key="captions/text")
+  section = type("Section", (dict,), {"__getattr__": dict.__getitem__})
+  source = image_captions.open_source(section(config), 16)
+  assert len(source) == 4 and sorted(source.captions) == [f"colour {i}" for i in range(4)]
+  read = loader.read(source, range(4))
+  green = np.round((read["x"][:, 8, 8, 1] + 1) * 127.5)  # the colour says which image it is
+  i_from_colour = np.round((255 - green) / 10).astype(int)
+  assert [f"colour {i}" for i in i_from_colour] == list(read["label"])
+  with pytest.raises(UserError, match=r"no caption feature 'caption'; its features: "
+                     r"\['captions', 'image'\]"):
+    image_captions.open_source(section(config, caption_key="caption"), 16)

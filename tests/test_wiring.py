@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet64_cd, imagenet64_ct, sdxl_mlcm
-from mcm_jax import consistency, lora, mlcm, objectives, schedules
+from mcm_jax import consistency, guidance, lora, mlcm, objectives, schedules, seeds
 from mcm_jax.data import images as image_data
 from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import addim
@@ -111,19 +111,25 @@ def mlcm_setup():
 
 
 def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=None,
-             latents=None):
+             latents=None, scales=None, student_cond=None):
   """Per-example MLCD of one stage, with every step written out in epsilon form; ``latents``:
   real latents z_0 noised to z_{t_m} (LCM Alg. 1), and with ``teacher_step='data'`` to z_{t_n}
-  with the same noise (LCF, LCM Alg. 4)."""
+  with the same noise (LCF, LCM Alg. 4). ``lora0`` / ``lora1``: the previous and the trained
+  student's LoRA, or with ``trainable='unet'`` their whole UNets; ``scales``: each example's
+  teacher guidance scale (default ``mlcm.guidance_scale``), ``student_cond``: the students'
+  conditioning (default the batch's)."""
   m = config.mlcm
   K, k = m.num_segments // 2 ** stage, m.skip * 2 ** stage
-  merged = lambda l: lora.attach(params, l, config.lora.scale)
+  merged = ((lambda l: l) if config.trainable == "unet" else
+            (lambda l: lora.attach(params, l, config.lora.scale)))
   student = merged(lora1 if stage else lora0)
   previous = merged(lora0) if stage else None
+  w = np.full(4, m.guidance_scale) if scales is None else np.asarray(scales, np.float64)
+  student_eps = lambda p, z, t, i: eps(p, z, t, i, student_cond)
 
   def guided(z, t, i):
     e_c, e_u = eps(params, z, t, i), eps(params, z, t, 0, uncond)
-    return e_u + m.guidance_scale * (e_c - e_u)
+    return e_u + w[i] * (e_c - e_u)
 
   if bank is None:
     k_times, k_noise = jax.random.split(rng)
@@ -149,7 +155,7 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
         n_steps = 1 if m.source == "sdi" else K - seg[i]
         size = (999 - t_m[i]) / n_steps
       else:  # App. Alg. 2: steps of T / (2K) with the previous MLCM
-        source = lambda z, t, j: eps(previous, z, t, j)
+        source = lambda z, t, j: student_eps(previous, z, t, j)
         size = 1000 / (2 * K)
         n_steps = int(np.ceil((999 - t_m[i]) / size))
       z = noise[i]
@@ -161,14 +167,15 @@ def _by_hand(config, params, lora0, lora1, cond, uncond, eps, stage, rng, bank=N
         z = _ddim_eps(z, source(z, t, i), t, nxt, False)
       z_tm = z
       use_previous = stage > 0 and m.teacher_mode == "updated"
-      e_teacher = eps(previous, z_tm, t_m[i], i) if use_previous else guided(z_tm, t_m[i], i)
+      e_teacher = (student_eps(previous, z_tm, t_m[i], i) if use_previous
+                   else guided(z_tm, t_m[i], i))
       z_tn = _ddim_eps(z_tm, e_teacher, t_m[i], t_n[i], False)
     clean = start[i] == 0
-    pred = _ddim_eps(z_tm, eps(student, z_tm, t_m[i], i), t_m[i], start[i], clean)
+    pred = _ddim_eps(z_tm, student_eps(student, z_tm, t_m[i], i), t_m[i], start[i], clean)
     if t_n[i] == start[i] and not clean:
       target = z_tn
     else:
-      target = _ddim_eps(z_tn, eps(student, z_tn, t_n[i], i), t_n[i], start[i], clean)
+      target = _ddim_eps(z_tn, student_eps(student, z_tn, t_n[i], i), t_n[i], start[i], clean)
     losses.append(np.mean((pred - target) ** 2))
     ends.append((pred, target))
   return np.mean(losses), ends
@@ -196,7 +203,7 @@ def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
     config.mlcm.source = variant
   elif variant in ("updated", "fixed"):
     config.mlcm.teacher_mode = variant
-  frozen = {"unet": params, "uncond": uncond, "prev_lora": lora0 if stage else None}
+  frozen = {"unet": params, "uncond": uncond, "previous": lora0 if stage else None}
   batch = dict(cond)
   bank = latents = encode = None
   if variant == "bank":  # a stored pair: no teacher call, only the student's terms
@@ -222,6 +229,53 @@ def test_mlcm_loss_is_eq7_by_hand(mlcm_setup, stage, variant):
 
 
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
+@pytest.mark.parametrize("stage", [0, 1])
+def test_guidance_conditioned_full_student_loss_by_hand(mlcm_setup, stage):
+  """LCM §4.2 with MLCD (``trainable='unet'``, ``guidance_range``): each example's teacher is
+  guided at its own w ~ U[w_min, w_max], and the whole-UNet student -- and at stage 1 the
+  previous stage's student, which makes the latents and the PDU teacher step -- is called with
+  ``timestep_cond = scale_embedding(w - 1)`` (diffusers' ``get_guidance_scale_embedding``, tested
+  in test_sdxl) through its ``cond_proj``; the teacher is the base UNet without it."""
+  config, _, params, _, _, cond, uncond, _ = mlcm_setup
+  config = config.copy_and_resolve_references()
+  config.trainable = "unet"
+  config.mlcm.guidance_range = (3.0, 15.0)
+  config.unet.time_cond_proj_dim = 8
+  model = sdxl.with_guidance_embedding(sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG), 8)
+  start = sdxl.zero_guidance_projection(model, params)
+  assert not np.any(start["time_embedding"]["cond_proj"]["kernel"])
+  students = [_perturbed(start, jax.random.PRNGKey(s), 0.05) for s in (11, 12)]  # cond_proj != 0
+  eps_net = jax.jit(sdxl.make_eps_fn(model))
+  one = lambda tree, i: jax.tree_util.tree_map(lambda v: v[i:i + 1], tree)
+
+  def eps(p, z, t, i, c=None):
+    out = eps_net(p, jnp.asarray(z[None], jnp.float32), jnp.array([t]), one(c or cond, i))
+    return np.asarray(out[0], np.float64)
+
+  rng = jax.random.PRNGKey(7 + stage)
+  hp = objectives.mlcm_hparams(config, stage)
+  w, embedding = mlcm.sample_guidance(
+      jax.random.fold_in(rng, seeds.stream_id("guidance_scale")), 4, hp)
+  assert np.all((3.0 <= np.asarray(w)) & (np.asarray(w) <= 15.0)) and np.ptp(w) > 1.0
+  frozen = {"unet": params, "uncond": uncond, "previous": students[0] if stage else None}
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), stage)
+  loss, _ = jax.jit(loss_fn)(students[1] if stage else students[0], dict(cond), rng, 0, frozen)
+  student_cond = dict(cond, timestep_cond=guidance.scale_embedding(np.asarray(w) - 1.0, 8))
+  expected, _ = _by_hand(config, params, students[0], students[1], cond, uncond, eps, stage, rng,
+                         scales=w, student_cond=student_cond)
+  np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
+  # the embedding matters, and at stage 0 the per-example teacher scale (at stage 1 the PDU
+  # teacher is the previous student: w reaches it only through the embedding)
+  unembedded, _ = _by_hand(config, params, students[0], students[1], cond, uncond, eps, stage,
+                           rng, scales=w)
+  assert abs(unembedded - expected) > 1e-3 * expected
+  if stage == 0:
+    fixed, _ = _by_hand(config, params, students[0], students[1], cond, uncond, eps, stage, rng,
+                        scales=np.full(4, 9.0), student_cond=student_cond)
+    assert abs(fixed - expected) > 1e-3 * expected
+
+
+@pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   """Reward consistency on the decoded DDIM endpoints of eq. 7 and feedback learning on the
   student's one-step sample from fresh noise (fold_in(rng, 1)), with a stand-in decoder and a
@@ -235,7 +289,7 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   # A prompt-conditioned stand-in (as ImageReward): the example's tokens shift its score.
   score = lambda p, x, tokens: 2.0 + jnp.mean(p * x, axis=(1, 2, 3)) + 0.5 * jnp.sum(
       tokens[0] * tokens[1], axis=1)
-  frozen = {"unet": params, "uncond": uncond, "prev_lora": None, "vae": 1.5, "scorer": 4.0}
+  frozen = {"unet": params, "uncond": uncond, "previous": None, "vae": 1.5, "scorer": 4.0}
   bank = _bank_pair(seed=1)
   ids = np.array([[3, 1, 0], [2, 2, 0], [0, 0, 0], [5, 0, 0]], np.int32)
   mask = np.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]], np.int32)

@@ -1,20 +1,29 @@
-"""Image + caption pairs from a local (or object-store) folder, for latent consistency
-fine-tuning and the image-based MLCD baselines.
+"""Image + caption pairs from a local (or object-store) folder, webdataset shards or a tfds
+dataset, for latent consistency fine-tuning and the image-based MLCD baselines
+(``open_source``).
 
-Two layouts, the two the field's fine-tuning tools read:
+Folders, in the two layouts the field's fine-tuning tools read:
 - Hugging Face ``imagefolder``: ``DIR/metadata.jsonl``, one ``{"file_name": ..., "text": ...}``
   per image (the caption field may also be ``caption`` or ``prompt``), file names relative to
   ``DIR``;
 - kohya sd-scripts: a caption file beside each image, same stem, ``.txt`` or ``.caption``.
+webdataset: ``DIR/*.tar`` (uncompressed, as img2dataset writes them), a sample being the members
+that share a key (the path up to the base name's first dot): an image and a ``.txt`` /
+``.caption`` caption, or a ``.json`` with one of the caption fields; the shards are indexed once
+(each image's byte range) and read by random access. tfds: a prepared dataset (array_record)
+with an ``image`` feature and a text caption feature (``caption_key``, '/'-separated into nested
+features; the first of a sequence of captions, as COCO's five).
 
-Images (``.png .jpg .jpeg .webp .bmp``) are read in file-name order, decoded with PIL, converted
+Images (``.png .jpg .jpeg .webp .bmp``) are read in name order, decoded with PIL, converted
 to RGB, centre-cropped to a square and resized to the resolution (``images.center_crop_resize``):
 ``source[i] -> {'x': float32 [r, r, 3] in [-1, 1], 'label': caption}``, read in batches by
-``mcm_jax.data.loader``.
+``mcm_jax.data.loader``. Every source has ``pairs`` ([(name, caption)], the names identifying
+its images to the latent cache), ``captions``, ``directory`` and ``resolution``.
 """
 import io
 import json
 import os
+import tarfile
 
 import numpy as np
 
@@ -78,6 +87,17 @@ def list_pairs(directory):
   return sorted(pairs)
 
 
+def decode_image(data, where, resolution):
+  """Encoded image bytes -> float32 [r, r, 3] in [-1, 1], centre-cropped and resized; a
+  UserError naming ``where`` when they are not an image."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+  except (UnidentifiedImageError, OSError) as e:
+    raise UserError(f"image {where} is not a readable image ({e})") from e
+  return images.center_crop_resize(image, resolution)
+
+
 class ImageCaptionFolder:
   """The folder's pairs by random access: ``source[i]`` reads and decodes image ``i``."""
 
@@ -90,18 +110,139 @@ class ImageCaptionFolder:
     return len(self.pairs)
 
   def __getitem__(self, i):
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
     name, caption = self.pairs[int(i)]
     path = os.path.join(self.directory, name)
     try:  # one read per image, no separate existence check (a round trip in an object store)
       data = storage.read_bytes(path)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"image {path} named in {METADATA} does not exist") from e
+    return {"x": decode_image(data, path, self.resolution), "label": caption}
+
+
+SHARD_EXTENSION = ".tar"
+
+
+def sample_key(member):
+  """webdataset's (sample key, extension) of a tar member name: the path up to the first dot of
+  its base name, and the rest lower-cased (``a/b.seg.jpg`` -> ``('a/b', 'seg.jpg')``)."""
+  directory, base = os.path.split(member)
+  stem, _, extension = base.partition(".")
+  return os.path.join(directory, stem), extension.lower()
+
+
+def _json_caption(data, where):
+  try:
+    row = json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{where}: not a JSON object ({e})") from e
+  field = next((k for k in PROMPT_FIELDS if isinstance(row, dict) and k in row), None)
+  return None if field is None else str(row[field])
+
+
+def index_shard(path):
+  """[(key, byte offset of its image, its size, caption)] of a webdataset shard, in member
+  order (headers and captions read once; the images are not read)."""
+  samples, found = {}, []
+  with storage.reader(path) if storage.is_url(path) else open(path, "rb") as f:
     try:
-      image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-      raise UserError(f"image {path} is not a readable image ({e})") from e
-    return {"x": images.center_crop_resize(image, self.resolution), "label": caption}
+      tar = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.ReadError as e:
+      raise UserError(f"webdataset shard {path} is not an uncompressed tar ({e}); allowed: "
+                      ".tar shards (compressed ones cannot be read by random access)") from e
+    for member in tar:
+      if not member.isfile():
+        continue
+      key, extension = sample_key(member.name)
+      sample = samples.setdefault(key, {})
+      if key not in found:
+        found.append(key)
+      last = extension.rsplit(".", 1)[-1]
+      if "." + last in IMAGE_EXTENSIONS:
+        sample["image"] = (member.offset_data, member.size)
+      elif "." + last in CAPTION_EXTENSIONS and "caption" not in sample:
+        sample["caption"] = tar.extractfile(member).read().decode("utf-8").strip()
+      elif last == "json" and "caption" not in sample:
+        caption = _json_caption(tar.extractfile(member).read(), f"{path}:{member.name}")
+        if caption is not None:
+          sample["caption"] = caption.strip()
+  out = []
+  for key in found:
+    sample = samples[key]
+    if "image" not in sample or not sample.get("caption"):
+      raise UserError(f"webdataset shard {path}: sample {key!r} has "
+                      + ("no image" if "image" not in sample else "no caption")
+                      + f" (members {key}.<ext>: an image {IMAGE_EXTENSIONS}, a caption "
+                        f"{CAPTION_EXTENSIONS} or .json with one of {PROMPT_FIELDS})")
+    out.append((key,) + sample["image"] + (sample["caption"],))
+  return out
+
+
+class WebDatasetShards:
+  """The samples of the webdataset shards ``directory/*.tar`` (in shard-name, then member
+  order) by random access: ``source[i]`` reads sample ``i``'s image bytes at their offset in
+  its shard."""
+
+  def __init__(self, directory, resolution):
+    self.directory, self.resolution = directory, resolution
+    shards = sorted(n for n in storage.listdir(directory) if n.endswith(SHARD_EXTENSION))
+    indexed = [(shard, sample) for shard in shards
+               for sample in index_shard(os.path.join(directory, shard))]
+    if not indexed:
+      raise UserError(f"webdataset shards in {directory} hold no samples")
+    self.samples = [(shard, offset, size) for shard, (_, offset, size, _) in indexed]
+    self.pairs = [(f"{shard}/{key}", caption) for shard, (key, _, _, caption) in indexed]
+    self.captions = [caption for _, caption in self.pairs]
+
+  def __len__(self):
+    return len(self.samples)
+
+  def __getitem__(self, i):
+    shard, offset, size = self.samples[int(i)]
+    path = os.path.join(self.directory, shard)
+    return {"x": decode_image(storage.read_range(path, offset, size), f"{self.pairs[int(i)][0]} "
+                              f"(bytes {offset}+{size} of {path})", self.resolution),
+            "label": self.captions[int(i)]}
+
+
+class TfdsImageCaptions(images.TfdsSource):
+  """A prepared tfds dataset's (image, caption) pairs by random access (``images.TfdsSource``,
+  array_record): the ``image`` feature and the text feature ``caption_key`` ('/' into nested
+  features, e.g. COCO's ``captions/text``; the first of a sequence). Every caption is read at
+  construction (the images are not decoded)."""
+
+  def __init__(self, name, data_dir, split, resolution, caption_key="caption"):
+    self.caption_path = caption_key.split("/")
+    super().__init__(name, data_dir, split, resolution, label_key=self.caption_path[0])
+    self.directory = f"{data_dir} (tfds {name}, split {split})"
+    self.captions = [self.label(self.source[i]) for i in range(len(self.source))]
+    self.pairs = [(str(i), caption) for i, caption in enumerate(self.captions)]
+
+  def label(self, record):
+    """The record's caption (a str)."""
+    value = record
+    for part in self.caption_path:
+      if not hasattr(value, "keys") or part not in value:
+        raise UserError(f"tfds dataset {self.name!r} has no caption feature "
+                        f"{'/'.join(self.caption_path)!r}; its features: {sorted(record)}")
+      value = value[part]
+    if np.ndim(value):
+      if not len(value):
+        raise UserError(f"tfds dataset {self.name!r}: a record has no caption in "
+                        f"{'/'.join(self.caption_path)!r}")
+      value = value[0]
+    return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
+
+
+def open_source(config, resolution):
+  """The image + caption source of ``config.images``: the tfds dataset ``tfds`` (prepared in
+  ``dir``), webdataset shards when ``dir`` holds ``.tar`` files, else a folder of images."""
+  if config.get("tfds"):
+    return TfdsImageCaptions(config.tfds, config.dir, config.get("split", "train"), resolution,
+                             config.get("caption_key", "caption"))
+  if (config.dir and storage.isdir(config.dir)
+      and any(n.endswith(SHARD_EXTENSION) for n in storage.listdir(config.dir))):
+    return WebDatasetShards(config.dir, resolution)
+  return ImageCaptionFolder(config.dir, resolution)
 
 
 def host_batch_fn(source, encode_batch, global_batch, seed, key="image", **reading):

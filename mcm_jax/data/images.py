@@ -108,8 +108,11 @@ class TfdsSource:
     if self.jpeg_draft:  # decode a JPEG at 1/2, 1/4 or 1/8 scale, its short side >= resolution
       image.draft("RGB", (self.resolution, self.resolution))
     image = np.asarray(image.convert("RGB"))
-    return {"x": center_crop_resize(image, self.resolution),
-            "label": np.int32(record[self.label_key])}
+    return {"x": center_crop_resize(image, self.resolution), "label": self.label(record)}
+
+  def label(self, record):
+    """A record's label: the integer class."""
+    return np.int32(record[self.label_key])
 
 
 def load(name, resolution, data_dir="", split="train", jpeg_draft=False):

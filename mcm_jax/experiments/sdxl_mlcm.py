@@ -1,12 +1,15 @@
 """The SDXL MLCM experiment (``configs/sdxl_mlcm.py``): distil an SDXL-architecture UNet into a
-LoRA by MLCD (the method: ``mcm_jax.mlcm``) on the one training loop (``train.train``: the LoRA
-tree is the trained state; the UNet weights are ``frozen`` and sharded over the mesh), with
-progressive stages K -> K/2, k -> 2k and image-free data from teacher trajectories.
+LoRA, or into a whole UNet (``config.trainable``), by MLCD (the method: ``mcm_jax.mlcm``) on the
+one training loop (``train.train``: the LoRA or the student UNet is the trained state; the
+teacher's weights are ``frozen``; both sharded over the mesh), with progressive stages
+K -> K/2, k -> 2k and image-free data from teacher trajectories.
 
 Each stage is its own run in ``workdir/stage<i>`` (restore-or-init; finished stages are reused)
-that starts from the previous stage's LoRA and exports its own in diffusers' layout to
-``workdir/stage<i>/lora/pytorch_lora_weights.safetensors``. Stage 0 may read its training pairs
-from a trajectory bank (``mlcm.bank.dir``) made once by the guided teacher.
+that starts from the previous stage's student and exports its own: a LoRA in diffusers' layout,
+``workdir/stage<i>/lora/pytorch_lora_weights.safetensors``, or a full student as a diffusers
+UNet directory, ``workdir/stage<i>/unet/`` (float16; with ``mlcm.guidance_range`` the
+guidance-conditioned UNet of LCM §4.2, ``time_cond_proj_dim`` in its config). Stage 0 may read
+its training pairs from a trajectory bank (``mlcm.bank.dir``) made once by the guided teacher.
 """
 import logging
 import os
@@ -15,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import (hub, lora, mlcm, objectives, pipeline, scorers, seeds, sharding, storage,
-                     train)
+from mcm_jax import (guidance, hub, lora, mlcm, objectives, pipeline, scorers, seeds, sharding,
+                     storage, train)
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import image_captions, latent_cache, trajectory_bank
 from mcm_jax.data import prompts as prompt_data
@@ -29,13 +32,16 @@ from mcm_jax.models import sdxl, sdxl_text
 
 def build_models(c):
   """(UNet model, student base params, teacher params or None, text encoder); loaded UNet
-  weights are read straight into ``config.unet.frozen_dtype``."""
+  weights are read straight into ``config.unet.frozen_dtype`` (float32 for a full-UNet student,
+  whose trained copy starts from them). With ``mlcm.guidance_range`` the model is the
+  guidance-conditioned student's (``sdxl.with_guidance_embedding``), which also computes the
+  teacher from the base parameters."""
   if c.text_encoder == "sdxl" and not c.student_unet:
     raise ConfigError("config.text_encoder='sdxl' needs config.student_unet: the local SDXL "
                       "directory holding text_encoder(_2)/ and tokenizer(_2)/")
   unet = unet_options(c)
   if c.student_unet:
-    model, params = sdxl.load_unet(c.student_unet, **unet, param_dtype=c.unet.frozen_dtype)
+    model, params = sdxl.load_unet(c.student_unet, **unet, param_dtype=base_dtype(c))
   else:  # tiny: random weights of the tiny SDXL-architecture config
     model = sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, **unet)
     params = model.init_weights(jax.random.PRNGKey(c.seed))
@@ -49,7 +55,21 @@ def build_models(c):
     encoder = sdxl_text.load_text_encoders(c.student_unet)
   else:
     encoder = sdxl_text.hashed_text_encoder_for(model, seed=c.seed)
-  return model, params, teacher, encoder
+  return guidance_model(c, model), params, teacher, encoder
+
+
+def base_dtype(c):
+  """The dtype the student's UNet weights are read into: ``unet.frozen_dtype``, float32 when
+  the whole UNet is trained."""
+  return "float32" if c.trainable == "unet" else c.unet.frozen_dtype
+
+
+def guidance_model(c, model):
+  """``model``, or with ``mlcm.guidance_range`` the guidance-conditioned student's UNet
+  (``unet.time_cond_proj_dim``)."""
+  if not c.mlcm.guidance_range:
+    return model
+  return sdxl.with_guidance_embedding(model, c.unet.time_cond_proj_dim)
 
 
 def unet_options(c):
@@ -77,12 +97,13 @@ def abstract_models(c):
   encoder is the hashed one or zeros of SDXL's CLIP output shapes."""
   model = sdxl.unet_from_config(unet_config(c), **unet_options(c))
   params = jax.eval_shape(model.init_weights, jax.random.PRNGKey(c.seed))
+  params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype(c)), params)
   teacher = params if c.teacher_unet else None
   if c.text_encoder == "sdxl":
     encoder = sdxl_text.zeros_text_encoder(model)
   else:
     encoder = sdxl_text.hashed_text_encoder_for(model, seed=c.seed)
-  return model, params, teacher, encoder
+  return guidance_model(c, model), params, teacher, encoder
 
 
 # Prompt embeddings up to this size are computed once and the CLIP text encoders freed
@@ -126,16 +147,23 @@ def reward_scorer(c):
   return scorers.load_aesthetic(r.clip_dir, r.head)
 
 
+def frozen_cast(c, tree):
+  """``tree`` (arrays or ShapeDtypeStructs) in ``config.unet.frozen_dtype``."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, c.unet.frozen_dtype)
+      if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x, c.unet.frozen_dtype), tree)
+
+
 def frozen_inputs(c, params, teacher, uncond):
   """The train step's ``frozen`` tree of stage 0 (``mlcm.loss``): the UNet, the unconditional
   conditioning and a separate teacher's UNet if there is one; the UNets' weights are kept in
-  ``config.unet.frozen_dtype`` (bfloat16 halves their memory; the LoRA stays float32)."""
-  cast = lambda tree: jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, c.unet.frozen_dtype)
-      if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x, c.unet.frozen_dtype), tree)
-  frozen = {"unet": cast(params), "uncond": uncond}
+  ``config.unet.frozen_dtype`` (bfloat16 halves their memory; the LoRA stays float32). A
+  full-UNet student keeps one frozen UNet, the teacher (``teacher``, else the base)."""
+  if c.trainable == "unet":
+    return {"unet": frozen_cast(c, params if teacher is None else teacher), "uncond": uncond}
+  frozen = {"unet": frozen_cast(c, params), "uncond": uncond}
   if teacher is not None:
-    frozen["teacher"] = cast(teacher)
+    frozen["teacher"] = frozen_cast(c, teacher)
   return frozen
 
 
@@ -143,6 +171,17 @@ def init_lora(c, params):
   """A fresh LoRA (``config.lora``: rank, targets) on the target kernels of ``params``."""
   return lora.init_lora(params, c.lora.rank, seeds.key(c.seed, "lora_init"),
                         tuple(c.lora.targets))
+
+
+def starting_student(c, model, params):
+  """Stage 0's trainable tree: the LoRA (``starting_lora``) or, with ``trainable='unet'``, the
+  whole UNet ``model``'s parameters in float32 from ``params`` (with ``mlcm.guidance_range`` a
+  zero guidance projection added: the student starts as the base's function)."""
+  if c.trainable == "lora":
+    return starting_lora(c, params)
+  if c.mlcm.guidance_range:
+    params = sdxl.zero_guidance_projection(model, params)
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def starting_lora(c, params):
@@ -205,21 +244,28 @@ def num_stages(c):
   return c.mlcm.num_stages
 
 
-def step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode=None, score=None,
+def previous_student(c, trained):
+  """The previous stage's student as the next stage's ``frozen['previous']``: the LoRA as
+  trained, a full UNet in ``unet.frozen_dtype``."""
+  return frozen_cast(c, trained) if c.trainable == "unet" else trained
+
+
+def step(c, stage, denoise, params, frozen, student, encode_batch, decode=None, score=None,
          encode=None):
-  """The train step of stage ``stage`` (``objectives.mlcm_loss``): the LoRA ``lora_params`` on
-  the UNet ``params`` (``denoise``: ``sdxl.make_denoiser``) is trained; ``frozen``
-  (``frozen_inputs``, plus the previous stage's LoRA ``prev_lora`` from stage 1) is not.
-  ``forward`` is one student forward on the batch at t = 500; ``decode`` / ``score`` are the
-  reward losses' VAE decoder and scorer, ``encode`` the VAE encoder of uncached images."""
+  """The train step of stage ``stage`` (``objectives.mlcm_loss``): ``student`` (the LoRA on the
+  UNet ``params``, or the whole UNet; ``denoise``: ``sdxl.make_denoiser``) is trained;
+  ``frozen`` (``frozen_inputs``, plus the previous stage's student ``previous`` from stage 1) is
+  not. ``forward`` is one student forward on the batch at t = 500; ``decode`` / ``score`` are
+  the reward losses' VAE decoder and scorer, ``encode`` the VAE encoder of uncached images."""
+  adapt = objectives.student_params_fn(c)
+
   def forward(p, frozen, b):
     res, cond = c.latent_resolution, {k: b[k] for k in mlcm.CONDITIONING}
     z = jnp.zeros((b["context"].shape[0], res, res, 4))
-    return denoise(lora.attach(frozen["unet"], p, c.lora.scale), z, jnp.full(z.shape[:1], 500.),
-                   cond)
+    return denoise(adapt(frozen["unet"], p), z, jnp.full(z.shape[:1], 500.), cond)
 
   return Step(loss=objectives.mlcm_loss(c, denoise, stage, decode, score, encode),
-              params=lora_params,
+              params=student,
               frozen=frozen, batch=batch_shapes(c, encode_batch, stage), model_params=params,
               forward=forward,
               report=dict(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage)))
@@ -227,7 +273,7 @@ def step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode=No
 
 def abstract_step(c, stage=0):
   """``step`` of stage ``stage`` as ``run`` builds it, on shapes (``abstract_models``; the
-  previous stage's LoRA stands in by its shapes): what ``--mode=plan`` compiles."""
+  previous stage's student stands in by its shapes): what ``--mode=plan`` compiles."""
   if c.rewards.scorer:
     raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
                       "the reward models yet; allowed: '' (MLCD only)")
@@ -238,10 +284,13 @@ def abstract_step(c, stage=0):
   if c.mlcm.source == "images" and not c.images.cache_dir:  # the step encodes the images
     vae, frozen["vae"] = sdxl.abstract_vae(c.student_unet)
     encode_images = sdxl.make_encoder(vae)
-  lora_params = jax.eval_shape(lambda p: init_lora(c, p), params)
+  if c.trainable == "lora":  # the shapes of a fresh LoRA (lora.init_from is not read)
+    student = jax.eval_shape(lambda p: init_lora(c, p), params)
+  else:
+    student = jax.eval_shape(lambda p: starting_student(c, model, p), params)
   if stage > 0:
-    frozen = dict(frozen, prev_lora=lora_params)
-  return step(c, stage, sdxl.make_denoiser(model), params, frozen, lora_params, encode_batch,
+    frozen = dict(frozen, previous=previous_student(c, student))
+  return step(c, stage, sdxl.make_denoiser(model), params, frozen, student, encode_batch,
               encode=encode_images)
 
 
@@ -329,13 +378,14 @@ def resolve_model_paths(config):
 
 
 def run(config, workdir):
-  """All progressive stages; returns {'stages': [{'num_segments', 'skip', 'lora'}]}."""
+  """All progressive stages; returns {'stages': [{'num_segments', 'skip', 'lora' or 'unet'}]}
+  (the exported student's file, ``export_student``)."""
   validate(config)
   c = resolve_model_paths(config)
   mesh = sharding.make_mesh(**c.mesh)
   images = None
   if c.mlcm.source == "images":  # the folder's captions are the prompts; listed before loading
-    images = image_captions.ImageCaptionFolder(c.images.dir, image_resolution(c))
+    images = image_captions.open_source(c.images, image_resolution(c))
   model, params, teacher, encode = build_models(c)
   denoise = sdxl.make_denoiser(model)
   if images is not None:
@@ -374,7 +424,8 @@ def run(config, workdir):
   if c.mlcm.bank.dir:
     bank = open_or_build_bank(c, frozen, denoise, encode_batch, prompts, mesh)
     bank_fn = trajectory_bank.batch_fn(bank, prompts, encode_batch, c.train.batch_size, c.seed)
-  lora_params = starting_lora(c, params)
+  student = starting_student(c, model, params)
+  adapt = objectives.student_params_fn(c)
   stages = []
   for stage in range(c.mlcm.num_stages):
     hp = objectives.mlcm_hparams(c, stage)
@@ -384,22 +435,21 @@ def run(config, workdir):
                      global_batch=c.train.batch_size, seed=c.seed,
                      bank=c.mlcm.bank.dir if from_bank else "")
     if images is not None:  # named only for image runs, so prompt runs' checkpoints still match
-      data_spec.update(prompts="", images=c.images.dir)
-    trained = step(c, stage, denoise, params, frozen, lora_params, encode_batch, decode, score,
+      data_spec.update(prompts="", images=images.directory)
+    trained = step(c, stage, denoise, params, frozen, student, encode_batch, decode, score,
                    encode_images)
     state = train.train(trained.loss, trained.params, None, c.train, stage_dir,
                         frozen=trained.frozen, writer=writer,
                         name=f"mlcm_stage{stage}_K{hp.num_segments}", mesh=mesh,
                         host_batch_fn=bank_fn if from_bank else batch_fn, data_spec=data_spec)
-    lora_params = jax.device_get(state.params)  # no EMA in MLCM: the trained LoRA itself
-    frozen = dict(frozen, prev_lora=lora_params)
+    student = jax.device_get(state.params)  # no EMA in MLCM: the trained student itself
+    frozen = dict(frozen, previous=previous_student(c, student))
     path = None
     if jax.process_index() == 0:
-      path = lora.save(os.path.join(stage_dir, "lora"), lora_params, c.lora.scale,
-                       f"mlcm_stage{stage}_K{hp.num_segments}", c.lora.kohya_dtype)
-      _write_stage_grid(c, model, lora.attach(frozen["unet"], lora_params, c.lora.scale),
-                        encode_batch, prompts, hp.num_segments, stage_dir)
-    stages.append({"num_segments": hp.num_segments, "skip": hp.skip, "lora": path})
+      path = export_student(c, model, student, stage_dir, f"mlcm_stage{stage}_K{hp.num_segments}")
+      _write_stage_grid(c, model, adapt(frozen["unet"], student), encode_batch, prompts,
+                        hp.num_segments, stage_dir)
+    stages.append({"num_segments": hp.num_segments, "skip": hp.skip, c.trainable: path})
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, hp.num_segments, hp.skip, path)
   if images is not None:
     batch_fn.close()  # the image reader's threads and worker processes
@@ -409,11 +459,25 @@ def run(config, workdir):
   return {"stages": stages}
 
 
+def export_student(c, model, student, stage_dir, name):
+  """Writes a stage's student: the LoRA (``lora.save``: diffusers' PEFT and kohya files in
+  ``stage_dir/lora``) or the whole UNet as a diffusers UNet directory ``stage_dir/unet``
+  (``sdxl.save_unet``, float16); returns the diffusers file's path."""
+  if c.trainable == "unet":
+    return sdxl.save_unet(os.path.join(stage_dir, "unet"), model, student, "float16")
+  return lora.save(os.path.join(stage_dir, "lora"), student, c.lora.scale, name,
+                   c.lora.kohya_dtype)
+
+
 def _write_stage_grid(c, model, student, encode_batch, prompts, steps, stage_dir):
-  """K-step samples of the student (the base with its LoRA attached), decoded by the SDXL
-  directory's VAE if it has one."""
+  """K-step samples of the student (the base with its LoRA attached, or the full UNet; a
+  guidance-conditioned one at ``mlcm.guidance_scale``), decoded by the SDXL directory's VAE if
+  it has one."""
   n = c.sample.num
   cond = jax.tree_util.tree_map(jnp.asarray, encode_batch(prompts[:n]))
+  if c.mlcm.guidance_range:
+    cond["timestep_cond"] = guidance.scale_embedding(
+        jnp.full((len(prompts[:n]),), c.mlcm.guidance_scale - 1.0), c.unet.time_cond_proj_dim)
   noise = jax.random.normal(seeds.key(c.seed, "sample_grid"),
                             (len(prompts[:n]), c.latent_resolution, c.latent_resolution, 4))
   vae = vae_params = None

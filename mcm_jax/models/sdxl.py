@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcm_jax import parameterization, schedules
+from mcm_jax import parameterization, schedules, storage
 from mcm_jax.errors import UserError
 from mcm_jax.models import sdxl_unet
 
@@ -222,6 +222,84 @@ def load_unet(path, dtype=jnp.float32, remat="none", attention="xla", param_dtyp
   ``unet_from_config``'s (compute ``dtype``), params in ``param_dtype`` and the scanned layout."""
   return _load_diffusers(path, "unet", lambda cfg: unet_from_config(cfg, dtype, remat, attention),
                          param_dtype)
+
+
+def with_guidance_embedding(model, dim):
+  """The UNet ``model`` as LCM's guidance-conditioned student: its config with
+  ``time_cond_proj_dim = dim`` (a model that has a guidance embedding already is returned as
+  it is). It also applies parameters without the embedding's projection, called without a
+  ``timestep_cond`` (the teacher)."""
+  if model.config.get("time_cond_proj_dim"):
+    return model
+  return sdxl_unet.SDXLUNet(model.module.clone(
+      config=dict(model.config, time_cond_proj_dim=int(dim))))
+
+
+def zero_guidance_projection(model, params):
+  """``params`` of a UNet without a guidance embedding, for ``model`` (``with_guidance_embedding``):
+  a zero ``time_embedding/cond_proj`` kernel [dim, C] added (LCM §4.2's "additional trainable
+  parameters for conditioning on w"), so that the student starts as exactly the function of
+  ``params``. Parameters that have the projection are returned as they are."""
+  if "cond_proj" in params["time_embedding"]:
+    return params
+  kernel = param_shapes(model)[("time_embedding", "cond_proj", "kernel")]
+  embedding = dict(params["time_embedding"],
+                   cond_proj={"kernel": jnp.zeros(kernel.shape, kernel.dtype)})
+  return dict(params, time_embedding=embedding)
+
+
+# diffusers' PyTorch ModuleList names: ``name.<i>`` in a state dict, ``name_<i>`` in Flax
+TORCH_MODULE_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",
+                      "upsamplers", "transformer_blocks", "to_out", "net")
+
+
+def pytorch_name(key):
+  """diffusers' PyTorch state-dict name of a diffusers-layout Flax key tuple (the inverse of
+  diffusers' ``rename_key`` / ``rename_key_and_reshape_tensor`` naming): ``('down_blocks_1',
+  'attentions_0', ..., 'to_out_0', 'kernel')`` -> ``'down_blocks.1.attentions.0....to_out.0.
+  weight'``; 'kernel' and norms' 'scale' are 'weight'."""
+  parts = []
+  for part in key[:-1]:
+    head, _, index = part.rpartition("_")
+    parts.append(f"{head}.{index}" if head in TORCH_MODULE_LISTS and index.isdigit() else part)
+  return ".".join(parts + ["weight" if key[-1] in ("kernel", "scale") else key[-1]])
+
+
+def pytorch_tensor(key, value):
+  """A Flax parameter in PyTorch's layout: Dense kernels [in, out] -> [out, in], convolution
+  kernels [kh, kw, in, out] -> [out, in, kh, kw]."""
+  if key[-1] == "kernel":
+    return np.transpose(value, (3, 2, 0, 1) if value.ndim == 4 else (1, 0))
+  return value
+
+
+def pytorch_state_dict(params, dtype=np.float16):
+  """{PyTorch name: numpy array in ``dtype``} of the UNet's scanned-layout ``params``: what
+  diffusers' ``UNet2DConditionModel`` loads (each stacked block split out, one leaf at a time)."""
+  from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
+  flat = flatten_dict(params)
+  out = {}
+  for key, (skey, index, _) in sdxl_unet.layout(params).items():
+    value = flat[skey] if index is None else flat[skey][index]
+    out[pytorch_name(key)] = np.ascontiguousarray(
+        pytorch_tensor(key, np.asarray(jax.device_get(value)).astype(dtype)))
+  return out
+
+
+def save_unet(directory, model, params, dtype="float16"):
+  """Writes ``directory/config.json`` (the UNet's diffusers config) and the weights in
+  diffusers' PyTorch layout, ``diffusion_pytorch_model.fp16.safetensors`` for float16 (what
+  ``UNet2DConditionModel.from_pretrained(directory, variant='fp16')`` and ``load_unet`` read)
+  or ``diffusion_pytorch_model.safetensors``; returns the weights' path."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  storage.makedirs(directory)
+  config = {"_class_name": "UNet2DConditionModel",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}}
+  storage.write_json(os.path.join(directory, "config.json"), config)
+  name = PT_WEIGHTS[1] if np.dtype(dtype) == np.float16 else PT_WEIGHTS[0]
+  path = os.path.join(directory, name)
+  storage.write_bytes(path, save(pytorch_state_dict(params, np.dtype(dtype))))
+  return path
 
 
 def _vae_from_config(dtype):
