@@ -19,7 +19,12 @@
 #   pipeline_crosscheck  the guided teacher and img2img against diffusers' PyTorch SDXL pipelines
 #            (benchmarks/sdxl_pipeline_crosscheck.py, 4 steps);
 #   crosscheck  JAX vs diffusers / PyTorch on the same directory (benchmarks/sdxl_crosscheck.py):
-#            UNet eps in float32 and bfloat16, the LoRA's effect, one forward's time.
+#            UNet eps in float32 and bfloat16, the LoRA's effect, one forward's time;
+#   unet_export  the UNet as LCM's guidance-conditioned full-UNet student exported in diffusers'
+#            layout (fp16) and read back by diffusers: every weight consumed, eps at w = 8
+#            against PyTorch (benchmarks/sdxl_unet_export.py). Training a full-UNet student
+#            (float32 weights and Adam moments, ~41 GB at SDXL's size) does not fit this machine:
+#            its plan is `--config=configs/sdxl_lcm.py --mode=plan`.
 # Re-running resumes: finished stages and phases' outputs are reused by the training runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,4 +81,6 @@ phase lcf python -m mcm_jax.main --config=configs/sdxl_lcf.py --config.student_u
 phase pipeline_crosscheck python benchmarks/sdxl_pipeline_crosscheck.py "$DIR" \
   | tee "$WORK/pipeline_crosscheck.json"
 phase crosscheck python benchmarks/sdxl_crosscheck.py "$DIR" | tee "$WORK/crosscheck.json"
+phase unet_export python benchmarks/sdxl_unet_export.py "$DIR" "$WORK/unet_export" \
+  | tee "$WORK/unet_export.json"
 cat "$PHASES"

@@ -442,12 +442,14 @@ def run(config, workdir):
                         frozen=trained.frozen, writer=writer,
                         name=f"mlcm_stage{stage}_K{hp.num_segments}", mesh=mesh,
                         host_batch_fn=bank_fn if from_bank else batch_fn, data_spec=data_spec)
-    student = jax.device_get(state.params)  # no EMA in MLCM: the trained student itself
+    student = state.params  # no EMA in MLCM: the trained student itself, on the devices
     frozen = dict(frozen, previous=previous_student(c, student))
+    trained_here = host_copy(student)  # every process takes part in the gather
     path = None
     if jax.process_index() == 0:
-      path = export_student(c, model, student, stage_dir, f"mlcm_stage{stage}_K{hp.num_segments}")
-      _write_stage_grid(c, model, adapt(frozen["unet"], student), encode_batch, prompts,
+      path = export_student(c, model, trained_here, stage_dir,
+                            f"mlcm_stage{stage}_K{hp.num_segments}")
+      _write_stage_grid(c, model, adapt(frozen["unet"], trained_here), encode_batch, prompts,
                         hp.num_segments, stage_dir)
     stages.append({"num_segments": hp.num_segments, "skip": hp.skip, c.trainable: path})
     logging.info("MLCM stage %d (K=%d, k=%d) done: %s", stage, hp.num_segments, hp.skip, path)
@@ -457,6 +459,15 @@ def run(config, workdir):
   if jax.process_index() == 0:
     storage.write_json(os.path.join(workdir, "stages.json"), stages)
   return {"stages": stages}
+
+
+def host_copy(tree):
+  """``tree``'s arrays as numpy on this host; arrays spread over several processes (a full UNet
+  sharded over fsdp across hosts) are all-gathered first, so every process must call it."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def export_student(c, model, student, stage_dir, name):

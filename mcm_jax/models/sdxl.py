@@ -291,14 +291,18 @@ def save_unet(directory, model, params, dtype="float16"):
   diffusers' PyTorch layout, ``diffusion_pytorch_model.fp16.safetensors`` for float16 (what
   ``UNet2DConditionModel.from_pretrained(directory, variant='fp16')`` and ``load_unet`` read)
   or ``diffusion_pytorch_model.safetensors``; returns the weights' path."""
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save, save_file  # pylint: disable=g-import-not-at-top
   storage.makedirs(directory)
   config = {"_class_name": "UNet2DConditionModel",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}}
   storage.write_json(os.path.join(directory, "config.json"), config)
   name = PT_WEIGHTS[1] if np.dtype(dtype) == np.float16 else PT_WEIGHTS[0]
   path = os.path.join(directory, name)
-  storage.write_bytes(path, save(pytorch_state_dict(params, np.dtype(dtype))))
+  tensors = pytorch_state_dict(params, np.dtype(dtype))
+  if storage.is_url(path):
+    storage.write_bytes(path, save(tensors))
+  else:  # written from the arrays, no second copy of the file in memory
+    save_file(tensors, path)
   return path
 
 
