@@ -2,6 +2,7 @@
 ``imagefolder`` metadata and kohya caption files), decoding to the training resolution, the
 deterministic per-step batches, and the errors a user with a wrong folder meets."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -99,6 +100,8 @@ def test_webdataset_shards_read_what_the_folder_holds(tmp_path, json_captions):
   assert list(got["label"]) == list(want["label"])
   assert isinstance(image_captions.open_source(_Config(dict(config, dir=str(folder))), 8),
                     image_captions.ImageCaptionFolder)
+  copy = pickle.loads(pickle.dumps(source))  # what grain's worker processes receive
+  np.testing.assert_array_equal(copy[2]["x"], source[2]["x"])
 
 
 def test_webdataset_errors_name_the_shard_and_the_sample(tmp_path):
