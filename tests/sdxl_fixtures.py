@@ -71,6 +71,27 @@ def structure_torch_unet(seed=0):
   return unet
 
 
+def diffusers_sdxl_pipeline(sdxl_dir, unet=None, scheduler=None):
+  """diffusers' PyTorch ``StableDiffusionXLPipeline`` of the directory: its VAE, text encoders
+  and tokenizers, ``unet`` (default the directory's) and ``scheduler`` (default SDXL base's:
+  EulerDiscreteScheduler, scaled-linear betas, 'leading' spacing, steps_offset 1)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  part = lambda cls, name: cls.from_pretrained(os.path.join(sdxl_dir, name)).eval()
+  scheduler = scheduler or diffusers.EulerDiscreteScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      timestep_spacing="leading", steps_offset=1)
+  return diffusers.StableDiffusionXLPipeline(
+      vae=part(diffusers.AutoencoderKL, "vae"),
+      text_encoder=part(transformers.CLIPTextModel, "text_encoder"),
+      text_encoder_2=part(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(sdxl_dir, "tokenizer")),
+      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(
+          os.path.join(sdxl_dir, "tokenizer_2")),
+      unet=unet or part(diffusers.UNet2DConditionModel, "unet"), scheduler=scheduler,
+      add_watermarker=False)
+
+
 def tiny_torch_vae(seed=0):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import sdxl_fixtures  # tests/: torch is imported inside its functions
 from mcm_jax import errors, pipeline, seeds
 from mcm_jax import lora as lora_lib
 from mcm_jax.models import sdxl, sdxl_text
@@ -79,32 +80,12 @@ def test_generation_with_and_without_lora(sdxl_dir, base_models, tmp_path):
   np.testing.assert_allclose(kohya, adapted, atol=5e-3)
 
 
-def _diffusers_sdxl_pipeline(sdxl_dir):
-  """diffusers' PyTorch ``StableDiffusionXLPipeline`` of the directory, with SDXL base's scheduler
-  (EulerDiscreteScheduler, scaled-linear betas, 'leading' spacing, steps_offset 1)."""
-  import diffusers  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  part = lambda cls, name: cls.from_pretrained(os.path.join(sdxl_dir, name)).eval()
-  scheduler = diffusers.EulerDiscreteScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-      timestep_spacing="leading", steps_offset=1)
-  return diffusers.StableDiffusionXLPipeline(
-      vae=part(diffusers.AutoencoderKL, "vae"),
-      text_encoder=part(transformers.CLIPTextModel, "text_encoder"),
-      text_encoder_2=part(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(sdxl_dir, "tokenizer")),
-      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(
-          os.path.join(sdxl_dir, "tokenizer_2")),
-      unet=part(diffusers.UNet2DConditionModel, "unet"), scheduler=scheduler,
-      add_watermarker=False)
-
-
 def test_guided_teacher_equals_diffusers_sdxl_pipeline(sdxl_dir, base_models):
   """CFG with and without a negative prompt, 6 Euler steps on the 'leading' grid: the images of
   ``pipeline.generate_images`` are those of diffusers' StableDiffusionXLPipeline from the same
   initial noise."""
   torch = pytest.importorskip("torch")
-  reference = _diffusers_sdxl_pipeline(sdxl_dir)
+  reference = sdxl_fixtures.diffusers_sdxl_pipeline(sdxl_dir)
   models = base_models
   noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
                                        (2, 16, 16, 4)))
@@ -142,7 +123,7 @@ def test_guidance_conditioned_student_equals_diffusers_sdxl_pipeline(sdxl_dir, t
       p.add_(0.02 * torch.randn_like(p))
   unet.save_pretrained(str(student_dir / "unet"))
   models = pipeline.load_pipeline(str(student_dir))
-  reference = _diffusers_sdxl_pipeline(str(student_dir))
+  reference = sdxl_fixtures.diffusers_sdxl_pipeline(str(student_dir))
   noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
                                        (2, 16, 16, 4)))
   images = {}
@@ -176,7 +157,7 @@ def test_stacked_loras_equal_diffusers_adapters(sdxl_dir, tmp_path):
   models = pipeline.load_pipeline(sdxl_dir, files, [0.7, -0.4])
   ours = pipeline.generate_images(models, PROMPTS[:2], 3, resolution=32, batch_size=2,
                                   timesteps="leading")
-  reference = _diffusers_sdxl_pipeline(sdxl_dir)
+  reference = sdxl_fixtures.diffusers_sdxl_pipeline(sdxl_dir)
   for name, path in zip(("one", "two"), files):
     reference.load_lora_weights(path, adapter_name=name)
   reference.set_adapters(["one", "two"], adapter_weights=[0.7, -0.4])
@@ -203,7 +184,7 @@ def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, base_models, m
   from diffusers.models.autoencoders import vae as torch_vae  # pylint: disable=g-import-not-at-top
   from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as i2i  # pylint: disable=g-import-not-at-top
   reference = diffusers.StableDiffusionXLImg2ImgPipeline(
-      **_diffusers_sdxl_pipeline(sdxl_dir).components)
+      **sdxl_fixtures.diffusers_sdxl_pipeline(sdxl_dir).components)
   shape = (2, 16, 16, 4)
   draws = [np.asarray(jax.random.normal(jax.random.fold_in(seeds.key(0, "vae_posterior"), 0),
                                         shape)),

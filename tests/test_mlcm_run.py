@@ -135,7 +135,7 @@ def test_guidance_conditioned_full_unet_student(tiny_sdxl_dir, tmp_path, monkeyp
   the same noise (the pipeline's fresh noise replaced by ours)."""
   torch = pytest.importorskip("torch")
   import diffusers  # pylint: disable=g-import-not-at-top
-  from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl as pipe_module  # pylint: disable=g-import-not-at-top
+  import sdxl_fixtures  # pylint: disable=g-import-not-at-top
   from diffusers.schedulers import scheduling_lcm  # pylint: disable=g-import-not-at-top
   from mcm_jax import pipeline, seeds  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
@@ -176,17 +176,8 @@ def test_guidance_conditioned_full_unet_student(tiny_sdxl_dir, tmp_path, monkeyp
                                        (1, 2, 16, 16, 4)))
   queue = [torch.from_numpy(fresh[0].transpose(0, 3, 1, 2).copy())]
   monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: queue.pop(0))
-  part = lambda cls, name: cls.from_pretrained(os.path.join(tiny_sdxl_dir, name)).eval()
-  import transformers  # pylint: disable=g-import-not-at-top
-  reference = pipe_module.StableDiffusionXLPipeline(
-      vae=part(diffusers.AutoencoderKL, "vae"),
-      text_encoder=part(transformers.CLIPTextModel, "text_encoder"),
-      text_encoder_2=part(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_sdxl_dir,
-                                                                        "tokenizer")),
-      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_sdxl_dir,
-                                                                          "tokenizer_2")),
-      unet=torch_unet.float().eval(), scheduler=diffusers.LCMScheduler(
+  reference = sdxl_fixtures.diffusers_sdxl_pipeline(
+      tiny_sdxl_dir, unet=torch_unet.float().eval(), scheduler=diffusers.LCMScheduler(
           beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
   with torch.no_grad():
     theirs = reference(prompt=prompts, num_inference_steps=2, guidance_scale=5.0, height=32,

@@ -29,7 +29,7 @@ import numpy as np
 
 from mcm_jax import storage
 from mcm_jax.data import images, loader
-from mcm_jax.data.prompts import PROMPT_FIELDS
+from mcm_jax.data.prompts import PROMPT_FIELDS, prompt_field
 from mcm_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -48,7 +48,7 @@ def _metadata_pairs(directory):
       row = json.loads(line)
     except json.JSONDecodeError as e:
       raise UserError(f"{path}:{i}: not a JSON object ({e.msg})") from e
-    field = next((k for k in PROMPT_FIELDS if isinstance(row, dict) and k in row), None)
+    field = prompt_field(row) if isinstance(row, dict) else None
     if not isinstance(row, dict) or "file_name" not in row or field is None:
       raise UserError(f"{path}:{i}: needs 'file_name' and one of {PROMPT_FIELDS}; got "
                       f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
@@ -135,14 +135,14 @@ def _json_caption(data, where):
     row = json.loads(data)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{where}: not a JSON object ({e})") from e
-  field = next((k for k in PROMPT_FIELDS if isinstance(row, dict) and k in row), None)
+  field = prompt_field(row) if isinstance(row, dict) else None
   return None if field is None else str(row[field])
 
 
 def index_shard(path):
   """[(key, byte offset of its image, its size, caption)] of a webdataset shard, in member
   order (headers and captions read once; the images are not read)."""
-  samples, found = {}, []
+  samples = {}  # key -> its members' parts, in member order
   with storage.reader(path) if storage.is_url(path) else open(path, "rb") as f:
     try:
       tar = tarfile.open(fileobj=f, mode="r:")
@@ -154,8 +154,6 @@ def index_shard(path):
         continue
       key, extension = sample_key(member.name)
       sample = samples.setdefault(key, {})
-      if key not in found:
-        found.append(key)
       last = extension.rsplit(".", 1)[-1]
       if "." + last in IMAGE_EXTENSIONS:
         sample["image"] = (member.offset_data, member.size)
@@ -166,8 +164,7 @@ def index_shard(path):
         if caption is not None:
           sample["caption"] = caption.strip()
   out = []
-  for key in found:
-    sample = samples[key]
+  for key, sample in samples.items():
     if "image" not in sample or not sample.get("caption"):
       raise UserError(f"webdataset shard {path}: sample {key!r} has "
                       + ("no image" if "image" not in sample else "no caption")

@@ -15,6 +15,11 @@ from mcm_jax.errors import UserError
 PROMPT_FIELDS = ("prompt", "caption", "text")
 
 
+def prompt_field(names):
+  """The first of ``PROMPT_FIELDS`` among ``names`` (a row's keys, a table's columns), or None."""
+  return next((k for k in PROMPT_FIELDS if k in names), None)
+
+
 def load_prompts(path):
   """The non-empty prompts of a file (local or an object-store URL); errors name the file (and
   the 1-based line)."""
@@ -77,7 +82,7 @@ def _jsonl_prompt(line, where):
   if not isinstance(row, dict):
     raise UserError(f"{where}: a JSON {type(row).__name__}, not an object with one of "
                     f"{PROMPT_FIELDS}")
-  field = next((k for k in PROMPT_FIELDS if k in row), None)
+  field = prompt_field(row)
   if field is None:
     raise UserError(f"{where}: no field of {PROMPT_FIELDS} in {sorted(row)}")
   return str(row[field]).strip()
@@ -90,7 +95,7 @@ def _parquet_prompts(path):
     table = pq.read_table(path)
   except (pyarrow.ArrowException, OSError) as e:
     raise UserError(f"{path} is not a readable parquet file ({e})") from e
-  field = next((k for k in PROMPT_FIELDS if k in table.column_names), None)
+  field = prompt_field(table.column_names)
   if field is None:
     raise UserError(f"{path}: no column of {PROMPT_FIELDS} in {table.column_names}")
   return [str(p).strip() for p in table.column(field).to_pylist()]

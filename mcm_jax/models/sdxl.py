@@ -240,12 +240,12 @@ def zero_guidance_projection(model, params):
   a zero ``time_embedding/cond_proj`` kernel [dim, C] added (LCM §4.2's "additional trainable
   parameters for conditioning on w"), so that the student starts as exactly the function of
   ``params``. Parameters that have the projection are returned as they are."""
-  if "cond_proj" in params["time_embedding"]:
+  embedding = params["time_embedding"]
+  if "cond_proj" in embedding:
     return params
-  kernel = param_shapes(model)[("time_embedding", "cond_proj", "kernel")]
-  embedding = dict(params["time_embedding"],
-                   cond_proj={"kernel": jnp.zeros(kernel.shape, kernel.dtype)})
-  return dict(params, time_embedding=embedding)
+  width = embedding["linear_1"]["kernel"]  # cond_proj's output is linear_1's input
+  kernel = jnp.zeros((model.config["time_cond_proj_dim"], width.shape[0]), width.dtype)
+  return dict(params, time_embedding=dict(embedding, cond_proj={"kernel": kernel}))
 
 
 # diffusers' PyTorch ModuleList names: ``name.<i>`` in a state dict, ``name_<i>`` in Flax
