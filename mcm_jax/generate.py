@@ -8,7 +8,9 @@ or the guided teacher (no LoRA; diffusers' default SDXL sampler, Euler on the 'l
   python -m mcm_jax.generate --sdxl=/models/sdxl-base --prompt="a red fox in snow" \\
       --steps=25 --timesteps=leading --guidance_scale=8 --negative_prompt="blurry" --out=teacher/
 
-or image-to-image (``--init_image=photo.png --strength=0.5``). ``--print_schedule`` prints the
+or image-to-image (``--init_image=photo.png --strength=0.5``), or with an SDXL ControlNet
+(``--controlnet=/models/controlnet-canny-sdxl-1.0 --control_image=edges.png``, the control image
+at --resolution). ``--print_schedule`` prints the
 timesteps and sigmas (for ComfyUI / diffusers) and exits. ``--prompts=FILE`` (.txt / .jsonl /
 .parquet) instead of ``--prompt``. The library behind it is ``mcm_jax.pipeline`` (one
 ``jax.jit`` per steps / timesteps / sampler / strength, compiled once). Writes one PNG per
@@ -155,6 +157,14 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_float("strength", 0.5, "With --init_image: the fraction of the --steps grid run "
                      "(diffusers' strength: the last int(steps * strength) timesteps).",
                      flag_values=flag_values)
+  flags.DEFINE_string("controlnet", "", "A diffusers SDXL ControlNet directory (config.json and "
+                      "diffusion_pytorch_model[.fp16].safetensors) to condition on "
+                      "--control_image.", flag_values=flag_values)
+  flags.DEFINE_string("control_image", None, "With --controlnet: the control image (e.g. an edge "
+                      "map), --resolution pixels square, for every prompt.",
+                      flag_values=flag_values)
+  flags.DEFINE_float("controlnet_scale", 1.0, "With --controlnet: the scale of its residuals "
+                     "(diffusers' controlnet_conditioning_scale).", flag_values=flag_values)
   flags.DEFINE_bool("print_schedule", False, "Print the sampler's timesteps and sigmas (and how "
                     "to set them in ComfyUI / diffusers), then exit without loading models. "
                     "Every run also writes them to OUT/schedule.txt.", flag_values=flag_values)
@@ -182,14 +192,21 @@ def main(argv, flag_values=FLAGS):
     raise errors.UserError("pass exactly one of --prompt (one prompt) and --prompts (a file)")
   sdxl_dir = check_pipeline_flags(f, ("sdxl",))
   scales = parse_scales(f.lora_scale)
+  if bool(f.controlnet) != bool(f.control_image):
+    raise errors.UserError("--controlnet and --control_image go together; pass both or neither")
   init = plotting.read_image(f.init_image, f.resolution) if f.init_image else None
+  control = (plotting.read_image(f.control_image, f.resolution, resize=False)
+             if f.control_image else None)
   prompts = [f.prompt] if f.prompt is not None else prompt_data.load_prompts(f.prompts)
   models = pipeline.load_pipeline(sdxl_dir, [p for p in f.lora.split(",") if p],
                                   scales[0] if len(scales) == 1 else scales,
-                                  unet_dir=f.unet and hub.local_path(f.unet, "--unet"))
+                                  unet_dir=f.unet and hub.local_path(f.unet, "--unet"),
+                                  controlnet_dir=f.controlnet and hub.local_path(
+                                      f.controlnet, "--controlnet"))
   images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
                                     f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
-                                    f.negative_prompt, init, strength, f.gamma)
+                                    f.negative_prompt, init, strength, f.gamma, control,
+                                    f.controlnet_scale)
   storage.makedirs(f.out)
   for i, (prompt, image) in enumerate(zip(prompts, images)):
     plotting.save_image(os.path.join(f.out, f"{i:05d}_{_slug(prompt)}.png"), image)

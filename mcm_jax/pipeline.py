@@ -15,6 +15,10 @@ SDXL pipeline runs it.
 Image-to-image (diffusers' ``strength`` semantics): of the K-step grid the last
 ``int(K strength)`` timesteps run, from ``z = alpha_t x0 + sigma_t noise`` at the first of them,
 x0 the VAE posterior sample of the init image.
+
+With a ControlNet (``load_pipeline(controlnet_dir=...)``) every UNet call first runs the
+ControlNet on the control image (both branches of a guided call see it, as in diffusers'
+``StableDiffusionXLControlNetPipeline``) and adds its residuals, scaled by ``controlnet_scale``.
 """
 import dataclasses
 import os
@@ -27,7 +31,7 @@ from absl import logging
 
 from mcm_jax import errors, guidance, plotting, seeds
 from mcm_jax import lora as lora_lib
-from mcm_jax.models import sdxl, sdxl_text
+from mcm_jax.models import sdxl, sdxl_controlnet, sdxl_text
 from mcm_jax.samplers import discrete
 from mcm_jax.samplers.addim import bcast
 
@@ -45,18 +49,20 @@ def strength_grid(grid, strength):
 
 
 def make_generator(unet, vae, steps, timesteps="uniform", sampler="ddim", strength=1.0,
-                   gamma=0.3):
+                   gamma=0.3, controlnet=None):
   """Jitted ``generate(unet_params, vae_params, cond, noise, rng, uncond=None, scale=1.0,
   init=None) -> images NHWC in [-1, 1]``; with ``vae=None`` it returns the latents.
   ``timesteps`` / ``sampler``: ``discrete.sampling_grid`` and ``discrete.sample`` (``rng`` draws
   the 'lcm' / 'tcd' sampler's fresh noise; ``gamma``: TCD's stochasticity). ``uncond`` ([1, ...]
   conditioning) and ``scale`` guide the UNet (``guidance.guided``). ``init`` (latents of an init
   image) starts the ``strength_grid`` part of the grid from ``alpha_t init + sigma_t noise``;
-  without it ``noise`` is z at the grid's top."""
+  without it ``noise`` is z at the grid's top. With a ``controlnet``, ``unet_params`` is
+  ``sdxl_controlnet.Controlled`` and ``cond`` / ``uncond`` carry 'control' and 'control_scale'
+  (``sdxl.make_eps_fn``)."""
   grid = discrete.sampling_grid(steps, timesteps)
   if strength != 1.0:
     grid = strength_grid(grid, strength)
-  denoise = sdxl.make_denoiser(unet)
+  denoise = sdxl.make_denoiser(unet, controlnet)
   decode = sdxl.make_decoder(vae) if vae is not None else lambda params, z: z
 
   @jax.jit
@@ -94,7 +100,7 @@ class Pipeline:
   """An SDXL directory's models, loaded once; ``encode(prompts) -> {'context', 'text_embeds'}``;
   ``encode_image(vae_params, images, eps) -> latents`` (jitted ``sdxl.make_encoder``);
   ``generators`` caches the compiled generators by (steps, timesteps, sampler, strength,
-  gamma)."""
+  gamma); ``controlnet`` / ``controlnet_params``: an attached ControlNet, or None."""
   unet: object
   unet_params: dict
   vae: object
@@ -102,13 +108,17 @@ class Pipeline:
   encode: object
   encode_image: object
   zeros_for_empty_prompt: bool = True
+  controlnet: object = None
+  controlnet_params: dict = None
   generators: dict = dataclasses.field(default_factory=dict)
 
 
-def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32, unet_dir=""):
+def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32, unet_dir="",
+                  controlnet_dir=""):
   """UNet (LoRA attached), VAE and text encoders from a local SDXL directory; ``unet_dir``: a
   diffusers UNet directory used instead of the SDXL directory's UNet (e.g. a full-UNet student
-  that ``mcm_jax.main`` exported, ``stage<i>/unet``). ``lora_path``: a
+  that ``mcm_jax.main`` exported, ``stage<i>/unet``); ``controlnet_dir``: a diffusers SDXL
+  ControlNet directory to attach (``sdxl.load_controlnet``). ``lora_path``: a
   LoRA file or directory, or a list of them with ``lora_scale`` a list of the same length
   (stacked, ``lora.combine``); '' or [] = the base model. The files are read first (a bad one
   fails before the models load); one that does not fit the UNet is an error naming the file, the
@@ -125,10 +135,13 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32, une
     loras = [(lora_lib.load(p, unet_params, r), s) for p, r, s in zip(paths, parsed, scales)]
     unet_params = lora_lib.attach(unet_params, lora_lib.combine(loras), 1.0,
                                  source=f"LoRA file(s) {', '.join(paths)}")
+  controlnet, controlnet_params = (sdxl.load_controlnet(controlnet_dir, unet, dtype)
+                                  if controlnet_dir else (None, None))
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
   return Pipeline(unet, unet_params, vae, vae_params, sdxl_text.load_text_encoders(sdxl_dir),
                   jax.jit(sdxl.make_encoder(vae)),
-                  sdxl_text.force_zeros_for_empty_prompt(sdxl_dir))
+                  sdxl_text.force_zeros_for_empty_prompt(sdxl_dir), controlnet,
+                  controlnet_params)
 
 
 def check_generation(steps, batch_size, guidance_scale, gamma=0.3):
@@ -145,13 +158,57 @@ def check_generation(steps, batch_size, guidance_scale, gamma=0.3):
     raise errors.UserError(f"gamma={gamma} is invalid; allowed: 0 <= gamma <= 1 (TCD's eta)")
 
 
+def _padded(images, pad):
+  """``images`` with the last one repeated ``pad`` times (a fixed batch: one compile)."""
+  return np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+
+
+def _image_batch(images, n, resolution, channels, what):
+  """``images`` ([r, r, C] for every prompt, or [n, r, r, C]) as float32 [n, r, r, C]; a
+  UserError naming ``what`` when the shape does not fit."""
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = np.broadcast_to(images, (n,) + images.shape)
+  if images.shape != (n, resolution, resolution, channels):
+    raise errors.UserError(f"{what} of shape {images.shape} do not fit {n} prompts at "
+                           f"resolution={resolution}; allowed: [{resolution}, {resolution}, {channels}] "
+                           f"or [{n}, {resolution}, {resolution}, {channels}]")
+  return images
+
+
+def _check_control(pipeline, control_images, n, resolution, latent):
+  """The control images in [0, 1] (given in [-1, 1]), checked against the pipeline's
+  ControlNet: its pixel factor over the latents and its conditioning channels."""
+  if pipeline.controlnet is None:
+    if control_images is not None:
+      raise errors.UserError("control images were given but the pipeline has no ControlNet; "
+                             "load one with load_pipeline(controlnet_dir=...) (--controlnet)")
+    return None
+  if control_images is None:
+    raise errors.UserError("this pipeline has a ControlNet: pass control images "
+                           "(--control_image)")
+  config = pipeline.controlnet.config
+  factor = sdxl_controlnet.pixel_factor(config)
+  if latent * factor != resolution:
+    raise errors.UserError(f"the ControlNet takes control images {factor}x the latents' size "
+                           f"({latent * factor} px) but the VAE's latents are 1/"
+                           f"{resolution // latent} of resolution={resolution}; allowed: a "
+                           "ControlNet made for this SDXL's VAE")
+  images = _image_batch(control_images, n, resolution, config.get("conditioning_channels", 3),
+                        "control images")
+  return (images + 1.0) / 2.0
+
+
 def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_size=4,
                     timesteps="uniform", sampler="ddim", guidance_scale=1.0,
-                    negative_prompt=None, init_images=None, strength=1.0, gamma=0.3):
+                    negative_prompt=None, init_images=None, strength=1.0, gamma=0.3,
+                    control_images=None, controlnet_scale=1.0):
   """[N, r, r, 3] images in [-1, 1] for ``prompts`` (a list), in fixed-size batches. Batch b's
   initial noise is ``normal(fold_in(PRNGKey(seed), b))``, z at the grid's first timestep.
   ``init_images`` ([r, r, 3] for every prompt, or [N, r, r, 3]; in [-1, 1]) with ``strength``:
-  image-to-image, the VAE posterior sampled with the 'vae_posterior' stream."""
+  image-to-image, the VAE posterior sampled with the 'vae_posterior' stream. ``control_images``
+  (the same shapes and range, ``resolution`` times the ControlNet's pixel factor over the latents)
+  with ``controlnet_scale``: the pipeline's ControlNet's condition."""
   check_generation(steps, batch_size, guidance_scale, gamma)
   unet, vae = pipeline.unet, pipeline.vae
   factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SDXL
@@ -160,20 +217,15 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     raise errors.UserError(f"resolution={resolution} is invalid; allowed: a positive multiple of "
                            f"{multiple}")
   if init_images is not None:
-    init_images = np.asarray(init_images, np.float32)
-    if init_images.ndim == 3:
-      init_images = np.broadcast_to(init_images, (len(prompts),) + init_images.shape)
-    if init_images.shape != (len(prompts), resolution, resolution, 3):
-      raise errors.UserError(f"init images of shape {init_images.shape} do not fit "
-                             f"{len(prompts)} prompts at resolution={resolution}; allowed: "
-                             f"[{resolution}, {resolution}, 3] or [{len(prompts)}, {resolution}, "
-                             f"{resolution}, 3]")
+    init_images = _image_batch(init_images, len(prompts), resolution, 3, "init images")
   else:
     strength = 1.0
+  control_images = _check_control(pipeline, control_images, len(prompts), resolution,
+                                  resolution // factor)
   key = (steps, timesteps, sampler, strength, gamma)
   if key not in pipeline.generators:  # checks the grid and strength before compiling anything
     pipeline.generators[key] = make_generator(unet, vae, steps, timesteps, sampler, strength,
-                                              gamma)
+                                              gamma, pipeline.controlnet)
   generate = pipeline.generators[key]
   uncond, scale, extra = None, guidance_scale, {}
   cond_dim = unet.config.get("time_cond_proj_dim")
@@ -190,6 +242,9 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     uncond = dict(sdxl_text.unconditional(pipeline.encode, zeros, negative_prompt or ""),
                   time_ids=sdxl.time_ids(resolution, 1))
   latent = resolution // factor
+  params = pipeline.unet_params
+  if pipeline.controlnet is not None:
+    params = sdxl_controlnet.Controlled(params, pipeline.controlnet_params)
   out, started, reported = [], time.time(), time.time()
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = list(prompts[start:start + batch_size])
@@ -201,13 +256,18 @@ def generate_images(pipeline, prompts, steps, resolution=1024, seed=0, batch_siz
     rng = jax.random.fold_in(seeds.key(seed, "sampler_noise"), b)
     init = None
     if init_images is not None:
-      pixels = init_images[start:start + batch_size]
-      pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, 0)])
+      pixels = _padded(init_images[start:start + batch_size], pad)
       eps = jax.random.normal(jax.random.fold_in(seeds.key(seed, "vae_posterior"), b),
                               noise.shape)
       init = pipeline.encode_image(pipeline.vae_params, pixels, eps)
-    images = generate(pipeline.unet_params, pipeline.vae_params, cond, noise, rng, uncond,
-                      jnp.float32(scale), init)
+    guide = uncond
+    if control_images is not None:  # the same control image in both branches
+      control = {"control": _padded(control_images[start:start + batch_size], pad),
+                 "control_scale": np.full((batch_size,), controlnet_scale, np.float32)}
+      cond.update(control)
+      guide = uncond and dict(uncond, **control)
+    images = generate(params, pipeline.vae_params, cond, noise, rng, guide, jnp.float32(scale),
+                      init)
     out.append(np.asarray(images)[:len(chunk)])
     done = start + len(chunk)
     if time.time() - reported > PROGRESS_EVERY_S and done < len(prompts):

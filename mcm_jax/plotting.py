@@ -87,9 +87,10 @@ def write_png(path, pixels):
   storage.write_with(path, lambda f: image.save(f, format="PNG"))
 
 
-def read_image(path, size):
+def read_image(path, size, resize=True):
   """An image file (local or object-store path) as [size, size, 3] float32 in [-1, 1]: RGB,
-  resized with Lanczos as diffusers' image processor does (no crop)."""
+  resized with Lanczos as diffusers' image processor does (no crop); with ``resize=False`` an
+  image of another size is a UserError naming it."""
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   if not storage.isfile(path):
@@ -98,6 +99,9 @@ def read_image(path, size):
     image = Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB")
   except (UnidentifiedImageError, OSError) as e:
     raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+  if not resize and image.size != (size, size):
+    raise UserError(f"{path}: a {image.size[0]}x{image.size[1]} image; allowed: {size}x{size} "
+                    "(the --resolution)")
   image = image.resize((size, size), Image.LANCZOS)
   return np.asarray(image, np.float32) / 127.5 - 1.0
 

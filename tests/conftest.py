@@ -46,6 +46,7 @@ def pytest_configure(config):
 # whole modules to its workers in collection order, so the short ones are left to fill the end.
 LONGEST_FIRST = ("test_multiprocess.py", "test_plan.py", "test_mlcm_run.py", "test_pixel.py",
                  "test_object_storage.py", "test_toy_e2e.py", "test_generate.py",
+                 "test_controlnet.py",
                  "test_sdxl_unet.py", "test_wiring.py", "test_uvit.py")
 
 

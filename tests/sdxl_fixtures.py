@@ -92,6 +92,22 @@ def diffusers_sdxl_pipeline(sdxl_dir, unet=None, scheduler=None):
       add_watermarker=False)
 
 
+def tiny_torch_controlnet(unet, seed=0, **config):
+  """diffusers' PyTorch ``ControlNetModel`` made from ``unet`` (``from_unet``) with a 2-level
+  conditioning embedding (16 / 32 channels: the tiny VAE's factor 2) and every weight, the zero
+  convolutions included, ~ N(0, 1 / fan_in); ``config`` overrides fields of its config."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import ControlNetModel  # pylint: disable=g-import-not-at-top
+  model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+  if config:
+    state = model.state_dict()
+    model = ControlNetModel.from_config(dict(model.config, **config))
+    model.load_state_dict(state)
+  torch.manual_seed(seed)
+  _randomise(model, torch)
+  return model.eval()
+
+
 def tiny_torch_vae(seed=0):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top

@@ -266,7 +266,12 @@ def test_bad_inputs_of_every_program(tmp_path):
       ([sd, "--prompt=x"], ["no unet config.json", f"{t}/sdxl"]),
       ([f"--sdxl={t}/bad_config", "--prompt=x"],
        [f"{t}/bad_config/unet/config.json", "not valid JSON"]),
+      ([sd, "--prompt=x", f"--controlnet={t}"], ["--controlnet and --control_image go together"]),
+      ([sd, "--prompt=x", f"--controlnet={t}", f"--control_image={t}/edges.png"],
+       [f"{t}/edges.png", "a 24x16 image", "allowed: 1024x1024"]),
   ]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.new("RGB", (24, 16)).save(os.path.join(t, "edges.png"))
   evals = [
       ([sd, good, clip, "--steps=a"], ["--steps=a", "integers in 1..1000"]),
       ([sd, good, clip, "--steps=1,0"], ["--steps=1,0", "'0'"]),

@@ -29,7 +29,7 @@ import numpy as np
 
 from mcm_jax import parameterization, schedules, storage
 from mcm_jax.errors import UserError
-from mcm_jax.models import sdxl_unet
+from mcm_jax.models import sdxl_controlnet, sdxl_unet
 
 # A tiny SDXL-architecture UNet for tests and the CPU demo: text_time added conditioning, linear
 # projections, transformer_layers_per_block (1, 2). Channels are multiples of 32 because the Flax
@@ -224,6 +224,15 @@ def load_unet(path, dtype=jnp.float32, remat="none", attention="xla", param_dtyp
                          param_dtype)
 
 
+def load_controlnet(path, unet_model, dtype=jnp.float32, param_dtype=jnp.float32):
+  """(ControlNet, params) of a local diffusers ControlNet directory (``config.json`` and
+  ``diffusion_pytorch_model[.fp16].safetensors``, e.g. diffusers/controlnet-canny-sdxl-1.0)
+  for ``unet_model``: one of another architecture is an error naming its config file."""
+  return _load_diffusers(
+      path, "controlnet", lambda cfg: sdxl_controlnet.controlnet(cfg, unet_model.config, dtype),
+      param_dtype)
+
+
 def with_guidance_embedding(model, dim):
   """The UNet ``model`` as LCM's guidance-conditioned student: its config with
   ``time_cond_proj_dim = dim`` (a model that has a guidance embedding already is returned as
@@ -362,30 +371,41 @@ def time_ids(pixels, batch):
   return np.tile(np.array([[pixels, pixels, 0, 0, pixels, pixels]], np.float32), (batch, 1))
 
 
-def make_eps_fn(model):
+def make_eps_fn(model, controlnet=None):
   """The UNet as ``eps(params, z NHWC, t [B] timesteps, cond, rng=None) -> eps NHWC`` (SDXL
   predicts epsilon; ``rng`` is unused: the signature of ``make_denoiser``'s ``apply_fn``).
   ``cond``: 'context', 'text_embeds', 'time_ids', and for a UNet with ``time_cond_proj_dim``
-  'timestep_cond' (``guidance.scale_embedding``)."""
+  'timestep_cond' (``guidance.scale_embedding``). With a ``controlnet``
+  (``sdxl_controlnet.SDXLControlNet``), ``params`` is ``sdxl_controlnet.Controlled`` and ``cond``
+  also holds 'control' (the control image [B, H, W, C] in [0, 1]) and 'control_scale' [B]: the
+  ControlNet's residuals enter the UNet."""
 
   def eps(params, z, t, cond, rng=None):
     del rng
-    out = model.apply(sdxl_unet.variables(params), jnp.transpose(z, (0, 3, 1, 2)),
-                      jnp.asarray(t, jnp.float32), cond["context"],
-                      added_cond_kwargs={"text_embeds": cond["text_embeds"],
-                                         "time_ids": cond["time_ids"]},
-                      timestep_cond=cond.get("timestep_cond")).sample
+    sample, t = jnp.transpose(z, (0, 3, 1, 2)), jnp.asarray(t, jnp.float32)
+    added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    residuals = {}
+    if controlnet is not None:
+      down, mid = controlnet.apply({"params": params.controlnet}, sample, t, cond["context"],
+                                   added, jnp.transpose(cond["control"], (0, 3, 1, 2)),
+                                   cond["control_scale"])
+      residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+      params = params.unet
+    out = model.apply(sdxl_unet.variables(params), sample, t, cond["context"],
+                      added_cond_kwargs=added, timestep_cond=cond.get("timestep_cond"),
+                      **residuals).sample
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
 
   return eps
 
 
-def make_denoiser(model):
-  """``denoise(params, z, t, cond) -> x_hat``: the epsilon UNet through the shared
-  ``parameterization.make_denoiser`` on ``schedules.sdxl_logsnr`` (conditioned on the timestep),
-  the model form that ``mlcm``, ``guidance`` and ``samplers.addim`` take."""
-  return parameterization.make_denoiser(make_eps_fn(model), schedules.sdxl_logsnr, "eps",
-                                        time_input="t")
+def make_denoiser(model, controlnet=None):
+  """``denoise(params, z, t, cond) -> x_hat``: the epsilon UNet (``make_eps_fn``, a
+  ``controlnet`` attached or not) through the shared ``parameterization.make_denoiser`` on
+  ``schedules.sdxl_logsnr`` (conditioned on the timestep), the model form that ``mlcm``,
+  ``guidance`` and ``samplers.addim`` take."""
+  return parameterization.make_denoiser(make_eps_fn(model, controlnet), schedules.sdxl_logsnr,
+                                        "eps", time_input="t")
 
 
 TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors", "model.fp16.safetensors")

@@ -279,11 +279,87 @@ class TimestepEmbedding(nn.Module):
     return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """The per-level settings of a diffusers UNet (or ControlNet) ``config.json``."""
+  channels: tuple
+  heads: tuple  # diffusers reads attention_head_dim as the number of heads
+  depths: tuple  # transformer blocks per stack; 0 at a level without attention
+  layers: int
+  linear: bool
+  flip: bool
+  shift: int
+
+  @classmethod
+  def of(cls, cfg):
+    channels = tuple(cfg["block_out_channels"])
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)
+    cross = tuple(t.startswith("CrossAttn") for t in cfg["down_block_types"])
+    depths = tuple(d if c else 0 for d, c in
+                   zip(per_level(cfg.get("transformer_layers_per_block", 1)), cross))
+    return cls(channels, per_level(cfg["attention_head_dim"]), depths, cfg["layers_per_block"],
+               cfg.get("use_linear_projection", False), cfg.get("flip_sin_to_cos", True),
+               cfg.get("freq_shift", 0))
+
+
+def embed_conditions(cfg, arch, dtype, batch, timesteps, added_cond_kwargs, timestep_cond=None):
+  """``temb`` [B, 4 C0]: the time embedding (with ``cond_proj(timestep_cond)`` where the config
+  has ``time_cond_proj_dim``) plus SDXL's text_time embedding of ``text_embeds`` and the sinusoids
+  of ``time_ids``; modules ``time_proj``, ``time_embedding``, ``add_time_proj``,
+  ``add_embedding`` of the calling (compact) module."""
+  embeddings_flax, _ = _leaves()
+  width = arch.channels[0]
+  timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
+  temb = embeddings_flax.FlaxTimesteps(width, flip_sin_to_cos=arch.flip, freq_shift=arch.shift,
+                                       name="time_proj")(timesteps)
+  temb = TimestepEmbedding(width * 4, dtype=dtype, name="time_embedding")(
+      temb, timestep_cond if cfg.get("time_cond_proj_dim") else None)
+  text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+  time_embeds = embeddings_flax.FlaxTimesteps(cfg["addition_time_embed_dim"], arch.flip,
+                                              arch.shift, name="add_time_proj")(jnp.ravel(time_ids))
+  time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+  return temb + TimestepEmbedding(width * 4, dtype=dtype, name="add_embedding")(
+      jnp.concatenate([text_embeds, time_embeds], axis=-1))
+
+
+def conv3x3(features, dtype, name, strides=1):
+  return nn.Conv(features, (3, 3), strides=strides, padding=((1, 1), (1, 1)), dtype=dtype,
+                 name=name)
+
+
+def down_path(arch, remat, common, h, temb, context):
+  """(h, skips) of the down blocks and the mid block on ``h`` (``conv_in``'s output, NHWC):
+  ``skips`` are ``h`` and every down block's outputs (what the up path concatenates and a
+  ControlNet's zero convolutions read); modules ``down_blocks_<i>`` and ``mid_block`` of the
+  calling module."""
+  levels = len(arch.channels)
+  skips = (h,)
+  for i in range(levels):
+    h, outputs = DownBlock(
+        heads=arch.heads[i], depth=arch.depths[i], in_channels=arch.channels[max(i - 1, 0)],
+        out_channels=arch.channels[i], num_layers=arch.layers, add_downsample=i < levels - 1,
+        remat=remat[i], name=f"down_blocks_{i}", **common)(h, temb, context)
+    skips += outputs
+  h = MidBlock(heads=arch.heads[-1], depth=arch.depths[-1], channels=arch.channels[-1],
+               remat=remat[-1], name="mid_block", **common)(h, temb, context)
+  return h, skips
+
+
+def nhwc(x):
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def nchw(x):
+  return jnp.transpose(x, (0, 3, 1, 2))
+
+
 class ScannedUNet(nn.Module):
   """SDXL's UNet on the scanned parameter layout; ``__call__`` as diffusers' (NCHW in, NCHW out).
   ``config``: the fields of a diffusers UNet ``config.json`` that SDXL uses (and
   ``time_cond_proj_dim``: ``timestep_cond`` [B, dim] enters the time embedding, as LCM's
-  guidance-conditioned students take it)."""
+  guidance-conditioned students take it). ``down_block_additional_residuals`` (NCHW, one per
+  skip) and ``mid_block_additional_residual``, a ControlNet's outputs, are added to the skips
+  and to the mid block's output, as in diffusers."""
   config: dict
   remat: str = "none"
   attention: str = "xla"
@@ -291,57 +367,34 @@ class ScannedUNet(nn.Module):
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
-               timestep_cond=None):
-    embeddings_flax, _ = _leaves()
-    cfg, dtype, chunked = self.config, self.dtype, self.attention == "chunked"
-    channels = tuple(cfg["block_out_channels"])
-    levels = len(channels)
-    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * levels
-    heads = per_level(cfg["attention_head_dim"])  # diffusers reads it as the number of heads
-    depths = per_level(cfg.get("transformer_layers_per_block", 1))
-    cross = tuple(t.startswith("CrossAttn") for t in cfg["down_block_types"])
-    linear, layers = cfg.get("use_linear_projection", False), cfg["layers_per_block"]
-    flip, shift = cfg.get("flip_sin_to_cos", True), cfg.get("freq_shift", 0)
-
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
-    temb = embeddings_flax.FlaxTimesteps(channels[0], flip_sin_to_cos=flip, freq_shift=shift,
-                                         name="time_proj")(timesteps)
-    temb = TimestepEmbedding(channels[0] * 4, dtype=dtype, name="time_embedding")(
-        temb, timestep_cond if cfg.get("time_cond_proj_dim") else None)
-    text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-    time_embeds = embeddings_flax.FlaxTimesteps(cfg["addition_time_embed_dim"], flip, shift,
-                                                name="add_time_proj")(jnp.ravel(time_ids))
-    time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
-    temb = temb + TimestepEmbedding(channels[0] * 4, dtype=dtype, name="add_embedding")(
-        jnp.concatenate([text_embeds, time_embeds], axis=-1))
-
+               timestep_cond=None, down_block_additional_residuals=None,
+               mid_block_additional_residual=None):
+    cfg, dtype, arch = self.config, self.dtype, Architecture.of(self.config)
+    levels, layers = len(arch.channels), arch.layers
+    temb = embed_conditions(cfg, arch, dtype, sample.shape[0], timesteps, added_cond_kwargs,
+                            timestep_cond)
     remat = remat_lib.per_level(self.remat, levels, "UNet remat")
-    common = dict(linear_projection=linear, chunked=chunked, dtype=dtype)
-    h = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name="conv_in")(
-        jnp.transpose(sample, (0, 2, 3, 1)))
-    skips = (h,)
-    for i in range(levels):
-      h, outputs = DownBlock(
-          heads=heads[i], depth=depths[i] if cross[i] else 0, in_channels=channels[max(i - 1, 0)],
-          out_channels=channels[i], num_layers=layers, add_downsample=i < levels - 1,
-          remat=remat[i], name=f"down_blocks_{i}", **common)(h, temb, encoder_hidden_states)
-      skips += outputs
-    h = MidBlock(heads=heads[-1], depth=depths[-1], channels=channels[-1], remat=remat[-1],
-                 name="mid_block", **common)(h, temb, encoder_hidden_states)
-    up = channels[::-1]
+    common = dict(linear_projection=arch.linear, chunked=self.attention == "chunked",
+                  dtype=dtype)
+    h = conv3x3(arch.channels[0], dtype, "conv_in")(nhwc(sample))
+    h, skips = down_path(arch, remat, common, h, temb, encoder_hidden_states)
+    if down_block_additional_residuals is not None:
+      skips = tuple(s + nhwc(r) for s, r in zip(skips, down_block_additional_residuals,
+                                                strict=True))
+    if mid_block_additional_residual is not None:
+      h = h + nhwc(mid_block_additional_residual)
+    up = arch.channels[::-1]
     for i in range(levels):
       level = levels - 1 - i
       skips, level_skips = skips[:-(layers + 1)], skips[-(layers + 1):]
       h = UpBlock(
-          heads=heads[level], depth=depths[level] if cross[level] else 0,
+          heads=arch.heads[level], depth=arch.depths[level],
           in_channels=up[min(i + 1, levels - 1)], out_channels=up[i],
           prev_output_channel=up[max(i - 1, 0)], num_layers=layers + 1,
           add_upsample=i < levels - 1, remat=remat[level], name=f"up_blocks_{i}", **common)(
               h, level_skips, temb, encoder_hidden_states)
     h = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="conv_norm_out")(h))
-    h = nn.Conv(cfg["out_channels"], (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
-                name="conv_out")(h)
-    return jnp.transpose(h, (0, 3, 1, 2))
+    return nchw(conv3x3(cfg["out_channels"], dtype, "conv_out")(h))
 
 
 def scanned_key(key):
@@ -468,45 +521,57 @@ class SDXLUNet:
     return self.module.dtype
 
   def apply(self, variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
-            timestep_cond=None):
-    args = (sample, timesteps, encoder_hidden_states, added_cond_kwargs, timestep_cond)
+            timestep_cond=None, down_block_additional_residuals=None,
+            mid_block_additional_residual=None):
+    args = (sample, timesteps, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+            down_block_additional_residuals, mid_block_additional_residual)
     if LORA not in variables:
       return UNetOutput(self.module.apply(variables, *args))
     with nn.intercept_methods(_apply_lora):
       return UNetOutput(self.module.apply(variables, *args))
 
   def init_weights(self, rng):
-    """Random parameters with Flax's default initialisers, drawn with numpy from the shapes of
-    the module's init (``jax.eval_shape`` on the smallest input every level accepts: nothing is
-    compiled): kernels LeCun normal ``N(0, 1 / fan_in)`` (fan_in: a Dense kernel's input width,
-    a convolution's kh * kw * in; stacked blocks' kernels carry a leading block axis), biases
-    0, norm scales 1. ``rng`` (a PRNG key) seeds the draws."""
-    cfg = self.config
-    res, width = 2 ** (len(cfg["block_out_channels"]) - 1), cfg["cross_attention_dim"]
-    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    cond_dim = cfg.get("time_cond_proj_dim")
-    shapes = jax.eval_shape(lambda key: self.module.init(
-        key, jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)),
-        jnp.zeros((1, 1, width)), {"text_embeds": jnp.zeros((1, pooled)),
-                                   "time_ids": jnp.zeros((1, 6))},
-        jnp.zeros((1, cond_dim)) if cond_dim else None)["params"], rng)
-    if isinstance(rng, jax.core.Tracer):  # under jax.eval_shape / jit: the shapes are what counts
-      return jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
-    key = rng if rng.dtype == np.uint32 else jax.random.key_data(rng)
-    draws = np.random.default_rng(np.asarray(key).ravel().tolist())
-
-    def draw(path, leaf):
-      name = path[-1].key
-      if name in ("scale", "bias"):
-        return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
-      fan_in = np.prod(leaf.shape[:3]) if leaf.ndim == 4 else leaf.shape[-2]
-      return jnp.asarray(draws.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    """Random parameters (``random_params``) in the scanned layout."""
+    return random_params(self.module, smallest_inputs(self.config), rng)
 
 
-def check_supported(config):
-  """A UserError naming the first field of a diffusers UNet config this UNet does not build."""
+def smallest_inputs(cfg):
+  """The smallest inputs every level of a UNet (or ControlNet) ``config`` accepts: ``(sample,
+  timesteps, context, added_cond_kwargs, timestep_cond)``, the sample
+  ``2^(levels - 1)`` pixels square."""
+  res, width = 2 ** (len(cfg["block_out_channels"]) - 1), cfg["cross_attention_dim"]
+  pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+  cond_dim = cfg.get("time_cond_proj_dim")
+  return (jnp.zeros((1, cfg["in_channels"], res, res)), jnp.ones((1,)), jnp.zeros((1, 1, width)),
+          {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))},
+          jnp.zeros((1, cond_dim)) if cond_dim else None)
+
+
+def random_params(module, inputs, rng):
+  """Random parameters of ``module`` with Flax's default initialisers, drawn with numpy from the
+  shapes of its init on ``inputs`` (``jax.eval_shape``: nothing is compiled): kernels LeCun
+  normal ``N(0, 1 / fan_in)`` (fan_in: a Dense kernel's input width, a convolution's kh * kw *
+  in; stacked blocks' kernels carry a leading block axis), biases 0, norm scales 1. ``rng`` (a
+  PRNG key) seeds the draws."""
+  shapes = jax.eval_shape(lambda key: module.init(key, *inputs)["params"], rng)
+  if isinstance(rng, jax.core.Tracer):  # under jax.eval_shape / jit: the shapes are what counts
+    return jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+  key = rng if rng.dtype == np.uint32 else jax.random.key_data(rng)
+  draws = np.random.default_rng(np.asarray(key).ravel().tolist())
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name in ("scale", "bias"):
+      return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
+    fan_in = np.prod(leaf.shape[:3]) if leaf.ndim == 4 else leaf.shape[-2]
+    return jnp.asarray(draws.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def check_supported(config, kind="UNet"):
+  """A UserError naming the first field of a diffusers UNet (or, ``kind='ControlNet'``,
+  ControlNet: no up blocks) config that this module does not build."""
   wanted = {"addition_embed_type": "text_time", "mid_block_type": "UNetMidBlock2DCrossAttn",
             "num_attention_heads": None, "only_cross_attention": False,
             "class_embed_type": None, "encoder_hid_dim": None}
@@ -516,8 +581,10 @@ def check_supported(config):
     if isinstance(got, (list, tuple)) and field == "only_cross_attention":
       got = any(got) or False
     if got != value:
-      raise UserError(f"UNet config {field}={got!r} is not supported by the scanned SDXL UNet "
-                      f"(allowed: {value!r})")
+      raise UserError(f"{kind} config {field}={got!r} is not supported by the scanned SDXL "
+                      f"UNet (allowed: {value!r})")
+  if kind != "UNet":
+    return
   mirror = tuple(t.replace("Down", "Up") for t in reversed(config["down_block_types"]))
   if tuple(config["up_block_types"]) != mirror:
     raise UserError(f"UNet config up_block_types={tuple(config['up_block_types'])} is not "
