@@ -123,18 +123,10 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32, une
   (stacked, ``lora.combine``); '' or [] = the base model. The files are read first (a bad one
   fails before the models load); one that does not fit the UNet is an error naming the file, the
   module and the shapes."""
-  paths = [lora_path] if isinstance(lora_path, str) else list(lora_path)
-  paths = [p for p in paths if p]
-  scales = [lora_scale] * len(paths) if np.ndim(lora_scale) == 0 else list(lora_scale)
-  if len(scales) != len(paths):
-    raise errors.UserError(f"{len(paths)} LoRA files but {len(scales)} scales ({scales}); "
-                           "allowed: one scale per LoRA, or one scale for all")
+  paths, scales = _lora_list(lora_path, lora_scale)
   parsed = [lora_lib.read(p) for p in paths]  # a bad file fails before the models load
   unet, unet_params = sdxl.load_unet(unet_dir or sdxl_dir, dtype)
-  if paths:
-    loras = [(lora_lib.load(p, unet_params, r), s) for p, r, s in zip(paths, parsed, scales)]
-    unet_params = lora_lib.attach(unet_params, lora_lib.combine(loras), 1.0,
-                                 source=f"LoRA file(s) {', '.join(paths)}")
+  unet_params = _attach(unet_params, paths, parsed, scales)
   controlnet, controlnet_params = (sdxl.load_controlnet(controlnet_dir, unet, dtype)
                                   if controlnet_dir else (None, None))
   vae, vae_params = sdxl.load_vae(sdxl_dir, dtype)
@@ -142,6 +134,36 @@ def load_pipeline(sdxl_dir, lora_path="", lora_scale=1.0, dtype=jnp.float32, une
                   jax.jit(sdxl.make_encoder(vae)),
                   sdxl_text.force_zeros_for_empty_prompt(sdxl_dir), controlnet,
                   controlnet_params)
+
+
+def _lora_list(lora_path, lora_scale):
+  """(paths, scales): one path or a list ('' entries dropped), one scale each."""
+  paths = [lora_path] if isinstance(lora_path, str) else list(lora_path)
+  paths = [p for p in paths if p]
+  scales = [lora_scale] * len(paths) if np.ndim(lora_scale) == 0 else list(lora_scale)
+  if len(scales) != len(paths):
+    raise errors.UserError(f"{len(paths)} LoRA files but {len(scales)} scales ({scales}); "
+                           "allowed: one scale per LoRA, or one scale for all")
+  return paths, scales
+
+
+def _attach(unet_params, paths, parsed, scales):
+  """``unet_params`` with the parsed LoRA files stacked (``lora.combine``) and attached."""
+  if not paths:
+    return unet_params
+  loras = [(lora_lib.load(p, unet_params, r), s) for p, r, s in zip(paths, parsed, scales)]
+  return lora_lib.attach(unet_params, lora_lib.combine(loras), 1.0,
+                         source=f"LoRA file(s) {', '.join(paths)}")
+
+
+def with_loras(models, lora_path="", lora_scale=1.0):
+  """``models`` with its base UNet's parameters and other LoRAs (``load_pipeline``'s
+  ``lora_path`` / ``lora_scale``) attached instead of its own: the VAE, text encoders and
+  compiled generators are shared, nothing is loaded again."""
+  paths, scales = _lora_list(lora_path, lora_scale)
+  base = getattr(models.unet_params, "params", models.unet_params)
+  return dataclasses.replace(models, unet_params=_attach(
+      base, paths, [lora_lib.read(p) for p in paths], scales))
 
 
 def check_generation(steps, batch_size, guidance_scale, gamma=0.3):

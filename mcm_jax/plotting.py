@@ -107,16 +107,20 @@ def read_image(path, size, resize=True):
 
 
 def metric_curves(path, curves, references=None):
-  """One panel per metric: ``curves`` ({steps (str): {metric: value}}) against steps (log2 axis),
-  each of ``references`` ({name: {metric: value}}, e.g. the guided teacher) a dashed line."""
-  steps = sorted(curves, key=int)
-  metrics = [m for m in curves[steps[0]] if m != "num"]
+  """One panel per metric: each of ``curves`` ({label: {steps (str): {metric: value}}}) against
+  steps (log2 axis), each of ``references`` ({name: {metric: value}}, e.g. the guided teacher) a
+  dashed line."""
+  first = next(iter(next(iter(curves.values())).values()))
+  metrics = [m for m in first if m != "num"]
   fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+  styles = ["--", ":", "-."]
   for ax, metric in zip(axes[0], metrics):
-    ax.plot([int(s) for s in steps], [curves[s][metric] for s in steps], "o-", label="LoRA")
-    for name, row in (references or {}).items():
+    for label, curve in curves.items():
+      steps = sorted(curve, key=int)
+      ax.plot([int(s) for s in steps], [curve[s][metric] for s in steps], "o-", label=label)
+    for i, (name, row) in enumerate((references or {}).items()):
       if metric in row:
-        ax.axhline(row[metric], ls="--", color="gray", label=name)
+        ax.axhline(row[metric], ls=styles[i % len(styles)], color="gray", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("steps")
     ax.set_title(metric)

@@ -284,6 +284,15 @@ def test_bad_inputs_of_every_program(tmp_path):
       ([sd, good, clip, f"--fid_reference={t}"], ["--fid_reference needs --inception_weights"]),
       ([sd, good, "--clip=/no/such/clip"], ["/no/such/clip"]),
       ([sd, good, clip, f"--aesthetic_head={t}/head.pth"], [f"{t}/head.pth"]),
+      ([sd, good, clip, "--model=lcm sampler=bogus"],
+       ["--model='lcm sampler=bogus'", "sampler='bogus' is not known", "dpmpp_2m"]),
+      ([sd, good, clip, "--model=lcm steps=2,0"], ["--model='lcm steps=2,0'", "'0' is invalid"]),
+      ([sd, good, clip, "--model=lcm timesteps=lcm steps=80"], ["--model=", "timesteps"]),
+      ([sd, good, clip, "--model=lcm guidance=3"], ["'guidance=3' is not key=value", "gamma"]),
+      ([sd, good, clip, "--model=4step"], ["must start with a name"]),
+      ([sd, good, clip, "--model=x negative_prompt='blurry"], ["No closing quotation"]),
+      ([sd, good, clip, "--model=a", "--model=a sampler=lcm"], ["names ['a', 'a'] repeat"]),
+      ([sd, good, clip, f"--model=a lora={t}/nope.safetensors"], [f"{t}/nope.safetensors"]),
   ]
   out = f"--out={t}/out"
   cases = ([("main", argv + [f"--workdir={workdir}"] * ("--workdir" not in " ".join(argv)),

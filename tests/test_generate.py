@@ -244,51 +244,63 @@ def test_cli_writes_pngs(sdxl_dir, tmp_path):
 
 def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, base_models, tiny_clip_model,
                                                          tmp_path):
+  """The LoRA rows, a third-party LoRA sampled with LCM's sampler (``--model``) and the guided
+  teacher: each row's CLIP score and PickScore are PyTorch's on the images
+  ``pipeline.generate_images`` makes with that model and sampler."""
   import json  # pylint: disable=g-import-not-at-top
   torch = pytest.importorskip("torch")
   from mcm_jax import rewards, t2i_eval  # pylint: disable=g-import-not-at-top
   clip, tok = tiny_clip_model.clip, tiny_clip_model.tokenizer
+  _, params = sdxl.load_unet(sdxl_dir)
+  lora = lora_lib.init_lora(params, 4, jax.random.PRNGKey(1))
+  lora_lib.save(str(tmp_path / "lcm_lora"), {k: {"a": v["a"], "b": 0.5 + 0 * v["b"]}
+                                              for k, v in lora.items()})
+  other = t2i_eval.parse_model(f"lcm lora={tmp_path / 'lcm_lora'} sampler=lcm timesteps=lcm "
+                               "lora_scale=0.8", [1, 2])
+  assert other == t2i_eval.ModelRun("lcm", (1, 2), (str(tmp_path / "lcm_lora"),), (0.8,),
+                                    {"sampler": "lcm", "timesteps": "lcm"})
   results = t2i_eval.evaluate(sdxl_dir, PROMPTS, [1, 2], str(tmp_path / "out"),
                               str(tiny_clip_model.dir / "clip"),
                               str(tiny_clip_model.dir / "head.pth"), resolution=32, batch_size=2,
                               pickscore_dir=str(tiny_clip_model.dir / "clip"),
-                              teacher=dict(steps=3, guidance_scale=5.0, negative_prompt="wider"))
+                              teacher=dict(steps=3, guidance_scale=5.0, negative_prompt="wider"),
+                              models=[other])
   saved = json.load(open(tmp_path / "out" / "eval.json"))
-  assert set(saved["results"]) == {"1", "2", "teacher_3"}
+  assert set(saved["results"]) == {"1", "2", "lcm_1", "lcm_2", "teacher_3"}
   assert saved["results"]["2"] == results["2"]
+  assert saved["models"][0]["options"] == {"sampler": "lcm", "timesteps": "lcm"}
   table = (tmp_path / "out" / "eval.md").read_text().splitlines()
   assert table[0].startswith("| run | clip_score | pickscore | aesthetic | num |")
-  assert [line.split(" | ")[0] for line in table[2:]] == ["| 1", "| 2", "| teacher_3"]
-  for name in ("metrics.png", "grid.png", "grid_teacher_3.png"):
+  assert [line.split(" | ")[0] for line in table[2:]] == ["| 1", "| 2", "| lcm_1", "| lcm_2",
+                                                          "| teacher_3"]
+  for name in ("metrics.png", "grid.png", "grid_teacher_3.png", "grid_lcm_2.png"):
     assert os.path.getsize(tmp_path / "out" / name) > 100, name
-  # The teacher row is the base model guided: pipeline.generate_images' images, scored.
-  base = base_models
-  teacher_images = pipeline.generate_images(base, PROMPTS, 3, 32, batch_size=2,
-                                            timesteps="leading", guidance_scale=5.0,
-                                            negative_prompt="wider")
-  # The CLIP score and PickScore (its reference code: exp(logit_scale) x cosine of the
-  # normalised embeddings) of the 2-step images, recomputed in PyTorch.
-  images = pipeline.generate_images(base_models, PROMPTS, 2, 32,
-                                    batch_size=2)
-  pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
-      torch.from_numpy(rewards.CLIP_STD)
   ids = torch.from_numpy(tok(PROMPTS, padding="max_length", max_length=77,
                              return_tensors="np").input_ids)
-  with torch.no_grad():
-    cos = torch.nn.functional.cosine_similarity(
-        clip.get_image_features(pixel_values=pixels.permute(0, 3, 1, 2).float()),
-        clip.get_text_features(input_ids=ids))
-  np.testing.assert_allclose(results["2"]["clip_score"], float((100 * cos.clamp(min=0)).mean()),
-                             atol=1e-3)
-  np.testing.assert_allclose(results["2"]["pickscore"],
-                             float((clip.logit_scale.exp() * cos).mean()), atol=1e-3)
+
+  def torch_scores(images):
+    """(CLIP score, PickScore) in PyTorch: 100 max(cos, 0) and PickScore's reference code,
+    exp(logit_scale) x cosine of the normalised embeddings."""
+    pixels = (torch.from_numpy((images + 1) / 2) - torch.from_numpy(rewards.CLIP_MEAN)) / \
+        torch.from_numpy(rewards.CLIP_STD)
+    with torch.no_grad():
+      cos = torch.nn.functional.cosine_similarity(
+          clip.get_image_features(pixel_values=pixels.permute(0, 3, 1, 2).float()),
+          clip.get_text_features(input_ids=ids))
+    return float((100 * cos.clamp(min=0)).mean()), float((clip.logit_scale.exp() * cos).mean())
+
+  base = base_models
+  runs = {"2": pipeline.generate_images(base, PROMPTS, 2, 32, batch_size=2),
+          "teacher_3": pipeline.generate_images(base, PROMPTS, 3, 32, batch_size=2,
+                                                timesteps="leading", guidance_scale=5.0,
+                                                negative_prompt="wider"),
+          "lcm_2": pipeline.generate_images(
+              pipeline.with_loras(base, str(tmp_path / "lcm_lora"), 0.8), PROMPTS, 2, 32,
+              batch_size=2, sampler="lcm", timesteps="lcm")}
+  for run, images in runs.items():
+    clip_score, pickscore = torch_scores(images)
+    np.testing.assert_allclose(results[run]["clip_score"], clip_score, atol=1e-3, err_msg=run)
+    np.testing.assert_allclose(results[run]["pickscore"], pickscore, atol=1e-3, err_msg=run)
   assert results["2"]["pickscore"] != results["2"]["clip_score"]
+  assert results["lcm_2"]["pickscore"] != results["2"]["pickscore"]
   assert "aesthetic" in results["1"]
-  teacher_pixels = (torch.from_numpy((teacher_images + 1) / 2) - torch.from_numpy(
-      rewards.CLIP_MEAN)) / torch.from_numpy(rewards.CLIP_STD)
-  with torch.no_grad():
-    cos = torch.nn.functional.cosine_similarity(
-        clip.get_image_features(pixel_values=teacher_pixels.permute(0, 3, 1, 2).float()),
-        clip.get_text_features(input_ids=ids))
-  np.testing.assert_allclose(results["teacher_3"]["pickscore"],
-                             float((clip.logit_scale.exp() * cos).mean()), atol=1e-3)
