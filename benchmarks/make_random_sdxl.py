@@ -29,10 +29,6 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hid
               projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 CLIP_BIGG = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
-VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-           layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=1024,
-           scaling_factor=0.13025, force_upcast=True)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
                  prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False)
@@ -78,7 +74,7 @@ def write_small_models(directory, seed):
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  AutoencoderKL(**VAE).half().save_pretrained(os.path.join(directory, "vae"), variant="fp16")
+  AutoencoderKL(**sdxl.SDXL_VAE_CONFIG).half().save_pretrained(os.path.join(directory, "vae"), variant="fp16")
   CLIPTextModel(CLIPTextConfig(**CLIP_L)).half().save_pretrained(
       os.path.join(directory, "text_encoder"), variant="fp16")
   CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)).half().save_pretrained(

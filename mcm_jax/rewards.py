@@ -93,8 +93,14 @@ def clip_image_embedder(clip_dir):
     raise UserError(f"{clip_dir}: no visual_projection.weight (not a CLIP vision model with "
                     "projection)")
   proj = jnp.asarray(weights["visual_projection.weight"], jnp.float32)  # [proj, hidden]
-  embed = lambda p, px: model(pixel_values=px, params=p["tower"]).pooler_output @ p["proj"].T
-  return embed, {"tower": params, "proj": proj}, model.config.image_size, proj.shape[0]
+  return (projected_embedder(model), {"tower": params, "proj": proj}, model.config.image_size,
+          proj.shape[0])
+
+
+def projected_embedder(model):
+  """``embed(params, pixel_values)`` of a transformers Flax CLIP vision tower and its
+  projection: ``pooler_output @ proj^T`` with ``params = {'tower', 'proj' [proj, hidden]}``."""
+  return lambda p, px: model(pixel_values=px, params=p["tower"]).pooler_output @ p["proj"].T
 
 
 def aesthetic_scorer(clip_dir, head_path):
@@ -105,6 +111,35 @@ def aesthetic_scorer(clip_dir, head_path):
   if head[0][0].shape[1] != dim:
     raise UserError(f"aesthetic head takes {head[0][0].shape[1]}-d embeddings; the CLIP model "
                     f"in {clip_dir} gives {dim}")
+  return aesthetic_score_fn(embed, size), {"clip": clip_params, "head": head}
+
+
+# The published predictor's sizes: CLIP ViT-L/14 (openai/clip-vit-large-patch14) and LAION's
+# MLP head (what --mode=plan uses when the files are not on the planning machine).
+CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
+                    hidden_act="quick_gelu")
+HEAD_WIDTHS = (768, 1024, 128, 64, 16, 1)
+
+
+def abstract_aesthetic_scorer():
+  """(score, params as ShapeDtypeStructs) of the published aesthetic predictor (``CLIP_VIT_L14``
+  with its projection, ``HEAD_WIDTHS``): nothing is read or allocated."""
+  from transformers import CLIPVisionConfig, FlaxCLIPVisionModel  # pylint: disable=g-import-not-at-top
+  config = CLIPVisionConfig(**CLIP_VIT_L14)
+  model = FlaxCLIPVisionModel(config, _do_init=False)
+  tower = jax.eval_shape(lambda key: model.init_weights(
+      key, (1, config.image_size, config.image_size, 3)), jax.random.PRNGKey(0))
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  head = [(f32(o, i), f32(o)) for i, o in zip(HEAD_WIDTHS[:-1], HEAD_WIDTHS[1:])]
+  params = {"clip": {"tower": tower, "proj": f32(config.projection_dim, config.hidden_size)},
+            "head": head}
+  return aesthetic_score_fn(projected_embedder(model), config.image_size), params
+
+
+def aesthetic_score_fn(embed, size):
+  """``score(params, images)``: the head on the L2-normalised CLIP embedding of ``images``
+  (``params = {'clip', 'head'}``)."""
 
   def score(params, images):
     emb = embed(params["clip"], clip_preprocess(images, size))
@@ -113,7 +148,7 @@ def aesthetic_scorer(clip_dir, head_path):
       h = h @ w.T + b
     return h[:, 0]
 
-  return score, {"clip": clip_params, "head": head}
+  return score
 
 
 def reward_consistency(score_fn, images_pred, images_ref):

@@ -126,16 +126,36 @@ def load_imagereward(directory, tokenizer_dir=None):
     raise UserError(f"{tokenizer_dir}: no BERT tokenizer (ImageReward needs bert-base-uncased's "
                     f"vocab.txt there) ({type(e).__name__}: {e})") from e
 
-  def score(p, images, tokens):
-    ids, mask = tokens
-    return model.apply({"params": p}, rewards.clip_preprocess(images, size), ids, mask)
-
   def tokenize(texts):
     out = tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="np",
                     max_length=IMAGEREWARD_TEXT_LENGTH)
     return np.asarray(out.input_ids), np.asarray(out.attention_mask)
 
-  return Scorer(score, params, tokenize)
+  return Scorer(_imagereward_score_fn(model, size), params, tokenize)
+
+
+def _imagereward_score_fn(model, size):
+  def score(p, images, tokens):
+    ids, mask = tokens
+    return model.apply({"params": p}, rewards.clip_preprocess(images, size), ids, mask)
+  return score
+
+
+def abstract_scorer(name):
+  """The ``Scorer`` of ``rewards.THRESHOLDS``' ``name`` at its published size on shapes (params
+  ShapeDtypeStructs, tokens of the right shape): ImageReward v1.0 (``blip.BlipConfig``'s
+  defaults: BLIP ViT-L/16 at 224 px, BERT-base) or the LAION aesthetic predictor on CLIP
+  ViT-L/14; what ``--mode=plan`` compiles when the files are not on the planning machine."""
+  if name == "aesthetic":
+    score, params = rewards.abstract_aesthetic_scorer()
+    return Scorer(lambda p, images, tokens: score(p, images), params)
+  config = blip.BlipConfig()
+  model, size = blip.ImageReward(config), config.image_size
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 3, size, size)),
+                          jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))["params"]
+  shape = lambda texts: (len(texts), IMAGEREWARD_TEXT_LENGTH)
+  return Scorer(_imagereward_score_fn(model, size), params,
+                lambda texts: (np.zeros(shape(texts), np.int64), np.ones(shape(texts), np.int64)))
 
 
 def hps_score(model):

@@ -11,6 +11,7 @@ UNet directory, ``workdir/stage<i>/unet/`` (float16; with ``mlcm.guidance_range`
 guidance-conditioned UNet of LCM §4.2, ``time_cond_proj_dim`` in its config). Stage 0 may read
 its training pairs from a trajectory bank (``mlcm.bank.dir``) made once by the guided teacher.
 """
+import dataclasses
 import logging
 import os
 
@@ -274,16 +275,18 @@ def step(c, stage, denoise, params, frozen, student, encode_batch, decode=None, 
 def abstract_step(c, stage=0):
   """``step`` of stage ``stage`` as ``run`` builds it, on shapes (``abstract_models``; the
   previous stage's student stands in by its shapes): what ``--mode=plan`` compiles."""
-  if c.rewards.scorer:
-    raise ConfigError(f"config.rewards.scorer={c.rewards.scorer!r}: --mode=plan does not plan "
-                      "the reward models yet; allowed: '' (MLCD only)")
   model, params, teacher, encode = abstract_models(c)
-  encode_batch = conditioning_fn(c, encode)
+  scorer = abstract_reward_scorer(c) if c.rewards.scorer else None
+  encode_batch = conditioning_fn(c, encode, scorer and scorer.tokenize)
   frozen = frozen_inputs(c, params, teacher, unconditional(c, encode_batch))
-  encode_images = None
-  if c.mlcm.source == "images" and not c.images.cache_dir:  # the step encodes the images
+  decode = encode_images = None
+  encodes = c.mlcm.source == "images" and not c.images.cache_dir  # the step encodes the images
+  if scorer or encodes:
     vae, frozen["vae"] = sdxl.abstract_vae(c.student_unet)
-    encode_images = sdxl.make_encoder(vae)
+    decode = sdxl.make_decoder(vae) if scorer else None
+    encode_images = sdxl.make_encoder(vae) if encodes else None
+  if scorer:
+    frozen["scorer"] = scorer.params
   if c.trainable == "lora":  # the shapes of a fresh LoRA (lora.init_from is not read)
     student = jax.eval_shape(lambda p: init_lora(c, p), params)
   else:
@@ -291,7 +294,22 @@ def abstract_step(c, stage=0):
   if stage > 0:
     frozen = dict(frozen, previous=previous_student(c, student))
   return step(c, stage, sdxl.make_denoiser(model), params, frozen, student, encode_batch,
-              encode=encode_images)
+              decode, scorer and scorer.score, encode_images)
+
+
+def abstract_reward_scorer(c):
+  """The reward scorer on shapes: ``reward_scorer``'s (the configured files) where they are on
+  this machine, else the published model's architecture (``scorers.abstract_scorer``)."""
+  r = c.rewards
+  if r.scorer == "imagereward":
+    local = os.path.isfile(os.path.join(r.imagereward_dir, "ImageReward.pt"))
+  else:
+    local = os.path.isdir(r.clip_dir) and os.path.isfile(r.head)
+  if not local:
+    return scorers.abstract_scorer(r.scorer)
+  scorer = reward_scorer(c)
+  return dataclasses.replace(scorer, params=jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), scorer.params))
 
 
 def uncond_mode(c):

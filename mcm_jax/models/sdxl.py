@@ -55,6 +55,14 @@ SDXL_BASE_UNET_CONFIG = dict(
     addition_time_embed_dim=256, addition_embed_type_num_heads=64,
     projection_class_embeddings_input_dim=2816)
 
+# SDXL base 1.0's VAE (vae/config.json): what ``--mode=plan`` uses when no local SDXL directory
+# is given, and the random full-size directory's (benchmarks/make_random_sdxl.py).
+SDXL_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=1024,
+    scaling_factor=0.13025, force_upcast=True)
+
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
@@ -326,8 +334,12 @@ def load_vae(path, dtype=jnp.float32):
 
 def abstract_vae(path, dtype=jnp.float32):
   """``load_vae``'s (model, params) with the parameters as ShapeDtypeStructs: the config read,
-  no weights (``--mode=plan``)."""
-  model, _ = _diffusers_model(path, "vae", _vae_from_config(dtype))
+  no weights (``--mode=plan``); SDXL's VAE (``SDXL_VAE_CONFIG``) when ``path`` is not a local
+  directory."""
+  if os.path.isdir(path):
+    model, _ = _diffusers_model(path, "vae", _vae_from_config(dtype))
+  else:
+    model = _vae_from_config(dtype)(SDXL_VAE_CONFIG)
   return model, jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
 
 
