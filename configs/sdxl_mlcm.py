@@ -103,11 +103,15 @@ def get_config(size="sdxl"):
   # Reward consistency + feedback learning (MLCM 3.4): '' = off, 'aesthetic' = LAION aesthetic
   # predictor on CLIP ViT-L/14 (clip_dir, head), 'imagereward' = ImageReward v1.0
   # (imagereward_dir: ImageReward.pt, med_config.json and bert-base-uncased's vocab.txt, or
-  # tokenizer_dir). Local files; needs the SDXL directory's VAE to decode. threshold: s0, None =
-  # the scorer's (8.0 aesthetic, 2.0 ImageReward); fl_steps: feedback learning scores the
-  # student's one- or two-step sample from noise (the paper's x_0).
+  # tokenizer_dir), 'imagereward+aesthetic' = both (MLCM's pair; each loss summed over them).
+  # Local files; needs the SDXL directory's VAE to decode. threshold: s0, () = each scorer's
+  # (8.0 aesthetic, 2.0 ImageReward), else one number per scorer (--config.rewards.threshold=2.5
+  # or ='(2.0, 8.0)'); fl_steps: feedback learning
+  # scores the student's one- or two-step sample from noise (the paper's x_0); fl_from_stage:
+  # feedback learning from that progressive stage on (the paper: "in the late stages").
   c.rewards = dict(scorer="", clip_dir="", head="", imagereward_dir="", tokenizer_dir="",
-                   rc_weight=1.0, fl_weight=1e-3, threshold=None, fl_steps=1)
+                   rc_weight=1.0, fl_weight=1e-3, threshold=(), fl_steps=1,
+                   fl_from_stage=0)
   # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8); data
   # parallel, the default step does not fit v6e-8 (benchmarks/RESULTS.md).
   c.mesh = common.mesh(data=1, fsdp=-1)

@@ -270,23 +270,33 @@ def validate_mlcm(c):
   check_in(m.teacher_mode, "mlcm.teacher_mode", mlcm.TEACHER_MODES)
   validate_student(c)
   r = c.rewards
-  check_in(r.scorer, "rewards.scorer", ("",) + tuple(rewards.THRESHOLDS))
-  if r.scorer and not c.student_unet:
+  names = rewards.scorer_names(r.scorer) if isinstance(r.scorer, str) else (r.scorer,)
+  known = tuple(rewards.THRESHOLDS)
+  _check(all(n in known for n in names) and len(set(names)) == len(names), "rewards.scorer",
+         r.scorer, f"'' (none), one of {known} or several joined by '+', e.g. "
+         "'imagereward+aesthetic'")
+  if names and not c.student_unet:
     raise ConfigError("config.rewards.scorer needs config.student_unet: rewards score images "
                       "decoded by the SDXL directory's VAE")
-  if r.scorer == "aesthetic":
+  if "aesthetic" in names:
     for key in ("clip_dir", "head"):
       _check(bool(r[key]), f"rewards.{key}", r[key],
              "a local path (the CLIP ViT-L/14 directory / the aesthetic head's weights)")
-  if r.scorer == "imagereward":
+  if "imagereward" in names:
     _check(bool(r.imagereward_dir), "rewards.imagereward_dir", r.imagereward_dir,
            "a local directory with ImageReward.pt and med_config.json")
-  if r.scorer:
+  if names:
     for key in ("rc_weight", "fl_weight"):
       _check(_is_number(r[key]) and r[key] >= 0, f"rewards.{key}", r[key], "a number >= 0")
-    _check(r.threshold is None or _is_number(r.threshold), "rewards.threshold", r.threshold,
-           "a number, or None for the scorer's s0")
+    t = r.threshold
+    _check(t is None or (_is_number(t) and len(names) == 1) or (
+        isinstance(t, (list, tuple)) and len(t) in (0, len(names)) and all(map(_is_number, t))),
+           "rewards.threshold", t, f"() for each scorer's s0, or one number per scorer "
+           f"({len(names)}: {'+'.join(names)})")
     check_in(r.fl_steps, "rewards.fl_steps", (1, 2))
+    start = r.get("fl_from_stage", 0)
+    _check(isinstance(start, int) and start >= 0, "rewards.fl_from_stage", start,
+           "an integer >= 0 (feedback learning from that stage on)")
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 
 

@@ -66,7 +66,7 @@ class RewardHparams(NamedTuple):
   """Reward consistency + feedback learning (MLCM 3.4): ``rc_weight L_RC + fl_weight L_FL``."""
   rc_weight: float = 1.0
   fl_weight: float = 1e-3
-  threshold: float = 8.0  # s0 of the feedback hinge (8 for the aesthetic score, 2 ImageReward)
+  threshold: object = 8.0  # s0 of the feedback hinge (8 aesthetic, 2 ImageReward), one per scorer
   fl_steps: int = 1  # feedback learning scores the student's fl_steps-step sample from noise
 
 
@@ -339,11 +339,14 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
   # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
   rc = jnp.mean(reward_losses.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
                                               decode(frozen["vae"], terms["target"])))
+  metrics.update(mlcd=mlcd, reward_consistency=rc)
+  if not rewards.fl_weight:  # no feedback learning in this stage: nothing sampled or scored
+    return mlcd + rewards.rc_weight * rc, metrics
   # Feedback learning on the student's own 1-2 step sample x_0 from fresh noise (MLCM 3.4),
   # gradients through the sampler.
   fl_noise = sharding.constrain_batch(
       jax.random.normal(jax.random.fold_in(rng, 1), z_tm.shape, z_tm.dtype))
   x_0 = sample(student, fl_noise, rewards.fl_steps)
   fl = jnp.mean(reward_losses.feedback(s_fn, decode(frozen["vae"], x_0), rewards.threshold))
-  metrics.update(mlcd=mlcd, reward_consistency=rc, feedback=fl)
+  metrics.update(feedback=fl)
   return mlcd + rewards.rc_weight * rc + rewards.fl_weight * fl, metrics

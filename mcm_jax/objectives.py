@@ -155,14 +155,21 @@ def mlcm_hparams(config, stage):
                       if guidance_range else 0)
 
 
-def reward_hparams(config):
-  """``mlcm.RewardHparams`` from ``config.rewards``, or None when no scorer is set; threshold
-  None = the scorer's s0 (``rewards.THRESHOLDS``)."""
+def reward_hparams(config, stage=0):
+  """``mlcm.RewardHparams`` of stage ``stage`` from ``config.rewards``, or None when no scorer
+  is set: threshold () = each scorer's s0 (``rewards.THRESHOLDS``), else one per scorer; feedback learning only from stage ``fl_from_stage`` on (MLCM 3.4: the late stages,
+  whose few-step samples are realistic), weight 0 before."""
   r = config.rewards
-  if not r.scorer:
+  names = rewards.scorer_names(r.scorer)
+  if not names:
     return None
-  threshold = r.threshold if r.threshold is not None else rewards.THRESHOLDS[r.scorer]
-  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=r.fl_weight, threshold=threshold,
+  threshold = r.threshold
+  if threshold is None or (isinstance(threshold, (list, tuple)) and not threshold):
+    threshold = tuple(rewards.THRESHOLDS[n] for n in names)
+  threshold = tuple(threshold) if isinstance(threshold, (list, tuple)) else (threshold,)
+  fl_weight = r.fl_weight if stage >= r.get("fl_from_stage", 0) else 0.0
+  return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=fl_weight,
+                            threshold=threshold[0] if len(threshold) == 1 else threshold,
                             fl_steps=r.fl_steps)
 
 
@@ -190,4 +197,4 @@ def mlcm_loss(config, denoise, stage, decode=None, score=None, encode=None):
   return functools.partial(
       mlcm.loss, hp=mlcm_hparams(config, stage), denoise_fn=denoise,
       adapt=student_params_fn(config), latent_shape=(res, res, 4),
-      rewards=reward_hparams(config), decode=decode, score=score, encode=encode)
+      rewards=reward_hparams(config, stage), decode=decode, score=score, encode=encode)

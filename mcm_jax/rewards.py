@@ -26,6 +26,12 @@ MLP_LAYERS = (0, 2, 4, 6, 7)
 THRESHOLDS = {"aesthetic": 8.0, "imagereward": 2.0}  # the feedback hinge's s0 (MLCM 3.4)
 
 
+def scorer_names(value):
+  """The scorers of a ``rewards.scorer`` value: '' = none, one name of ``THRESHOLDS``, or
+  several joined by '+' (e.g. 'imagereward+aesthetic', MLCM's pair), in that order."""
+  return tuple(n for n in value.split("+") if n) if value else ()
+
+
 def clip_preprocess(images, size=224):
   """[-1, 1] NHWC -> CLIP pixel values NCHW: short side to ``size`` (bicubic), centre crop."""
   b, h, w, c = images.shape
@@ -152,10 +158,15 @@ def aesthetic_score_fn(embed, size):
 
 
 def reward_consistency(score_fn, images_pred, images_ref):
-  """Per-example ``(s(x_pred) - s(sg x_ref))^2``."""
-  return (score_fn(images_pred) - jax.lax.stop_gradient(score_fn(images_ref))) ** 2
+  """Per-example ``sum_j (s_j(x_pred) - s_j(sg x_ref))^2`` over the scorers ``j`` (``score_fn``
+  returns [B] for one scorer or [B, S] for several)."""
+  diff = score_fn(images_pred) - jax.lax.stop_gradient(score_fn(images_ref))
+  return jnp.sum((diff ** 2).reshape(diff.shape[0], -1), axis=1)
 
 
 def feedback(score_fn, images, threshold):
-  """Per-example hinge ``max(s0 - s(x), 0)``."""
-  return jnp.maximum(threshold - score_fn(images), 0.0)
+  """Per-example hinge ``sum_j max(s0_j - s_j(x), 0)`` (``threshold`` a number or one per
+  scorer)."""
+  s = score_fn(images)
+  s = s.reshape(s.shape[0], -1)
+  return jnp.sum(jnp.maximum(jnp.asarray(threshold, s.dtype) - s, 0.0), axis=1)

@@ -141,6 +141,21 @@ def _imagereward_score_fn(model, size):
   return score
 
 
+def combine(named):
+  """One ``Scorer`` of several ({name: Scorer}, at most one prompt-conditioned): ``score`` gives
+  [B, S], the scorers in order; params {name: params}."""
+  tokenizers = [s.tokenize for s in named.values() if s.tokenize is not None]
+  if len(tokenizers) > 1:
+    raise UserError(f"scorers {sorted(named)}: at most one may read the prompt")
+
+  def score(p, images, tokens):
+    return jnp.stack([s.score(p[n], images, tokens if s.tokenize else None)
+                      for n, s in named.items()], axis=-1)
+
+  return Scorer(score, {n: s.params for n, s in named.items()},
+                tokenizers[0] if tokenizers else None)
+
+
 def abstract_scorer(name):
   """The ``Scorer`` of ``rewards.THRESHOLDS``' ``name`` at its published size on shapes (params
   ShapeDtypeStructs, tokens of the right shape): ImageReward v1.0 (``blip.BlipConfig``'s

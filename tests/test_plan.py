@@ -372,29 +372,33 @@ def test_train_and_plan_build_the_same_lcf_step(cached, tiny_sdxl_dir, monkeypat
 
 
 @pytest.mark.slow  # lowers a tiny MLCM step with the reward losses twice (seconds)
-def test_train_and_plan_build_the_same_reward_step(tiny_sdxl_dir, tiny_imagereward, monkeypatch,
-                                                   tmp_path):
-  """MLCM with reward consistency and feedback learning (ImageReward): the training run's step
-  and the planner's lower to the same program (the planner reads the scorer's files where they
-  exist, as shapes); without the files it plans the published ImageReward v1.0 (BLIP ViT-L/16 +
-  BERT-base, 35 prompt tokens) and, for the aesthetic score, CLIP ViT-L/14 with LAION's head."""
+def test_train_and_plan_build_the_same_reward_step(tiny_sdxl_dir, tiny_imagereward, tiny_clip,
+                                                   monkeypatch, tmp_path):
+  """MLCM with reward consistency and feedback learning on ImageReward and the aesthetic score
+  together (MLCM's pair): the training run's step and the planner's lower to the same program
+  (the planner reads the scorers' files where they exist, as shapes); without the files it plans
+  the published ImageReward v1.0 (BLIP ViT-L/16 + BERT-base, 35 prompt tokens) and the
+  aesthetic predictor on CLIP ViT-L/14 with LAION's head."""
   config = sdxl_mlcm_config.get_config("tiny")
-  config.student_unet = tiny_sdxl_dir  # the VAE decodes for the scorer
-  config.rewards.update(scorer="imagereward", imagereward_dir=str(tiny_imagereward.dir))
+  config.student_unet = tiny_sdxl_dir  # the VAE decodes for the scorers
+  config.rewards.update(scorer="imagereward+aesthetic", imagereward_dir=str(tiny_imagereward.dir),
+                        clip_dir=str(tiny_clip.dir / "clip"), head=str(tiny_clip.dir / "head.pth"))
   calls = _record_jit_step(monkeypatch)
   with pytest.raises(_Stop):
     sdxl_mlcm.run(config, str(tmp_path / "run"))
   trained = calls[0].lower(*calls[0].args).as_text()
-  assert "scorer" in calls[0].args[1] and "reward_ids" in calls[0].args[2]
+  assert set(calls[0].args[1]["scorer"]) == {"imagereward", "aesthetic"}
+  assert "reward_ids" in calls[0].args[2]
   step, args, _ = plan.build(config, jax.devices(), stage=0)
   assert step.lower(*args).as_text() == trained
   count = lambda tree: sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
-  config.rewards.imagereward_dir = str(tmp_path / "elsewhere")  # not on this machine
+  config.rewards.update(imagereward_dir=str(tmp_path / "elsewhere"),  # not on this machine
+                        clip_dir=str(tmp_path / "clip"))
   _, args, _ = plan.build(config, jax.devices(), stage=0)
-  assert 440e6 < count(args[1]["scorer"]) < 480e6  # ImageReward v1.0's size
+  assert 440e6 < count(args[1]["scorer"]["imagereward"]) < 480e6  # ImageReward v1.0's size
+  assert 300e6 < count(args[1]["scorer"]["aesthetic"]) < 310e6  # ViT-L/14 and the head
   assert args[2]["reward_ids"].shape[-2:] == (config.train.batch_size, 35)  # [accum, B, L]
-  config.rewards.update(scorer="aesthetic", clip_dir=str(tmp_path / "clip"),
-                        head=str(tmp_path / "head.pth"))
+  config.rewards.scorer = "aesthetic"
   _, args, _ = plan.build(config, jax.devices(), stage=0)
   assert 300e6 < count(args[1]["scorer"]) < 310e6 and "reward_ids" not in args[2]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet64_cd, imagenet64_ct, sdxl_mlcm
-from mcm_jax import consistency, guidance, lora, mlcm, objectives, schedules, seeds
+from mcm_jax import consistency, guidance, lora, mlcm, objectives, schedules, scorers, seeds
 from mcm_jax.data import images as image_data
 from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import addim
@@ -283,7 +283,7 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   scorer's do and whose tokens come per example from the batch ('reward_ids', 'reward_mask')."""
   config, model, params, lora0, lora1, cond, uncond, eps = mlcm_setup
   config = config.copy_and_resolve_references()
-  config.rewards.update(scorer="imagereward", rc_weight=0.5, fl_weight=0.25, threshold=3.0,
+  config.rewards.update(scorer="imagereward", rc_weight=0.5, fl_weight=0.25, threshold=(3.0,),
                         fl_steps=1)
   decode = lambda p, z: jnp.tanh(p * z[..., :3])
   # A prompt-conditioned stand-in (as ImageReward): the example's tokens shift its score.
@@ -311,3 +311,30 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   np.testing.assert_allclose(float(metrics["reward_consistency"]), rc, rtol=2e-4)
   np.testing.assert_allclose(float(metrics["feedback"]), fl, rtol=2e-4)
   np.testing.assert_allclose(float(loss), mlcd + 0.5 * rc + 0.25 * fl, rtol=2e-4)
+
+  # Two scorers (MLCM's ImageReward + aesthetic, ``scorers.combine``): each loss is the sum of
+  # the scorers' terms, each hinge with its own s0.
+  config.rewards.update(scorer="imagereward+aesthetic", threshold=(3.0, 2.5))
+  prompt_free = lambda p, x, tokens: jnp.mean(jnp.abs(p * x), axis=(1, 2, 3))
+  both = scorers.combine({"imagereward": scorers.Scorer(score, None, tokenize=lambda t: t),
+                          "aesthetic": scorers.Scorer(prompt_free, None)})
+  frozen2 = dict(frozen, scorer={"imagereward": 4.0, "aesthetic": 2.0})
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, both.score)
+  loss2, metrics2 = jax.jit(loss_fn)(lora0, dict(cond, reward_ids=ids, reward_mask=mask, **bank),
+                                     key, 0, frozen2)
+  a_np = lambda z: np.mean(np.abs(2.0 * np.tanh(1.5 * z[..., :3])))
+  rc2 = rc + np.mean([(a_np(p) - a_np(t)) ** 2 for p, t in ends])
+  fl2 = np.mean([max(3.0 - s_np(x, i), 0.0) + max(2.5 - a_np(x), 0.0)
+                 for i, x in enumerate(x_0)])
+  assert fl2 > fl  # the second hinge is open
+  np.testing.assert_allclose(float(metrics2["reward_consistency"]), rc2, rtol=2e-4)
+  np.testing.assert_allclose(float(metrics2["feedback"]), fl2, rtol=2e-4)
+  np.testing.assert_allclose(float(loss2), mlcd + 0.5 * rc2 + 0.25 * fl2, rtol=2e-4)
+  # Feedback learning from stage 1 on: stage 0 has none (nothing sampled, no 'feedback').
+  config.rewards.fl_from_stage = 1
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, both.score)
+  loss3, metrics3 = jax.jit(loss_fn)(lora0, dict(cond, reward_ids=ids, reward_mask=mask, **bank),
+                                     key, 0, frozen2)
+  assert "feedback" not in metrics3
+  np.testing.assert_allclose(float(loss3), mlcd + 0.5 * rc2, rtol=2e-4)
+  assert objectives.reward_hparams(config, 1).fl_weight == 0.25

@@ -21,6 +21,7 @@ import numpy as np
 
 from mcm_jax import (guidance, hub, lora, mlcm, objectives, pipeline, scorers, seeds, sharding,
                      storage, train)
+from mcm_jax import rewards as rewards_lib
 from mcm_jax.config_validation import ConfigError, validate
 from mcm_jax.data import image_captions, latent_cache, trajectory_bank
 from mcm_jax.data import prompts as prompt_data
@@ -139,13 +140,29 @@ def conditioning_fn(c, encode, reward_tokenize=None):
   return encode_batch
 
 
-def reward_scorer(c):
+def reward_scorer(c, abstract=False):
   """The ``scorers.Scorer`` of ``config.rewards.scorer``: the LAION aesthetic predictor (no
-  prompt) or ImageReward."""
+  prompt), ImageReward, or several (``scorers.combine``: scores [B, S]). ``abstract``: on
+  shapes, for ``--mode=plan``: each scorer's configured files where they are on this machine,
+  else its published architecture (``scorers.abstract_scorer``)."""
   r = c.rewards
-  if r.scorer == "imagereward":
-    return scorers.load_imagereward(r.imagereward_dir, r.tokenizer_dir or None)
-  return scorers.load_aesthetic(r.clip_dir, r.head)
+  named = {}
+  for name in rewards_lib.scorer_names(r.scorer):
+    if name == "imagereward":
+      local = os.path.isfile(os.path.join(r.imagereward_dir, "ImageReward.pt"))
+      load = lambda: scorers.load_imagereward(r.imagereward_dir, r.tokenizer_dir or None)
+    else:
+      local = os.path.isdir(r.clip_dir) and os.path.isfile(r.head)
+      load = lambda: scorers.load_aesthetic(r.clip_dir, r.head)
+    if not abstract:
+      named[name] = load()
+    elif not local:
+      named[name] = scorers.abstract_scorer(name)
+    else:
+      scorer = load()
+      named[name] = dataclasses.replace(scorer, params=jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), scorer.params))
+  return next(iter(named.values())) if len(named) == 1 else scorers.combine(named)
 
 
 def frozen_cast(c, tree):
@@ -276,7 +293,7 @@ def abstract_step(c, stage=0):
   """``step`` of stage ``stage`` as ``run`` builds it, on shapes (``abstract_models``; the
   previous stage's student stands in by its shapes): what ``--mode=plan`` compiles."""
   model, params, teacher, encode = abstract_models(c)
-  scorer = abstract_reward_scorer(c) if c.rewards.scorer else None
+  scorer = reward_scorer(c, abstract=True) if c.rewards.scorer else None
   encode_batch = conditioning_fn(c, encode, scorer and scorer.tokenize)
   frozen = frozen_inputs(c, params, teacher, unconditional(c, encode_batch))
   decode = encode_images = None
@@ -295,21 +312,6 @@ def abstract_step(c, stage=0):
     frozen = dict(frozen, previous=previous_student(c, student))
   return step(c, stage, sdxl.make_denoiser(model), params, frozen, student, encode_batch,
               decode, scorer and scorer.score, encode_images)
-
-
-def abstract_reward_scorer(c):
-  """The reward scorer on shapes: ``reward_scorer``'s (the configured files) where they are on
-  this machine, else the published model's architecture (``scorers.abstract_scorer``)."""
-  r = c.rewards
-  if r.scorer == "imagereward":
-    local = os.path.isfile(os.path.join(r.imagereward_dir, "ImageReward.pt"))
-  else:
-    local = os.path.isdir(r.clip_dir) and os.path.isfile(r.head)
-  if not local:
-    return scorers.abstract_scorer(r.scorer)
-  scorer = reward_scorer(c)
-  return dataclasses.replace(scorer, params=jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), scorer.params))
 
 
 def uncond_mode(c):
