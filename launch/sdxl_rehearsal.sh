@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full-size SDXL rehearsal on one machine (CPU is enough; 24 GB of memory), at 256 px:
 #
-#   bash launch/sdxl_rehearsal.sh [SDXL_DIR] [WORK]
+#   bash launch/sdxl_rehearsal.sh [SDXL_DIR] [WORK] [CONTROLNET_DIR]
 #
 # SDXL_DIR: a local SDXL base directory (the hub layout, fp16 variant or not). Without it, a
 # directory of random weights at the real sizes is made once by benchmarks/make_random_sdxl.py
@@ -25,11 +25,17 @@
 #            against PyTorch (benchmarks/sdxl_unet_export.py). Training a full-UNet student
 #            (float32 weights and Adam moments, ~41 GB at SDXL's size) does not fit this machine:
 #            its plan is `--config=configs/sdxl_lcm.py --mode=plan`.
+#   controlnet  an SDXL ControlNet (CONTROLNET_DIR, default one made once from SDXL_DIR's UNet
+#            with random zero convolutions into ~/.cache/mcm_jax/controlnet_random) read by
+#            sdxl.load_controlnet, its residuals against diffusers' PyTorch ControlNetModel
+#            (benchmarks/sdxl_controlnet.py);
+#   controlnet_generate  the 4-step LoRA with that ControlNet, the 4-step image as control image.
 # Re-running resumes: finished stages and phases' outputs are reused by the training runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-}
 WORK=${2:-runs/sdxl_rehearsal}
+CONTROLNET=${3:-$HOME/.cache/mcm_jax/controlnet_random}
 if [ -z "$DIR" ]; then
   DIR=$HOME/.cache/mcm_jax/sdxl_random
   if [ ! -f "$DIR/unet/diffusion_pytorch_model.fp16.safetensors" ]; then
@@ -83,4 +89,11 @@ phase pipeline_crosscheck python benchmarks/sdxl_pipeline_crosscheck.py "$DIR" \
 phase crosscheck python benchmarks/sdxl_crosscheck.py "$DIR" | tee "$WORK/crosscheck.json"
 phase unet_export python benchmarks/sdxl_unet_export.py "$DIR" "$WORK/unet_export" \
   | tee "$WORK/unet_export.json"
+phase controlnet python benchmarks/sdxl_controlnet.py "$DIR" "$CONTROLNET" \
+  | tee "$WORK/controlnet.json"
+phase controlnet_generate python -m mcm_jax.generate --sdxl="$DIR" \
+  --lora="$WORK/mlcm/stage2/lora" --controlnet="$CONTROLNET" \
+  --control_image="$WORK/generate_4/00000_a_red_fox_in_the_snow.png" --controlnet_scale=0.5 \
+  --prompt="a red fox in the snow" --steps=4 --resolution=256 --batch_size=1 \
+  --out="$WORK/controlnet_generate"
 cat "$PHASES"

@@ -15,6 +15,13 @@ import warnings
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
+# The tests (and the processes they start, which inherit XLA_FLAGS: helpers.xla_flags) compile
+# with XLA's backend optimisation off. Their tiny models' programs run for milliseconds and
+# compile for seconds; the unoptimised code computes the same function (XLA:CPU uses no fast
+# math either way) and the suite needs about a fifth less CPU time. Runs outside the tests keep
+# XLA's default.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # CPU only: libtpu (in the test extra, for tests/test_plan.py's abstract TPU topologies) would
 # otherwise make every JAX process, subprocesses included, probe for a TPU and take its lock.

@@ -3,6 +3,8 @@ its posterior variance, and the toy MLP training problem's pieces (denoiser, tra
 
 Imported as ``import helpers`` (pytest puts tests/ on sys.path: it holds conftest.py and no
 __init__.py)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +12,15 @@ import ml_collections
 from mcm_jax import parameterization, schedules
 from mcm_jax.models.mlp import MLPDenoiser
 from mcm_jax.samplers import addim
+
+
+def xla_flags(devices=0):
+  """The test session's XLA_FLAGS (conftest.py: backend optimisation off) for a subprocess, with
+  ``devices`` fake CPU devices (0: XLA's default, one)."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + ([f"--xla_force_host_platform_device_count={devices}"]
+                          if devices else []))
 
 
 def LOGSNR(t):  # pylint: disable=invalid-name

@@ -15,8 +15,10 @@ import sys
 
 import pytest
 
+import helpers  # tests/
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="", MCM_JAX_DEBUG="")
+ENV = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), MCM_JAX_DEBUG="")
 
 _DRIVER = r"""
 import contextlib, importlib.util, io, json, sys, traceback

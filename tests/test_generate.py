@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers  # tests/
 import sdxl_fixtures  # tests/: torch is imported inside its functions
 from mcm_jax import errors, pipeline, seeds
 from mcm_jax import lora as lora_lib
@@ -221,7 +222,7 @@ def test_cli_writes_pngs(sdxl_dir, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   out = tmp_path / "out"
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags())
   from mcm_jax import plotting  # pylint: disable=g-import-not-at-top
   plotting.save_image(str(tmp_path / "init.png"), np.random.default_rng(0).uniform(
       -1, 1, (40, 40, 3)))  # resized to --resolution

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers  # tests/
 from configs import imagenet64_base, imagenet64_cd
 from mcm_jax import peers, supervisor
 from mcm_jax.experiments import pixel
@@ -54,7 +55,7 @@ def _start(workdir, *flags, overrides=None, config="configs/imagenet64_base.py:t
   for i in range(2):
     env = dict(os.environ, SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=helpers.xla_flags(2))
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "mcm_jax.main", "--multihost",
          f"--compilation_cache={jax.config.jax_compilation_cache_dir}",  # the suite's
@@ -103,7 +104,7 @@ def _slurm_gpu_script(tmp_path, workdir):
   (bin_dir / "srun").chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=_free_slurm_job_id(),
              SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=helpers.xla_flags(2))
   done = subprocess.run(
       ["bash", "launch/slurm_gpu.sh", "configs/imagenet64_base.py:tiny", workdir,
        f"--compilation_cache={jax.config.jax_compilation_cache_dir}",
