@@ -73,7 +73,10 @@ def run(workdir, argv=None):
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-  if coordinator_gone and code in (-signal.SIGABRT, 128 + signal.SIGABRT):
+  # JAX aborts the child; or, while its abort handler is still writing the stack trace, the
+  # child's own peer watchdog (mcm_jax.peers) ends it first with EXIT_LOST_PEER: one line
+  # either way.
+  if coordinator_gone and code in (-signal.SIGABRT, 128 + signal.SIGABRT, EXIT_LOST_PEER):
     print(lost_coordinator_message(count, workdir), file=sys.stderr, flush=True)
     return EXIT_LOST_PEER
   sys.stderr.buffer.write(b"".join(held))

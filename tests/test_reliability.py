@@ -557,3 +557,24 @@ def test_write_failures_are_told_from_other_errors():
   assert errors.unanswered_store(RuntimeError("save failed").with_traceback(None)) is False
   assert "TimeoutError" in errors.write_failure(TimeoutError("read timed out"))
   assert errors.write_failure(type("HttpError", (Exception,), {"code": 403})("Forbidden")) is None
+
+
+@pytest.mark.parametrize("ending", ["abort", "watchdog"])
+def test_supervisor_turns_a_lost_coordinator_into_one_line(ending, capfd, tmp_path):
+  """A child that JAX stops for a lost coordinator: aborted (exit 134), or ended first by its own
+  peer watchdog (exit 4) while JAX's abort handler writes its trace; the supervisor prints one
+  line either way and exits ``EXIT_LOST_PEER``. Other endings pass through unchanged."""
+  from mcm_jax import cli, peers, supervisor  # pylint: disable=g-import-not-at-top
+  end = ("os.abort()" if ending == "abort" else
+         f"print({peers.lost_peer_message(0, 2, 5, str(tmp_path))!r}, file=sys.stderr); "
+         f"sys.exit({cli.EXIT_LOST_PEER})")
+  child = ("import os, sys; print('training: process 1 of 2, 2 local devices', file=sys.stderr);"
+           f" print('F1206 client.h:80] {supervisor.JAX_ABORT.decode()} ... absl::Status: "
+           f"UNAVAILABLE: {supervisor.COORDINATOR_GONE.decode()}.', file=sys.stderr); "
+           "print('*** stack trace ***', file=sys.stderr, flush=True); " + end)
+  code = supervisor.run(str(tmp_path), [sys.executable, "-c", child])
+  err = capfd.readouterr().err
+  assert code == cli.EXIT_LOST_PEER
+  assert err.rstrip().endswith(supervisor.lost_coordinator_message(2, str(tmp_path)))
+  assert "stack trace" not in err and "no sign of it" not in err
+  assert supervisor.run(str(tmp_path), [sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
