@@ -29,7 +29,13 @@
 #            with random zero convolutions into ~/.cache/mcm_jax/controlnet_random) read by
 #            sdxl.load_controlnet, its residuals against diffusers' PyTorch ControlNetModel
 #            (benchmarks/sdxl_controlnet.py);
-#   controlnet_generate  the 4-step LoRA with that ControlNet, the 4-step image as control image.
+#   controlnet_generate  the 4-step LoRA with that ControlNet, the 4-step image as control image;
+#   components_crosscheck  both text encoders (diffusers' encode_prompt) and the VAE (decode,
+#            encode) against PyTorch (benchmarks/sdxl_components_crosscheck.py);
+#   t2i_eval  the last stage's LoRA at 1 / 2 / 4 steps and the same LoRA with LCM's sampler,
+#            scored by a full-size CLIP ViT-L/14 (random, made once by
+#            benchmarks/make_random_clip.py into ~/.cache/mcm_jax/clip_l_random; CLIP_DIR in the
+#            environment: a real one).
 # Re-running resumes: finished stages and phases' outputs are reused by the training runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,4 +102,15 @@ phase controlnet_generate python -m mcm_jax.generate --sdxl="$DIR" \
   --control_image="$WORK/generate_4/00000_a_red_fox_in_the_snow.png" --controlnet_scale=0.5 \
   --prompt="a red fox in the snow" --steps=4 --resolution=256 --batch_size=1 \
   --out="$WORK/controlnet_generate"
+phase components_crosscheck python benchmarks/sdxl_components_crosscheck.py "$DIR" \
+  | tee "$WORK/components_crosscheck.json"
+CLIP_DIR=${CLIP_DIR:-$HOME/.cache/mcm_jax/clip_l_random}
+if [ ! -f "$CLIP_DIR/config.json" ]; then
+  python benchmarks/make_random_clip.py "$CLIP_DIR"
+fi
+head -2 "$WORK/prompts.txt" > "$WORK/eval_prompts.txt"
+phase t2i_eval python -m mcm_jax.t2i_eval --sdxl="$DIR" --lora="$WORK/mlcm/stage2/lora" \
+  --clip="$CLIP_DIR" --prompts="$WORK/eval_prompts.txt" --steps=1,2,4 --resolution=256 \
+  --batch_size=1 --model="lcm-sampler lora=$WORK/mlcm/stage2/lora sampler=lcm timesteps=lcm steps=4" \
+  --out="$WORK/t2i_eval"
 cat "$PHASES"
