@@ -49,15 +49,11 @@ def _zero_conv(width, dtype, name):
   return nn.Conv(width, (1, 1), padding="VALID", dtype=dtype, name=name)
 
 
-class ScannedControlNet(nn.Module):
+class ScannedControlNet(sdxl_unet.Network):
   """SDXL's ControlNet on the scanned layout; ``__call__(sample, timesteps, context,
   added_cond_kwargs, controlnet_cond, conditioning_scale)`` (sample and ``controlnet_cond``
   NCHW, the image in [0, 1] at the latents' size times ``2^(len(conditioning channels) - 1)``)
   returns ``(down_block_res_samples, mid_block_res_sample)`` NCHW, as diffusers'."""
-  config: dict
-  remat: str = "none"
-  attention: str = "xla"
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs,

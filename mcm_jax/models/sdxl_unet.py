@@ -353,17 +353,22 @@ def nchw(x):
   return jnp.transpose(x, (0, 3, 1, 2))
 
 
-class ScannedUNet(nn.Module):
+class Network(nn.Module):
+  """What SDXL's UNet and ControlNet are built from: a diffusers ``config`` dict, the remat
+  policy (``remat.per_level``), the attention kernel (``ATTENTION``) and the compute dtype."""
+  config: dict
+  remat: str = "none"
+  attention: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+
+
+class ScannedUNet(Network):
   """SDXL's UNet on the scanned parameter layout; ``__call__`` as diffusers' (NCHW in, NCHW out).
   ``config``: the fields of a diffusers UNet ``config.json`` that SDXL uses (and
   ``time_cond_proj_dim``: ``timestep_cond`` [B, dim] enters the time embedding, as LCM's
   guidance-conditioned students take it). ``down_block_additional_residuals`` (NCHW, one per
   skip) and ``mid_block_additional_residual``, a ControlNet's outputs, are added to the skips
   and to the mid block's output, as in diffusers."""
-  config: dict
-  remat: str = "none"
-  attention: str = "xla"
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
