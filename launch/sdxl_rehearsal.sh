@@ -32,6 +32,8 @@
 #   controlnet_generate  the 4-step LoRA with that ControlNet, the 4-step image as control image;
 #   components_crosscheck  both text encoders (diffusers' encode_prompt) and the VAE (decode,
 #            encode) against PyTorch (benchmarks/sdxl_components_crosscheck.py);
+#   mlcd_step  one MLCD training step at full size, JAX against diffusers + peft
+#            (benchmarks/mlcm.py --sdxl);
 #   t2i_eval  the last stage's LoRA at 1 / 2 / 4 steps and the same LoRA with LCM's sampler,
 #            scored by a full-size CLIP ViT-L/14 (random, made once by
 #            benchmarks/make_random_clip.py into ~/.cache/mcm_jax/clip_l_random; CLIP_DIR in the
@@ -104,6 +106,8 @@ phase controlnet_generate python -m mcm_jax.generate --sdxl="$DIR" \
   --out="$WORK/controlnet_generate"
 phase components_crosscheck python benchmarks/sdxl_components_crosscheck.py "$DIR" \
   | tee "$WORK/components_crosscheck.json"
+phase mlcd_step python benchmarks/mlcm.py --sdxl "$DIR" --batch 1 --latent 32 --rank 64 \
+  --repeats 1 | tee "$WORK/mlcd_step.json"
 CLIP_DIR=${CLIP_DIR:-$HOME/.cache/mcm_jax/clip_l_random}
 if [ ! -f "$CLIP_DIR/config.json" ]; then
   python benchmarks/make_random_clip.py "$CLIP_DIR"
