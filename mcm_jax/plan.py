@@ -165,7 +165,7 @@ def summarize(c, topology, devices, spec, hbm, compiled, info, stage=0):
   r["ideal_ratio"] = round(info["ideal_flops"] / info["forward_flops"], 3)  # none recomputed
   r["compile_s"] = round(info["compile_s"], 1)
   r["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
-  r.update(info["report"])  # the experiment's own fields (MLCM: stage, from_bank)
+  r.update(info["report"])  # the experiment's own fields (MLCM: stage, from_bank, scorers)
   return r
 
 
@@ -237,6 +237,10 @@ def table(report):
            f"  parameters {r['params']:,} (trainable {r['trainable_params']:,}, frozen inputs "
            f"{r['frozen_params']:,})",
            "  per chip               GiB"]
+  if r.get("scorers"):  # MLCM's reward losses: each scorer from its files or at its published size
+    lines.insert(2, "  reward scorers: " + ", ".join(
+        f"{name} ({'its files' if how == 'files' else 'published architecture'})"
+        for name, how in r["scorers"].items()))
   for key, label in (("argument", "arguments"), ("temp", "temporaries"), ("output", "outputs"),
                      ("alias", "- aliased (donated)")):
     value = r[key + "_gib_per_chip"]

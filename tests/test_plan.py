@@ -394,7 +394,8 @@ def test_train_and_plan_build_the_same_reward_step(tiny_sdxl_dir, tiny_imagerewa
   count = lambda tree: sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
   config.rewards.update(imagereward_dir=str(tmp_path / "elsewhere"),  # not on this machine
                         clip_dir=str(tmp_path / "clip"))
-  _, args, _ = plan.build(config, jax.devices(), stage=0)
+  _, args, info = plan.build(config, jax.devices(), stage=0)
+  assert info["report"]["scorers"] == {"imagereward": "published", "aesthetic": "published"}
   assert 440e6 < count(args[1]["scorer"]["imagereward"]) < 480e6  # ImageReward v1.0's size
   assert 300e6 < count(args[1]["scorer"]["aesthetic"]) < 310e6  # ViT-L/14 and the head
   assert args[2]["reward_ids"].shape[-2:] == (config.train.batch_size, 35)  # [accum, B, L]

@@ -147,22 +147,33 @@ def reward_scorer(c, abstract=False):
   else its published architecture (``scorers.abstract_scorer``)."""
   r = c.rewards
   named = {}
-  for name in rewards_lib.scorer_names(r.scorer):
+  for name, local in reward_sources(c).items():
     if name == "imagereward":
-      local = os.path.isfile(os.path.join(r.imagereward_dir, "ImageReward.pt"))
       load = lambda: scorers.load_imagereward(r.imagereward_dir, r.tokenizer_dir or None)
     else:
-      local = os.path.isdir(r.clip_dir) and os.path.isfile(r.head)
       load = lambda: scorers.load_aesthetic(r.clip_dir, r.head)
     if not abstract:
       named[name] = load()
-    elif not local:
+    elif local == "published":
       named[name] = scorers.abstract_scorer(name)
     else:
       scorer = load()
       named[name] = dataclasses.replace(scorer, params=jax.tree_util.tree_map(
           lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), scorer.params))
   return next(iter(named.values())) if len(named) == 1 else scorers.combine(named)
+
+
+def reward_sources(c):
+  """{scorer name: 'files' (its configured files are on this machine) or 'published' (they are
+  not: ``--mode=plan`` plans the published architecture)}."""
+  r, out = c.rewards, {}
+  for name in rewards_lib.scorer_names(r.scorer):
+    if name == "imagereward":
+      local = os.path.isfile(os.path.join(r.imagereward_dir, "ImageReward.pt"))
+    else:
+      local = os.path.isdir(r.clip_dir) and os.path.isfile(r.head)
+    out[name] = "files" if local else "published"
+  return out
 
 
 def frozen_cast(c, tree):
@@ -286,7 +297,8 @@ def step(c, stage, denoise, params, frozen, student, encode_batch, decode=None, 
               params=student,
               frozen=frozen, batch=batch_shapes(c, encode_batch, stage), model_params=params,
               forward=forward,
-              report=dict(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage)))
+              report=dict(stage=stage, from_bank=objectives.mlcm_reads_bank(c, stage),
+                          **({"scorers": reward_sources(c)} if c.rewards.scorer else {})))
 
 
 def abstract_step(c, stage=0):
