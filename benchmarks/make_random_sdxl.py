@@ -74,7 +74,8 @@ def write_small_models(directory, seed):
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  AutoencoderKL(**sdxl.SDXL_VAE_CONFIG).half().save_pretrained(os.path.join(directory, "vae"), variant="fp16")
+  AutoencoderKL(**sdxl.SDXL_VAE_CONFIG).half().save_pretrained(os.path.join(directory, "vae"),
+                                                                variant="fp16")
   CLIPTextModel(CLIPTextConfig(**CLIP_L)).half().save_pretrained(
       os.path.join(directory, "text_encoder"), variant="fp16")
   CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)).half().save_pretrained(

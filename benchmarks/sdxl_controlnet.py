@@ -1,5 +1,6 @@
-"""An SDXL ControlNet at full size: made in diffusers' layout (once), read by ``sdxl.load_controlnet``
-and run against diffusers' PyTorch ``ControlNetModel`` on the same fp16 file; one JSON line.
+"""An SDXL ControlNet at full size: made in diffusers' layout (once), read by
+``sdxl.load_controlnet`` and run against diffusers' PyTorch ``ControlNetModel`` on the same fp16
+file; one JSON line.
 
   python benchmarks/sdxl_controlnet.py DIR OUT [--latent=32]
 

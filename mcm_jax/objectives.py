@@ -157,16 +157,16 @@ def mlcm_hparams(config, stage):
 
 def reward_hparams(config, stage=0):
   """``mlcm.RewardHparams`` of stage ``stage`` from ``config.rewards``, or None when no scorer
-  is set: threshold () = each scorer's s0 (``rewards.THRESHOLDS``), else one per scorer; feedback learning only from stage ``fl_from_stage`` on (MLCM 3.4: the late stages,
+  is set: threshold () (or None) = each scorer's s0 (``rewards.THRESHOLDS``), else one per
+  scorer; feedback learning only from stage ``fl_from_stage`` on (MLCM 3.4: the late stages,
   whose few-step samples are realistic), weight 0 before."""
   r = config.rewards
   names = rewards.scorer_names(r.scorer)
   if not names:
     return None
-  threshold = r.threshold
-  if threshold is None or (isinstance(threshold, (list, tuple)) and not threshold):
-    threshold = tuple(rewards.THRESHOLDS[n] for n in names)
-  threshold = tuple(threshold) if isinstance(threshold, (list, tuple)) else (threshold,)
+  t = r.threshold
+  given = tuple(t) if isinstance(t, (list, tuple)) else () if t is None else (t,)
+  threshold = given or tuple(rewards.THRESHOLDS[n] for n in names)
   fl_weight = r.fl_weight if stage >= r.get("fl_from_stage", 0) else 0.0
   return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=fl_weight,
                             threshold=threshold[0] if len(threshold) == 1 else threshold,

@@ -156,14 +156,16 @@ def _attach(unet_params, paths, parsed, scales):
                          source=f"LoRA file(s) {', '.join(paths)}")
 
 
-def with_loras(models, lora_path="", lora_scale=1.0):
+def with_loras(models, lora_path="", lora_scale=1.0, read=None):
   """``models`` with its base UNet's parameters and other LoRAs (``load_pipeline``'s
   ``lora_path`` / ``lora_scale``) attached instead of its own: the VAE, text encoders and
-  compiled generators are shared, nothing is loaded again."""
+  compiled generators are shared, nothing is loaded again. ``read``: {path: ``lora.read(path)``}
+  of files already read."""
   paths, scales = _lora_list(lora_path, lora_scale)
+  read = read or {}
+  parsed = [read[p] if p in read else lora_lib.read(p) for p in paths]
   base = getattr(models.unet_params, "params", models.unet_params)
-  return dataclasses.replace(models, unet_params=_attach(
-      base, paths, [lora_lib.read(p) for p in paths], scales))
+  return dataclasses.replace(models, unet_params=_attach(base, paths, parsed, scales))
 
 
 def check_generation(steps, batch_size, guidance_scale, gamma=0.3):
@@ -193,8 +195,8 @@ def _image_batch(images, n, resolution, channels, what):
     images = np.broadcast_to(images, (n,) + images.shape)
   if images.shape != (n, resolution, resolution, channels):
     raise errors.UserError(f"{what} of shape {images.shape} do not fit {n} prompts at "
-                           f"resolution={resolution}; allowed: [{resolution}, {resolution}, {channels}] "
-                           f"or [{n}, {resolution}, {resolution}, {channels}]")
+                           f"resolution={resolution}; allowed: [{resolution}, {resolution}, "
+                           f"{channels}] or [{n}, {resolution}, {resolution}, {channels}]")
   return images
 
 

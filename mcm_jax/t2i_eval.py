@@ -107,6 +107,7 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   eval.json, eval.md (the table), metrics.png (each metric against steps, the teacher as a
   line), grid.png (a row per run, the same prompts and noise) and grid_<run>.png. Each of
   ``models`` (``ModelRun``) adds its rows ``<name>_<steps>``."""
+  read = {p: lora_lib.read(p) for m in models for p in m.lora}  # a bad file fails first
   text_scores = {"clip_score": (scorers.clip_score, clip_dir)}
   if pickscore_dir:
     text_scores["pickscore"] = (scorers.pick_score, pickscore_dir)
@@ -131,7 +132,7 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   runs = [(str(steps), base, steps, {}) for steps in steps_list]
   for model in models:  # the base model loaded once; each entry attaches its own LoRAs
     adapted = pipeline.with_loras(base, list(model.lora), list(model.lora_scale)
-                                  if len(model.lora_scale) > 1 else model.lora_scale[0])
+                                  if len(model.lora_scale) > 1 else model.lora_scale[0], read)
     runs += [(f"{model.name}_{steps}", adapted, steps, model.options) for steps in model.steps]
   if teacher is not None:  # the base model (the LoRA's frozen weights), guided
     runs.append((f"teacher_{teacher['steps']}", pipeline.with_loras(base), teacher["steps"],
@@ -163,7 +164,8 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   storage.write_text(os.path.join(out, "eval.md"), markdown_table(results))
   plotting.image_grid(os.path.join(out, "grid.png"), np.concatenate(grids),
                       ncols=len(grids[0]))  # one row per run: the same prompts and noise
-  curves = {"LoRA" if lora_path else "base model": {run: row for run, row in results.items() if run.isdigit()}}
+  curves = {"LoRA" if lora_path else "base model":
+                {run: row for run, row in results.items() if run.isdigit()}}
   curves.update({m.name: {str(k): results[f"{m.name}_{k}"] for k in m.steps} for m in models})
   lines = {name: next(iter(c.values())) for name, c in curves.items() if len(c) == 1}
   lines.update({r: row for r, row in results.items() if r.startswith("teacher_")})
@@ -287,9 +289,6 @@ def main(argv, flag_values=FLAGS):
   names = [m.name for m in models]
   if len(set(names)) != len(names):
     raise errors.UserError(f"--model names {names} repeat; allowed: a distinct name each")
-  for model in models:  # a bad LoRA file fails before the models load
-    for path in model.lora:
-      lora_lib.read(path)
   prompts = (prompt_data.load_prompts(f.prompts) if f.prompts else
              prompt_data.coco_captions(f.coco_captions, f.num_prompts, f.seed))
   evaluate(sdxl_dir, prompts, steps, f.out, clip_dir, f.aesthetic_head,

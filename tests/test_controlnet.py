@@ -101,7 +101,8 @@ def test_generate_with_controlnet_equals_diffusers_pipeline(tiny_sdxl_dir, tmp_p
   noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 0),
                                        (2, 16, 16, 4)))
   with torch.no_grad():
-    theirs = controlled(prompt=PROMPTS, image=torch.from_numpy((control.transpose(2, 0, 1) + 1) / 2)[None],
+    image = torch.from_numpy((control.transpose(2, 0, 1) + 1) / 2)[None]
+    theirs = controlled(prompt=PROMPTS, image=image,
                         num_inference_steps=3, guidance_scale=4.0, height=32, width=32,
                         controlnet_conditioning_scale=0.8,
                         latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),

@@ -123,17 +123,13 @@ class Controlled:
 
 
 def check_fits(config, unet_config):
-  """A UserError when a ControlNet ``config`` cannot run with
-  the UNet of ``unet_config``: another UNet architecture (its residuals would not fit the UNet's
-  skips) or an option this module does not build."""
+  """A UserError when a ControlNet ``config`` cannot run with the UNet of ``unet_config`` (both
+  with tuples for lists, as ``sdxl_unet.unet`` keeps its config): another UNet architecture (its
+  residuals would not fit the UNet's skips) or an option this module does not build."""
   sdxl_unet.check_supported(config, "ControlNet")
   for field in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels",
                 "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
     mine, theirs = config.get(field), unet_config.get(field)
-    if isinstance(mine, list):
-      mine = tuple(mine)
-    if isinstance(theirs, list):
-      theirs = tuple(theirs)
     if mine != theirs:
       raise UserError(f"a ControlNet of another architecture: {field}={mine!r}, the "
                       f"UNet's is {theirs!r} (allowed: the UNet's)")
@@ -149,6 +145,6 @@ def check_fits(config, unet_config):
 def controlnet(config, unet_config, dtype=jnp.float32, remat="none", attention="xla"):
   """``SDXLControlNet`` of a diffusers ControlNet ``config`` dict, checked against the UNet's
   (``check_fits``)."""
-  check_fits(config, unet_config)
   config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+  check_fits(config, unet_config)
   return SDXLControlNet(ScannedControlNet(config, remat, attention, dtype))
