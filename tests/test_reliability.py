@@ -244,11 +244,12 @@ def _empty_data_item(step_dir):
 
 
 def _half_written(step_dir):
-  """A step dir with its final name but only the first half of its files (a copy or a
-  non-atomic write that was cut off)."""
-  files = sorted(f for f in glob.glob(os.path.join(step_dir, "**"), recursive=True)
-                 if os.path.isfile(f))
-  for f in files[len(files) // 2:]:
+  """A step dir with its final name whose metadata arrived but whose per-process array data
+  did not (a copy or a non-atomic write cut off partway). Every data file goes: the files'
+  names are content hashes, so any "first half" of them would be a random choice."""
+  files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*"))
+  assert files
+  for f in files:
     os.remove(f)
 
 
