@@ -173,7 +173,7 @@ def evaluate(config, workdir):
         c.eval.reference_num, c.eval.batch_size, c.seed)
   samplers = pixel_sampling.make_samplers(c, denoise, logsnr_fn)
   rows = []
-  for run_ in pixel_sampling.sampler_runs(c, params, samplers, source, workdir, step,
+  for run_ in pixel_sampling.sampler_runs(c, params, samplers, source, workdir, step, mesh,
                                           tuple(c.eval.steps)):
     name, steps = run_[:2]
     t0 = time.time()

@@ -56,10 +56,11 @@ def make_samplers(c, denoise, logsnr_fn):
   return Samplers(sample, estimate_x_var)
 
 
-def x_var_table(c, params, samplers, source, workdir, ckpt_step):
+def x_var_table(c, params, samplers, source, workdir, ckpt_step, mesh):
   """(t grid, x_var) of aDDIM, measured on ``c.sample.x_var_data`` data images (MCM Alg. 3) for
   the parameters of checkpoint ``ckpt_step``; written to ``workdir/x_var_table.json`` as
-  {"t": [...], "x_var": [...], "step": ...} and reused from there for the same step."""
+  {"t": [...], "x_var": [...], "step": ...} and reused from there for the same step. The images
+  are split over the mesh's devices (each computes its share, not all of it)."""
   path = os.path.join(workdir, "x_var_table.json")
   if storage.isfile(path):
     table = storage.read_json(path)
@@ -69,8 +70,10 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
   n = min(c.sample.x_var_data, len(source))
   data = loader.read(source, loader.subset_indices(len(source), n,
                                                   seeds.entropy(c.seed, "x_var_data")))
-  images = data["x"]
-  t_grid, values = samplers.estimate_x_var(params, jnp.asarray(images), jnp.asarray(data["label"]),
+  images, labels = data["x"], data["label"]
+  if n % mesh.size == 0:  # host arrays, identical on every process
+    images, labels = sharding.put((images, labels), sharding.batch_sharding(mesh))
+  t_grid, values = samplers.estimate_x_var(params, images, labels,
                                            seeds.key(c.seed, "x_var_noise"))
   if jax.process_index() == 0:
     storage.write_json(path, {"t": np.asarray(t_grid).tolist(),
@@ -79,7 +82,7 @@ def x_var_table(c, params, samplers, source, workdir, ckpt_step):
   return t_grid, values
 
 
-def sampler_runs(c, params, samplers, source, workdir, ckpt_step, steps=()):
+def sampler_runs(c, params, samplers, source, workdir, ckpt_step, mesh, steps=()):
   """[(name, steps, method, table)] (``Samplers.sample``'s arguments): the student at its step
   count(s) with DDIM steps, or the base model with ``sample.sampler``: aDDIM (x_var from the
   table measured on data, or the analytic rule) or DPM-Solver++(2M); the name ends in
@@ -89,7 +92,7 @@ def sampler_runs(c, params, samplers, source, workdir, ckpt_step, steps=()):
     w = f"_w{c.sample.guidance_scale:g}" if c.sample.guidance_scale != 1 else ""
     if c.sample.sampler == "dpmpp_2m":
       return [(f"dpmpp_2m_{s}{w}", s, "dpmpp_2m", None) for s in steps]
-    table = (x_var_table(c, params, samplers, source, workdir, ckpt_step)
+    table = (x_var_table(c, params, samplers, source, workdir, ckpt_step, mesh)
              if c.sample.x_var == "table" else None)
     return [(f"addim_{s}{w}", s, c.sample.x_var, table) for s in steps]
   return [(f"{c.objective}_{s}", s, "ddim", None)
@@ -119,7 +122,7 @@ def generate(c, samplers, params, num, run, mesh, stream="sample_grid", batch_si
 def write_samples(c, params, samplers, workdir, step, source, mesh):
   """PNG grids: the student with its own steps (Alg. 2), or the base model with aDDIM."""
   paths = []
-  for run in sampler_runs(c, params, samplers, source, workdir, step):
+  for run in sampler_runs(c, params, samplers, source, workdir, step, mesh):
     x = generate(c, samplers, params, c.sample.num, run, mesh)
     path = os.path.join(workdir, f"samples_{run[0]}_step{step}.png")
     if jax.process_index() == 0:

@@ -24,6 +24,7 @@ a scanned stack); ``y = x W + (x a) b`` with the low-rank term in float32, added
 output, so a small update is not rounded away by low-precision weights.
 """
 import dataclasses
+import functools
 import re
 import warnings
 
@@ -552,13 +553,34 @@ def smallest_inputs(cfg):
           jnp.zeros((1, cond_dim)) if cond_dim else None)
 
 
+class _ByRepr:
+  """A Flax module as a static jit argument, equal to another when its ``repr`` (its class and
+  every attribute, the config dict included) is: a module holding a dict has no hash."""
+
+  def __init__(self, module):
+    self.module, self.key = module, repr(module)
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByRepr) and self.key == other.key
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(module, rng, inputs):
+  """``module.init``'s parameters; traced once per architecture and input shapes (jit's cache)
+  however many times a model is built."""
+  return module.module.init(rng, *inputs)["params"]
+
+
 def random_params(module, inputs, rng):
   """Random parameters of ``module`` with Flax's default initialisers, drawn with numpy from the
   shapes of its init on ``inputs`` (``jax.eval_shape``: nothing is compiled): kernels LeCun
   normal ``N(0, 1 / fan_in)`` (fan_in: a Dense kernel's input width, a convolution's kh * kw *
   in; stacked blocks' kernels carry a leading block axis), biases 0, norm scales 1. ``rng`` (a
   PRNG key) seeds the draws."""
-  shapes = jax.eval_shape(lambda key: module.init(key, *inputs)["params"], rng)
+  shapes = _init_params.eval_shape(_ByRepr(module), rng, inputs)
   if isinstance(rng, jax.core.Tracer):  # under jax.eval_shape / jit: the shapes are what counts
     return jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
   key = rng if rng.dtype == np.uint32 else jax.random.key_data(rng)
