@@ -106,7 +106,8 @@ def test_toy_command_line_on_a_gs_workdir_and_resume(tmp_path):
   cwd.mkdir()
   cmd = [sys.executable, os.path.join(HERE, "fake_gcs.py"), str(root), "--",
          f"--config={ROOT}/configs/toy.py:tiny", "--workdir=gs://bucket/toy",
-         "--config.fig1.enabled=False", "--config.sweep.methods=('cd_addim',)"]
+         "--config.fig1.enabled=False", "--config.sweep.methods=('cd_addim',)",
+         "--config.sweep.student_steps=(1,)"]
   # every compiled program kept (not only those over 1 s to compile, a threshold that load moves)
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   first = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
