@@ -1,11 +1,14 @@
 """JAX against diffusers / PyTorch on a full-size SDXL directory: one JSON line of figures.
 
   python benchmarks/sdxl_crosscheck.py DIR [--latent=32] [--rank=64] [--repeats=3]
+      [--precisions=float32,bfloat16,float32:bfloat16]
 
 On the same weights (DIR: a real SDXL, or ``benchmarks/make_random_sdxl.py``'s) and inputs
 (batch 1, ``latent`` x ``latent`` latents = 8x that in pixels, 77 text tokens):
 - UNet eps, JAX float32 vs PyTorch float32 (relative L2), and JAX bfloat16 (weights and
-  compute, the training setting) vs PyTorch float32;
+  compute, the training setting) vs PyTorch float32; ``compute:weights`` precisions name the two
+  apart (``float32:bfloat16``: frozen weights held in bfloat16, activations in float32,
+  ``--config.dtype=float32 --config.unet.frozen_dtype=bfloat16`` in training);
 - a random rank-``rank`` LoRA on the attention projections, exported by ``mcm_jax.lora.save``
   and loaded by diffusers' SDXL ``load_lora_into_unet`` (every module wrapped, counted): the
   LoRA's effect ``eps(with) - eps(without)`` in JAX float32 and bfloat16 vs PyTorch float32;
@@ -78,13 +81,15 @@ def torch_figures(directory, x, lora_dir, repeats):
                                torch_threads=torch.get_num_threads(), torch_peak_rss_gib=rss_gib())
 
 
-def jax_figures(directory, x, lora_tree, dtype, repeats):
+def jax_figures(directory, x, lora_tree, precision, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
+  dtype, weights = (precision.split(":") + [precision])[:2]
+  name = dtype if weights == dtype else f"{dtype}_{weights}_weights"
   t0 = time.perf_counter()
-  model, params = sdxl.load_unet(directory, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+  model, params = sdxl.load_unet(directory, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(weights))
   load_s = time.perf_counter() - t0
   eps = jax.jit(sdxl.make_eps_fn(model))
   run = lambda p: np.asarray(jax.block_until_ready(eps(p, x["z"], x["t"], x["cond"])))
@@ -96,10 +101,10 @@ def jax_figures(directory, x, lora_tree, dtype, repeats):
   param_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
   del params
   gc.collect()
-  return base, with_lora, {f"jax_{dtype}_forward_s": seconds, f"jax_{dtype}_first_call_s":
-                           compile_s, f"jax_{dtype}_load_s": load_s,
-                           f"jax_{dtype}_param_gib": param_bytes / 2 ** 30,
-                           f"jax_{dtype}_peak_rss_gib": rss_gib()}
+  return name, base, with_lora, {f"jax_{name}_forward_s": seconds,
+                                 f"jax_{name}_first_call_s": compile_s, f"jax_{name}_load_s": load_s,
+                                 f"jax_{name}_param_gib": param_bytes / 2 ** 30,
+                                 f"jax_{name}_peak_rss_gib": rss_gib()}
 
 
 def random_lora(directory, rank, b_std, seed=0):
@@ -128,6 +133,8 @@ def main():
   parser.add_argument("--latent", type=int, default=32)
   parser.add_argument("--rank", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--precisions", default="float32,bfloat16",
+                      help="JAX runs, each 'dtype' or 'compute:weights' (e.g. float32:bfloat16)")
   parser.add_argument("--lora_std", type=float, default=0.05,
                       help="the scale of b (the figures report the effect on eps, lora_effect_rel)")
   args = parser.parse_args()
@@ -140,13 +147,15 @@ def main():
   print(json.dumps(figures), file=sys.stderr, flush=True)  # so far, in case a phase dies
   want_delta = want_lora - want
   figures["lora_effect_rel"] = float(np.linalg.norm(want_delta) / np.linalg.norm(want))
-  for dtype in ("float32", "bfloat16"):
-    got, got_lora, f = jax_figures(args.directory, x, lora_tree, dtype, args.repeats)
+  for precision in args.precisions.split(","):
+    name, got, got_lora, f = jax_figures(args.directory, x, lora_tree, precision, args.repeats)
     figures.update(f)
-    figures[f"eps_{dtype}_rel_l2"] = rel_l2(got, want)
-    figures[f"lora_delta_{dtype}_rel_l2"] = rel_l2(got_lora - got, want_delta)
+    figures[f"eps_{name}_rel_l2"] = rel_l2(got, want)
+    figures[f"lora_delta_{name}_rel_l2"] = rel_l2(got_lora - got, want_delta)
     print(json.dumps(figures), file=sys.stderr, flush=True)
-  figures["jax_over_torch_forward"] = figures["jax_float32_forward_s"] / figures["torch_forward_s"]
+  if "jax_float32_forward_s" in figures:
+    figures["jax_over_torch_forward"] = (figures["jax_float32_forward_s"]
+                                         / figures["torch_forward_s"])
   print(json.dumps(figures))
 
 

@@ -34,7 +34,8 @@ def get_config(size="sdxl"):
   # blocks) keeps its matmul outputs; it fits v6e-8 at batch 24 within 1.01x the FLOPs of no
   # remat (--mode=plan; figures in benchmarks/RESULTS.md). attention: 'xla' or 'chunked'
   # (diffusers' memory-efficient attention); frozen_dtype: the frozen base / teacher weights in
-  # memory.
+  # memory ('float16' holds SDXL's float16 files exactly; with dtype='float32' the UNet is then
+  # diffusers' float32 function at half the weight memory).
   # time_cond_proj_dim: the guidance embedding's width of a guidance-conditioned student
   # (mlcm.guidance_range; 256 as diffusers' LCM scripts), added to the student's UNet with a zero
   # projection so that it starts as the teacher's function.

@@ -20,6 +20,8 @@
 #            (benchmarks/sdxl_pipeline_crosscheck.py, 4 steps);
 #   crosscheck  JAX vs diffusers / PyTorch on the same directory (benchmarks/sdxl_crosscheck.py):
 #            UNet eps in float32 and bfloat16, the LoRA's effect, one forward's time;
+#   crosscheck_float16  the same with float16 weights and float32 compute (the CPU training
+#            setting above);
 #   unet_export  the UNet as LCM's guidance-conditioned full-UNet student exported in diffusers'
 #            layout (fp16) and read back by diffusers: every weight consumed, eps at w = 8
 #            against PyTorch (benchmarks/sdxl_unet_export.py). Training a full-UNet student
@@ -62,13 +64,14 @@ phase() {  # phase NAME COMMAND...: wall time and peak RSS of COMMAND into $PHAS
     "$@"
 }
 
-# float32 on CPU: XLA:CPU has no bfloat16 matmul and holds float32 copies of bfloat16 weights
-# in the step's temporaries (--mode=plan --topology=local, stage 1 at 256 px: 12.3 GiB of
-# temporaries in bfloat16, 2.9 GiB in float32), so bfloat16 would need more memory there, not
-# less. TPUs and GPUs run the config's bfloat16 (--mode=plan plans that).
+# float32 compute on CPU, the frozen weights held in float16: XLA:CPU has no bfloat16 matmul and
+# holds float32 copies of bfloat16 weights in the step's temporaries, so bfloat16 would need more
+# memory there, not less; float16 holds SDXL's float16 files exactly at half float32's memory
+# (stage 1's step at 256 px, --mode=plan --topology=local: peak 10.6 GiB, against 14.2 GiB with
+# float32 weights and 18.8 GiB in bfloat16). TPUs and GPUs run the config's bfloat16.
 MLCM=(python -m mcm_jax.main --config=configs/sdxl_mlcm.py:sdxl --config.student_unet="$DIR"
       --config.prompts="$WORK/prompts.txt" --config.latent_resolution=32
-      --config.dtype=float32 --config.unet.frozen_dtype=float32
+      --config.dtype=float32 --config.unet.frozen_dtype=float16
       --config.train.batch_size=1 --config.train.steps=2 --config.train.log_every=1
       --config.train.checkpoint_every=2 --config.sample.num=1)
 phase mlcm "${MLCM[@]}" --workdir="$WORK/mlcm"
@@ -95,6 +98,8 @@ phase lcf python -m mcm_jax.main --config=configs/sdxl_lcf.py --config.student_u
 phase pipeline_crosscheck python benchmarks/sdxl_pipeline_crosscheck.py "$DIR" \
   | tee "$WORK/pipeline_crosscheck.json"
 phase crosscheck python benchmarks/sdxl_crosscheck.py "$DIR" | tee "$WORK/crosscheck.json"
+phase crosscheck_float16 python benchmarks/sdxl_crosscheck.py "$DIR" --repeats=1 \
+  --precisions=float32:float16 | tee "$WORK/crosscheck_float16.json"
 phase unet_export python benchmarks/sdxl_unet_export.py "$DIR" "$WORK/unet_export" \
   | tee "$WORK/unet_export.json"
 phase controlnet python benchmarks/sdxl_controlnet.py "$DIR" "$CONTROLNET" \
