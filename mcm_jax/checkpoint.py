@@ -44,6 +44,24 @@ def _read_error(exc):
   return None
 
 
+# orbax writes a replicated array as one slice per replica, in parallel; below this many bytes
+# per slice, dispatching the slices costs more than the parallel writes save.
+MIN_REPLICA_SLICE_BYTES = 2 ** 20
+
+
+def _state_handler():
+  """orbax's PyTree handler (the one its StandardCheckpointHandler wraps) with jax.Arrays
+  written replica-parallel only in slices of at least ``MIN_REPLICA_SLICE_BYTES``."""
+  handlers = ocp.type_handlers
+  registry = handlers.create_type_handler_registry(
+      (jax.Array, handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)),
+      (np.ndarray, handlers.NumpyHandler()), (np.number, handlers.ScalarHandler()),
+      (int, handlers.ScalarHandler()), (float, handlers.ScalarHandler()),
+      (str, handlers.StringHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def make_manager(directory, max_to_keep=3, async_save=True):
   """A CheckpointManager over ``directory`` (created if missing), keeping ``max_to_keep``."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -51,7 +69,7 @@ def make_manager(directory, max_to_keep=3, async_save=True):
   # The handler is named up front so that a fresh manager can read a checkpoint's metadata.
   directory = directory if "://" in directory else os.path.abspath(directory)
   return ocp.CheckpointManager(directory, options=options,
-                               item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                               item_handlers={STATE: _state_handler(),
                                               DATA: ocp.JsonCheckpointHandler()})
 
 
@@ -81,7 +99,7 @@ def save(manager, step, state, data_spec=None, force=False, early_losses=None):
   if early_losses is not None:
     info["early_losses"] = [float(x) for x in early_losses]
   manager.save(int(step), force=force, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(info)}))
+      STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(info)}))
 
 
 def shapes_by_path(tree):
@@ -294,7 +312,9 @@ def restore_latest(manager, like_state, data_spec=None):
   def read(step):
     check_stored(manager, step, like_state)
     restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract), DATA: ocp.args.JsonRestore()}))
+        STATE: ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+        DATA: ocp.args.JsonRestore()}))
     info = restored[DATA]
     if info["position"] != step:
       raise DamagedCheckpointError(f"its data item is of step {info['position']}")
