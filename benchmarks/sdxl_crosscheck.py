@@ -86,7 +86,8 @@ def jax_figures(directory, x, lora_tree, precision, repeats):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mcm_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from mcm_jax.models import sdxl  # pylint: disable=g-import-not-at-top
-  dtype, weights = (precision.split(":") + [precision])[:2]
+  dtype, _, weights = precision.partition(":")
+  weights = weights or dtype
   name = dtype if weights == dtype else f"{dtype}_{weights}_weights"
   t0 = time.perf_counter()
   model, params = sdxl.load_unet(directory, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(weights))

@@ -568,10 +568,10 @@ class _ByRepr:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init_params(module, rng, inputs):
-  """``module.init``'s parameters; traced once per architecture and input shapes (jit's cache)
-  however many times a model is built."""
-  return module.module.init(rng, *inputs)["params"]
+def _init_params(by_repr, rng, inputs):
+  """``by_repr.module.init``'s parameters; traced once per architecture and input shapes (jit's
+  cache) however many times a model is built."""
+  return by_repr.module.init(rng, *inputs)["params"]
 
 
 def random_params(module, inputs, rng):
