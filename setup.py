@@ -44,7 +44,9 @@ EXTRAS = {
     "tpu": ["libtpu==0.0.42.*"],
     # The pixel CPU demo: scikit-learn ships 1,797 real 8x8 digit images inside its wheel.
     "demo": ["scikit-learn>=1.3"],
-    # Tests. The FID Inception is checked against pytorch-fid's network, which needs torchvision.
+    # Tests. The FID Inception is checked against pytorch-fid's network, which needs torchvision,
+    # and t2i_eval's FID resize against clean-fid's (clean-fid 0.1.35: its resizer is read, none
+    # of its downloads run).
     # torch and torchvision are pinned as a pair: PyPI's torchvision wheels do not import beside
     # a CPU-only torch build ("operator torchvision::nms does not exist"), and 2.14.1 / 0.29.1 is
     # the pair this project's machines hold locally (a CUDA build, ~5.5 GB, that runs on CPU;
@@ -58,7 +60,7 @@ EXTRAS = {
     # downloaded.
     "test": ["pytest>=8", "pytest-xdist>=3.7", "scikit-learn>=1.3", "scipy",
              "tensorflow-datasets>=4.9,<5", "array_record",
-             "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0",
+             "torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0", "clean-fid==0.1.35",
              "diffusers>=0.30,<0.40", "transformers>=4.40,<5", "safetensors", "peft>=0.15",
              "pyarrow", "open_clip_torch>=2.20",
              # tests/test_plan.py compiles for abstract TPUs ("tpu"; Linux wheels only)

@@ -4,8 +4,11 @@ FD in the hidden layer of a small digits classifier.
 ``FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})`` between Gaussians fitted to two
 feature sets (covariances with ddof = 1, as pytorch-fid). Statistics files are ``.npz`` with
 ``mu`` and ``sigma`` (pytorch-fid's format, so its precomputed files work) plus ``num``.
-Images enter every feature function as [N, H, W, C] in [-1, 1] and are first quantised to 8 bits,
-as a saved PNG would be.
+Images enter the pixel models' feature functions as [N, H, W, C] in [-1, 1] and are first
+quantised to 8 bits, as a saved PNG would be (pytorch-fid's convention: the network resizes
+bilinearly to 299 px). Text-to-image FID (``t2i_eval``) follows clean-fid's instead: 8-bit images,
+a float bicubic resize to 299 px, TF's input scaling (``clean_resize``,
+``clean_inception_feature_fn``).
 """
 import io
 import logging
@@ -155,24 +158,45 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 INCEPTION_SIZE = 299
 
 
+def clean_inception_feature_fn(weights_path):
+  """``f(pixels [N, 299, 299, 3], float 0..255) -> [N, 2048]``: clean-fid's convention for the
+  FID network (TF's graph: ``(x - 128) / 128``, no re-quantisation; pixels made by
+  ``clean_resize``), jitted."""
+  from mcm_jax.models import inception  # pylint: disable=g-import-not-at-top
+  params = inception.load_params(weights_path)
+  net = inception.InceptionFID()
+  apply = jax.jit(lambda p, pixels: net.apply(p, (pixels - 128.0) / 128.0))
+
+  def features(pixels):
+    if pixels.shape[1:] != (INCEPTION_SIZE, INCEPTION_SIZE, 3):
+      raise UserError(f"clean-fid features need [N, {INCEPTION_SIZE}, {INCEPTION_SIZE}, 3] "
+                      f"pixels (clean_resize), got shape {pixels.shape}")
+    return apply(params, pixels), None
+
+  return features
+
+
 def to_inception_size(images):
-  """[N, H, W, 3] in [-1, 1] -> [N, 299, 299, 3] in [-1, 1]: quantised to 8 bits, then PIL's
-  bicubic resize per image (clean-fid's filter; clean-fid resizes float32 channels, this the
-  8-bit image), so generated and reference images meet the network the same way."""
+  """[N, H, W, 3] in [-1, 1] -> [N, 299, 299, 3] float pixels in [0, 255]: quantised to 8 bits
+  (as a saved PNG), then ``clean_resize``."""
   pixels = np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
-  return np.stack([_resize_8bit(p) for p in pixels])
+  return np.stack([clean_resize(p) for p in pixels])
 
 
-def _resize_8bit(pixels):
-  """One [H, W, 3] uint8 image -> [299, 299, 3] in [-1, 1] by PIL's bicubic filter."""
+def clean_resize(pixels):
+  """One [H, W, 3] uint8 image -> [299, 299, 3] float32 in [0, 255]: clean-fid's 'clean' resize,
+  each channel as a float32 image (mode F) through PIL's bicubic filter, clipped, not quantised."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   size = (INCEPTION_SIZE, INCEPTION_SIZE)
-  return np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC), np.float32) / 127.5 - 1
+  channels = [np.asarray(Image.fromarray(pixels[..., c].astype(np.float32)).resize(
+      size, Image.BICUBIC)) for c in range(3)]
+  return np.clip(np.stack(channels, -1), 0, 255).astype(np.float32)
 
 
 def folder_statistics(directory, feature_fn, batch_size=32, limit=None):
-  """(mu, sigma, n) of the Inception features of the images in ``directory`` (sorted names,
-  ``IMAGE_SUFFIXES``; RGB; each resized as ``to_inception_size``), read one batch at a time."""
+  """(mu, sigma, n) of the clean-fid features (``clean_inception_feature_fn``) of the images in
+  ``directory`` (sorted names, ``IMAGE_SUFFIXES``; RGB; each through ``clean_resize``), read one
+  batch at a time."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if not storage.isdir(directory):
     raise FileNotFoundError(f"FID reference folder {directory!r} not found")
@@ -187,7 +211,7 @@ def folder_statistics(directory, feature_fn, batch_size=32, limit=None):
     batch = []
     for name in names[start:start + batch_size]:
       image = Image.open(storage.reader(f"{directory}/{name}")).convert("RGB")
-      batch.append(_resize_8bit(np.asarray(image)))
+      batch.append(clean_resize(np.asarray(image)))
     feats.append(batched_features(feature_fn, np.stack(batch), batch_size)[0])
   mu, sigma = statistics(np.concatenate(feats))
   return mu, sigma, len(names)

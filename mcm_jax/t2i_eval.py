@@ -15,7 +15,8 @@ only attaches its LoRAs.
 Scores (``mcm_jax.scorers``) averaged over prompts: CLIP score ``100 max(cos(E_image, E_text), 0)``
 (torchmetrics' definition; MLCM reports it with ViT-g/14 on 5k MSCOCO-2017 captions), PickScore
 with ``--pickscore``, ImageReward with ``--imagereward``, HPSv2 with ``--hpsv2``, FID against
-``--fid_reference`` (both sets 8-bit, PIL bicubic to 299 px, pytorch-fid's Inception), the
+``--fid_reference`` (clean-fid's convention: both sets 8-bit, each channel resized to 299 px by
+PIL's bicubic filter in float, TF's input scaling; the FID Inception's weights), the
 LAION aesthetic score with ``--aesthetic_head``; ``--teacher_steps`` adds the guided base model.
 Writes ``eval.json`` ({run: {clip_score, pickscore, imagereward, hpsv2, aesthetic, fid, num}}),
 ``eval.md``, ``metrics.png``, ``grid.png`` and ``grid_<run>.png``. Bad input ends in one message
@@ -125,7 +126,7 @@ def evaluate(sdxl_dir, prompts, steps_list, out, clip_dir, aesthetic_head="", lo
   jitted = {name: jax.jit(s.score) for name, s in loaded.items()}
   storage.makedirs(out)
   if fid_reference:
-    inception = fid.inception_feature_fn(inception_weights)
+    inception = fid.clean_inception_feature_fn(inception_weights)
     mu_ref, sigma_ref, n_ref = fid.folder_statistics(fid_reference, inception, batch_size)
     logging.info("FID reference: %d images of %s", n_ref, fid_reference)
   base = pipeline.load_pipeline(sdxl_dir, lora_path)

@@ -68,6 +68,38 @@ def test_flax_inception_equals_pytorch_fid(weights, monkeypatch):
   assert logits is None
 
 
+@pytest.mark.slow  # PyTorch equivalence at 299 px, seconds
+def test_clean_fid_path_equals_clean_fid_resize_and_pytorch_fid_network(weights, monkeypatch):
+  """t2i_eval's FID input: ``fid.clean_resize`` is clean-fid's own resizer (mode 'clean'), and
+  ``clean_inception_feature_fn`` is pytorch-fid's network (no resize, no normalisation of its
+  own) on TF's ``(x - 128) / 128`` of those pixels."""
+  torch = pytest.importorskip("torch")
+  pt_inception = pytest.importorskip("pytorch_fid.inception")
+  cleanfid_resize = pytest.importorskip("cleanfid.resize")
+  from mcm_jax import fid  # pylint: disable=g-import-not-at-top
+  sd, path = weights
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)  # not square: axis order counts
+  resize = cleanfid_resize.make_resizer("PIL", False, "bicubic", (299, 299))
+  want_pixels = np.stack([resize(p) for p in pixels])
+  got_pixels = np.stack([fid.clean_resize(p) for p in pixels])
+  assert got_pixels.shape == (2, 299, 299, 3) and got_pixels.dtype == np.float32
+  assert not np.array_equal(got_pixels, np.round(got_pixels))  # float, not re-quantised
+  np.testing.assert_array_equal(got_pixels, want_pixels)
+  np.testing.assert_array_equal(fid.to_inception_size(pixels / 127.5 - 1), want_pixels)
+
+  monkeypatch.setattr(pt_inception, "load_state_dict_from_url", lambda *a, **k: sd)
+  reference = pt_inception.InceptionV3([3], resize_input=False, normalize_input=False).eval()
+  with torch.no_grad():
+    x = torch.from_numpy((want_pixels - 128) / 128).permute(0, 3, 1, 2).float()
+    want = reference(x)[0][:, :, 0, 0].numpy()
+  got, logits = fid.clean_inception_feature_fn(path)(got_pixels)
+  assert logits is None
+  np.testing.assert_allclose(np.asarray(got), want, atol=5e-6 * np.abs(want).max(), rtol=0)
+  with pytest.raises(ValueError, match="299"):
+    fid.clean_inception_feature_fn(path)(pixels.astype(np.float32))
+
+
 def test_npz_weights_and_bad_state_dicts(weights, tmp_path):
   sd, path = weights
   npz = tmp_path / "w.npz"
