@@ -109,10 +109,12 @@ def get_config(size="sdxl"):
   # (8.0 aesthetic, 2.0 ImageReward), else one number per scorer (--config.rewards.threshold=2.5
   # or ='(2.0, 8.0)'); fl_steps: feedback learning
   # scores the student's one- or two-step sample from noise (the paper's x_0); fl_from_stage:
-  # feedback learning from that progressive stage on (the paper: "in the late stages").
+  # feedback learning from that progressive stage on (the paper: "in the late stages");
+  # remat_decoder: the VAE decoder's activations (full-resolution feature maps, the reward
+  # step's largest) recomputed in the backward pass instead of stored.
   c.rewards = dict(scorer="", clip_dir="", head="", imagereward_dir="", tokenizer_dir="",
                    rc_weight=1.0, fl_weight=1e-3, threshold=(), fl_steps=1,
-                   fl_from_stage=0)
+                   fl_from_stage=0, remat_decoder=True)
   # The frozen UNet sharded over every chip (fsdp = all, e.g. 8 on v6e-8, 4 on v5p-8); data
   # parallel, the default step does not fit v6e-8 (benchmarks/RESULTS.md).
   c.mesh = common.mesh(data=1, fsdp=-1)

@@ -297,6 +297,7 @@ def validate_mlcm(c):
     start = r.get("fl_from_stage", 0)
     _check(isinstance(start, int) and start >= 0, "rewards.fl_from_stage", start,
            "an integer >= 0 (feedback learning from that stage on)")
+    check_in(r.get("remat_decoder", True), "rewards.remat_decoder", (True, False))
   check_in(c.text_encoder, "text_encoder", ("hashed", "sdxl"))
 
 

@@ -68,6 +68,7 @@ class RewardHparams(NamedTuple):
   fl_weight: float = 1e-3
   threshold: object = 8.0  # s0 of the feedback hinge (8 aesthetic, 2 ImageReward), one per scorer
   fl_steps: int = 1  # feedback learning scores the student's fl_steps-step sample from noise
+  remat_decoder: bool = True  # the VAE decoder's activations recomputed in the backward pass
 
 
 def ddim(x_hat, z, t, target, target_clean=None):
@@ -336,17 +337,20 @@ def loss(trainable, batch, rng, step, frozen, *, hp, denoise_fn, adapt, latent_s
     return mlcd, metrics
   tokens = (batch["reward_ids"], batch["reward_mask"]) if "reward_ids" in batch else None
   s_fn = lambda images: score(frozen["scorer"], images, tokens)
+  to_images = lambda latents: decode(frozen["vae"], latents)
+  if rewards.remat_decoder:  # full-resolution feature maps: recomputed, not stored
+    to_images = jax.checkpoint(to_images)
   # Reward consistency: both DDIM endpoints decoded and scored (the reference held fixed).
-  rc = jnp.mean(reward_losses.reward_consistency(s_fn, decode(frozen["vae"], terms["pred"]),
-                                              decode(frozen["vae"], terms["target"])))
+  rc = jnp.mean(reward_losses.reward_consistency(s_fn, to_images(terms["pred"]),
+                                              to_images(terms["target"])))
   metrics.update(mlcd=mlcd, reward_consistency=rc)
   if not rewards.fl_weight:  # no feedback learning in this stage: nothing sampled or scored
     return mlcd + rewards.rc_weight * rc, metrics
   # Feedback learning on the student's own 1-2 step sample x_0 from fresh noise (MLCM 3.4),
-  # gradients through the sampler.
+  # gradients through the sampler (unrolled: no stacked copy of the UNet's weights).
   fl_noise = sharding.constrain_batch(
       jax.random.normal(jax.random.fold_in(rng, 1), z_tm.shape, z_tm.dtype))
-  x_0 = sample(student, fl_noise, rewards.fl_steps)
-  fl = jnp.mean(reward_losses.feedback(s_fn, decode(frozen["vae"], x_0), rewards.threshold))
+  x_0 = sample(student, fl_noise, rewards.fl_steps, unrolled=True)
+  fl = jnp.mean(reward_losses.feedback(s_fn, to_images(x_0), rewards.threshold))
   metrics.update(feedback=fl)
   return mlcd + rewards.rc_weight * rc + rewards.fl_weight * fl, metrics

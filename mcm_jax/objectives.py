@@ -170,7 +170,7 @@ def reward_hparams(config, stage=0):
   fl_weight = r.fl_weight if stage >= r.get("fl_from_stage", 0) else 0.0
   return mlcm.RewardHparams(rc_weight=r.rc_weight, fl_weight=fl_weight,
                             threshold=threshold[0] if len(threshold) == 1 else threshold,
-                            fl_steps=r.fl_steps)
+                            fl_steps=r.fl_steps, remat_decoder=r.get("remat_decoder", True))
 
 
 def mlcm_reads_bank(config, stage):

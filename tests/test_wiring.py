@@ -5,6 +5,7 @@ trajectory-bank batch, real latents with the guided teacher and LCF). Every conf
 field mapped to the wrong argument shows."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from mcm_jax import consistency, guidance, lora, mlcm, objectives, schedules, sc
 from mcm_jax.data import images as image_data
 from mcm_jax.models import sdxl, sdxl_text
 from mcm_jax.samplers import addim
+import sdxl_fixtures  # tests/
 
 
 def _perturbed(params, key, scale=0.05):
@@ -275,6 +277,42 @@ def test_guidance_conditioned_full_student_loss_by_hand(mlcm_setup, stage):
     assert abs(fixed - expected) > 1e-3 * expected
 
 
+def test_reward_gradient_keeps_no_stacked_copy_of_the_frozen_weights():
+  """The reward step's gradient at SDXL's block structure (depths 1 / 2 / 10) with float16
+  frozen weights and float32 compute: no forward scan hands its backward pass a residual shaped
+  as a stacked transformer weight. Feedback learning differentiates through the student's
+  sample; as a differentiated ``lax.scan`` over steps, it made JAX keep every block's weights
+  cast to float32 (at full size 9 GiB more); the unrolled sampler keeps none."""
+  config = sdxl_mlcm.get_config("tiny")
+  config.rewards.update(scorer="aesthetic", fl_weight=1.0)
+  model = sdxl.unet_from_config(sdxl_fixtures.sdxl_structure_config(), jnp.float32, "full")
+  shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float16), shapes)
+  trainable = lora.init_lora(params, 2, jax.random.PRNGKey(1))
+  cond = {"context": jnp.ones((4, 77, 32)), "text_embeds": jnp.ones((4, 32)),
+          "time_ids": sdxl.time_ids(64, 4)}
+  uncond = jax.tree.map(lambda v: v[:1], cond)
+  frozen = {"unet": params, "uncond": uncond, "previous": None, "vae": 1.5, "scorer": 4.0}
+  decode = lambda p, z: jnp.tanh(p * z[..., :3])
+  score = lambda p, x, tokens: jnp.mean(p * x, axis=(1, 2, 3))
+  loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, score)
+  batch = dict(cond, **_bank_pair(seed=1))
+  grad = jax.make_jaxpr(jax.grad(lambda l: loss_fn(l, batch, jax.random.PRNGKey(2), 0,
+                                                   frozen)[0]))(trainable)
+  stacked = {s.shape for s in jax.tree.leaves(shapes) if len(s.shape) == 3 and s.shape[0] > 1}
+  assert (10, 128, 1024) in stacked  # the 10-deep stacks' GEGLU projections, among others
+
+  def residuals(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "scan" and not eqn.params["reverse"]:
+        yield from (v.aval.shape for v in eqn.outvars if v.aval.shape in stacked)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from residuals(sub)
+
+  found = list(residuals(grad.jaxpr))
+  assert not found, f"stacked weights kept for the backward pass: {found[:4]}"
+
+
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   """Reward consistency on the decoded DDIM endpoints of eq. 7 and feedback learning on the
@@ -338,3 +376,17 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   assert "feedback" not in metrics3
   np.testing.assert_allclose(float(loss3), mlcd + 0.5 * rc2, rtol=2e-4)
   assert objectives.reward_hparams(config, 1).fl_weight == 0.25
+  # The decoder recomputed in the backward pass (the default) or stored: the same loss and
+  # gradient; the program differs by one remat around each decode (RC's two, FL's one).
+  config.rewards.fl_from_stage = 0
+  batch = dict(cond, reward_ids=ids, reward_mask=mask, **bank)
+  grads, checkpoints = {}, {}
+  for remat in (True, False):
+    config.rewards.remat_decoder = remat
+    loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, both.score)
+    grad_fn = jax.grad(lambda l, f=loss_fn: f(l, batch, key, 0, frozen2)[0])
+    checkpoints[remat] = str(jax.make_jaxpr(grad_fn)(lora0)).count("remat2[")
+    grads[remat] = jax.jit(grad_fn)(lora0)
+  assert checkpoints == {True: 3, False: 0}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads[True], grads[False])

@@ -147,12 +147,13 @@ def sample(f, z_init, num_steps, logsnr_fn, x_var_fn=None, return_trajectory=Fal
   return x, jnp.concatenate([z_init[None], traj], axis=0)
 
 
-def sample_on_grid(f, z_init, times, logsnr_fn, x_var_fn=None):
+def sample_on_grid(f, z_init, times, logsnr_fn, x_var_fn=None, unrolled=False):
   """``sample`` over an explicit decreasing time grid ``times`` = [t_0, ..., t_N] (a list or a
   [N + 1] array): step i maps ``z_{t_i}`` to ``z_{t_{i+1}}`` by DDIM / aDDIM with
   ``x_hat = f(z_{t_i}, t_i)``; the last step returns ``x_hat`` (t_N, the clean end, is not
   evaluated). E.g. SDXL timesteps ``[999, 750, 500, 250, 0]`` with ``schedules.sdxl_logsnr``.
-  The steps run in a ``lax.scan``: ``f`` is traced once for any N."""
+  The steps run in a ``lax.scan``: ``f`` is traced once for any N (``unrolled``: see
+  ``scan_steps``)."""
   times = jnp.asarray(times, jnp.float32)
   batch = z_init.shape[0]
 
@@ -161,7 +162,7 @@ def sample_on_grid(f, z_init, times, logsnr_fn, x_var_fn=None):
     x_hat, z_s = _update(f, z, t, s, logsnr_fn, x_var_fn)
     return z_s.astype(z.dtype), x_hat
 
-  return scan_steps(step, z_init, (times[:-1], times[1:]))
+  return scan_steps(step, z_init, (times[:-1], times[1:]), unrolled)
 
 
 def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
@@ -183,15 +184,23 @@ def renoise_sample_on_grid(f, z_init, times, logsnr_fn, noise):
   return scan_steps(step, z_init, (times[:-1], times[1:], noise))
 
 
-def scan_steps(step, z_init, xs):
+def scan_steps(step, z_init, xs, unrolled=False):
   """Runs ``step(z, x_i) -> (z_next, out)`` over the leading axis of ``xs`` in one
   ``lax.scan`` (the model inside ``step`` is traced once) and returns the last step's ``out``
-  (e.g. ``x_hat``; in ``z_init``'s dtype); the last ``z_next`` is discarded."""
+  (e.g. ``x_hat``; in ``z_init``'s dtype); the last ``z_next`` is discarded. ``unrolled``: a
+  Python loop instead (the model traced per step), for gradients through a few steps: a
+  differentiated ``lax.scan`` keeps the model's step-invariant values (e.g. its weights cast
+  to the compute dtype) as stacked residuals."""
   def body(carry, x):
     z, out = step(carry[0], x)
     return (z, out.astype(z_init.dtype)), None
 
-  return jax.lax.scan(body, (z_init, jnp.zeros_like(z_init)), xs)[0][1]
+  if not unrolled:
+    return jax.lax.scan(body, (z_init, jnp.zeros_like(z_init)), xs)[0][1]
+  carry = (z_init, jnp.zeros_like(z_init))
+  for i in range(jax.tree.leaves(xs)[0].shape[0]):
+    carry, _ = body(carry, jax.tree.map(lambda x, i=i: x[i], xs))
+  return carry[1]
 
 
 def noise_per_step(noise, num_steps, z_init):

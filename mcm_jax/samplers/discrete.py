@@ -185,7 +185,7 @@ def dpm_solver_2s_sample_on_grid(f, z_init, grid):
   return f(z, full(grid[-2]))
 
 
-def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
+def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3, unrolled=False):
   """Few-step sampling of a denoiser ``f(z, t)`` from ``noise`` (= z_999).
 
   ``steps``: an int K (MLCM's K segments: ``timestep_grid(K)``) or a grid from
@@ -196,10 +196,11 @@ def sample(f, noise, steps, sampler="ddim", rng=None, gamma=0.3):
   returned (``addim.renoise_sample_on_grid``); 'tcd' = TCD's sampler with stochasticity
   ``gamma`` (``tcd_sample_on_grid``, fresh noise from ``rng``); 'dpmpp_2m' = DPM-Solver++(2M)
   (``dpm_solver.dpmpp_2m_sample_on_grid``), 'dpmpp_2s' = DPM-Solver++(2S)
-  (``dpm_solver_2s_sample_on_grid``), both deterministic."""
+  (``dpm_solver_2s_sample_on_grid``), both deterministic. ``unrolled`` ('ddim'): the steps as a
+  Python loop, for gradients through a few steps (``addim.scan_steps``)."""
   grid = timestep_grid(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps)
   if sampler == "ddim":
-    return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
+    return addim.sample_on_grid(f, noise, grid, schedules.sdxl_logsnr, unrolled=unrolled)
   if sampler == "dpmpp_2m":
     return dpm_solver.dpmpp_2m_sample_on_grid(f, noise, grid, schedules.sdxl_logsnr)
   if sampler == "dpmpp_2s":
