@@ -11,7 +11,13 @@
 #            the guided teacher and the image-free latents inside the step; each stage exports
 #            its LoRA (PEFT + kohya) and a sample grid;
 #   bank     stage 0 from a trajectory bank (built by the guided teacher, then streamed);
+#   reward   stage 0 with reward consistency and feedback learning (MLCM 3.4) scored by a
+#            full-size ImageReward v1.0 (IMAGEREWARD_DIR in the environment: a real one; default
+#            random weights made once by benchmarks/make_random_imagereward.py into
+#            ~/.cache/mcm_jax/imagereward_random), the VAE decoder inside the step;
 #   generate 2 / 4 / 8-step images with the last stage's LoRA;
+#   tcd      4 steps with TCD's sampler (gamma 0.3) and the same LoRA;
+#   stacked_loras  the last stage's LoRA with stage 1's at scale 0.6 (lora.combine), 4 steps;
 #   teacher  the base model guided (w = 8, a negative prompt), 25 Euler steps on the 'leading' grid;
 #   img2img  the 4-step LoRA from the 4-step image, strength 0.5;
 #   lcf      latent consistency fine-tuning (configs/sdxl_lcf.py) of stage 1's LoRA on four
@@ -77,11 +83,24 @@ MLCM=(python -m mcm_jax.main --config=configs/sdxl_mlcm.py:sdxl --config.student
 phase mlcm "${MLCM[@]}" --workdir="$WORK/mlcm"
 phase bank "${MLCM[@]}" --config.mlcm.num_stages=1 --config.mlcm.bank.dir="$WORK/bank" \
   --config.mlcm.bank.entries=2 --workdir="$WORK/mlcm_bank"
+IMAGEREWARD=${IMAGEREWARD_DIR:-$HOME/.cache/mcm_jax/imagereward_random}
+if [ ! -f "$IMAGEREWARD/ImageReward.pt" ]; then
+  python benchmarks/make_random_imagereward.py "$IMAGEREWARD"
+fi
+phase reward "${MLCM[@]}" --config.mlcm.num_stages=1 --config.rewards.scorer=imagereward \
+  --config.rewards.imagereward_dir="$IMAGEREWARD" --workdir="$WORK/mlcm_reward"
 for steps in 2 4 8; do
   phase "generate_$steps" python -m mcm_jax.generate --sdxl="$DIR" --lora="$WORK/mlcm/stage2/lora" \
     --prompt="a red fox in the snow" --steps="$steps" --resolution=256 --batch_size=1 \
     --out="$WORK/generate_$steps"
 done
+phase tcd python -m mcm_jax.generate --sdxl="$DIR" --lora="$WORK/mlcm/stage2/lora" \
+  --prompt="a red fox in the snow" --steps=4 --sampler=tcd --timesteps=lcm --gamma=0.3 \
+  --resolution=256 --batch_size=1 --out="$WORK/tcd"
+phase stacked_loras python -m mcm_jax.generate --sdxl="$DIR" \
+  --lora="$WORK/mlcm/stage2/lora,$WORK/mlcm/stage1/lora" --lora_scale=1,0.6 \
+  --prompt="a red fox in the snow" --steps=4 --resolution=256 --batch_size=1 \
+  --out="$WORK/stacked_loras"
 phase teacher python -m mcm_jax.generate --sdxl="$DIR" --prompt="a red fox in the snow" \
   --steps=25 --timesteps=leading --guidance_scale=8 --negative_prompt="blurry, low quality" \
   --resolution=256 --batch_size=1 --out="$WORK/teacher"
