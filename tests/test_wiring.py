@@ -277,6 +277,7 @@ def test_guidance_conditioned_full_student_loss_by_hand(mlcm_setup, stage):
     assert abs(fixed - expected) > 1e-3 * expected
 
 
+@pytest.mark.slow  # traces SDXL's block structure twice (forward and gradient), ~15 s
 def test_reward_gradient_keeps_no_stacked_copy_of_the_frozen_weights():
   """The reward step's gradient at SDXL's block structure (depths 1 / 2 / 10) with float16
   frozen weights and float32 compute: no forward scan hands its backward pass a residual shaped
@@ -376,17 +377,14 @@ def test_mlcm_loss_with_rewards_by_hand(mlcm_setup):
   assert "feedback" not in metrics3
   np.testing.assert_allclose(float(loss3), mlcd + 0.5 * rc2, rtol=2e-4)
   assert objectives.reward_hparams(config, 1).fl_weight == 0.25
-  # The decoder recomputed in the backward pass (the default) or stored: the same loss and
-  # gradient; the program differs by one remat around each decode (RC's two, FL's one).
+  # The decoder recomputed in the backward pass (the default, checked by hand above) or stored:
+  # the gradient's program differs by one remat around each decode (RC's two, FL's one).
   config.rewards.fl_from_stage = 0
   batch = dict(cond, reward_ids=ids, reward_mask=mask, **bank)
-  grads, checkpoints = {}, {}
+  remats = {}
   for remat in (True, False):
     config.rewards.remat_decoder = remat
     loss_fn = objectives.mlcm_loss(config, sdxl.make_denoiser(model), 0, decode, both.score)
     grad_fn = jax.grad(lambda l, f=loss_fn: f(l, batch, key, 0, frozen2)[0])
-    checkpoints[remat] = str(jax.make_jaxpr(grad_fn)(lora0)).count("remat2[")
-    grads[remat] = jax.jit(grad_fn)(lora0)
-  assert checkpoints == {True: 3, False: 0}
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               grads[True], grads[False])
+    remats[remat] = str(jax.make_jaxpr(grad_fn)(lora0)).count("remat2[")
+  assert remats == {True: 3, False: 0}
