@@ -283,7 +283,7 @@ def test_reward_gradient_keeps_no_stacked_copy_of_the_frozen_weights():
   frozen weights and float32 compute: no forward scan hands its backward pass a residual shaped
   as a stacked transformer weight. Feedback learning differentiates through the student's
   sample; as a differentiated ``lax.scan`` over steps, it made JAX keep every block's weights
-  cast to float32 (at full size 9 GiB more); the unrolled sampler keeps none."""
+  cast to float32; the unrolled sampler keeps none."""
   config = sdxl_mlcm.get_config("tiny")
   config.rewards.update(scorer="aesthetic", fl_weight=1.0)
   model = sdxl.unet_from_config(sdxl_fixtures.sdxl_structure_config(), jnp.float32, "full")
