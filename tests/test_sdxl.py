@@ -136,6 +136,18 @@ def test_unet_loading_errors_name_the_weight(unet_dir, tmp_path):
     sdxl.unet_from_config(dict(sdxl.TINY_UNET_CONFIG, norm_num_groups=8))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's zero-copy hand-over")
+def test_loaded_weights_are_handed_to_jax_without_a_copy():
+  """The loaders fill ``host_buffer``s and hand them over with ``to_device``: on XLA:CPU the
+  device buffer is the host array itself, so a loaded SDXL holds one copy of its weights."""
+  host = sdxl.host_buffer((3, 1000), np.float16)
+  assert host.ctypes.data % 64 == 0 and host.shape == (3, 1000) and host.dtype == np.float16
+  host[...] = np.arange(3000).reshape(3, 1000)
+  array = sdxl.to_device(host)
+  assert array.unsafe_buffer_pointer() == host.ctypes.data
+  np.testing.assert_array_equal(array, host)
+
+
 @pytest.mark.slow  # PyTorch equivalence, seconds
 def test_lora_export_loads_in_pytorch_diffusers_with_the_same_output(unet_dir, tmp_path):
   from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top

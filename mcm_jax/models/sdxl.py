@@ -117,7 +117,7 @@ def assemble_params(named_tensors, shapes, what, dtype=jnp.float32):
       raise UserError(f"{what}: weight {name} gives {tuple(np.shape(tensor))} for "
                       f"{'/'.join(key)}, expected {shape}")
     if skey not in out:
-      out[skey] = np.empty(shapes[skey].shape, jnp.dtype(dtype))
+      out[skey] = host_buffer(shapes[skey].shape, dtype)
     if index is None:
       out[skey][...] = tensor
     else:
@@ -127,7 +127,23 @@ def assemble_params(named_tensors, shapes, what, dtype=jnp.float32):
   if missing:
     raise UserError(f"{what}: the weights lack {len(missing)} parameters of this config, e.g. "
                     f"{missing[:3]}")
-  return unflatten_dict({k: jnp.asarray(out.pop(k)) for k in list(out)})  # one leaf at a time
+  return unflatten_dict({k: to_device(out.pop(k)) for k in list(out)})  # one leaf at a time
+
+
+def host_buffer(shape, dtype):
+  """``np.empty(shape, dtype)`` whose data starts on a 64-byte boundary: XLA:CPU takes such an
+  array as a device buffer without copying it (``to_device``)."""
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(size + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def to_device(array):
+  """A host array handed over to JAX's default device: on CPU the aligned array itself
+  (``host_buffer``; the caller drops its reference), elsewhere a copy."""
+  return jax.device_put(array, may_alias=True)
 
 
 def pytorch_to_flax_names(tensors, shapes):
@@ -464,7 +480,9 @@ def load_flax_transformer(cls, directory, dtype=jnp.float32, unused=("position_i
       raise UserError(f"{weights}: weight {name!r} of shape {tuple(np.shape(tensor))} does not "
                       f"fit this {config.model_type} config (as {'/'.join(key)}: "
                       f"{shapes[key].shape if key in shapes else 'no such parameter'})")
-    params[key] = jnp.asarray(tensor, dtype)
+    params[key] = host_buffer(shapes[key].shape, dtype)
+    params[key][...] = tensor
+    params[key] = to_device(params[key])
     filled.add(key)
   missing = sorted("/".join(k) for k in set(shapes) - filled)
   if missing:
