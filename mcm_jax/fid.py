@@ -179,8 +179,8 @@ def clean_inception_feature_fn(weights_path):
 def to_inception_size(images):
   """[N, H, W, 3] in [-1, 1] -> [N, 299, 299, 3] float pixels in [0, 255]: quantised to 8 bits
   (as a saved PNG), then ``clean_resize``."""
-  pixels = np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
-  return np.stack([clean_resize(p) for p in pixels])
+  from mcm_jax import plotting  # pylint: disable=g-import-not-at-top
+  return np.stack([clean_resize(p) for p in plotting.to_uint8(images)])
 
 
 def clean_resize(pixels):

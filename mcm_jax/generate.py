@@ -14,9 +14,10 @@ at --resolution). ``--print_schedule`` prints the
 timesteps and sigmas (for ComfyUI / diffusers) and exits. ``--prompts=FILE`` (.txt / .jsonl /
 .parquet) instead of ``--prompt``. The library behind it is ``mcm_jax.pipeline`` (one
 ``jax.jit`` per steps / timesteps / sampler / strength, compiled once). Writes one PNG per
-prompt, ``grid.png`` and ``schedule.txt``. Bad input (flags, paths, a corrupt or unfitting
-file) ends in one message and exit code 2 (``mcm_jax/cli.py``); ``--debug`` shows the
-traceback.
+prompt, ``grid.png`` and ``schedule.txt``; with several step counts (``--steps=2,4,8``) those
+go to ``OUT/steps_<k>/`` and ``OUT/grid.png`` shows the step counts side by side. Bad input
+(flags, paths, a corrupt or unfitting file) ends in one message and exit code 2
+(``mcm_jax/cli.py``); ``--debug`` shows the traceback.
 """
 import os
 import re
@@ -82,6 +83,18 @@ def parse_scales(values):
   return scales
 
 
+def parse_steps(values):
+  """``--steps`` (a list of strings) -> ints; UserError naming the value and what is allowed."""
+  allowed = "comma-separated integers in 1..1000, e.g. --steps=1,2,4,8"
+  text = ",".join(values)
+  if not values:
+    raise errors.UserError(f"--steps={text!r} is empty; allowed: {allowed}")
+  for s in values:
+    if not s.strip().isdigit() or not 1 <= int(s) <= 1000:
+      raise errors.UserError(f"--steps={text}: {s!r} is invalid; allowed: {allowed}")
+  return [int(s) for s in values]
+
+
 def _slug(text, n=40):
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
@@ -126,8 +139,10 @@ def define_flags(flag_values=FLAGS):
   flags.DEFINE_list("lora_scale", ["1.0"], "LoRA scale, or one per --lora file "
                     "(comma-separated).", flag_values=flag_values)
   flags.DEFINE_string("prompt", None, "One prompt (or --prompts).", flag_values=flag_values)
-  flags.DEFINE_integer("steps", 4, "Sampling steps (the number of MLCM segments, 1-8; e.g. 25 "
-                       "for the guided teacher).", flag_values=flag_values)
+  flags.DEFINE_list("steps", ["4"], "Sampling steps (the number of MLCM segments, 1-8; e.g. 25 "
+                    "for the guided teacher); several, comma-separated (e.g. 1,2,4,8), each into "
+                    "OUT/steps_<k>/ from one model load, with OUT/grid.png comparing them (a "
+                    "row per prompt).", flag_values=flag_values)
   flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale w (1 = none, what "
                      "MLCM LoRAs use: their teacher's guidance is distilled in); for a "
                      "guidance-conditioned UNet (time_cond_proj_dim) the w its guidance "
@@ -179,14 +194,16 @@ def parse_flags(argv, flag_values=FLAGS):
 def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
+  steps_list = parse_steps(f.steps)
   try:  # before any model loads
-    pipeline.check_generation(f.steps, f.batch_size, f.guidance_scale, f.gamma)
+    for steps in steps_list:
+      pipeline.check_generation(steps, f.batch_size, f.guidance_scale, f.gamma)
     strength = f.strength if f.init_image else 1.0
-    schedule = schedule_text(f.steps, f.timesteps, f.sampler, strength)
+    schedules = [schedule_text(steps, f.timesteps, f.sampler, strength) for steps in steps_list]
   except errors.UserError as e:
     raise errors.UserError(f"--{e}") from e
   if f.print_schedule:
-    print(schedule, end="")
+    print("\n".join(schedules), end="")
     return
   if (f.prompt is None) == (f.prompts is None):
     raise errors.UserError("pass exactly one of --prompt (one prompt) and --prompts (a file)")
@@ -203,16 +220,26 @@ def main(argv, flag_values=FLAGS):
                                   unet_dir=f.unet and hub.local_path(f.unet, "--unet"),
                                   controlnet_dir=f.controlnet and hub.local_path(
                                       f.controlnet, "--controlnet"))
-  images = pipeline.generate_images(models, prompts, f.steps, f.resolution, f.seed,
-                                    f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
-                                    f.negative_prompt, init, strength, f.gamma, control,
-                                    f.controlnet_scale)
-  storage.makedirs(f.out)
-  for i, (prompt, image) in enumerate(zip(prompts, images)):
-    plotting.save_image(os.path.join(f.out, f"{i:05d}_{_slug(prompt)}.png"), image)
-  plotting.image_grid(os.path.join(f.out, "grid.png"), images)
-  storage.write_text(os.path.join(f.out, "schedule.txt"), schedule)
-  logging.info("%d images (%d steps) -> %s", len(images), f.steps, f.out)
+  by_steps = []
+  for steps, schedule in zip(steps_list, schedules):
+    images = pipeline.generate_images(models, prompts, steps, f.resolution, f.seed,
+                                      f.batch_size, f.timesteps, f.sampler, f.guidance_scale,
+                                      f.negative_prompt, init, strength, f.gamma, control,
+                                      f.controlnet_scale)
+    out = f.out if len(steps_list) == 1 else os.path.join(f.out, f"steps_{steps}")
+    storage.makedirs(out)
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+      plotting.save_image(os.path.join(out, f"{i:05d}_{_slug(prompt)}.png"), image)
+    plotting.image_grid(os.path.join(out, "grid.png"), images)
+    storage.write_text(os.path.join(out, "schedule.txt"), schedule)
+    logging.info("%d images (%d steps) -> %s", len(images), steps, out)
+    by_steps.append(images)
+  if len(steps_list) > 1:  # a row per prompt, a column per step count
+    plotting.image_grid(os.path.join(f.out, "grid.png"),
+                        np.stack(by_steps, axis=1).reshape((-1,) + by_steps[0].shape[1:]),
+                        ncols=len(steps_list))
+    logging.info("steps %s side by side -> %s", ",".join(f.steps),
+                 os.path.join(f.out, "grid.png"))
 
 
 if __name__ == "__main__":

@@ -57,9 +57,14 @@ def trajectory_panels(path, panels, data=None):
   _save_figure(fig, path)
 
 
+def to_uint8(images):
+  """Images in [-1, 1] -> the uint8 pixels a PNG holds: ``round(clip((x + 1) 127.5, 0, 255))``."""
+  return np.round(np.clip((np.asarray(images, np.float32) + 1) * 127.5, 0, 255)).astype(np.uint8)
+
+
 def image_grid(path, images, ncols=None):
   """Saves [N, H, W, C] images in [-1, 1] (C = 1 or 3) as one PNG grid."""
-  images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  images = to_uint8(images)
   n, h, w, c = images.shape
   ncols = ncols or int(np.ceil(np.sqrt(n)))
   nrows = int(np.ceil(n / ncols))
@@ -74,7 +79,7 @@ def image_grid(path, images, ncols=None):
 
 def save_image(path, image):
   """Saves one [H, W, C] image in [-1, 1] as a PNG at its own size."""
-  write_png(path, np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).round().astype(np.uint8))
+  write_png(path, to_uint8(image))
 
 
 def write_png(path, pixels):

@@ -79,7 +79,8 @@ def parse_model(spec, default_steps):
       except ValueError as e:
         raise bad(f"{key}={fields[key]!r} is not a number") from e
   try:
-    steps = parse_steps(fields["steps"].split(",")) if "steps" in fields else default_steps
+    steps = (generate.parse_steps(fields["steps"].split(",")) if "steps" in fields
+             else default_steps)
     pipeline.check_generation(max(steps), 1, options.get("guidance_scale", 1.0),
                               options.get("gamma", 0.3))
     if options.get("sampler", "ddim") not in discrete.SAMPLERS:
@@ -248,18 +249,6 @@ def parse_flags(argv, flag_values=FLAGS):
   return cli.parse_flags(argv, flag_values)
 
 
-def parse_steps(values):
-  """``--steps`` (a list of strings) -> ints; UserError naming the value and what is allowed."""
-  allowed = "comma-separated integers in 1..1000, e.g. --steps=1,2,4,8"
-  text = ",".join(values)
-  if not values:
-    raise errors.UserError(f"--steps={text!r} is empty; allowed: {allowed}")
-  for s in values:
-    if not s.strip().isdigit() or not 1 <= int(s) <= 1000:
-      raise errors.UserError(f"--steps={text}: {s!r} is invalid; allowed: {allowed}")
-  return [int(s) for s in values]
-
-
 def main(argv, flag_values=FLAGS):
   del argv
   f = flag_values
@@ -267,7 +256,7 @@ def main(argv, flag_values=FLAGS):
     raise errors.UserError("pass exactly one of --prompts (a prompt file) and --coco_captions "
                            "(COCO's captions_*.json)")
   sdxl_dir = generate.check_pipeline_flags(f, ("sdxl", "clip"))
-  steps = parse_steps(f.steps)
+  steps = generate.parse_steps(f.steps)
   teacher = None
   if f.teacher_steps:
     if not 1 <= f.teacher_steps <= 1000:

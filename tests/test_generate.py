@@ -219,6 +219,8 @@ def test_img2img_equals_diffusers_sdxl_img2img_pipeline(sdxl_dir, base_models, m
 
 
 def test_cli_writes_pngs(sdxl_dir, tmp_path):
+  """Image-to-image at two step counts from one load: each count's PNGs, grid and schedule in
+  OUT/steps_<k>/, and OUT/grid.png with a row per prompt and a column per step count."""
   prompts = tmp_path / "p.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   out = tmp_path / "out"
@@ -227,20 +229,30 @@ def test_cli_writes_pngs(sdxl_dir, tmp_path):
   plotting.save_image(str(tmp_path / "init.png"), np.random.default_rng(0).uniform(
       -1, 1, (40, 40, 3)))  # resized to --resolution
   subprocess.run([sys.executable, "-m", "mcm_jax.generate", f"--sdxl={sdxl_dir}",
-                  f"--prompts={prompts}", "--steps=2", "--resolution=32", "--batch_size=4",
+                  f"--prompts={prompts}", "--steps=2,4", "--resolution=32", "--batch_size=4",
                   f"--init_image={tmp_path / 'init.png'}", "--strength=0.5", f"--out={out}"],
                  check=True, env=env, capture_output=True)
-  names = sorted(os.listdir(out))
-  assert names == ["00000_lower_newer.png", "00001_wider_lowest.png", "00002_newer.png",
-                   "grid.png", "schedule.txt"]
+  assert sorted(os.listdir(out)) == ["grid.png", "steps_2", "steps_4"]
+  pngs = ["00000_lower_newer.png", "00001_wider_lowest.png", "00002_newer.png"]
+  for k in (2, 4):
+    assert sorted(os.listdir(out / f"steps_{k}")) == pngs + ["grid.png", "schedule.txt"]
   # image-to-image: of the 2-step grid (999, 500) strength 0.5 runs the last step
-  assert "timesteps (the UNet's t at each step): 500\n" in (out / "schedule.txt").read_text()
+  assert "timesteps (the UNet's t at each step): 500\n" in (
+      out / "steps_2" / "schedule.txt").read_text()
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  assert Image.open(out / names[0]).size == (32, 32)
+  images = {(i, k): np.asarray(Image.open(out / f"steps_{k}" / name))
+            for i, name in enumerate(pngs) for k in (2, 4)}
+  assert images[0, 2].shape == (32, 32, 3) and not np.array_equal(images[0, 2], images[0, 4])
+  want = np.zeros((3 * 33 + 1, 2 * 33 + 1, 3), np.uint8)  # 1-pixel borders, scaled to ~512
+  for (i, k), image in images.items():
+    col = (2, 4).index(k)
+    want[1 + i * 33:1 + i * 33 + 32, 1 + col * 33:1 + col * 33 + 32] = image
+  want = np.repeat(np.repeat(want, 5, 0), 5, 1)
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), want)
   bad = subprocess.run([sys.executable, "-m", "mcm_jax.generate", f"--sdxl={sdxl_dir}",
-                        "--prompt=x", "--steps=0", f"--out={out}"], env=env,
+                        "--prompt=x", "--steps=2,0", f"--out={out}"], env=env,
                        capture_output=True, text=True)
-  assert bad.returncode != 0 and "--steps=0 is invalid" in bad.stderr
+  assert bad.returncode != 0 and "--steps=2,0: '0' is invalid" in bad.stderr
 
 
 def test_t2i_eval_clip_score_and_pickscore_equal_pytorch(sdxl_dir, base_models, tiny_clip_model,
