@@ -20,6 +20,7 @@ take), with ``cond = {'context': [B, L, D], 'text_embeds': [B, P], 'time_ids': [
 UNet takes NCHW, as diffusers'; transposes happen here, once).
 """
 import json
+import mmap
 import os
 import warnings
 
@@ -131,13 +132,14 @@ def assemble_params(named_tensors, shapes, what, dtype=jnp.float32):
 
 
 def host_buffer(shape, dtype):
-  """``np.empty(shape, dtype)`` whose data starts on a 64-byte boundary: XLA:CPU takes such an
-  array as a device buffer without copying it (``to_device``)."""
+  """``np.empty(shape, dtype)`` in its own anonymous memory map: page-aligned, so XLA:CPU takes
+  it as a device buffer without copying it (``to_device``), and returned to the system as soon
+  as that buffer is freed (malloc's heap would keep freed weights' pages mapped)."""
   dtype = np.dtype(dtype)
   size = int(np.prod(shape)) * dtype.itemsize
-  raw = np.empty(size + 64, np.uint8)
-  start = -raw.ctypes.data % 64
-  return raw[start:start + size].view(dtype).reshape(shape)
+  if size == 0:
+    return np.empty(shape, dtype)
+  return np.frombuffer(mmap.mmap(-1, size), dtype).reshape(shape)
 
 
 def to_device(array):
