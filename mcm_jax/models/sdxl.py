@@ -482,9 +482,9 @@ def load_flax_transformer(cls, directory, dtype=jnp.float32, unused=("position_i
       raise UserError(f"{weights}: weight {name!r} of shape {tuple(np.shape(tensor))} does not "
                       f"fit this {config.model_type} config (as {'/'.join(key)}: "
                       f"{shapes[key].shape if key in shapes else 'no such parameter'})")
-    params[key] = host_buffer(shapes[key].shape, dtype)
-    params[key][...] = tensor
-    params[key] = to_device(params[key])
+    buffer = host_buffer(shapes[key].shape, dtype)
+    buffer[...] = tensor
+    params[key] = to_device(buffer)
     filled.add(key)
   missing = sorted("/".join(k) for k in set(shapes) - filled)
   if missing:
