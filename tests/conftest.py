@@ -1,4 +1,5 @@
-"""Test session setup: 8 fake CPU devices, the persistent compilation cache, the ``slow`` marker,
+"""Test session setup: 8 fake CPU devices, the persistent compilation cache, Flax's parameter shape
+check memoized (``memoized_param_check``), the ``slow`` marker,
 and session-scoped fixtures that write the tiny PyTorch-side checkpoints once per session.
 
 Fast tier: ``python -m pytest -q -m "not slow" tests``; everything: ``python -m pytest -q tests``.
@@ -40,7 +41,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
 
+import memoized_param_check  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
 import sdxl_fixtures  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
+
+# Flax's per-apply parameter shape check, each initialiser's shapes traced once per session.
+memoized_param_check.install()
 
 
 def pytest_configure(config):

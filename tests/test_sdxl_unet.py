@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mcm_jax.flops import jaxpr_flops
 from mcm_jax.errors import UserError
@@ -248,3 +248,26 @@ def test_bad_remat_and_attention_are_named():
     sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, remat="some")
   with pytest.raises(UserError, match=r"attention='flash'.*allowed"):
     sdxl.unet_from_config(sdxl.TINY_UNET_CONFIG, attention="flash")
+
+
+def test_the_tests_memoized_param_check_still_names_a_wrong_shape():
+  """The suite's memoized Flax shape check (tests/memoized_param_check.py): a second apply reads
+  its shapes from the memo, and a parameter of the wrong shape, inside the scanned stack or at the
+  top, is still Flax's ScopeParamShapeError."""
+  import memoized_param_check  # pylint: disable=g-import-not-at-top
+  from flax import errors  # pylint: disable=g-import-not-at-top
+  config = dict(sdxl.TINY_UNET_CONFIG, transformer_layers_per_block=(1, 3))
+  model = sdxl.unet_from_config(config)
+  params = model.init_weights(jax.random.PRNGKey(0))
+  args = inputs(config, batch=1)
+  apply = lambda p: jax.eval_shape(lambda: model.apply({"params": p}, *args).sample)
+  assert apply(params).shape == args[0].shape
+  hits = memoized_param_check._init_shapes.cache_info().hits  # pylint: disable=protected-access
+  apply(params)
+  assert memoized_param_check._init_shapes.cache_info().hits > hits  # pylint: disable=protected-access
+  flat = flatten_dict(params)
+  for path in (next(p for p in flat if "transformer_blocks" in "/".join(p) and p[-1] == "kernel"),
+               ("conv_in", "kernel")):
+    wrong = {**flat, path: jnp.zeros(flat[path].shape[:-1] + (flat[path].shape[-1] + 1,))}
+    with pytest.raises(errors.ScopeParamShapeError, match=path[-2]):
+      apply(unflatten_dict(wrong))
