@@ -1,6 +1,7 @@
 """Host batches read by grain (``mcm_jax.data.loader``): the batch of a step is the index rule's
 examples (``epoch_indices``), whatever the reading threads or the step a reader starts at, and
-the processes' slices make up the global batch."""
+the processes' slices make up the global batch; a trajectory bank is built by every process or by
+none."""
 import jax
 import numpy as np
 import pytest
@@ -58,3 +59,22 @@ def test_read_returns_the_examples_in_the_order_asked():
   got = loader.read(_source(), [7, 2, 2, 9])
   np.testing.assert_array_equal(got["label"], [7, 2, 2, 9])
   assert got["x"].shape == (4, 2, 2, 1) and got["x"].dtype == np.float32
+
+
+def test_every_process_builds_the_bank_when_process_0_found_none(monkeypatch, tmp_path):
+  """``trajectory_bank.open_or_build`` on process 1 of 2, where process 0 has already written its
+  part (``meta_p0000.json``) but, looking first, found no bank: process 0's look (broadcast)
+  decides, so this process writes its part too instead of reading a partial bank."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from mcm_jax.data import trajectory_bank  # pylint: disable=g-import-not-at-top
+  batch = {k: np.zeros((2, 3), np.float32) for k in trajectory_bank.FIELDS}
+  (tmp_path / "meta_p0000.json").write_text('{"settings": {}, "shards": []}')
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  looks = []
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: looks.append(int(x)) or np.int32(0))  # process 0: no bank
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+  bank = trajectory_bank.open_or_build(str(tmp_path), {}, lambda: [batch])
+  assert looks == [1]  # this process saw process 0's part, and was overruled
+  assert (tmp_path / "meta_p0001.json").exists() and len(bank) == 2

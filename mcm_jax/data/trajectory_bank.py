@@ -105,9 +105,15 @@ def _default_cache():
 
 def open_or_build(directory, settings, batches, fields=FIELDS, what="trajectory bank"):
   """The bank in ``directory``: reused if it exists (its settings must equal ``settings``), else
-  written from ``batches()`` (see ``write``) by every process, then read back. ``fields`` and
-  ``what`` (its name in messages) let other precomputed data use the same layout."""
-  if _metas(directory):
+  written from ``batches()`` (see ``write``) by every process, then read back. With several
+  processes, process 0's look decides for all, taken before any process writes: a process that
+  looked after another had written its part would read a partial bank and skip the build.
+  ``fields`` and ``what`` (its name in messages) let other precomputed data use the same
+  layout."""
+  exists = bool(_metas(directory))
+  if jax.process_count() > 1:
+    exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+  if exists:
     return Bank(directory, settings, fields=fields, what=what)
   n = write(directory, settings, batches(), fields)
   if jax.process_count() > 1:  # every host's shards are on the shared filesystem before reading
