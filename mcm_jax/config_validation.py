@@ -10,7 +10,7 @@ import difflib
 from mcm_jax import consistency, experiments, fid, mlcm, rewards, schedules
 from mcm_jax.models import remat, sdxl_unet
 from mcm_jax.config_diff import flat_fields
-from mcm_jax.errors import UserError
+from mcm_jax.errors import ConfigError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import toy as toy_data
 from mcm_jax.models.uvit import uvit_config
@@ -18,10 +18,6 @@ from mcm_jax.models.uvit import uvit_config
 EXPERIMENTS = tuple(experiments.MODULES)
 CONSISTENCY_METHODS = ("ct", "cd_addim", "cd_ddim")  # the toy's sweep.methods
 PIXEL_OBJECTIVES = ("base", "cd", "ct")  # config.objective of the pixel experiment
-
-
-class ConfigError(UserError):
-  pass
 
 
 def _check(ok, field, value, allowed):

@@ -7,8 +7,12 @@ import os
 
 class UserError(ValueError):
   """Bad input: a config value, a flag, a path, a file's contents. The message names what was
-  wrong, the value or path, and what is allowed (or what to do).
-  ``config_validation.ConfigError`` is one."""
+  wrong, the value or path, and what is allowed (or what to do)."""
+
+
+class ConfigError(UserError):
+  """A config value or ``--config.<field>`` override that is not allowed
+  (``config_validation``)."""
 
 
 class MissingExtraError(UserError, ImportError):

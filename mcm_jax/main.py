@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from mcm_jax import cli, errors, experiments, storage, supervisor
 from mcm_jax.config_diff import differing_fields, flat_fields
-from mcm_jax.config_validation import ConfigError, unknown_field_error, validate
+from mcm_jax.errors import ConfigError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # config files import their siblings as configs.<name>
@@ -88,6 +88,7 @@ def _config_problem(argv):
   """What is wrong with argv's config file or its ``--config.<field>`` overrides (a
   ConfigError), or None. ml_collections reports these while the flags are defined / parsed
   (before main) as bare KeyErrors, AttributeErrors or SyntaxErrors."""
+  from mcm_jax import config_validation  # pylint: disable=g-import-not-at-top
   spec = _config_spec(argv)
   path, *args = spec.split(":", 1)
   loader = importlib.machinery.SourceFileLoader("mcm_jax_config_check", path)
@@ -109,7 +110,7 @@ def _config_problem(argv):
   for arg in argv:
     m = re.match(r"--?(no)?config\.([^=]+)", arg)
     if m:
-      error = unknown_field_error(config, m.group(2), source=os.path.relpath(spec, _ROOT)
+      error = config_validation.unknown_field_error(config, m.group(2), source=os.path.relpath(spec, _ROOT)
                                   if spec == _DEFAULT_CONFIG else spec)
       if error is not None:
         return error
@@ -137,8 +138,9 @@ def parse_flags(argv, flag_values=flags.FLAGS):
 def checked_config(flag_values=flags.FLAGS):
   """The parsed config, validated (ConfigError naming the field, the value and what is allowed),
   with the other flags checked too: all before anything is written or compiled."""
+  from mcm_jax import config_validation  # pylint: disable=g-import-not-at-top
   config = flag_values.config
-  validate(config, plan=flag_values.mode == "plan")
+  config_validation.validate(config, plan=flag_values.mode == "plan")
   if flag_values.mode == "eval" and not hasattr(experiments.get(config.experiment), "evaluate"):
     raise ConfigError(f"--mode=eval is for the pixel experiment; config.experiment="
                       f"{config.experiment!r} evaluates at the end of training (use --mode=train)")
@@ -208,16 +210,18 @@ def main(argv):
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   # Orbax logs every save step at INFO; keep the console for progress and results.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  config = checked_config()  # before anything is written or compiled
   flag_values = flags.FLAGS
+  if flag_values.multihost and flag_values.mode != "plan" and not supervisor.supervised():
+    # This command again, as its child, which checks the config as below. The supervisor itself
+    # imports neither JAX nor the experiments.
+    sys.exit(supervisor.run(flag_values.workdir))
+  config = checked_config()  # before anything is written or compiled
   if flag_values.mode == "plan":
     from mcm_jax import plan  # pylint: disable=g-import-not-at-top
     plan.run(config, flag_values.topology,
              flag_values.workdir if flag_values["workdir"].present else None, flag_values.stage)
     return
   write, done = True, lambda: None
-  if flag_values.multihost and not supervisor.supervised():
-    sys.exit(supervisor.run(flag_values.workdir))  # this command again, as its child
   if flag_values.multihost:
     done = initialize_distributed(flag_values.peer_timeout, flag_values.workdir)
     import jax  # pylint: disable=g-import-not-at-top

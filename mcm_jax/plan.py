@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 from mcm_jax import experiments, flops, sharding, storage, topologies, train
-from mcm_jax.config_validation import ConfigError, validate_batch_split
+from mcm_jax.config_validation import validate_batch_split
+from mcm_jax.errors import ConfigError
 from mcm_jax.errors import UserError
 
 GIB = topologies.GIB

@@ -9,7 +9,8 @@ import pytest
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct
 from configs import imagenet128_base, imagenet128_cd, imagenet128_ct, sdxl_mlcm
 from configs import toy as toy_config
-from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.config_validation import validate
+from mcm_jax.errors import ConfigError
 from mcm_jax.data import toy as toy_data
 from mcm_jax.evaluation import energy_distance
 

@@ -14,7 +14,8 @@ from configs import sdxl_mlcm
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.experiments import sdxl_mlcm as mlcm_experiment
 from mcm_jax import lora as lora_lib
-from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.config_validation import validate
+from mcm_jax.errors import ConfigError
 
 
 @pytest.mark.slow  # two tiny SDXL-architecture stages end to end

@@ -11,7 +11,8 @@ import pytest
 from configs import imagenet64_base, imagenet64_cd, imagenet64_ct, imagenet128_base, imagenet128_cd
 from mcm_jax import checkpoint, diffusion, fid, objectives
 from mcm_jax.experiments import pixel, pixel_sampling
-from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.config_validation import validate
+from mcm_jax.errors import ConfigError
 from mcm_jax.data import images as image_data
 
 

@@ -19,7 +19,7 @@ from configs import sdxl_lcm as sdxl_lcm_config
 from configs import sdxl_mlcm as sdxl_mlcm_config
 from mcm_jax import errors, lora, mlcm, objectives, plan, sharding, topologies, train
 from mcm_jax.flops import jaxpr_flops
-from mcm_jax.config_validation import ConfigError
+from mcm_jax.errors import ConfigError
 from mcm_jax.experiments import pixel, sdxl_mlcm
 from mcm_jax.models import sdxl
 

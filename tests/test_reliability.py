@@ -448,7 +448,7 @@ def test_divergence_factor_is_validated():
   config_validation.validate_train(cfg, "teacher")
   config_validation.validate_train(_cfg(10), "teacher")  # sections without the field: default
   for bad in (-1.0, "big"):
-    with pytest.raises(config_validation.ConfigError,
+    with pytest.raises(errors.ConfigError,
                        match=r"config.teacher.divergence_factor=.* allowed: a number >= 0"):
       config_validation.validate_train(ml_collections.ConfigDict(dict(cfg, divergence_factor=bad)),
                                        "teacher")

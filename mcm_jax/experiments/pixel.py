@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax import checkpoint, fid, objectives, plotting, sharding, storage, train
-from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.config_validation import validate
+from mcm_jax.errors import ConfigError
 from mcm_jax.data import images as image_data
 from mcm_jax.data import loader
 from mcm_jax.experiments import Step, pixel_sampling

@@ -22,7 +22,8 @@ import numpy as np
 from mcm_jax import (guidance, hub, lora, mlcm, objectives, pipeline, scorers, seeds, sharding,
                      storage, train)
 from mcm_jax import rewards as rewards_lib
-from mcm_jax.config_validation import ConfigError, validate
+from mcm_jax.config_validation import validate
+from mcm_jax.errors import ConfigError
 from mcm_jax.data import image_captions, latent_cache, trajectory_bank
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data.loader import local_indices_fn
