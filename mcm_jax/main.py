@@ -110,8 +110,8 @@ def _config_problem(argv):
   for arg in argv:
     m = re.match(r"--?(no)?config\.([^=]+)", arg)
     if m:
-      error = config_validation.unknown_field_error(config, m.group(2), source=os.path.relpath(spec, _ROOT)
-                                  if spec == _DEFAULT_CONFIG else spec)
+      source = os.path.relpath(spec, _ROOT) if spec == _DEFAULT_CONFIG else spec
+      error = config_validation.unknown_field_error(config, m.group(2), source=source)
       if error is not None:
         return error
   return None
@@ -212,8 +212,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   flag_values = flags.FLAGS
   if flag_values.multihost and flag_values.mode != "plan" and not supervisor.supervised():
-    # This command again, as its child, which checks the config as below. The supervisor itself
-    # imports neither JAX nor the experiments.
+    # This command again, as its child, which checks the config as below; the supervisor itself
+    # never imports JAX.
     sys.exit(supervisor.run(flag_values.workdir))
   config = checked_config()  # before anything is written or compiled
   if flag_values.mode == "plan":

@@ -17,7 +17,7 @@ from flax.core import scope
 
 
 @functools.lru_cache(maxsize=None)
-def _init_shapes(init_fn, init_args, init_kwargs):
+def init_shapes(init_fn, init_args, init_kwargs):
   """The leaves' shapes of ``init_fn(key, *init_args, **init_kwargs)``, traced once."""
   out = jax.eval_shape(lambda: init_fn(jax.random.key(0), *init_args, **dict(init_kwargs)))
   return tuple(np.shape(x) for x in jax.tree_util.tree_leaves(out))
@@ -36,7 +36,7 @@ def _param(self, flax_param, name, init_fn, *init_args, unbox=True, **init_kwarg
   value = self.get_variable("params", name)
   if unbox:
     value = meta.unbox(value)
-  for val, want in zip(jax.tree_util.tree_leaves(value), _init_shapes(*key)):
+  for val, want in zip(jax.tree_util.tree_leaves(value), init_shapes(*key)):
     if np.shape(val) != want:
       raise errors.ScopeParamShapeError(name, self.path_text, np.shape(val), want)
   return value

@@ -262,9 +262,9 @@ def test_the_tests_memoized_param_check_still_names_a_wrong_shape():
   args = inputs(config, batch=1)
   apply = lambda p: jax.eval_shape(lambda: model.apply({"params": p}, *args).sample)
   assert apply(params).shape == args[0].shape
-  hits = memoized_param_check._init_shapes.cache_info().hits  # pylint: disable=protected-access
+  hits = memoized_param_check.init_shapes.cache_info().hits
   apply(params)
-  assert memoized_param_check._init_shapes.cache_info().hits > hits  # pylint: disable=protected-access
+  assert memoized_param_check.init_shapes.cache_info().hits > hits
   flat = flatten_dict(params)
   for path in (next(p for p in flat if "transformer_blocks" in "/".join(p) and p[-1] == "kernel"),
                ("conv_in", "kernel")):
