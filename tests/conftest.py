@@ -52,6 +52,9 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: end-to-end runs (toy / pixel / MLCM experiments, generation), long "
       "trainings, PyTorch-equivalence tests taking seconds; -m 'not slow' is the fast tier")
+  config.addinivalue_line(
+      "markers", "tpu_compile: compiles a train step for an abstract TPU topology (libtpu, "
+      "tests/test_plan.py); slow too")
 
 
 # The modules that take longest, in that order, run first: pytest-xdist (--dist loadfile) hands

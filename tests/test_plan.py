@@ -26,8 +26,9 @@ from mcm_jax.models import sdxl
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install -e '.[tpu]'): it compiles for abstract TPUs")
-# A TPU compile takes 30 s to 2 min on 2 cores: every test that compiles is in the slow tier.
-compiles_for_tpu = lambda test: pytest.mark.slow(needs_libtpu(test))
+# A TPU compile takes 30 s to 2 min on 2 cores: every test that compiles is in the slow tier and
+# marked tpu_compile (-m "not tpu_compile" leaves them out).
+compiles_for_tpu = lambda test: pytest.mark.slow(pytest.mark.tpu_compile(needs_libtpu(test)))
 # The persistent compilation cache stores TPU executables it cannot load back without a TPU.
 pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 TOPOLOGY = "v5e:2x2"
