@@ -28,8 +28,7 @@ import numpy as np
 
 from mcm_jax import experiments, flops, sharding, storage, topologies, train
 from mcm_jax.config_validation import validate_batch_split
-from mcm_jax.errors import ConfigError
-from mcm_jax.errors import UserError
+from mcm_jax.errors import ConfigError, UserError
 
 GIB = topologies.GIB
 FIT_FRACTION = 0.9  # fits: peak <= 90% of the chip's HBM (headroom for the runtime, fragments)

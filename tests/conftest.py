@@ -1,6 +1,6 @@
-"""Test session setup: 8 fake CPU devices, the persistent compilation cache, Flax's parameter shape
-check memoized (``memoized_param_check``), the ``slow`` marker,
-and session-scoped fixtures that write the tiny PyTorch-side checkpoints once per session.
+"""Test session setup: 8 fake CPU devices, the persistent compilation cache, Flax's parameter
+shape check memoized (``memoized_param_check``), the ``slow`` and ``tpu_compile`` markers, and
+session-scoped fixtures that write the tiny PyTorch-side checkpoints once per session.
 
 Fast tier: ``python -m pytest -q -m "not slow" tests``; everything: ``python -m pytest -q tests``.
 Shared fixtures are read-only: a test that needs a modified copy copies it first

@@ -23,11 +23,10 @@ from mcm_jax import (guidance, hub, lora, mlcm, objectives, pipeline, scorers, s
                      storage, train)
 from mcm_jax import rewards as rewards_lib
 from mcm_jax.config_validation import validate
-from mcm_jax.errors import ConfigError
 from mcm_jax.data import image_captions, latent_cache, trajectory_bank
 from mcm_jax.data import prompts as prompt_data
 from mcm_jax.data.loader import local_indices_fn
-from mcm_jax.errors import UserError
+from mcm_jax.errors import ConfigError, UserError
 from mcm_jax.experiments import Step
 from mcm_jax.metric_writer import create_writer
 from mcm_jax.models import sdxl, sdxl_text
