@@ -12,7 +12,8 @@ with ``E`` = ``ControlNetConditioningEmbedding`` (3x3 convolutions with SiLU, st
 widths, a last convolution to the UNet's width), ``s`` the conditioning scale; with
 ``global_pool_conditions`` each residual is averaged over space. The UNet adds ``residual_i`` to
 its skip ``i`` and ``mid`` to its mid block's output. Images enter in [0, 1], RGB (BGR
-ControlNets get the channels flipped, as diffusers does).
+ControlNets get the channels flipped, as diffusers does). Its convolutions with few output
+pixels run on CPU as one matrix product (``patch_conv``), as the UNet's do.
 """
 import dataclasses
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from mcm_jax.errors import UserError
+from mcm_jax.models import patch_conv
 from mcm_jax.models import remat as remat_lib
 from mcm_jax.models import sdxl_unet
 
@@ -103,7 +105,8 @@ class SDXLControlNet:
     return self.module.config
 
   def apply(self, variables, *args, **kwargs):
-    return self.module.apply(variables, *args, **kwargs)
+    with nn.intercept_methods(patch_conv.on_cpu):
+      return self.module.apply(variables, *args, **kwargs)
 
   def init_weights(self, rng):
     """Random parameters (``sdxl_unet.random_params``) in the scanned layout."""

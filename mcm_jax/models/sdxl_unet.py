@@ -22,7 +22,10 @@ LoRA (``Adapted``): factors ``a [in, r]`` (a convolution's ``[kh, kw, in, r]``) 
 in a ``lora`` variable collection beside the module they adapt (stacked like the parameters in
 a scanned stack); ``y = x W + (x a) b`` with the low-rank term in float32, added to the layer's
 output, so a small update is not rounded away by low-precision weights.
+
+Convolutions with few output pixels run on CPU as one matrix product (``patch_conv``).
 """
+import contextlib
 import dataclasses
 import functools
 import re
@@ -37,6 +40,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mcm_jax import sharding
 from mcm_jax.errors import UserError
+from mcm_jax.models import patch_conv
 from mcm_jax.models import remat as remat_lib
 
 ATTENTION = ("xla", "chunked")  # chunked: diffusers' memory-efficient (query/key chunked) kernel
@@ -531,9 +535,10 @@ class SDXLUNet:
             mid_block_additional_residual=None):
     args = (sample, timesteps, encoder_hidden_states, added_cond_kwargs, timestep_cond,
             down_block_additional_residuals, mid_block_additional_residual)
-    if LORA not in variables:
-      return UNetOutput(self.module.apply(variables, *args))
-    with nn.intercept_methods(_apply_lora):
+    with contextlib.ExitStack() as interceptors:
+      if LORA in variables:
+        interceptors.enter_context(nn.intercept_methods(_apply_lora))
+      interceptors.enter_context(nn.intercept_methods(patch_conv.on_cpu))  # inside LoRA's
       return UNetOutput(self.module.apply(variables, *args))
 
   def init_weights(self, rng):
