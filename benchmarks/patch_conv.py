@@ -7,14 +7,16 @@ per shape: ``batch, size, c_in, c_out``.
 """
 import argparse
 import json
+import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mcm_jax.models import patch_conv
+# benchmarks/mlcm.py's median-of-repeats timer (this script's folder is on sys.path)
+from mlcm import timeit  # pylint: disable=g-bad-import-order
 
 # (size, c_in, c_out) of SDXL's 3x3 convolutions at 32 x 32 latents: each level's resnets, and
 # the up path's first convolutions on the concatenated skips.
@@ -23,14 +25,8 @@ SHAPES = ((32, 320, 320), (32, 640, 320), (16, 640, 640), (16, 1280, 640), (8, 1
 PAD = ((1, 1), (1, 1))
 
 
-def median_ms(fn, args, repeats, wait=jax.block_until_ready):
-  wait(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    wait(fn(*args))
-    times.append(time.perf_counter() - start)
-  return round(float(np.median(times)) * 1e3, 2)
+def median_ms(fn, repeats):
+  return round(timeit(fn, repeats) * 1e3, 2)
 
 
 def main():
@@ -39,10 +35,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
-  xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), PAD,
-                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  dot = lambda x, k: patch_conv.patches_dot(x, k, (1, 1), PAD)
+  xla = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), PAD, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  dot = jax.jit(lambda x, k: patch_conv.patches_dot(x, k, (1, 1), PAD))
   grad = lambda f: jax.jit(jax.grad(lambda x, k, g: jnp.vdot(f(x, k), g), argnums=(0, 1)))
+  xla_grad, dot_grad = grad(xla), grad(dot)
   rng = np.random.default_rng(0)
   for batch in args.batch:
     for size, c_in, c_out in SHAPES:
@@ -53,17 +50,19 @@ def main():
       xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
       kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
       with torch.no_grad():
-        torch_ms = median_ms(lambda: torch.nn.functional.conv2d(xt, kt, padding=1), (),
-                             args.repeats, wait=lambda y: y)
+        torch_ms = median_ms(lambda: torch.nn.functional.conv2d(xt, kt, padding=1),
+                             args.repeats)
       print(json.dumps(dict(
-          bench="patch_conv", machine=f"{platform.machine()} {jax.device_count()} devices",
+          bench="patch_conv", machine=f"{platform.machine()} {os.cpu_count()} cores",
           backend=jax.default_backend(), batch=batch, size=size, c_in=c_in, c_out=c_out,
           pixels_over_channels=batch * size * size / c_out,
-          xla_ms=median_ms(jax.jit(xla), (xj, kj), args.repeats),
-          patches_dot_ms=median_ms(jax.jit(dot), (xj, kj), args.repeats),
+          xla_ms=median_ms(lambda: jax.block_until_ready(xla(xj, kj)), args.repeats),
+          patches_dot_ms=median_ms(lambda: jax.block_until_ready(dot(xj, kj)), args.repeats),
           torch_ms=torch_ms, torch_threads=torch.get_num_threads(),
-          xla_grad_ms=median_ms(grad(xla), (xj, kj, gj), args.repeats),
-          patches_dot_grad_ms=median_ms(grad(dot), (xj, kj, gj), args.repeats))), flush=True)
+          xla_grad_ms=median_ms(lambda: jax.block_until_ready(xla_grad(xj, kj, gj)),
+                                args.repeats),
+          patches_dot_grad_ms=median_ms(lambda: jax.block_until_ready(dot_grad(xj, kj, gj)),
+                                        args.repeats))), flush=True)
 
 
 if __name__ == "__main__":
