@@ -1,7 +1,7 @@
 """JAX against diffusers / PyTorch on a full-size SDXL directory: one JSON line of figures.
 
   python benchmarks/sdxl_crosscheck.py DIR [--latent=32] [--rank=64] [--repeats=3]
-      [--precisions=float32,bfloat16,float32:bfloat16]
+      [--precisions=float32,bfloat16,float32:bfloat16] [--torch_bfloat16]
 
 On the same weights (DIR: a real SDXL, or ``benchmarks/make_random_sdxl.py``'s) and inputs
 (batch 1, ``latent`` x ``latent`` latents = 8x that in pixels, 77 text tokens):
@@ -12,6 +12,8 @@ On the same weights (DIR: a real SDXL, or ``benchmarks/make_random_sdxl.py``'s) 
 - a random rank-``rank`` LoRA on the attention projections, exported by ``mcm_jax.lora.save``
   and loaded by diffusers' SDXL ``load_lora_into_unet`` (every module wrapped, counted): the
   LoRA's effect ``eps(with) - eps(without)`` in JAX float32 and bfloat16 vs PyTorch float32;
+- with ``--torch_bfloat16``, the same two errors of diffusers' own bfloat16 UNet (weights,
+  inputs and compute; the LoRA as peft keeps it), the error bfloat16 costs in PyTorch;
 - one UNet forward's time (median of ``repeats``, after a warm-up / compile), JAX and PyTorch
   on the same threads, and each phase's peak RSS.
 The models are loaded one after the other (PyTorch float32, JAX float32, JAX bfloat16) so the
@@ -52,33 +54,51 @@ def inputs(latent, seed=0):
                                           np.float32)))
 
 
-def torch_figures(directory, x, lora_dir, repeats):
+def torch_eps(directory, x, lora_dir, dtype, repeats):
+  """diffusers' UNet in ``dtype`` (weights and compute) on ``x``: (eps, eps with the LoRA
+  loaded by ``load_lora_into_unet``, median forward seconds, modules wrapped, LoRA dtypes)."""
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  dtype = getattr(torch, dtype)
   variant = "fp16" if os.path.isfile(os.path.join(
       directory, "unet", "diffusion_pytorch_model.fp16.safetensors")) else None
   unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", variant=variant,
-                                              torch_dtype=torch.float32).eval()
+                                              torch_dtype=dtype).eval()
   cond = x["cond"]
-  args = (torch.from_numpy(x["z"]).permute(0, 3, 1, 2), torch.from_numpy(x["t"]),
-          torch.from_numpy(cond["context"]))
-  added = {"text_embeds": torch.from_numpy(cond["text_embeds"]),
-           "time_ids": torch.from_numpy(cond["time_ids"])}
+  tensor = lambda a: torch.from_numpy(a).to(dtype)
+  args = (tensor(x["z"]).permute(0, 3, 1, 2), torch.from_numpy(x["t"]), tensor(cond["context"]))
+  added = {"text_embeds": tensor(cond["text_embeds"]), "time_ids": tensor(cond["time_ids"])}
 
   def eps():
     with torch.no_grad():
-      return unet(*args, added_cond_kwargs=added).sample.permute(0, 2, 3, 1).numpy()
+      return unet(*args, added_cond_kwargs=added).sample.permute(0, 2, 3, 1).float().numpy()
 
   base = eps()
   seconds = median_time(eps, repeats)
   state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(lora_dir)
   StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet)
-  wrapped = sum(1 for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+  lora_modules = [m for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+  lora_dtypes = sorted({str(p.dtype) for m in lora_modules for p in m.lora_A.parameters()})
   with_lora = eps()
   del unet
   gc.collect()
-  return base, with_lora, dict(torch_forward_s=seconds, torch_lora_modules=wrapped,
-                               torch_threads=torch.get_num_threads(), torch_peak_rss_gib=rss_gib())
+  return base, with_lora, seconds, len(lora_modules), lora_dtypes
+
+
+def torch_figures(directory, x, lora_dir, repeats, bfloat16):
+  """PyTorch float32 (the reference: eps, eps with the LoRA, figures) and, with ``bfloat16``,
+  PyTorch's own bfloat16 errors against it (eps and the LoRA's effect)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  base, with_lora, seconds, wrapped, _ = torch_eps(directory, x, lora_dir, "float32", repeats)
+  figures = dict(torch_forward_s=seconds, torch_lora_modules=wrapped,
+                 torch_threads=torch.get_num_threads())
+  if bfloat16:
+    got, got_lora, seconds, _, lora_dtypes = torch_eps(directory, x, lora_dir, "bfloat16", 1)
+    figures.update(torch_bfloat16_forward_s=seconds, torch_bfloat16_lora_dtypes=lora_dtypes,
+                   eps_torch_bfloat16_rel_l2=rel_l2(got, base),
+                   lora_delta_torch_bfloat16_rel_l2=rel_l2(got_lora - got, with_lora - base))
+  figures["torch_peak_rss_gib"] = rss_gib()
+  return base, with_lora, figures
 
 
 def jax_figures(directory, x, lora_tree, precision, repeats):
@@ -136,6 +156,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--precisions", default="float32,bfloat16",
                       help="JAX runs, each 'dtype' or 'compute:weights' (e.g. float32:bfloat16)")
+  parser.add_argument("--torch_bfloat16", action="store_true",
+                      help="also PyTorch's own bfloat16 UNet against its float32 one: the error "
+                      "bfloat16 itself costs (eps and the LoRA's effect)")
   parser.add_argument("--lora_std", type=float, default=0.05,
                       help="the scale of b (the figures report the effect on eps, lora_effect_rel)")
   args = parser.parse_args()
@@ -143,7 +166,8 @@ def main():
   lora_tree, lora_dir = random_lora(args.directory, args.rank, args.lora_std)
   figures = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", latent=args.latent,
                  lora_modules=len(lora_tree), lora_std=args.lora_std)
-  want, want_lora, f = torch_figures(args.directory, x, lora_dir, args.repeats)
+  want, want_lora, f = torch_figures(args.directory, x, lora_dir, args.repeats,
+                                     args.torch_bfloat16)
   figures.update(f)
   print(json.dumps(figures), file=sys.stderr, flush=True)  # so far, in case a phase dies
   want_delta = want_lora - want
