@@ -16,8 +16,8 @@ On the same weights (DIR: a real SDXL, or ``benchmarks/make_random_sdxl.py``'s) 
   inputs and compute; the LoRA as peft keeps it), the error bfloat16 costs in PyTorch;
 - one UNet forward's time (median of ``repeats``, after a warm-up / compile), JAX and PyTorch
   on the same threads, and each phase's peak RSS.
-The models are loaded one after the other (PyTorch float32, JAX float32, JAX bfloat16) so the
-peak stays near one float32 UNet.
+The models are loaded one after the other (PyTorch float32, then PyTorch bfloat16 if asked, then
+each JAX precision), each freed before the next, so the peak stays near one float32 UNet.
 """
 import argparse
 import gc
