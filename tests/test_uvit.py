@@ -34,18 +34,19 @@ def _tiny(res=16, **kw):
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
 def test_tiny_forward_shapes_conditioning_and_dropout():
   model, params, z, logsnr, label = _tiny()
-  out = model.apply(params, z, logsnr, label)
+  apply = jax.jit(model.apply)
+  out = apply(params, z, logsnr, label)
   assert out.shape == z.shape and out.dtype == jnp.float32 and np.all(np.isfinite(out))
   # label and logsnr both change the output; label=None is the null class.
-  assert not np.allclose(out, model.apply(params, z, logsnr, label[::-1]))
-  assert not np.allclose(out, model.apply(params, z, logsnr[::-1], label))
-  np.testing.assert_allclose(model.apply(params, z, logsnr, None),
-                             model.apply(params, z, logsnr, jnp.array([10, 10])), rtol=1e-6)
+  assert not np.allclose(out, apply(params, z, logsnr, label[::-1]))
+  assert not np.allclose(out, apply(params, z, logsnr[::-1], label))
+  np.testing.assert_allclose(apply(params, z, logsnr, None),
+                             apply(params, z, logsnr, jnp.array([10, 10])), rtol=1e-6)
   # deterministic at eval; dropout active in training.
   dmodel = UViT(**{**uvit_config(64, "tiny"), "mid_dropout": 0.5})
-  a = dmodel.apply(params, z, logsnr, label, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
-  b = dmodel.apply(params, z, logsnr, label, train=True, rngs={"dropout": jax.random.PRNGKey(4)})
-  assert not np.allclose(a, b)
+  train = jax.jit(lambda p, rng: dmodel.apply(p, z, logsnr, label, train=True,
+                                              rngs={"dropout": rng}))
+  assert not np.allclose(train(params, jax.random.PRNGKey(3)), train(params, jax.random.PRNGKey(4)))
 
 
 @pytest.mark.slow  # gradients through the tiny UViT twice (tens of seconds on 2 cores)
@@ -53,14 +54,14 @@ def test_remat_and_bf16():
   model, params, z, logsnr, label = _tiny()
   loss = lambda m: lambda p: jnp.mean(m.apply(p, z, logsnr, label) ** 2)
   remat = UViT(**{**uvit_config(64, "tiny"), "remat": "full"})
-  g1 = jax.grad(loss(model))(params)
+  g1 = jax.jit(jax.grad(loss(model)))(params)
   g2 = jax.jit(jax.grad(loss(remat)))(params)
   for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
   bf16 = UViT(**{**uvit_config(64, "tiny"), "dtype": jnp.bfloat16})
-  out = bf16.apply(params, z, logsnr, label)
+  out = jax.jit(bf16.apply)(params, z, logsnr, label)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, model.apply(params, z, logsnr, label), atol=0.1)
+  np.testing.assert_allclose(out, jax.jit(model.apply)(params, z, logsnr, label), atol=0.1)
 
 
 @pytest.mark.slow  # compiles for seconds (fast tier: python -m pytest -m 'not slow')
