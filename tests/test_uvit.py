@@ -49,7 +49,7 @@ def test_tiny_forward_shapes_conditioning_and_dropout():
   assert not np.allclose(train(params, jax.random.PRNGKey(3)), train(params, jax.random.PRNGKey(4)))
 
 
-@pytest.mark.slow  # gradients through the tiny UViT twice (tens of seconds on 2 cores)
+@pytest.mark.slow  # two gradients of the tiny UViT compiled (seconds)
 def test_remat_and_bf16():
   model, params, z, logsnr, label = _tiny()
   loss = lambda m: lambda p: jnp.mean(m.apply(p, z, logsnr, label) ** 2)
