@@ -11,7 +11,8 @@ On the same weights (DIR: a real SDXL, or ``benchmarks/make_random_sdxl.py``'s) 
   ``--config.dtype=float32 --config.unet.frozen_dtype=bfloat16`` in training);
 - a random rank-``rank`` LoRA on the attention projections, exported by ``mcm_jax.lora.save``
   and loaded by diffusers' SDXL ``load_lora_into_unet`` (every module wrapped, counted): the
-  LoRA's effect ``eps(with) - eps(without)`` in JAX float32 and bfloat16 vs PyTorch float32;
+  LoRA's effect ``eps(with) - eps(without)`` in JAX float32 and bfloat16 vs PyTorch float32,
+  with its gain (1: kept at full size) and the residual around it (``effect_figures``);
 - with ``--torch_bfloat16``, the same two errors of diffusers' own bfloat16 UNet (weights,
   inputs and compute; the LoRA as peft keeps it), the error bfloat16 costs in PyTorch;
 - one UNet forward's time (median of ``repeats``, after a warm-up / compile), JAX and PyTorch
@@ -42,6 +43,17 @@ def rss_gib():
 
 def rel_l2(got, want):
   return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+def effect_figures(got, want, name):
+  """The LoRA's effect ``got`` against the reference's ``want``: its relative L2 error, split
+  into the gain ``g = <got, want> / <want, want>`` (1: the effect is kept at full size; a
+  LoRA merged into low-precision weights and partly rounded away gives g < 1) and the residual
+  ``|got - g want| / |want|`` (what is left: rounding noise uncorrelated with the effect)."""
+  got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+  gain = float(got @ want / (want @ want))
+  return {f"lora_delta_{name}_rel_l2": rel_l2(got, want), f"lora_gain_{name}": gain,
+          f"lora_residual_{name}_rel_l2": rel_l2(got, gain * want)}
 
 
 def inputs(latent, seed=0):
@@ -96,7 +108,7 @@ def torch_figures(directory, x, lora_dir, repeats, bfloat16):
     got, got_lora, seconds, _, lora_dtypes = torch_eps(directory, x, lora_dir, "bfloat16", 1)
     figures.update(torch_bfloat16_forward_s=seconds, torch_bfloat16_lora_dtypes=lora_dtypes,
                    eps_torch_bfloat16_rel_l2=rel_l2(got, base),
-                   lora_delta_torch_bfloat16_rel_l2=rel_l2(got_lora - got, with_lora - base))
+                   **effect_figures(got_lora - got, with_lora - base, "torch_bfloat16"))
   figures["torch_peak_rss_gib"] = rss_gib()
   return base, with_lora, figures
 
@@ -176,7 +188,7 @@ def main():
     name, got, got_lora, f = jax_figures(args.directory, x, lora_tree, precision, args.repeats)
     figures.update(f)
     figures[f"eps_{name}_rel_l2"] = rel_l2(got, want)
-    figures[f"lora_delta_{name}_rel_l2"] = rel_l2(got_lora - got, want_delta)
+    figures.update(effect_figures(got_lora - got, want_delta, name))
     print(json.dumps(figures), file=sys.stderr, flush=True)
   if "jax_float32_forward_s" in figures:
     figures["jax_over_torch_forward"] = (figures["jax_float32_forward_s"]
