@@ -49,11 +49,13 @@ def effect_figures(got, want, name):
   """The LoRA's effect ``got`` against the reference's ``want``: its relative L2 error, split
   into the gain ``g = <got, want> / <want, want>`` (1: the effect is kept at full size; a
   LoRA merged into low-precision weights and partly rounded away gives g < 1) and the residual
-  ``|got - g want| / |want|`` (what is left: rounding noise uncorrelated with the effect)."""
+  ``|got - g want| / |want|`` (what is left: noise uncorrelated with the effect). The error's
+  square is the sum of the two parts': ``(g - 1)^2 + residual^2``."""
   got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
   gain = float(got @ want / (want @ want))
   return {f"lora_delta_{name}_rel_l2": rel_l2(got, want), f"lora_gain_{name}": gain,
-          f"lora_residual_{name}_rel_l2": rel_l2(got, gain * want)}
+          f"lora_residual_{name}_rel_l2": float(np.linalg.norm(got - gain * want)
+                                                / np.linalg.norm(want))}
 
 
 def inputs(latent, seed=0):
