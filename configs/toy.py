@@ -23,14 +23,14 @@ def get_config(arg=None):
   c.data = dict(name="ring8")
   c.schedule = dict(name="cosine", logsnr_min=-15.0, logsnr_max=15.0)
   # segment_input: students also see their position within the segment (MCM's target jumps at
-  # a segment boundary, and with t alone the network smooths across the jump: 2-step CD was
-  # worse than 1-step). The teacher never does. docs/toy.md "Ablations" has the numbers.
+  # each segment boundary, and with t alone the network smooths across the jump). The teacher
+  # never does. docs/toy.md, "The segment input".
   c.model = dict(hidden=128, depth=3, segment_input=True)
   c.teacher = common.train_config(
       steps=24_000, batch_size=256, log_every=500, fuse_steps=True, checkpoint_every=5_000,
       keep_checkpoints=2, ema_decay=0.999, seed=0, learning_rate=2e-3, warmup_steps=500)
-  # No gradient clipping for the students: at 1.0 it fired on almost every step (grad norms
-  # 0.7-2.6) and cost the 1-step students most (docs/toy.md "Ablations").
+  # No gradient clipping for the students: at 1.0 it acts on most steps and costs the 1- and
+  # 2-step students most (docs/toy.md, "Ablations").
   c.student = common.train_config(
       steps=4_000, batch_size=256, log_every=500, fuse_steps=True, checkpoint_every=5_000,
       keep_checkpoints=2, ema_decay=0.999, seed=1, learning_rate=5e-4, warmup_steps=200,
